@@ -1,0 +1,198 @@
+"""Hugging Face checkpoints: config.json + safetensors shards + model.safetensors.index.json.
+
+Tensor names are those of `deepseek-ai/DeepSeek-V3.2` (which `transformers` also writes). Ours
+differ in one place: the MTP modules live in `Transformer.mtp[k]` and are stored as
+`model.layers.{num_hidden_layers + k}`, where the official files also keep copies of the embedding
+and output head (`embed_tokens`, `shared_head.head`); we share the main model's, so those copies
+are checked on load and written on save.
+
+FP8 checkpoints store e4m3 weights with a `weight_scale_inv` per 128x128 block; they are
+dequantised to the requested dtype on load (an FP8 compute path belongs to the kernels).
+No pickle anywhere: safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv32.config import ModelConfig
+from dsv32.model import Transformer
+from dsv32.model.fp8 import FP8, weight_dequant, weight_quant
+
+INDEX = "model.safetensors.index.json"
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: missing, unexpected or misshapen tensors."""
+
+
+def hf_name(name: str, cfg: ModelConfig) -> str:
+    """Our parameter name -> the official checkpoint name."""
+    if name == "lm_head.weight":
+        return name
+    m = re.match(r"mtp\.(\d+)\.(.*)", name)
+    if m:
+        return f"model.layers.{cfg.num_hidden_layers + int(m[1])}.{m[2]}"
+    return "model." + name
+
+
+def our_name(name: str, cfg: ModelConfig) -> str | None:
+    """Official checkpoint name -> ours (None for the MTP copies of embedding and head)."""
+    if name == "lm_head.weight":
+        return name
+    if not name.startswith("model."):
+        return name  # unknown: reported as unexpected by the loader
+    name = name[len("model."):]
+    m = re.match(r"layers\.(\d+)\.(.*)", name)
+    if m and int(m[1]) >= cfg.num_hidden_layers:
+        if m[2] in _MTP_COPIES:
+            return None
+        return f"mtp.{int(m[1]) - cfg.num_hidden_layers}.{m[2]}"
+    return name
+
+
+def is_fp8_weight(name: str) -> bool:
+    """Which weights the official checkpoint stores in FP8: every projection of attention (the
+    indexer's wq_b and wk included) and of the FFNs; not embeddings, head, norms, router,
+    indexer weights_proj or the MTP eh_proj."""
+    if not name.endswith(".weight"):
+        return False
+    return bool(re.search(r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|"
+                          r"indexer\.wq_b|indexer\.wk)\.weight$", name)
+                or re.search(r"mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj)\.weight$", name))
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors files in {path}")
+    missing = [f for f in files if not (path / f).exists()]
+    if missing:
+        raise CheckpointError(f"{INDEX} lists shard(s) that are not in {path}: {', '.join(missing)}")
+    return [path / f for f in files]
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               cfg: ModelConfig | None = None) -> Transformer:
+    """Build the model of `path/config.json` on `device` and fill it from the safetensors shards,
+    one tensor at a time (the full model is never held twice)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    cfg = cfg or ModelConfig.load(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    for name, b in params.items():
+        if name.endswith("e_score_correction_bias"):  # selection bias stays fp32, as shipped
+            _set_buffer(model, name, b.float())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers())
+
+    loaded, unexpected = set(), []
+    for file in _shard_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for key in sorted(keys):
+                if key.endswith("weight_scale_inv"):
+                    if key[: -len("_scale_inv")] not in keys:
+                        unexpected.append(key)
+                    continue
+                name = our_name(key, cfg)
+                if name is None:
+                    continue
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                t = f.get_tensor(key)
+                if t.dtype == FP8:
+                    scale_key = key + "_scale_inv"
+                    if scale_key not in keys:
+                        raise CheckpointError(f"{key} is FP8 but {scale_key} is not in {file.name}")
+                    t = weight_dequant(t, f.get_tensor(scale_key), cfg.fp8_block or (128, 128), torch.float32)
+                p = params[name]
+                if t.shape != p.shape:
+                    raise CheckpointError(f"tensor {key} in {file.name} has shape {tuple(t.shape)}, "
+                                          f"the config expects {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(t)
+                loaded.add(name)
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} tensor(s) in the checkpoint match nothing in the model "
+                              f"built from its config.json, e.g. {', '.join(unexpected[:5])}")
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = [hf_name(n, cfg) for n in params if n not in loaded and n not in tied]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}")
+    return model.eval()
+
+
+def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor):
+    mod_name, _, buf = name.rpartition(".")
+    model.get_submodule(mod_name).register_buffer(buf, value)
+
+
+def state_dict_hf(model: Transformer, fp8: bool = False):
+    """Yield (official name, tensor) pairs; with fp8, quantised weights and their scales."""
+    cfg = model.cfg
+    sd = model.state_dict()
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for name, t in sd.items():
+        key = hf_name(name, cfg)
+        if fp8 and is_fp8_weight(key):
+            q, s = weight_quant(t.detach(), tuple(cfg.fp8_block or (128, 128)))
+            yield key, q
+            yield key + "_scale_inv", s
+        else:
+            yield key, t.detach()
+    for k in range(cfg.num_nextn_predict_layers):  # the official layout keeps copies in each MTP layer
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        yield prefix + "embed_tokens.weight", sd["embed_tokens.weight"].detach()
+        yield prefix + "shared_head.head.weight", model.lm_head.weight.detach()
+
+
+def save_model(model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json, shards `model-0000i-of-0000n.safetensors` and the index json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    if fp8 and cfg.quantization_config is None:
+        cfg = cfg.replace(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                               "quant_method": "fp8", "scale_fmt": "ue8m0",
+                                               "weight_block_size": [128, 128]})
+    if not fp8:
+        cfg = cfg.replace(quantization_config=None)
+    shards, cur, size = [], {}, 0
+    for key, t in state_dict_hf(model, fp8):
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[key] = t.contiguous().cpu()
+        size += nbytes
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = fname
+            total += t.numel() * t.element_size()
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg.save(path)

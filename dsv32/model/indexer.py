@@ -1,0 +1,75 @@
+"""The lightning indexer of DeepSeek Sparse Attention, and top-k selection.
+
+    I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])
+
+q comes from MLA's query latent (q_lora), one key per token is shared by all indexer heads. The
+score only chooses which latents the main attention reads; it never enters the attention weights.
+"""
+
+import torch
+import torch.nn as nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.fp8 import act_quant_dequant
+from dsv32.model.rope import apply_rope_half
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two). It spreads outliers
+    across dims before FP8 quantisation and leaves dot products unchanged."""
+    d = x.shape[-1]
+    h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (x.float() @ h * d ** -0.5).to(x.dtype)
+
+
+def causal_mask(start_pos: int, s: int, t: int, device) -> torch.Tensor:
+    """[S, T] bool: query i (at position start_pos + i) may see key j <= start_pos + i."""
+    q_pos = torch.arange(start_pos, start_pos + s, device=device)
+    return torch.arange(t, device=device)[None, :] <= q_pos[:, None]
+
+
+def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores: [B, S, T] with -inf where not allowed -> indices [B, S, min(k, T)], -1 where the
+    query has fewer than k allowed keys."""
+    vals, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return idx.masked_fill(vals == float("-inf"), -1)
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+
+    def key(self, x: torch.Tensor, cos, sin, fp8: bool = False) -> torch.Tensor:
+        """x: [B, S, D] -> indexer keys [B, S, head_dim] (what the indexer cache holds)."""
+        k = self.k_norm(self.wk(x))
+        r = self.cfg.qk_rope_head_dim
+        k = torch.cat([apply_rope_half(k[..., None, :r], cos, sin)[..., 0, :], k[..., r:]], -1)
+        return act_quant_dequant(hadamard(k)) if fp8 else k
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, k: torch.Tensor, cos, sin,
+                mask: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        """Index scores [B, S, T] fp32, -inf where mask is False.
+
+        x: [B, S, D] hidden; qr: [B, S, q_lora] query latent; k: [B, T, head_dim] keys (from
+        `key`, cached ones included); mask: [S, T] or [B, S, T] bool.
+        """
+        b, s, _ = x.shape
+        r = self.cfg.qk_rope_head_dim
+        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
+        q = torch.cat([apply_rope_half(q[..., :r], cos, sin), q[..., r:]], -1)
+        if fp8:
+            q = act_quant_dequant(hadamard(q))
+        # per-head weights; weights_proj runs in fp32 as in the official code
+        w = x.float() @ self.weights_proj.weight.float().t()  # [B, S, Hi]
+        w = w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        logits = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()  # [B, S, Hi, T]
+        scores = torch.einsum("bsht,bsh->bst", logits, w)
+        return scores.masked_fill(~mask, float("-inf"))

@@ -1,0 +1,146 @@
+"""Multi-head latent attention (MLA) with DeepSeek Sparse Attention.
+
+Each token is compressed to one latent c = RMSNorm(W_dkv x) [kv_lora_rank] plus one shared rope
+key k_pe [qk_rope_head_dim]; that pair is all the cache holds. Two execution modes, equal in exact
+arithmetic:
+  - "mha": expand per-head K/V from the latents with kv_b_proj (training, prefill);
+  - "mqa": absorb kv_b_proj into the query and the output, so every head attends to the shared
+    576-d latents directly (decode; what DSA runs on).
+With `sparse`, each query attends only to the latents its lightning indexer selected.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsv32.config import ModelConfig
+from dsv32.model.indexer import Indexer, causal_mask, topk_select
+from dsv32.model.rope import apply_rope_interleaved
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+@dataclass
+class LayerCache:
+    """One layer's slice of the contiguous cache: latents, rope keys, indexer keys."""
+    kv: torch.Tensor  # [B, T_max, kv_lora_rank]
+    pe: torch.Tensor  # [B, T_max, qk_rope_head_dim]
+    ik: torch.Tensor  # [B, T_max, index_head_dim]
+
+
+@dataclass
+class AttnOut:
+    out: torch.Tensor                       # [B, S, D]
+    index_scores: torch.Tensor | None       # [B, S, T] fp32, -inf where not causal
+    topk_indices: torch.Tensor | None       # [B, S, k] int64, -1 = no key
+    attn_probs: torch.Tensor | None         # [B, S, T] main attention probs summed over heads
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.num_attention_heads
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                            bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> AttnOut:
+        """x: [B, S, D]; cos, sin: [B, S, rope/2]; step: the model's per-forward `Step`."""
+        cfg, (b, s, _) = self.cfg, x.shape
+        h, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        qr = self.q_a_layernorm(self.q_a_proj(x))                         # [B, S, q_lora]
+        q = self.q_b_proj(qr).view(b, s, h, cfg.qk_head_dim)
+        q_nope, q_pe = q.split([nope, rope], -1)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)                     # [B, S, H, rope]
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], -1)
+        kv = self.kv_a_layernorm(kv)                                      # [B, S, C]
+        k_pe = apply_rope_interleaved(k_pe[:, :, None], cos, sin)[:, :, 0]  # [B, S, rope]
+
+        ix_in, qr_in = (x.detach(), qr.detach()) if step.detach_indexer else (x, qr)
+        ik = self.indexer.key(ix_in, cos, sin, step.indexer_fp8)          # [B, S, Di]
+        start, end = step.start_pos, step.start_pos + s
+        if step.cache is not None:  # write this chunk, then read everything so far
+            c = step.cache.layer(step.layer_id)
+            c.kv[:b, start:end], c.pe[:b, start:end], c.ik[:b, start:end] = kv, k_pe, ik
+            kv, k_pe, ik = c.kv[:b, :end], c.pe[:b, :end], c.ik[:b, :end]
+        elif start:
+            raise ValueError("start_pos > 0 needs a cache holding the earlier positions")
+
+        mask = causal_mask(start, s, end, x.device)                       # [S, T]
+        scores = idx = None
+        if step.sparse or step.return_aux:
+            scores = self.indexer(ix_in, qr_in, ik, cos, sin, mask, step.indexer_fp8)
+            idx = topk_select(scores.detach(), cfg.index_topk)            # [B, S, k]
+        if step.sparse and step.mode == "mha":  # keys outside the selected set are masked
+            sel = torch.zeros(b, s, end + 1, dtype=torch.bool, device=x.device)
+            mask = sel.scatter_(-1, idx % (end + 1), True)[..., :end] & mask  # -1 -> dummy column
+
+        attend = self._mha if step.mode == "mha" else self._mqa
+        o, probs = attend(q_nope, q_pe, kv, k_pe, mask, idx if step.sparse else None)
+        out = self.o_proj(o.reshape(b, s, h * cfg.v_head_dim))
+        if step.return_attn_probs:  # summed over heads: [B, S, T], or [B, S, k] for sparse mqa
+            probs = probs.sum(1) if step.mode == "mha" else probs.sum(2)
+            if step.mode == "mqa" and step.sparse:  # put the selected keys' mass back at their positions
+                full = torch.zeros(b, s, end + 1, dtype=probs.dtype, device=probs.device)
+                probs = full.scatter_add_(-1, idx % (end + 1), probs)[..., :end]
+        return AttnOut(out, scores, idx, probs if step.return_attn_probs else None)
+
+    def _mha(self, q_nope, q_pe, kv, k_pe, mask, idx):
+        """Per-head K/V expanded from the latents. mask: [S, T] or [B, S, T]."""
+        cfg = self.cfg
+        b, t = kv.shape[:2]
+        h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        k_nope, v = self.kv_b_proj(kv).view(b, t, h, nope + cfg.v_head_dim).split([nope, cfg.v_head_dim], -1)
+        q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)                # [B, H, S, Dqk]
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)], -1).transpose(1, 2)
+        att = (q.float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale  # [B, H, S, T]
+        m = mask if mask.dim() == 2 else mask[:, None]
+        probs = att.masked_fill(~m, float("-inf")).softmax(-1)
+        o = (probs.to(v.dtype) @ v.transpose(1, 2)).transpose(1, 2)      # [B, S, H, Dv]
+        return o, probs
+
+    def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx):
+        """kv_b_proj absorbed: scores and outputs live in the latent space. With idx, only the
+        selected latents are gathered ([B, S, k, C]) instead of scoring all T."""
+        cfg = self.cfg
+        h, nope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        w = self.kv_b_proj.weight.view(h, nope + cfg.v_head_dim, c)
+        w_uk, w_uv = w[:, :nope].float(), w[:, nope:].float()
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)     # [B, S, H, C]
+        if idx is None:
+            att = torch.einsum("bshc,btc->bsht", q_lat, kv.float()) + \
+                torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())
+            m = mask[None, :, None] if mask.dim() == 2 else mask[:, :, None]
+            probs = (att * cfg.softmax_scale).masked_fill(~m, float("-inf")).softmax(-1)
+            o_lat = torch.einsum("bsht,btc->bshc", probs, kv.float())
+        else:
+            b, s, k = idx.shape
+            valid = idx >= 0                                              # [B, S, k]
+            flat = idx.clamp(min=0).reshape(b, s * k, 1)
+            kv_sel = kv.float().gather(1, flat.expand(-1, -1, c)).view(b, s, k, c)
+            pe_sel = k_pe.float().gather(1, flat.expand(-1, -1, k_pe.shape[-1])).view(b, s, k, -1)
+            att = torch.einsum("bshc,bskc->bshk", q_lat, kv_sel) + \
+                torch.einsum("bshr,bskr->bshk", q_pe.float(), pe_sel)
+            p = (att * cfg.softmax_scale).masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)
+            probs = p                                                     # [B, S, H, k]
+            o_lat = torch.einsum("bshk,bskc->bshc", p, kv_sel)
+        o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv).to(q_nope.dtype)  # [B, S, H, Dv]
+        return o, probs

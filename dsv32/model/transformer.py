@@ -1,0 +1,197 @@
+"""The DeepSeek-V3.2 transformer: blocks of MLA(+DSA) and dense FFN or MoE, and the MTP modules.
+
+Module names follow the official checkpoint (see dsv32/checkpoint.py for the one exception: the MTP
+modules, stored there as extra `model.layers.{num_hidden_layers + k}`).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.mla import MLA, LayerCache, RMSNorm
+from dsv32.model.moe import MLP, MoE
+from dsv32.model.rope import rope_cos_sin
+
+
+class ContextLengthError(ValueError):
+    """A sequence longer than the model (or its cache) can hold."""
+
+
+@dataclass
+class KVCache:
+    """Contiguous cache for every layer: MLA latents, rope keys and indexer keys."""
+    kv: torch.Tensor  # [L, B, T_max, kv_lora_rank]
+    pe: torch.Tensor  # [L, B, T_max, qk_rope_head_dim]
+    ik: torch.Tensor  # [L, B, T_max, index_head_dim]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[2]
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.kv[i], self.pe[i], self.ik[i])
+
+
+@dataclass
+class Step:
+    """Options of one forward and the state layers share (the per-step context of nano-vllm)."""
+    start_pos: int = 0
+    cache: KVCache | None = None
+    sparse: bool = True                        # DSA top-k selection; False = dense attention
+    mode: Literal["mha", "mqa"] = "mha"        # MLA execution mode
+    indexer_fp8: bool = False                  # simulate the indexer's FP8 q/k (Hadamard + e4m3)
+    detach_indexer: bool = False               # stage-2 training: indexer sees detached inputs
+    return_aux: bool = False                   # index scores + selected indices per layer
+    return_attn_probs: bool = False            # main attention probs summed over heads per layer
+    forced_experts: list | None = None         # per MoE layer [B*S, k] ids to replay
+    layer_id: int = 0
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                                    # [B, S, V]
+    hidden: torch.Tensor                                    # [B, S, D] after the final norm
+    mtp_logits: list = field(default_factory=list)          # k-th: [B, S-k, V], predicts token i+k+1
+    index_scores: list = field(default_factory=list)        # per layer [B, S, T] fp32
+    topk_indices: list = field(default_factory=list)        # per layer [B, S, k]
+    attn_probs: list = field(default_factory=list)          # per layer [B, S, T]
+    expert_ids: list = field(default_factory=list)          # per MoE layer [B*S, k]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, step: Step, out: ModelOutput):
+        step.layer_id = self.layer_id
+        a = self.self_attn(self.input_layernorm(x), cos, sin, step)
+        x = x + a.out
+        if step.return_aux:
+            out.index_scores.append(a.index_scores)
+            out.topk_indices.append(a.topk_indices)
+        if step.return_attn_probs:
+            out.attn_probs.append(a.attn_probs)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            forced = step.forced_experts[len(out.expert_ids)] if step.forced_experts else None
+            h, ids = self.mlp(h, forced)
+            out.expert_ids.append(ids)
+        else:
+            h = self.mlp(h)
+        return x + h
+
+
+class SharedHead(nn.Module):
+    """The MTP module's final norm; its output head is the main model's lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction: h' = Block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k)
+                                 for k in range(cfg.num_nextn_predict_layers))
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None):
+        """Normal(0, initializer_range) matrices, unit norms, zero biases (random and from-scratch)."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std, generator=generator)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        cfg = self.cfg
+        if max_len > cfg.max_position_embeddings:
+            raise ContextLengthError(f"cache length {max_len} exceeds max_position_embeddings="
+                                     f"{cfg.max_position_embeddings}")
+        w = self.embed_tokens.weight
+        kw = dict(dtype=dtype or w.dtype, device=device or w.device)
+        n = cfg.num_hidden_layers
+        return KVCache(torch.zeros(n, batch, max_len, cfg.kv_lora_rank, **kw),
+                       torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, **kw),
+                       torch.zeros(n, batch, max_len, cfg.index_head_dim, **kw))
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                mtp: bool = False, **options) -> ModelOutput:
+        """input_ids: [B, S] -> ModelOutput with logits [B, S, vocab].
+
+        options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
+        return_attn_probs, forced_experts. mtp=True also runs the MTP modules (training).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        end = start_pos + s
+        limit = cache.max_len if cache is not None else self.cfg.max_position_embeddings
+        if end > limit:
+            what = "the cache" if cache is not None else "max_position_embeddings"
+            raise ContextLengthError(f"sequence reaches position {end}, beyond {what} ({limit})")
+        if cache is not None and b > cache.kv.shape[1]:
+            raise ValueError(f"batch {b} exceeds the cache's batch {cache.kv.shape[1]}")
+        if (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size) if input_ids.numel() else False:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        step = Step(start_pos=start_pos, cache=cache, **options)
+        pos = torch.arange(start_pos, end, device=input_ids.device).expand(b, s)
+        cos, sin = rope_cos_sin(self.cfg, pos)
+        out = ModelOutput(logits=None, hidden=None)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, step, out)
+        out.hidden = self.norm(x)
+        out.logits = self.lm_head(out.hidden)
+        if mtp:
+            out.mtp_logits = self._mtp(out.hidden, input_ids, cos, sin, step, out)
+        return out
+
+    def _mtp(self, h, input_ids, cos, sin, step: Step, out: ModelOutput) -> list:
+        """MTP depth k combines h_i (depth k-1) with emb(t_{i+k}); its logits predict t_{i+k+1}."""
+        if step.cache is not None or step.start_pos:
+            raise ValueError("the MTP modules run on whole sequences (training), not with a cache")
+        logits = []
+        for k, layer in enumerate(self.mtp, start=1):
+            n = h.shape[1] - 1                                             # positions that have t_{i+k}
+            e = layer.enorm(self.embed_tokens(input_ids[:, k:k + n]))
+            h = layer.eh_proj(torch.cat([e, layer.hnorm(h[:, :n])], -1))
+            h = layer(h, cos[:, :n], sin[:, :n], step, out)
+            logits.append(self.lm_head(layer.shared_head.norm(h)))
+        return logits
