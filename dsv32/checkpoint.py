@@ -163,8 +163,8 @@ def state_dict_hf(model: Transformer, fp8: bool = False):
             yield key, t.detach()
     for k in range(cfg.num_nextn_predict_layers):  # the official layout keeps copies in each MTP layer
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-        yield prefix + "embed_tokens.weight", sd["embed_tokens.weight"].detach()
-        yield prefix + "shared_head.head.weight", model.lm_head.weight.detach()
+        yield prefix + "embed_tokens.weight", sd["embed_tokens.weight"].detach().clone()
+        yield prefix + "shared_head.head.weight", model.lm_head.weight.detach().clone()
 
 
 def save_model(model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:

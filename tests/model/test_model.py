@@ -1,0 +1,185 @@
+"""Properties of the model that hold by construction of the architecture."""
+
+import pytest
+import torch
+
+from dsv32.config import preset
+from dsv32.model import ContextLengthError, Transformer
+from dsv32.model.indexer import hadamard
+from dsv32.model.moe import Gate
+from dsv32.model.rope import apply_rope_half, apply_rope_interleaved, rope_cos_sin
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny")).eval()
+
+
+def ids(b=2, s=40, seed=0):
+    return torch.randint(0, 512, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mha_equals_absorbed_mqa(tiny, sparse):
+    x = ids()
+    a = tiny(x, sparse=sparse, mode="mha", return_attn_probs=True)
+    b = tiny(x, sparse=sparse, mode="mqa", return_attn_probs=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    for pa, pb in zip(a.attn_probs, b.attn_probs):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+@torch.no_grad()
+def test_dsa_with_topk_covering_the_sequence_is_dense():
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny").replace(index_topk=64)).eval()
+    x = ids(s=40)
+    assert torch.allclose(m(x, sparse=True).logits, m(x, sparse=False).logits, atol=1e-6)
+    # and with k < seq it is not
+    m.cfg.index_topk = 8
+    assert (m(x, sparse=True).logits - m(x, sparse=False).logits).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_dsa_attends_only_to_selected_keys(tiny):
+    out = tiny(ids(), sparse=True, return_aux=True, return_attn_probs=True)
+    for probs, idx, scores in zip(out.attn_probs, out.topk_indices, out.index_scores):
+        sel = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, idx.clamp(min=0), True)
+        assert probs[~sel].abs().max() == 0
+        heads = tiny.cfg.num_attention_heads
+        assert torch.allclose(probs.sum(-1), torch.full_like(probs[..., 0], heads), atol=1e-5)
+        # selection = the k highest causal index scores; -1 only where fewer keys exist
+        s = scores.shape[1]
+        k = idx.shape[-1]
+        n_valid = (idx >= 0).sum(-1)
+        assert torch.equal(n_valid, torch.arange(1, s + 1).clamp(max=k).expand_as(n_valid))
+        kth = scores.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("inf")).amin(-1, keepdim=True)
+        unselected = scores.masked_fill(sel, float("-inf"))
+        assert (unselected <= kth).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["mha", "mqa"])
+def test_cached_decode_equals_full_forward(tiny, mode):
+    x = ids(b=2, s=36)
+    full = tiny(x).logits
+    cache = tiny.new_cache(2, 36)
+    parts = [tiny(x[:, :20], cache=cache, mode=mode).logits]
+    parts += [tiny(x[:, i:i + 1], start_pos=i, cache=cache, mode=mode).logits for i in range(20, 36)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_forced_routing_with_own_choice_equals_free_routing(tiny):
+    x = ids()
+    free = tiny(x)
+    forced = tiny(x, forced_experts=free.expert_ids)
+    assert torch.equal(free.logits, forced.logits)
+    # forcing other experts changes the output, and the router still gets gradient
+    other = [(e + 1) % tiny.cfg.n_routed_experts for e in free.expert_ids]
+    out = tiny(x, forced_experts=other)
+    assert (out.logits - free.logits).abs().max() > 1e-4
+    out.logits.square().mean().backward()
+    gate = tiny.layers[1].mlp.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_gate_group_limited_selection_by_hand():
+    cfg = preset("tiny").replace(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+                                 routed_scaling_factor=2.0)
+    g = Gate(cfg)
+    with torch.no_grad():
+        g.weight.zero_()
+        g.e_score_correction_bias.copy_(torch.tensor([0.0, 0.9, 0.8, 0.0, 0.0, 0.0, 0.5, 0.45]))
+    w, ids_ = g(torch.zeros(1, cfg.hidden_size))
+    # groups (0,1) (2,3) (4,5) (6,7) score top2 sums .9, .8, 0, .95 -> groups 3 and 0 kept;
+    # experts 1 (0.9) and 6 (0.5) win; expert 2 (0.8) is in a dropped group
+    assert sorted(ids_[0].tolist()) == [1, 6]
+    # weights from the uncorrected scores (all sigmoid(0) = .5): renormalised, times 2.0
+    assert torch.allclose(w, torch.full((1, 2), 1.0))
+
+
+def test_rope_layouts_rotate_the_right_pairs():
+    cfg = preset("tiny")
+    cos, sin = rope_cos_sin(cfg, torch.tensor([[3]]))
+    d = cfg.qk_rope_head_dim
+    x = torch.randn(1, 1, 1, d)
+    inter, half = apply_rope_interleaved(x, cos, sin), apply_rope_half(x, cos, sin)
+    c, s = cos[0, 0, 0], sin[0, 0, 0]  # first frequency
+    assert torch.allclose(inter[0, 0, 0, :2], torch.stack([x[0, 0, 0, 0] * c - x[0, 0, 0, 1] * s,
+                                                          x[0, 0, 0, 1] * c + x[0, 0, 0, 0] * s]))
+    h = d // 2
+    assert torch.allclose(half[0, 0, 0, [0, h]], torch.stack([x[0, 0, 0, 0] * c - x[0, 0, 0, h] * s,
+                                                             x[0, 0, 0, h] * c + x[0, 0, 0, 0] * s]))
+    # both are rotations: relative position only
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    dots = []
+    for p in (0, 7):
+        cq, sq = rope_cos_sin(cfg, torch.tensor([[p + 5]]))
+        ck, sk = rope_cos_sin(cfg, torch.tensor([[p]]))
+        dots.append((apply_rope_half(q, cq, sq) * apply_rope_half(k, ck, sk)).sum())
+    assert torch.allclose(dots[0], dots[1], atol=1e-5)
+
+
+def test_hadamard_is_orthonormal():
+    x, y = torch.randn(5, 16), torch.randn(5, 16)
+    assert torch.allclose((hadamard(x) * hadamard(y)).sum(-1), (x * y).sum(-1), atol=1e-5)
+    assert torch.allclose(hadamard(hadamard(x)), x, atol=1e-5)
+
+
+@torch.no_grad()
+def test_indexer_fp8_simulation_stays_close(tiny):
+    x = ids()
+    a = tiny(x, return_aux=True)
+    b = tiny(x, return_aux=True, indexer_fp8=True)
+    for sa, sb, ia, ib in zip(a.index_scores, b.index_scores, a.topk_indices, b.topk_indices):
+        m = torch.isfinite(sa)
+        rel = (sa[m] - sb[m]).norm() / sa[m].norm()
+        assert 0 < rel < 0.15  # quantised (differs), but only by e4m3 rounding
+        same = (torch.sort(ia, -1).values == torch.sort(ib, -1).values).float().mean()
+        assert same > 0.8  # and mostly the same keys are selected
+
+
+def test_mtp_logits_shapes_and_gradient(tiny):
+    x = ids(s=20)
+    out = tiny(x, mtp=True)
+    assert [t.shape for t in out.mtp_logits] == [(2, 19, 512)]
+    out.mtp_logits[0].sum().backward()
+    assert tiny.mtp[0].eh_proj.weight.grad.abs().sum() > 0
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_detached_indexer_gets_no_lm_gradient(tiny):
+    out = tiny(ids(s=24), return_aux=True, detach_indexer=True)
+    out.logits.sum().backward(retain_graph=True)
+    ix = tiny.layers[0].self_attn.indexer
+    assert ix.wq_b.weight.grad is None and ix.wk.weight.grad is None
+    sum(s[torch.isfinite(s)].sum() for s in out.index_scores).backward()
+    assert ix.wq_b.weight.grad.abs().sum() > 0
+    assert tiny.layers[0].self_attn.q_a_proj.weight.grad.abs().sum() > 0  # from the LM loss only
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_too_long_and_bad_inputs_fail_clearly(tiny):
+    with pytest.raises(ContextLengthError, match="max_position_embeddings"):
+        tiny(torch.zeros(1, 1025, dtype=torch.long))
+    cache = tiny.new_cache(1, 8)
+    with pytest.raises(ContextLengthError, match="cache"):
+        tiny(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="token ids"):
+        tiny(torch.full((1, 4), 512))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        tiny(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache"):
+        tiny(torch.zeros(1, 1, dtype=torch.long), start_pos=3)
+
+
+def test_full_671b_builds_on_meta_without_allocating():
+    with torch.device("meta"):
+        m = Transformer(preset("deepseek-v3.2"))
+    n = sum(p.numel() for p in m.parameters())
+    main = n - sum(p.numel() for p in m.mtp.parameters())
+    assert 670e9 < main < 672e9  # 671B main model; the MTP module adds ~11.5B
+    assert all(p.device.type == "meta" for p in m.parameters())
