@@ -1,0 +1,99 @@
+"""The `dsv32` command."""
+
+import argparse
+import sys
+import time
+
+
+def _text_codec(model_dir):
+    """(encode, decode, stop ids): the model's tokenizer.json, else raw UTF-8 bytes as ids."""
+    from pathlib import Path
+
+    if model_dir and (Path(model_dir) / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        return (lambda s: tok.encode(s, add_special_tokens=False).ids), tok.decode, ()
+    return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i for i in ids if i < 256).decode(
+        "utf-8", errors="replace")), ()
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from dsv32.engine import generate
+
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        from dsv32 import load_model
+
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = load_model(args.model, dtype=dtype, device=args.device)
+    else:
+        from dsv32.config import preset
+        from dsv32.model import Transformer
+
+        print(f"NOTE: no --model given. dsv32 ships no trained model yet, so this runs the '{args.preset}' "
+              "preset with RANDOM weights built on the fly: the text below is noise. It shows the "
+              "pipeline (prefill, cached DSA decode, sampling) working; pass --model DIR for a real "
+              "checkpoint.", file=sys.stderr)
+        torch.manual_seed(args.seed or 0)
+        with torch.device(args.device):
+            model = Transformer(preset(args.preset)).to(dtype).eval()
+    encode, decode, stop = _text_codec(args.model)
+    prompt = encode(args.prompt)
+    cfg = model.cfg
+    if max(prompt, default=0) >= cfg.vocab_size:
+        print(f"error: the prompt has token ids beyond the model's vocab_size {cfg.vocab_size}", file=sys.stderr)
+        return 2
+    print(f"model: {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {cfg.n_routed_experts} experts, "
+          f"DSA top-{cfg.index_topk}{' (off: dense)' if args.dense else ''}; prompt {len(prompt)} tokens",
+          file=sys.stderr)
+    t0, out = time.perf_counter(), []
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    printed = ""
+    for tok in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                        args.seed, stop_ids=stop or (cfg.eos_token_id,), sparse=not args.dense):
+        out.append(tok)
+        text = decode(out)
+        if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 in readable PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (contiguous cache, DSA decode)")
+    g.add_argument("prompt")
+    g.add_argument("--model", help="Hugging Face-format model directory (config.json + safetensors)")
+    g.add_argument("--preset", default="tiny", help="random-weight preset used when --model is not given")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dense", action="store_true", help="dense attention instead of DSA")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # config, checkpoint and context errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
