@@ -34,8 +34,9 @@ def test_cuda_bf16_close_to_fp32(pair):
     cpu, gpu = pair
     ids = torch.randint(0, 512, (2, 64))
     want = cpu(ids, sparse=False).logits
-    got = gpu.to(torch.bfloat16)(ids.cuda(), sparse=False).logits.float().cpu()
-    gpu.float()
+    half = Transformer(cpu.cfg).cuda()
+    half.load_state_dict(cpu.state_dict())
+    got = half.to(torch.bfloat16).eval()(ids.cuda(), sparse=False).logits.float().cpu()
     assert (got - want).norm() / want.norm() < 0.05
 
 
