@@ -13,6 +13,8 @@ from dsv32.config import ModelConfig
 from dsv32.model.fp8 import act_quant_dequant
 from dsv32.model.rope import apply_rope_half
 
+LOGIT_CHUNK = 1 << 28  # fp32 elements of per-head logits held at once (~1 GiB)
+
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two). It spreads outliers
@@ -70,6 +72,11 @@ class Indexer(nn.Module):
         # per-head weights; weights_proj runs in fp32 as in the official code
         w = x.float() @ self.weights_proj.weight.float().t()  # [B, S, Hi]
         w = w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        logits = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()  # [B, S, Hi, T]
-        scores = torch.einsum("bsht,bsh->bst", logits, w)
+        # ReLU sits between the two contractions, so [B, S, Hi, T] is materialised: chunk queries
+        chunk = max(1, LOGIT_CHUNK // (b * self.n_heads * k.shape[1]))
+        scores = torch.cat([
+            torch.einsum("bsht,bsh->bst",
+                         torch.einsum("bshd,btd->bsht", q[:, i:i + chunk].float(), k.float()).relu(),
+                         w[:, i:i + chunk])
+            for i in range(0, s, chunk)], dim=1)                           # [B, S, T]
         return scores.masked_fill(~mask, float("-inf"))

@@ -94,7 +94,7 @@ class MLA(nn.Module):
             mask = sel.scatter_(-1, idx % (end + 1), True)[..., :end] & mask  # -1 -> dummy column
 
         attend = self._mha if step.mode == "mha" else self._mqa
-        o, probs = attend(q_nope, q_pe, kv, k_pe, mask, idx if step.sparse else None)
+        o, probs = attend(q_nope, q_pe, kv, k_pe, mask, idx if step.sparse else None, step.return_attn_probs)
         out = self.o_proj(o.reshape(b, s, h * cfg.v_head_dim))
         if step.return_attn_probs:  # summed over heads: [B, S, T], or [B, S, k] for sparse mqa
             probs = probs.sum(1) if step.mode == "mha" else probs.sum(2)
@@ -103,7 +103,7 @@ class MLA(nn.Module):
                 probs = full.scatter_add_(-1, idx % (end + 1), probs)[..., :end]
         return AttnOut(out, scores, idx, probs if step.return_attn_probs else None)
 
-    def _mha(self, q_nope, q_pe, kv, k_pe, mask, idx):
+    def _mha(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):
         """Per-head K/V expanded from the latents. mask: [S, T] or [B, S, T]."""
         cfg = self.cfg
         b, t = kv.shape[:2]
@@ -111,13 +111,16 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(kv).view(b, t, h, nope + cfg.v_head_dim).split([nope, cfg.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)                # [B, H, S, Dqk]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)], -1).transpose(1, 2)
-        att = (q.float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale  # [B, H, S, T]
         m = mask if mask.dim() == 2 else mask[:, None]
+        if not want_probs:  # fused attention (flash / memory-efficient) when probs are not needed
+            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=m, scale=cfg.softmax_scale)
+            return o.transpose(1, 2), None
+        att = (q.float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale  # [B, H, S, T]
         probs = att.masked_fill(~m, float("-inf")).softmax(-1)
         o = (probs.to(v.dtype) @ v.transpose(1, 2)).transpose(1, 2)      # [B, S, H, Dv]
         return o, probs
 
-    def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx):
+    def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):
         """kv_b_proj absorbed: scores and outputs live in the latent space. With idx, only the
         selected latents are gathered ([B, S, k, C]) instead of scoring all T."""
         cfg = self.cfg

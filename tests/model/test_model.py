@@ -123,6 +123,17 @@ def test_rope_layouts_rotate_the_right_pairs():
     assert torch.allclose(dots[0], dots[1], atol=1e-5)
 
 
+@torch.no_grad()
+def test_indexer_query_chunking_is_exact(tiny, monkeypatch):
+    import dsv32.model.indexer as indexer
+
+    x = ids(s=30)
+    want = tiny(x, return_aux=True).index_scores
+    monkeypatch.setattr(indexer, "LOGIT_CHUNK", 2 * 8 * 30 * 7)  # 7 queries per chunk
+    got = tiny(x, return_aux=True).index_scores
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
 def test_hadamard_is_orthonormal():
     x, y = torch.randn(5, 16), torch.randn(5, 16)
     assert torch.allclose((hadamard(x) * hadamard(y)).sum(-1), (x * y).sum(-1), atol=1e-5)
