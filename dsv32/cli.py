@@ -14,8 +14,17 @@ def _text_codec(model_dir):
 
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         return (lambda s: tok.encode(s, add_special_tokens=False).ids), tok.decode, ()
-    return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i for i in ids if i < 256).decode(
-        "utf-8", errors="replace")), ()
+    def decode_bytes(ids):  # ids beyond a byte have no text: show them as [id]
+        runs, out = [], []
+        for i in ids + [None]:
+            if i is not None and i < 256:
+                out.append(i)
+                continue
+            runs.append(bytes(out).decode("utf-8", errors="replace") + (f"[{i}]" if i is not None else ""))
+            out = []
+        return "".join(runs)
+
+    return (lambda s: list(s.encode("utf-8"))), decode_bytes, ()
 
 
 def cmd_generate(args) -> int:
