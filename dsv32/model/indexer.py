@@ -26,12 +26,6 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return (x.float() @ h * d ** -0.5).to(x.dtype)
 
 
-def causal_mask(start_pos: int, s: int, t: int, device) -> torch.Tensor:
-    """[S, T] bool: query i (at position start_pos + i) may see key j <= start_pos + i."""
-    q_pos = torch.arange(start_pos, start_pos + s, device=device)
-    return torch.arange(t, device=device)[None, :] <= q_pos[:, None]
-
-
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores: [B, S, T] with -inf where not allowed -> indices [B, S, min(k, T)], -1 where the
     query has fewer than k allowed keys."""
@@ -61,7 +55,7 @@ class Indexer(nn.Module):
         """Index scores [B, S, T] fp32, -inf where mask is False.
 
         x: [B, S, D] hidden; qr: [B, S, q_lora] query latent; k: [B, T, head_dim] keys (from
-        `key`, cached ones included); mask: [S, T] or [B, S, T] bool.
+        `key`, cached ones included); mask: [B, S, T] bool.
         """
         b, s, _ = x.shape
         r = self.cfg.qk_rope_head_dim

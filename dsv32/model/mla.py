@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
-from dsv32.model.indexer import Indexer, causal_mask, topk_select
+from dsv32.model.indexer import Indexer, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
 
@@ -29,14 +29,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
-
-
-@dataclass
-class LayerCache:
-    """One layer's slice of the contiguous cache: latents, rope keys, indexer keys."""
-    kv: torch.Tensor  # [B, T_max, kv_lora_rank]
-    pe: torch.Tensor  # [B, T_max, qk_rope_head_dim]
-    ik: torch.Tensor  # [B, T_max, index_head_dim]
 
 
 @dataclass
@@ -76,15 +68,10 @@ class MLA(nn.Module):
 
         ix_in, qr_in = (x.detach(), qr.detach()) if step.detach_indexer else (x, qr)
         ik = self.indexer.key(ix_in, cos, sin, step.indexer_fp8)          # [B, S, Di]
-        start, end = step.start_pos, step.start_pos + s
-        if step.cache is not None:  # write this chunk, then read everything so far
-            c = step.cache.layer(step.layer_id)
-            c.kv[:b, start:end], c.pe[:b, start:end], c.ik[:b, start:end] = kv, k_pe, ik
-            kv, k_pe, ik = c.kv[:b, :end], c.pe[:b, :end], c.ik[:b, :end]
-        elif start:
-            raise ValueError("start_pos > 0 needs a cache holding the earlier positions")
-
-        mask = causal_mask(start, s, end, x.device)                       # [S, T]
+        if step.cache is not None:  # write this chunk at its positions, read each sequence so far
+            kv, k_pe, ik = step.cache.update(step.layer_id, kv, k_pe, ik, step.positions)
+        end = kv.shape[1]                                                 # T
+        mask = step.mask                                                  # [B, S, T]
         scores = idx = None
         if step.sparse or step.return_aux:
             scores = self.indexer(ix_in, qr_in, ik, cos, sin, mask, step.indexer_fp8)
@@ -104,14 +91,14 @@ class MLA(nn.Module):
         return AttnOut(out, scores, idx, probs if step.return_attn_probs else None)
 
     def _mha(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):
-        """Per-head K/V expanded from the latents. mask: [S, T] or [B, S, T]."""
+        """Per-head K/V expanded from the latents. mask: [B, S, T]."""
         cfg = self.cfg
         b, t = kv.shape[:2]
         h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
         k_nope, v = self.kv_b_proj(kv).view(b, t, h, nope + cfg.v_head_dim).split([nope, cfg.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)                # [B, H, S, Dqk]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)], -1).transpose(1, 2)
-        m = mask if mask.dim() == 2 else mask[:, None]
+        m = mask[:, None]                                                 # [B, 1, S, T]
         if not want_probs:  # fused attention (flash / memory-efficient) when probs are not needed
             o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=m, scale=cfg.softmax_scale)
             return o.transpose(1, 2), None
@@ -131,7 +118,7 @@ class MLA(nn.Module):
         if idx is None:
             att = torch.einsum("bshc,btc->bsht", q_lat, kv.float()) + \
                 torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())
-            m = mask[None, :, None] if mask.dim() == 2 else mask[:, :, None]
+            m = mask[:, :, None]                                          # [B, S, 1, T]
             probs = (att * cfg.softmax_scale).masked_fill(~m, float("-inf")).softmax(-1)
             o_lat = torch.einsum("bsht,btc->bshc", probs, kv.float())
         else:

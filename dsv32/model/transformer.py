@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from dsv32.config import ModelConfig
-from dsv32.model.mla import MLA, LayerCache, RMSNorm
+from dsv32.model.mla import MLA, RMSNorm
 from dsv32.model.moe import MLP, MoE
 from dsv32.model.rope import rope_cos_sin
 
@@ -22,7 +22,13 @@ class ContextLengthError(ValueError):
 
 @dataclass
 class KVCache:
-    """Contiguous cache for every layer: MLA latents, rope keys and indexer keys."""
+    """Contiguous cache for every layer: MLA latents, rope keys and indexer keys.
+
+    Any cache works that has `max_len` and `update` (the engine's paged cache does): update writes
+    the new entries at their positions and returns each sequence's entries [B, T, ...], where T is
+    one past the largest position, entry j at index j (padding beyond a sequence's own length is
+    never read: the causal mask stops at its position).
+    """
     kv: torch.Tensor  # [L, B, T_max, kv_lora_rank]
     pe: torch.Tensor  # [L, B, T_max, qk_rope_head_dim]
     ik: torch.Tensor  # [L, B, T_max, index_head_dim]
@@ -31,14 +37,22 @@ class KVCache:
     def max_len(self) -> int:
         return self.kv.shape[2]
 
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.kv[i], self.pe[i], self.ik[i])
+    def update(self, layer: int, kv, pe, ik, positions: torch.Tensor):
+        """kv, pe, ik: [B, S, ...] new entries; positions: [B, S] -> cached [B, T, ...] each."""
+        b, t = kv.shape[0], int(positions.max()) + 1
+        rows = torch.arange(b, device=positions.device)[:, None]
+        out = []
+        for store, new in ((self.kv, kv), (self.pe, pe), (self.ik, ik)):
+            store[layer][rows, positions] = new.to(store.dtype)
+            out.append(store[layer][:b, :t])
+        return out
 
 
 @dataclass
 class Step:
     """Options of one forward and the state layers share (the per-step context of nano-vllm)."""
-    start_pos: int = 0
+    positions: torch.Tensor | None = None     # [B, S] position of each token
+    mask: torch.Tensor | None = None          # [B, S, T] causal: key j visible iff j <= position
     cache: KVCache | None = None
     sparse: bool = True                        # DSA top-k selection; False = dense attention
     mode: Literal["mha", "mqa"] = "mha"        # MLA execution mode
@@ -151,28 +165,34 @@ class Transformer(nn.Module):
                        torch.zeros(n, batch, max_len, cfg.index_head_dim, **kw))
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                mtp: bool = False, **options) -> ModelOutput:
+                positions: torch.Tensor | None = None, mtp: bool = False, **options) -> ModelOutput:
         """input_ids: [B, S] -> ModelOutput with logits [B, S, vocab].
 
+        Tokens sit at start_pos.. (or at explicit per-sequence `positions` [B, S], for batched
+        decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
         return_attn_probs, forced_experts. mtp=True also runs the MTP modules (training).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
-        end = start_pos + s
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + s, device=input_ids.device).expand(b, s)
+        elif positions.shape != input_ids.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} do not match input_ids {tuple(input_ids.shape)}")
+        end = int(positions.max()) + 1 if positions.numel() else 0
         limit = cache.max_len if cache is not None else self.cfg.max_position_embeddings
         if end > limit:
             what = "the cache" if cache is not None else "max_position_embeddings"
             raise ContextLengthError(f"sequence reaches position {end}, beyond {what} ({limit})")
-        if cache is not None and b > cache.kv.shape[1]:
-            raise ValueError(f"batch {b} exceeds the cache's batch {cache.kv.shape[1]}")
+        if cache is None and end != s:
+            raise ValueError("tokens after position 0 need a cache holding the earlier positions")
         if (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size) if input_ids.numel() else False:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        step = Step(start_pos=start_pos, cache=cache, **options)
-        pos = torch.arange(start_pos, end, device=input_ids.device).expand(b, s)
-        cos, sin = rope_cos_sin(self.cfg, pos)
+        mask = torch.arange(end, device=input_ids.device) <= positions[..., None]   # [B, S, T]
+        step = Step(positions=positions, mask=mask, cache=cache, **options)
+        cos, sin = rope_cos_sin(self.cfg, positions)
         out = ModelOutput(logits=None, hidden=None)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
@@ -185,13 +205,14 @@ class Transformer(nn.Module):
 
     def _mtp(self, h, input_ids, cos, sin, step: Step, out: ModelOutput) -> list:
         """MTP depth k combines h_i (depth k-1) with emb(t_{i+k}); its logits predict t_{i+k+1}."""
-        if step.cache is not None or step.start_pos:
+        if step.cache is not None:
             raise ValueError("the MTP modules run on whole sequences (training), not with a cache")
         logits = []
         for k, layer in enumerate(self.mtp, start=1):
             n = h.shape[1] - 1                                             # positions that have t_{i+k}
             e = layer.enorm(self.embed_tokens(input_ids[:, k:k + n]))
             h = layer.eh_proj(torch.cat([e, layer.hnorm(h[:, :n])], -1))
+            step.positions, step.mask = step.positions[:, :n], step.mask[:, :n, :n]
             h = layer(h, cos[:, :n], sin[:, :n], step, out)
             logits.append(self.lm_head(layer.shared_head.norm(h)))
         return logits

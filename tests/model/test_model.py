@@ -194,3 +194,17 @@ def test_full_671b_builds_on_meta_without_allocating():
     main = n - sum(p.numel() for p in m.mtp.parameters())
     assert 670e9 < main < 672e9  # 671B main model; the MTP module adds ~11.5B
     assert all(p.device.type == "meta" for p in m.parameters())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["mha", "mqa"])
+def test_batched_decode_at_different_positions(tiny, mode):
+    x = ids(b=2, s=24)
+    cache = tiny.new_cache(2, 32)
+    tiny(x, cache=cache)
+    new = torch.tensor([[5], [7]])
+    pos = torch.tensor([[24], [17]])  # row 1 continues after its first 17 tokens only
+    got = tiny(new, cache=cache, positions=pos, mode=mode).logits[:, 0]
+    want0 = tiny(torch.cat([x[:1], new[:1]], 1)).logits[0, -1]
+    want1 = tiny(torch.cat([x[1:, :17], new[1:]], 1)).logits[0, -1]
+    assert torch.allclose(got[0], want0, atol=1e-5) and torch.allclose(got[1], want1, atol=1e-5)
