@@ -1,0 +1,174 @@
+"""The paged cache: blocks of 64 tokens holding, per layer, the MLA latent + rope key and the
+indexer key; a block manager with prefix caching by block hash.
+
+Two layouts per token [kernel-anchors §2.1, §3]:
+  bf16: latent [kv_lora_rank] + rope key [qk_rope_head_dim] + indexer key [index_head_dim];
+  fp8:  MLA 656 bytes = 512 e4m3 + 4 fp32 scales (one per 128) + 64 bf16 rope dims;
+        indexer 132 bytes = 128 e4m3 + 1 fp32 scale.
+Reads dequantise to the model's dtype (the plain-torch path; kernels read the bytes directly).
+"""
+
+import hashlib
+from collections import deque
+
+import torch
+
+from dsv32.config import ModelConfig
+from dsv32.model.fp8 import FP8, FP8_MAX
+
+
+def _quant_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x: [N, D] -> bytes [N, D + 4 * D/group]: e4m3 values then fp32 scales (amax / 448)."""
+    n, d = x.shape
+    xg = x.float().view(n, d // group, group)
+    scale = xg.abs().amax(-1, keepdim=True).clamp(min=1e-8) / FP8_MAX
+    q = (xg / scale).to(FP8).view(n, d)
+    return torch.cat([q.view(torch.uint8), scale.view(n, -1).contiguous().view(torch.uint8)], -1)
+
+
+def _dequant_rows(b: torch.Tensor, d: int, group: int, dtype) -> torch.Tensor:
+    """Inverse of _quant_rows. b: [..., D + 4 * D/group] bytes -> [..., D]."""
+    shape = b.shape[:-1]
+    q = b[..., :d].contiguous().view(FP8).float().view(*shape, d // group, group)
+    scale = b[..., d:].contiguous().view(torch.float32)[..., None]
+    return (q * scale).view(*shape, d).to(dtype)
+
+
+class PagedCache:
+    """Per-layer block storage [num_blocks * block_size, bytes-or-dims], used by the model through
+    `update` after `prepare` has mapped this step's tokens to slots."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64, fp8: bool = False,
+                 dtype=torch.bfloat16, device="cpu"):
+        self.cfg, self.num_blocks, self.block_size, self.fp8, self.dtype = cfg, num_blocks, block_size, fp8, dtype
+        c, r, di = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
+        self.kv_group, self.ik_group = min(128, c), di
+        n, layers = num_blocks * block_size, cfg.num_hidden_layers
+        if fp8:
+            kv_bytes = c + 4 * (c // self.kv_group) + 2 * r  # 656 for V3.2
+            self.kv = torch.zeros(layers, n, kv_bytes, dtype=torch.uint8, device=device)
+            self.ik = torch.zeros(layers, n, di + 4, dtype=torch.uint8, device=device)  # 132
+        else:
+            self.kv = torch.zeros(layers, n, c + r, dtype=dtype, device=device)
+            self.ik = torch.zeros(layers, n, di, dtype=dtype, device=device)
+        self.max_len = cfg.max_position_embeddings
+        self.slots = self.gather = None
+
+    def bytes_per_token(self) -> int:
+        return (self.kv[0, 0].numel() * self.kv.element_size() + self.ik[0, 0].numel() * self.ik.element_size())
+
+    def prepare(self, block_tables: list[list[int]], positions: torch.Tensor) -> None:
+        """Map this step's tokens (positions [B, S]) to slots, and each sequence's positions
+        0..T-1 to the slots to read (T = one past the largest position; beyond a sequence's own
+        length the read is padding, which the causal mask never lets through)."""
+        dev = self.kv.device
+        width = max(len(t) for t in block_tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev)  # [B, nb]
+        bs = self.block_size
+        positions = positions.to(dev)
+        self.slots = table.gather(1, positions // bs) * bs + positions % bs             # [B, S]
+        t = int(positions.max()) + 1
+        j = torch.arange(t, device=dev)
+        self.gather = table[:, (j // bs).clamp(max=width - 1)] * bs + j % bs            # [B, T]
+
+    def update(self, layer: int, kv, pe, ik, positions):
+        """The model's cache hook: write [B, S, ...] entries at the prepared slots, return every
+        sequence's entries [B, T, ...] in the model's dtype."""
+        c = self.cfg.kv_lora_rank
+        slots = self.slots.flatten()
+        if self.fp8:
+            pe_bytes = pe.reshape(-1, pe.shape[-1]).to(torch.bfloat16).contiguous().view(torch.uint8)
+            self.kv[layer][slots] = torch.cat([_quant_rows(kv.reshape(-1, c), self.kv_group), pe_bytes], -1)
+            self.ik[layer][slots] = _quant_rows(ik.reshape(-1, ik.shape[-1]), self.ik_group)
+            rows = self.kv[layer][self.gather]                                          # [B, T, bytes]
+            split = c + 4 * (c // self.kv_group)
+            kv_all = _dequant_rows(rows[..., :split], c, self.kv_group, self.dtype)
+            pe_all = rows[..., split:].contiguous().view(torch.bfloat16).to(self.dtype)
+            ik_all = _dequant_rows(self.ik[layer][self.gather], ik.shape[-1], self.ik_group, self.dtype)
+            return kv_all, pe_all, ik_all
+        self.kv[layer][slots] = torch.cat([kv, pe], -1).reshape(len(slots), -1).to(self.dtype)
+        self.ik[layer][slots] = ik.reshape(len(slots), -1).to(self.dtype)
+        both = self.kv[layer][self.gather]
+        return both[..., :c], both[..., c:], self.ik[layer][self.gather]
+
+
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """Chained hash: a block is reusable only if the whole prefix before it matches too."""
+    h = hashlib.sha256(parent or b"")
+    h.update(b",".join(str(t).encode() for t in tokens))
+    return h.digest()
+
+
+class BlockManager:
+    """Allocates cache blocks to sequences; full blocks are registered by hash so that a later
+    sequence with the same prefix reuses them (ref-counted). Freed blocks keep their hash until
+    they are handed out again, so a prefix survives its sequence (LRU order)."""
+
+    def __init__(self, num_blocks: int, block_size: int = 64):
+        self.block_size = block_size
+        self.free: deque[int] = deque(range(num_blocks))
+        self.ref = [0] * num_blocks
+        self.hash_of: dict[int, bytes] = {}
+        self.by_hash: dict[bytes, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def _take(self, block: int | None = None) -> int:
+        if block is None:
+            block = self.free.popleft()
+            h = self.hash_of.pop(block, None)
+            if h is not None and self.by_hash.get(h) == block:
+                del self.by_hash[h]
+        else:
+            self.free.remove(block)
+        self.ref[block] = 1
+        return block
+
+    def lookup_prefix(self, tokens: list[int]) -> list[int]:
+        """Cached blocks holding the longest block-aligned prefix of tokens (leaving >= 1 token)."""
+        bs, blocks, parent = self.block_size, [], None
+        for i in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
+            parent = block_hash(parent, tokens[i:i + bs])
+            b = self.by_hash.get(parent)
+            if b is None:
+                break
+            blocks.append(b)
+        return blocks
+
+    def blocks_needed(self, n_tokens: int, cached: list[int]) -> int:
+        fresh = -(-n_tokens // self.block_size) - len(cached)
+        return fresh + sum(1 for b in cached if self.ref[b] == 0)  # reviving a free block uses it up
+
+    def allocate(self, n_tokens: int, cached: list[int]) -> list[int]:
+        table = []
+        for b in cached:
+            if self.ref[b] == 0:
+                self._take(b)
+            else:
+                self.ref[b] += 1
+            table.append(b)
+        while len(table) * self.block_size < n_tokens:
+            table.append(self._take())
+        return table
+
+    def append_slot(self, table: list[int], n_tokens: int) -> bool:
+        """Grow table to hold n_tokens; False if no block is free."""
+        while len(table) * self.block_size < n_tokens:
+            if not self.free:
+                return False
+            table.append(self._take())
+        return True
+
+    def register(self, block: int, h: bytes) -> None:
+        """Make a full block findable by its prefix hash."""
+        if h not in self.by_hash:
+            self.by_hash[h] = block
+            self.hash_of[block] = h
+
+    def release(self, table: list[int]) -> None:
+        for b in reversed(table):  # later blocks go first: they are the least reusable
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free.append(b)

@@ -1,0 +1,242 @@
+"""The engine: scheduler -> model over the paged cache -> sampler, one step at a time; and `LLM`,
+the offline API.
+
+Prefill runs DSA in MLA's masked-MHA mode for short chunks (what DeepSeek serves short prefills
+with) and in absorbed MQA mode beyond `mha_prefill_below`; decode always runs absorbed MQA + DSA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv32.engine.cache import BlockManager, PagedCache
+from dsv32.engine.sampler import SamplingParams, sample
+from dsv32.engine.scheduler import Scheduler, Sequence, Status
+from dsv32.model import ContextLengthError, Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    prefill_chunk: int = 512
+    block_size: int = 64
+    num_blocks: int | None = None            # None: sized from memory
+    kv_cache_dtype: str = "auto"             # "auto" = the model's dtype, or "fp8"
+    memory_fraction: float = 0.85            # CUDA: share of free memory for the cache
+    prefix_caching: bool = True
+    mha_prefill_below: int | None = None     # default: index_topk
+    max_model_len: int | None = None         # default: max_position_embeddings
+
+    def __post_init__(self):
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    text: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    kept: list = field(default_factory=list)         # per token: kept ids (None = all), RL only
+    experts: torch.Tensor | None = None              # [positions, n_moe_layers, k], RL only
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, tokenizer=None):
+        self.model, self.config, self.tokenizer = model.eval(), config or EngineConfig(), tokenizer
+        cfg, ec = model.cfg, self.config
+        self.max_model_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.mha_below = ec.mha_prefill_below or cfg.index_topk
+        w = model.embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        probe = PagedCache(cfg, 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, "meta")
+        num_blocks = ec.num_blocks or self._auto_blocks(probe.bytes_per_token() * cfg.num_hidden_layers * ec.block_size)
+        self.cache = PagedCache(cfg, num_blocks, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, self.device)
+        self.cache.max_len = self.max_model_len
+        self.scheduler = Scheduler(BlockManager(num_blocks, ec.block_size), ec.max_num_seqs,
+                                   ec.max_num_batched_tokens, ec.prefill_chunk, ec.prefix_caching)
+        self.seqs: dict[str, Sequence] = {}
+        log.info("paged cache: %d blocks of %d tokens (%s)", num_blocks, ec.block_size, ec.kv_cache_dtype)
+
+    def _auto_blocks(self, bytes_per_block: int) -> int:
+        ec = self.config
+        want = ec.max_num_seqs * -(-self.max_model_len // ec.block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, min(want, int(free * ec.memory_fraction) // bytes_per_block))
+        return max(1, min(want, (1 << 30) // bytes_per_block))  # CPU: at most 1 GiB
+
+    # ---- requests ----
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        params = params or SamplingParams()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
+                                     f"{self.max_model_len} tokens, leaving no room to generate")
+        seq = Sequence(list(prompt), params, **({"request_id": request_id} if request_id else {}))
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (e.g. its client went away) and free its blocks."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Run one plan; return the sequences that got a token or finished."""
+        plan = self.scheduler.schedule()
+        touched = [s for s in self.seqs.values() if s.status is Status.FINISHED]  # finished by scheduling
+        for seq, a, b in plan.prefills:
+            ids = torch.tensor([seq.tokens[a:b]], device=self.device)
+            pos = torch.arange(a, b, device=self.device)[None]
+            self.cache.prepare([seq.block_table], pos)
+            out = self.model(ids, cache=self.cache, positions=pos, sparse=True,
+                             mode="mha" if b <= self.mha_below else "mqa")
+            self.scheduler.computed(seq, b - a)
+            self._record_experts(seq, out.expert_ids, range(a, b), row=0, n=b - a)
+            if b == len(seq.tokens):
+                self._append(seq, out.logits[0, -1])
+                touched.append(seq)
+        if plan.decodes:
+            seqs = plan.decodes
+            ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+            pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
+            self.cache.prepare([s.block_table for s in seqs], pos)
+            out = self.model(ids, cache=self.cache, positions=pos, sparse=True, mode="mqa")
+            for i, seq in enumerate(seqs):
+                self.scheduler.computed(seq, 1)
+                self._record_experts(seq, out.expert_ids, [len(seq.tokens) - 1], row=i, n=1)
+                self._append(seq, out.logits[i, -1])
+                touched.append(seq)
+        for seq in touched:
+            if seq.status is Status.FINISHED:
+                self.seqs.pop(seq.request_id, None)
+        return touched
+
+    def _record_experts(self, seq: Sequence, expert_ids: list, positions, row: int, n: int) -> None:
+        if not seq.params.return_rl_data or not expert_ids:
+            return
+        e = torch.stack([ids.view(-1, n, ids.shape[-1])[row] for ids in expert_ids], 1)  # [n, layers, k]
+        for i, p in enumerate(positions):
+            seq.experts[p] = e[i].to("cpu", torch.int16)
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
+        p = seq.params
+        s = sample(logits, p, seq.generator)
+        seq.tokens.append(s.token)
+        seq.logprobs.append(s.logprob)
+        if p.logprobs:
+            seq.top_logprobs.append(s.top)
+        if p.return_rl_data:
+            seq.kept.append(None if s.kept is None else s.kept.to("cpu", torch.int32))
+        n_out = len(seq.tokens) - seq.prompt_len
+        if (s.token == self.model.cfg.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif p.stop and self.tokenizer is not None and self._hit_stop_string(seq):
+            self.scheduler.finish(seq, "stop")
+        elif n_out >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.output_tokens)
+        start = max(0, seq.text_len - max(len(s) for s in seq.params.stop))
+        seq.text_len = len(text)
+        return any(s in text[start:] for s in seq.params.stop)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_tokens)
+            if seq.finish_reason == "stop" and seq.params.stop:
+                cut = [text.find(s) for s in seq.params.stop if s in text]
+                text = text[:min(cut)] if cut else text
+        experts = None
+        if seq.params.return_rl_data and seq.experts:
+            experts = torch.stack([seq.experts[p] for p in sorted(seq.experts)])
+        return RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_tokens, seq.finish_reason,
+                             text, seq.logprobs, seq.top_logprobs, seq.kept, experts, seq.num_cached, seq.error)
+
+
+class LLM:
+    """Offline generation: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+
+    Prompts are strings, token-id lists, or chat conversations (lists of message dicts, encoded
+    with the V3.2 chat format; needs the model's tokenizer.json)."""
+
+    def __init__(self, model: str | Transformer, config: EngineConfig | None = None,
+                 dtype=torch.bfloat16, device: str | None = None, tokenizer=None):
+        if isinstance(model, Transformer):
+            net = model
+        else:
+            from dsv32.checkpoint import load_model
+
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            net = load_model(model, dtype=dtype, device=device)
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(model)
+        self.tokenizer = tokenizer
+        self.engine = Engine(net, config, tokenizer)
+
+    def encode(self, prompt, thinking_mode: str = "chat") -> list[int]:
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (the model directory has no tokenizer.json)")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.apply_chat_template(prompt, thinking_mode=thinking_mode)
+
+    def generate(self, prompts, params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        one = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict)))
+        batch = [prompts] if one else list(prompts)
+        seqs = [self.engine.add_request(self.encode(p), params) for p in batch]
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(seqs), desc="generate")
+        while self.engine.has_work():
+            for s in self.engine.step():
+                if bar is not None and s.status is Status.FINISHED:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        outs = [self.engine.output(s) for s in seqs]
+        return outs
+
+
+def _load_tokenizer(model_dir):
+    from pathlib import Path
+
+    if not (Path(model_dir) / "tokenizer.json").exists():
+        return None
+    from dsv32.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(Path(model_dir) / "tokenizer.json")
