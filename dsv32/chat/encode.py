@@ -44,14 +44,15 @@ def _sections(msg: dict) -> str:
 
 
 def _arguments(call: dict) -> dict:
-    args = call["function"]["arguments"]
+    """A tool call's arguments as a dict; OpenAI sends them as a JSON string."""
+    name, args = call["function"]["name"], call["function"]["arguments"]
     if isinstance(args, str):
         try:
             args = json.loads(args)
         except json.JSONDecodeError as e:
-            raise ChatFormatError(f"tool call arguments are not JSON: {e}") from None
+            raise ChatFormatError(f"tool call {name!r}: arguments are not JSON ({e})") from None
     if not isinstance(args, dict):
-        raise ChatFormatError(f"tool call arguments must be a JSON object, got {args!r}")
+        raise ChatFormatError(f"tool call {name!r}: arguments must be a JSON object, got {args!r}")
     return args
 
 

@@ -23,6 +23,10 @@ from dsv32.chat.format import (
 
 # Reasoning may not contain these; content may not contain them nor `</think>`.
 _FORBIDDEN = (BOS, EOS, THINK_START, DSML)
+_UNENDED = {
+    "reasoning": "the reasoning is never closed by '</think>'",
+    "content": "the completion does not end with the end-of-sentence token",
+}
 _INVOKE_HEAD = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)
 _PARAM_BODY = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<\n?', re.DOTALL)
 
@@ -97,9 +101,11 @@ def next_tool_call(text: str, i: int) -> tuple[dict | None, int]:
 
 
 def _check_plain(text: str, start: int, end: int, forbidden: tuple[str, ...], what: str) -> None:
-    for token in forbidden:
-        if (p := text.find(token, start, end)) != -1:
-            raise ChatFormatError(f"special token {token!r} inside the {what}", p)
+    """Raise at the first special token in text[start:end]."""
+    hits = [(p, t) for t in forbidden if (p := text.find(t, start, end)) != -1]
+    if hits:
+        p, token = min(hits)
+        raise ChatFormatError(f"special token {token!r} inside the {what}", p)
 
 
 def parse_completion(text: str, thinking_mode: str = "thinking") -> dict:
@@ -112,12 +118,12 @@ def parse_completion(text: str, thinking_mode: str = "thinking") -> dict:
     if check_thinking_mode(thinking_mode):
         end = text.find(THINK_END)
         if end == -1:
-            raise ChatFormatError("the reasoning is never closed by '</think>'", len(text))
+            raise ChatFormatError(_UNENDED["reasoning"], len(text))
         _check_plain(text, 0, end, _FORBIDDEN, "reasoning")
         reasoning, i = text[:end], end + len(THINK_END)
     p, stop = min([(p, s) for s in (EOS, CALLS_START) if (p := text.find(s, i)) != -1], default=(-1, None))
     if stop is None:
-        raise ChatFormatError("the completion does not end with the end-of-sentence token", len(text))
+        raise ChatFormatError(_UNENDED["content"], len(text))
     _check_plain(text, i, p, _FORBIDDEN + (THINK_END,), "content")
     content, tool_calls, i = text[i:p], [], p + len(stop)
     if stop == CALLS_START:
@@ -220,9 +226,7 @@ class StreamParser:
             if p is None:
                 self._emit(events, state, marker)
                 if final:
-                    what = "the reasoning is never closed by '</think>'" if state == "reasoning" else \
-                        "the completion does not end with the end-of-sentence token"
-                    raise Incomplete(what, len(self._buf))
+                    raise Incomplete(_UNENDED[state], len(self._buf))
                 return False
             self._emit(events, state, p)
             if marker not in _ENDS[state]:
