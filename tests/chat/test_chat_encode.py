@@ -123,6 +123,17 @@ def test_new_user_message_drops_old_reasoning_keeps_tools():
     assert encode_messages(messages, "thinking") == expected
 
 
+def test_user_message_right_after_tool_results():
+    messages = TURN[:5] + [{"role": "user", "content": "Stop."}]
+    expected = (
+        B + SYSTEM
+        + U + "Weather in Paris and Tokyo?" + A + "</think>"
+        + CALLS_1 + E + RESULTS_1 + "\n\n</think>"
+        + U + "Stop." + A + "<think>"
+    )
+    assert encode_messages(messages, "thinking") == expected
+
+
 def test_drop_thinking_false_renders_every_turn_as_generated():
     messages = TURN + [{"role": "user", "content": "And Berlin?"}]
     kept = encode_messages(messages, "thinking", drop_thinking=False)

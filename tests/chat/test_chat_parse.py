@@ -87,13 +87,14 @@ def test_stream_emits_tool_calls_as_soon_as_they_close():
 
 def test_stream_holds_back_split_special_tokens():
     parser = StreamParser("thinking")
+    assert parser.feed("x<y ｜z\n") == [("reasoning", "x<y ｜z\n")]  # nothing held that need not be
     assert parser.feed("abc</th") == [("reasoning", "abc")]
     assert parser.feed("ink>x\n\n") == [("content", "x")]
     assert parser.feed("<｜DS") == []
     assert parser.feed("ML｜function_calls>\n</｜DSML｜function_calls><｜end▁of▁") == []
     assert parser.feed("sentence｜>") == []
     parser.finish()
-    assert parser.message == msg("x", "abc")
+    assert parser.message == msg("x", "x<y ｜z\nabc")
 
 
 def case(mode, text, fragment, at):

@@ -2,7 +2,7 @@
 
 import json
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dsv32.chat import (
@@ -10,8 +10,7 @@ from dsv32.chat import (
     encode_messages, parse_completion,
 )
 
-settings.register_profile("chat", deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("chat")
+SETTINGS = settings(deadline=None, max_examples=150)
 
 FORBIDDEN = (BOS, EOS, THINK_START, THINK_END, DSML)
 # Pieces that look like markup, so that random text often comes close to the real thing.
@@ -76,12 +75,14 @@ def check_events(message, events):
     assert [v for k, v in events if k == "tool_call"] == message["tool_calls"]
 
 
+@SETTINGS
 @given(mode_and_message())
 def test_parse_inverts_encode(case):
     thinking_mode, message = case
     assert parse_completion(encode_completion(message, thinking_mode), thinking_mode) == message
 
 
+@SETTINGS
 @given(mode_and_message(), st.data())
 def test_stream_agrees_with_strict_for_any_cutting(case, data):
     thinking_mode, message = case
@@ -92,6 +93,7 @@ def test_stream_agrees_with_strict_for_any_cutting(case, data):
     check_events(message, events)
 
 
+@SETTINGS
 @given(mode_and_message())
 def test_prompt_plus_completion_is_the_conversation(case):
     """What the model generates after a prompt is exactly how the next prompt renders it."""
@@ -133,6 +135,7 @@ def mutated(draw):
     return thinking_mode, s
 
 
+@SETTINGS
 @given(st.one_of(mutated(), st.tuples(mode, fuzz_text.map("".join))), st.data())
 def test_fuzz_only_a_result_or_a_chat_format_error(case, data):
     thinking_mode, s = case
