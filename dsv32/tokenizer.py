@@ -1,0 +1,83 @@
+"""Text <-> token ids through a Hugging Face `tokenizer.json` and the `tokenizers` library.
+
+The official checkpoint ships its tokenizer.json (byte-level BPE). For the small models we train
+ourselves, `train_tokenizer` (CLI: `dsv32 tokenizer train`) makes a byte-level BPE from local text
+files, with the chat format's special tokens as its first ids.
+"""
+
+import argparse
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from dsv32.chat import BOS, EOS, SPECIAL_TOKENS, encode_messages
+
+
+class Tokenizer:
+    """Encode, decode and apply the V3.2 chat template, special tokens each one id."""
+
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+        # Special token -> id; None where the file lacks it as a single token.
+        self.special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.bos_id, self.eos_id = self.special_ids[BOS], self.special_ids[EOS]
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError("tokenizer has no single-token BOS/EOS for the V3.2 chat format")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load a tokenizer.json, or the tokenizer.json inside a directory."""
+        path = Path(path)
+        return cls(HFTokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text. Special tokens written in the text become their ids; no BOS is added
+        (the chat template writes it)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, special tokens included, so that the chat parsers see the markup."""
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "thinking", **kwargs) -> list[int]:
+        """Token ids of the prompt for messages; kwargs as for `dsv32.chat.encode_messages`."""
+        return self.encode(encode_messages(messages, thinking_mode, **kwargs))
+
+
+def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path) -> Tokenizer:
+    """Train a byte-level BPE on text files and write `out_dir/tokenizer.json`.
+
+    Byte-level means every string encodes (no unknown token) and decodes back exactly.
+    """
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files], trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return Tokenizer(tok)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`dsv32 tokenizer train --files F [F ...] --vocab-size N --out DIR`."""
+    parser = argparse.ArgumentParser(prog="dsv32 tokenizer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a byte-level BPE with the V3.2 special tokens")
+    train.add_argument("--files", nargs="+", required=True, help="local text files to train on")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="directory to write tokenizer.json into")
+    args = parser.parse_args(argv)
+    tok = train_tokenizer(args.files, args.vocab_size, args.out)
+    print(f"wrote {Path(args.out) / 'tokenizer.json'} with {tok.vocab_size} tokens")

@@ -1,0 +1,64 @@
+"""The tokenizer, on a small byte-level BPE trained here from standard-library source files."""
+
+import json
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv32.chat import SPECIAL_TOKENS, encode_messages, parse_completion
+from dsv32.tokenizer import Tokenizer, main, train_tokenizer
+
+CORPUS = [json.decoder.__file__, textwrap.__file__]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(CORPUS, 800, tmp_path_factory.mktemp("tok"))
+
+
+def test_special_tokens_are_single_ids(tok):
+    assert [tok.special_ids[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.encode(t) == [i]
+        ids = tok.encode(f"x{t}y")
+        assert ids.count(i) == 1 and len(ids) == 3
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    # The DSML marker inside markup is one id too.
+    assert tok.special_ids["｜DSML｜"] in tok.encode('<｜DSML｜invoke name="f">')
+
+
+def test_apply_chat_template_is_encode_of_the_prompt(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "reasoning_content": "look", "tool_calls": [
+            {"type": "function", "function": {"name": "w", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "18°C"},
+    ]
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {}}}]
+    ids = tok.apply_chat_template(messages, "thinking", tools=tools)
+    prompt = encode_messages(messages, "thinking", tools=tools)
+    assert ids == tok.encode(prompt) and ids[0] == tok.bos_id
+    assert tok.decode(ids) == prompt
+
+
+def test_decoded_completion_parses(tok):
+    completion = 'r</think>\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke>\n</｜DSML｜function_calls><｜end▁of▁sentence｜>'
+    assert parse_completion(tok.decode(tok.encode(completion)))["tool_calls"][0]["function"]["name"] == "f"
+
+
+@settings(deadline=None, max_examples=100)
+@given(st.lists(st.text(max_size=12) | st.sampled_from(SPECIAL_TOKENS), max_size=10).map("".join))
+def test_encode_decode_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_load_from_dir_or_file_and_cli(tmp_path, tok):
+    main(["train", "--files", *CORPUS, "--vocab-size", "800", "--out", str(tmp_path / "cli")])
+    path = tmp_path / "cli" / "tokenizer.json"
+    sample = "def f(x):\n    return x  # é <think>"
+    for loaded in (Tokenizer.from_file(path), Tokenizer.from_file(path.parent)):
+        assert loaded.vocab_size == tok.vocab_size == 800
+        assert loaded.encode(sample) == tok.encode(sample)
