@@ -10,10 +10,10 @@ def _text_codec(model_dir):
     from pathlib import Path
 
     if model_dir and (Path(model_dir) / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
+        from dsv32.tokenizer import Tokenizer
 
-        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        return (lambda s: tok.encode(s, add_special_tokens=False).ids), tok.decode, ()
+        tok = Tokenizer.from_file(model_dir)
+        return tok.encode, tok.decode, (tok.eos_id,)
     def decode_bytes(ids):  # ids beyond a byte have no text: show them as [id]
         runs, out = [], []
         for i in ids + [None]:
@@ -75,6 +75,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    from dsv32.tokenizer import main as tokenizer_main
+
+    tokenizer_main(args.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 in readable PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools: `dsv32 tokenizer train --files ... --vocab-size N --out DIR`",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_tokenizer)
     return p
 
 

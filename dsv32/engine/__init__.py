@@ -1,5 +1,8 @@
-"""Running models: for now a simple contiguous-cache generator (the paged engine comes later)."""
+"""Running models: the paged engine (scheduler, paged cache, sampler), the offline `LLM` API, and
+a simple contiguous-cache generator for watching a model run."""
 
-from dsv32.engine.simple import generate, sample_next
+from dsv32.engine.engine import LLM, Engine, EngineConfig, RequestOutput
+from dsv32.engine.sampler import SamplingParams
+from dsv32.engine.simple import generate
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams", "generate"]

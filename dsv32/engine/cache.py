@@ -126,16 +126,18 @@ class BlockManager:
         self.ref[block] = 1
         return block
 
-    def lookup_prefix(self, tokens: list[int]) -> list[int]:
-        """Cached blocks holding the longest block-aligned prefix of tokens (leaving >= 1 token)."""
-        bs, blocks, parent = self.block_size, [], None
+    def lookup_prefix(self, tokens: list[int]) -> tuple[list[int], list[bytes]]:
+        """Cached blocks (and their hashes) holding the longest block-aligned prefix of tokens,
+        leaving at least one token to compute."""
+        bs, blocks, hashes = self.block_size, [], []
         for i in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
-            parent = block_hash(parent, tokens[i:i + bs])
-            b = self.by_hash.get(parent)
+            h = block_hash(hashes[-1] if hashes else None, tokens[i:i + bs])
+            b = self.by_hash.get(h)
             if b is None:
                 break
             blocks.append(b)
-        return blocks
+            hashes.append(h)
+        return blocks, hashes
 
     def blocks_needed(self, n_tokens: int, cached: list[int]) -> int:
         fresh = -(-n_tokens // self.block_size) - len(cached)

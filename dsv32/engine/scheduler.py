@@ -76,6 +76,7 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -111,7 +112,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.lookup_prefix(seq.tokens) if self._may_share(seq) else []
+            cached, hashes = self.blocks.lookup_prefix(seq.tokens) if self._may_share(seq) else ([], [])
             if self.blocks.blocks_needed(len(seq.tokens), cached) > self.blocks.num_free:
                 if not self.running and not plan.prefills:  # nothing will ever free enough
                     self.waiting.popleft()
@@ -121,7 +122,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_table = self.blocks.allocate(len(seq.tokens), cached)
-            seq.block_hashes = [self._hash_at(seq, i) for i in range(len(cached))]
+            seq.block_hashes = hashes
             seq.num_computed = seq.num_cached = len(cached) * self.blocks.block_size
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -157,6 +158,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks; it re-enters the queue first and recomputes its tokens."""
+        self.num_preemptions += 1
         self.blocks.release(seq.block_table)
         seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
         seq.status = Status.WAITING

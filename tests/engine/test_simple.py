@@ -6,7 +6,8 @@ import torch
 
 from dsv32 import save_model
 from dsv32.config import preset
-from dsv32.engine import generate, sample_next
+from dsv32.engine import SamplingParams, generate
+from dsv32.engine.sampler import sample
 from dsv32.model import ContextLengthError, Transformer
 
 
@@ -28,13 +29,20 @@ def test_greedy_generation_equals_repeated_full_forward(tiny, sparse):
 
 
 def test_sampling_truncation_by_hand():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
-    assert draws == {0, 1}  # 0.5 < 0.7 needs the second token, and no more
-    draws = {int(sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
-    assert draws == {0, 1, 2}
-    assert int(sample_next(logits, 0.0)) == 0
+    p = SamplingParams(temperature=1.0, top_p=0.7, return_rl_data=True)
+    draws = [sample(logits, p, g) for _ in range(200)]
+    assert {d.token for d in draws} == {0, 1}  # 0.5 < 0.7 needs the second token, and no more
+    assert draws[0].kept.tolist() == [0, 1]
+    for d in draws:  # log-prob under the renormalised kept set: 0.5/0.8 or 0.3/0.8
+        assert abs(d.logprob - torch.log(torch.tensor([0.5, 0.3])[d.token] / 0.8)) < 1e-6
+    p = SamplingParams(temperature=1.0, top_k=3)
+    assert {sample(logits, p, g).token for _ in range(300)} == {0, 1, 2}
+    # top-k then top-p over what is left: top_k=2 renormalises to .625/.375, top_p=.6 keeps one
+    p = SamplingParams(temperature=1.0, top_k=2, top_p=0.6, return_rl_data=True)
+    assert sample(logits, p, g).kept.tolist() == [0]
+    assert sample(logits, SamplingParams(temperature=0.0), g).token == 0
 
 
 def test_seeded_sampling_is_reproducible(tiny):
