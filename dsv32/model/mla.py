@@ -19,6 +19,8 @@ from dsv32.config import ModelConfig
 from dsv32.model.indexer import Indexer, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
+PROB_CHUNK = 1 << 27  # fp32 elements of [B, H, queries, T] scores held at once for attn_probs
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -36,7 +38,7 @@ class AttnOut:
     out: torch.Tensor                       # [B, S, D]
     index_scores: torch.Tensor | None       # [B, S, T] fp32, -inf where not causal
     topk_indices: torch.Tensor | None       # [B, S, k] int64, -1 = no key
-    attn_probs: torch.Tensor | None         # [B, S, T] main attention probs summed over heads
+    attn_probs: torch.Tensor | None         # [B, S, T] main attention probs summed over heads (detached)
 
 
 class MLA(nn.Module):
@@ -84,7 +86,6 @@ class MLA(nn.Module):
         o, probs = attend(q_nope, q_pe, kv, k_pe, mask, idx if step.sparse else None, step.return_attn_probs)
         out = self.o_proj(o.reshape(b, s, h * cfg.v_head_dim))
         if step.return_attn_probs:  # summed over heads: [B, S, T], or [B, S, k] for sparse mqa
-            probs = probs.sum(1) if step.mode == "mha" else probs.sum(2)
             if step.mode == "mqa" and step.sparse:  # put the selected keys' mass back at their positions
                 full = torch.zeros(b, s, end + 1, dtype=probs.dtype, device=probs.device)
                 probs = full.scatter_add_(-1, idx % (end + 1), probs)[..., :end]
@@ -99,13 +100,16 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)                # [B, H, S, Dqk]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)], -1).transpose(1, 2)
         m = mask[:, None]                                                 # [B, 1, S, T]
-        if not want_probs:  # fused attention (flash / memory-efficient) when probs are not needed
-            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=m, scale=cfg.softmax_scale)
-            return o.transpose(1, 2), None
-        att = (q.float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale  # [B, H, S, T]
-        probs = att.masked_fill(~m, float("-inf")).softmax(-1)
-        o = (probs.to(v.dtype) @ v.transpose(1, 2)).transpose(1, 2)      # [B, S, H, Dv]
-        return o, probs
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=m, scale=cfg.softmax_scale)
+        probs = None
+        if want_probs:  # the indexer's target: no gradient, one query chunk of [B, H, c, T] at a time
+            with torch.no_grad():
+                c = max(1, PROB_CHUNK // (b * h * t))
+                probs = torch.cat([
+                    ((q[:, :, i:i + c].float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale)
+                    .masked_fill(~m[:, :, i:i + c], float("-inf")).softmax(-1).sum(1)
+                    for i in range(0, q.shape[2], c)], dim=1)              # [B, S, T]
+        return o.transpose(1, 2), probs
 
     def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):
         """kv_b_proj absorbed: scores and outputs live in the latent space. With idx, only the
@@ -121,6 +125,7 @@ class MLA(nn.Module):
             m = mask[:, :, None]                                          # [B, S, 1, T]
             probs = (att * cfg.softmax_scale).masked_fill(~m, float("-inf")).softmax(-1)
             o_lat = torch.einsum("bsht,btc->bshc", probs, kv.float())
+            probs = probs.detach().sum(2)                                 # [B, S, T]
         else:
             b, s, k = idx.shape
             valid = idx >= 0                                              # [B, S, k]
@@ -130,7 +135,7 @@ class MLA(nn.Module):
             att = torch.einsum("bshc,bskc->bshk", q_lat, kv_sel) + \
                 torch.einsum("bshr,bskr->bshk", q_pe.float(), pe_sel)
             p = (att * cfg.softmax_scale).masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)
-            probs = p                                                     # [B, S, H, k]
+            probs = p.detach().sum(2)                                     # [B, S, k]
             o_lat = torch.einsum("bshk,bskc->bshc", p, kv_sel)
         o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv).to(q_nope.dtype)  # [B, S, H, Dv]
         return o, probs

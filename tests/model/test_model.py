@@ -134,6 +134,17 @@ def test_indexer_query_chunking_is_exact(tiny, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
+@torch.no_grad()
+def test_attention_prob_chunking_is_exact(tiny, monkeypatch):
+    import dsv32.model.mla as mla
+
+    x = ids(s=30)
+    want = tiny(x, return_attn_probs=True).attn_probs
+    monkeypatch.setattr(mla, "PROB_CHUNK", 2 * 4 * 30 * 4)  # 4 queries per chunk
+    got = tiny(x, return_attn_probs=True).attn_probs
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(want, got))
+
+
 def test_hadamard_is_orthonormal():
     x, y = torch.randn(5, 16), torch.randn(5, 16)
     assert torch.allclose((hadamard(x) * hadamard(y)).sum(-1), (x * y).sum(-1), atol=1e-5)
