@@ -33,7 +33,7 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None):
-        """x: [T, D] -> (weights [T, k] fp32, ids [T, k] int64).
+        """x: [T, D] -> (weights [T, k] fp32, ids [T, k] int64, sigmoid scores [T, E] fp32).
 
         forced_ids [T, k] replays a given routing (Keep Routing): selection is skipped, and the
         weights are recomputed from the current scores over those ids, so the router still learns.
@@ -57,7 +57,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
+        return weights * cfg.routed_scaling_factor, ids, scores
 
 
 class MoE(nn.Module):
@@ -71,10 +71,10 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None):
-        """x: [B, S, D] -> (y [B, S, D], expert ids [B*S, k])."""
+        """x: [B, S, D] -> (y [B, S, D], expert ids [B*S, k], gate scores [B*S, E])."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                    # [T, D]
-        weights, ids = self.gate(x, forced_ids)
+        weights, ids, scores = self.gate(x, forced_ids)
         y = torch.zeros_like(x)
         counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).tolist()
         for e, n in enumerate(counts):
@@ -84,4 +84,4 @@ class MoE(nn.Module):
             y.index_add_(0, tok, (self.experts[e](x[tok]) * weights[tok, slot, None]).to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape), ids
+        return y.view(shape), ids, scores

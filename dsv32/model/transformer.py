@@ -60,6 +60,7 @@ class Step:
     detach_indexer: bool = False               # stage-2 training: indexer sees detached inputs
     return_aux: bool = False                   # index scores + selected indices per layer
     return_attn_probs: bool = False            # main attention probs summed over heads per layer
+    return_router_scores: bool = False         # gate sigmoid scores per MoE layer (balance loss)
     forced_experts: list | None = None         # per MoE layer [B*S, k] ids to replay
     layer_id: int = 0
 
@@ -73,6 +74,7 @@ class ModelOutput:
     topk_indices: list = field(default_factory=list)        # per layer [B, S, k]
     attn_probs: list = field(default_factory=list)          # per layer [B, S, T]
     expert_ids: list = field(default_factory=list)          # per MoE layer [B*S, k]
+    router_scores: list = field(default_factory=list)       # per MoE layer [B*S, E] fp32
 
 
 class Block(nn.Module):
@@ -96,8 +98,10 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             forced = step.forced_experts[len(out.expert_ids)] if step.forced_experts else None
-            h, ids = self.mlp(h, forced)
+            h, ids, scores = self.mlp(h, forced)
             out.expert_ids.append(ids)
+            if step.return_router_scores:
+                out.router_scores.append(scores)
         else:
             h = self.mlp(h)
         return x + h
@@ -171,7 +175,8 @@ class Transformer(nn.Module):
         Tokens sit at start_pos.. (or at explicit per-sequence `positions` [B, S], for batched
         decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
-        return_attn_probs, forced_experts. mtp=True also runs the MTP modules (training).
+        return_attn_probs, return_router_scores, forced_experts. mtp=True also runs the MTP
+        modules (training).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")

@@ -93,7 +93,7 @@ def test_gate_group_limited_selection_by_hand():
     with torch.no_grad():
         g.weight.zero_()
         g.e_score_correction_bias.copy_(torch.tensor([0.0, 0.9, 0.8, 0.0, 0.0, 0.0, 0.5, 0.45]))
-    w, ids_ = g(torch.zeros(1, cfg.hidden_size))
+    w, ids_, _ = g(torch.zeros(1, cfg.hidden_size))
     # groups (0,1) (2,3) (4,5) (6,7) score top2 sums .9, .8, 0, .95 -> groups 3 and 0 kept;
     # experts 1 (0.9) and 6 (0.5) win; expert 2 (0.8) is in a dropped group
     assert sorted(ids_[0].tolist()) == [1, 6]
