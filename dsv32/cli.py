@@ -82,6 +82,39 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import dataclasses
+    import logging
+
+    from dsv32.train import TrainConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(stage=args.stage, **{k: v for k, v in vars(args).items()
+                                           if k in fields and k != "stage" and v is not None})
+    out = run(cfg)
+    print(f"model written to {out}", file=sys.stderr)
+    return 0
+
+
+def _add_dataclass_flags(parser, cls, skip=()):
+    """One --flag per dataclass field (lists take several values, bools are switches)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind.startswith("list"):
+            parser.add_argument(flag, dest=f.name, nargs="+")
+        elif kind == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None)
+        else:
+            typ = int if "int" in kind else float if "float" in kind else str
+            parser.add_argument(flag, dest=f.name, type=typ)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 in readable PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.set_defaults(func=cmd_generate)
+
+    from dsv32.train.trainer import STAGES, TrainConfig
+
+    tr = sub.add_parser("train", help="pretrain, SFT, or DeepSeek's DSA stages (dsa-warmup, dsa-sparse)")
+    tr.add_argument("stage", choices=STAGES)
+    _add_dataclass_flags(tr, TrainConfig, skip=("stage",))
+    tr.set_defaults(func=cmd_train)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools: `dsv32 tokenizer train --files ... --vocab-size N --out DIR`",
                        add_help=False)

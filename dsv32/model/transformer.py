@@ -125,6 +125,13 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
+    def forward(self, h, emb, cos, sin, step: "Step", out: "ModelOutput"):
+        """h: [B, n, D] previous depth's hidden; emb: [B, n, D] embeddings of the tokens k ahead.
+        Returns (this depth's hidden, its normalised output for the shared lm_head)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1))
+        h = super().forward(h, cos, sin, step, out)
+        return h, self.shared_head.norm(h)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -215,9 +222,7 @@ class Transformer(nn.Module):
         logits = []
         for k, layer in enumerate(self.mtp, start=1):
             n = h.shape[1] - 1                                             # positions that have t_{i+k}
-            e = layer.enorm(self.embed_tokens(input_ids[:, k:k + n]))
-            h = layer.eh_proj(torch.cat([e, layer.hnorm(h[:, :n])], -1))
             step.positions, step.mask = step.positions[:, :n], step.mask[:, :n, :n]
-            h = layer(h, cos[:, :n], sin[:, :n], step, out)
-            logits.append(self.lm_head(layer.shared_head.norm(h)))
+            h, normed = layer(h[:, :n], self.embed_tokens(input_ids[:, k:k + n]), cos[:, :n], sin[:, :n], step, out)
+            logits.append(self.lm_head(normed))
         return logits

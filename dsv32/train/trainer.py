@@ -1,0 +1,426 @@
+"""The trainer: pretraining, SFT and DeepSeek's two DSA stages with one loop.
+
+Stages (spec §1.3-1.4):
+  pretrain / sft  LM (+ MTP) loss, dense attention by default (`--attention dsa` to train with DSA)
+  dsa-warmup      stage 1: dense attention, every parameter but the indexers frozen, loss = KL of
+                  the indexer to the head-summed main attention over all causal keys
+  dsa-sparse      stage 2: top-k selection on, all parameters train; the indexer sees detached
+                  inputs and learns only from the KL on its selected set, the rest only from LM
+MoE balance as in DeepSeek-V3: the auxiliary-loss-free bias update plus a small sequence-wise
+balance loss. Runs on CPU, one GPU, or many with `torchrun` (FSDP2 over each block).
+
+Checkpoints are safetensors (model and optimizer) + JSON, written to a temporary directory and
+renamed into place, so a run killed at any moment resumes from its last complete checkpoint and
+continues bit for bit (batches are a function of the step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from dsv32.config import ModelConfig, preset
+from dsv32.model import Transformer
+from dsv32.model.moe import MoE
+from dsv32.train import losses
+
+log = logging.getLogger(__name__)
+STAGES = ("pretrain", "sft", "dsa-warmup", "dsa-sparse")
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"
+    data: list[str] = field(default_factory=list)
+    tokenizer: str | None = None          # tokenizer.json or its directory
+    model: str | None = None              # start from this checkpoint directory
+    preset: str = "tiny"                  # else build this preset (random init)
+    out: str = "runs/train"
+    attention: str = "dense"              # pretrain/sft: "dense" or "dsa"
+    index_topk: int | None = None         # override the model's top-k (e.g. DSA on a small context)
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float | None = None               # default per stage: 3e-4; 1e-3 warm-up; 7.3e-6 sparse
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_update_rate: float = 1e-3
+    indexer_weight: float = 1.0
+    dtype: str = "bfloat16"               # autocast dtype on CUDA (fp32 on CPU)
+    device: str | None = None
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.attention not in ("dense", "dsa"):
+            raise ValueError(f"attention must be 'dense' or 'dsa', got {self.attention!r}")
+        if self.lr is None:
+            self.lr = {"dsa-warmup": 1e-3, "dsa-sparse": 7.3e-6}.get(self.stage, 3e-4)
+
+    @property
+    def sparse(self) -> bool:
+        return self.stage == "dsa-sparse" or (self.stage in ("pretrain", "sft") and self.attention == "dsa")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine down to min_lr_ratio * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def trainable(model: Transformer, stage: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Stage 1 trains only the indexers; the other stages train everything."""
+    named = list(model.named_parameters())
+    if stage == "dsa-warmup":
+        named = [(n, p) for n, p in named if ".indexer." in n]
+    keep = {id(p) for _, p in named}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return named
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x active parameters + attention scores and values (forward + backward)."""
+    d = cfg.hidden_size
+    attn = d * cfg.q_lora_rank + cfg.q_lora_rank * cfg.num_attention_heads * cfg.qk_head_dim \
+        + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+        + cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) \
+        + cfg.num_attention_heads * cfg.v_head_dim * d
+    moe = 3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    dense = 3 * d * cfg.intermediate_size
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    params = cfg.num_hidden_layers * attn + n_moe * moe + (cfg.num_hidden_layers - n_moe) * dense + d * cfg.vocab_size
+    ctx = min(seq_len, cfg.index_topk)
+    scores = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * ctx
+    return 6 * params + scores
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: Transformer | None = None, data=None):
+        self.cfg = cfg
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and self.distributed:
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.device = torch.device(dev)
+        torch.manual_seed(cfg.seed)
+        self.model = model if model is not None else self._build_model()
+        self.model.to(self.device)
+        if cfg.index_topk:
+            self.model.cfg.index_topk = cfg.index_topk
+        self.named = trainable(self.model, cfg.stage)
+        if cfg.activation_checkpointing:
+            self._checkpoint_blocks()
+        if self.distributed:  # sharding replaces the parameters: look them up again by name
+            names = {n for n, _ in self.named}
+            self._shard()
+            self.named = [(n, p) for n, p in self.model.named_parameters() if n in names]
+        params = [p for _, p in self.named]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.data = data
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
+                         if self.device.type == "cuda" and cfg.dtype != "float32" else nullcontext())
+
+    def _build_model(self) -> Transformer:
+        if self.cfg.model:
+            from dsv32.checkpoint import load_model
+
+            return load_model(self.cfg.model, dtype=torch.float32, device="cpu")
+        return Transformer(preset(self.cfg.preset))
+
+    def _checkpoint_blocks(self):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.model.layers:
+            fwd = block.forward
+            block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+    def _shard(self):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(self.model.layers) + list(self.model.mtp):
+            fully_shard(block)
+        fully_shard(self.model)
+
+    # ---- one optimisation step ----
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg, mcfg = self.cfg, self.model.cfg
+        stage = cfg.stage
+        kl_stage = stage in ("dsa-warmup", "dsa-sparse")
+        with self.autocast:
+            out = self.model(x, sparse=cfg.sparse, mode="mha", mtp=stage in ("pretrain", "sft") and bool(self.model.mtp),
+                             return_aux=kl_stage, return_attn_probs=kl_stage, detach_indexer=stage == "dsa-sparse",
+                             return_router_scores=stage != "dsa-warmup" and cfg.balance_alpha > 0)
+        metrics = {}
+        total = torch.zeros((), device=self.device)
+        if stage != "dsa-warmup":
+            lm = losses.lm_loss(out.logits, y)
+            total = total + lm
+            metrics["lm"] = lm.item()
+            if out.mtp_logits:
+                mtp = losses.mtp_loss(out.mtp_logits, y)
+                total = total + cfg.mtp_weight * mtp
+                metrics["mtp"] = mtp.item()
+            if out.router_scores:
+                bal = torch.stack([losses.sequence_balance_loss(s, i, x.shape[0], mcfg.num_experts_per_tok)
+                                   for s, i in zip(out.router_scores, out.expert_ids)]).mean()
+                total = total + cfg.balance_alpha * bal
+                metrics["balance"] = bal.item()
+        if kl_stage:
+            n = mcfg.num_hidden_layers
+            if stage == "dsa-warmup":
+                kls = [losses.indexer_kl_dense(s, p) for s, p in zip(out.index_scores[:n], out.attn_probs[:n])]
+            else:
+                kls = [losses.indexer_kl_sparse(s, p, i) for s, p, i in
+                       zip(out.index_scores[:n], out.attn_probs[:n], out.topk_indices[:n])]
+            kl = torch.stack(kls).mean()
+            total = total + cfg.indexer_weight * kl
+            metrics["indexer_kl"] = kl.item()
+        return total, metrics, out
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        sums: dict[str, float] = {}
+        expert_ids = None
+        for micro in range(cfg.grad_accum):
+            # every rank and micro-step gets its own slice of the step's global batch
+            x, y = self.data.batch(self.step * cfg.grad_accum * self.world + micro * self.world + self.rank,
+                                   cfg.batch_size)
+            x, y = x.to(self.device), y.to(self.device)
+            loss, metrics, out = self.loss(x, y)
+            (loss / cfg.grad_accum).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            if out.expert_ids:
+                ids = [e.detach() for e in out.expert_ids[:len(self._moe_gates())]]
+                expert_ids = ids if expert_ids is None else [torch.cat([a, b]) for a, b in zip(expert_ids, ids)]
+        if self.distributed:  # log the mean over ranks, as one process with more micro-batches would
+            keys = sorted(sums)
+            vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(vals)
+            sums = dict(zip(keys, (vals / self.world).tolist()))
+        params = [p for _, p in self.named]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.stage != "dsa-warmup" and cfg.bias_update_rate > 0 and expert_ids:
+            for gate, ids in zip(self._moe_gates(), expert_ids):
+                if self.distributed:  # the load counts of every rank decide one shared update
+                    counts = torch.bincount(ids.flatten(), minlength=gate.e_score_correction_bias.numel())
+                    dist.all_reduce(counts)
+                    ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+                losses.update_expert_bias(gate.e_score_correction_bias, ids, cfg.bias_update_rate)
+        self.step += 1
+        return {"step": self.step, "lr": lr, "grad_norm": float(norm), **sums}
+
+    def _moe_gates(self):
+        return [b.mlp.gate for b in self.model.layers if isinstance(b.mlp, MoE)]
+
+    # ---- checkpoints ----
+    def _full_state(self):
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(self.model, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict(), self.opt.state_dict()
+
+    def save_checkpoint(self) -> Path:
+        model_sd, opt_sd = self._full_state()
+        final = self.out / "checkpoint"
+        if self.rank == 0:
+            tmp = self.out / "checkpoint.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+            tensors, meta = _flatten(opt_sd)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "optimizer": meta,
+                                                        "config": asdict(self.cfg),
+                                                        "model_config": self.model.cfg.to_hf()}, indent=1))
+            old = self.out / "checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)  # the switch is one rename: a kill leaves a complete checkpoint
+            shutil.rmtree(old, ignore_errors=True)
+        if self.distributed:
+            dist.barrier()
+        return final
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / "checkpoint"
+        if not path.exists():
+            return False
+        state = json.loads((path / "state.json").read_text())
+        model_sd = load_file(str(path / "model.safetensors"))
+        opt_sd = _unflatten(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.opt, model_state_dict=model_sd, optim_state_dict=opt_sd,
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(model_sd)
+            self.opt.load_state_dict(opt_sd)
+        self.step = state["step"]
+        return True
+
+    # ---- the loop ----
+    def fit(self, resume: bool = True) -> list[dict]:
+        cfg = self.cfg
+        if resume and self.load_checkpoint():
+            log.info("resumed from step %d", self.step)
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        history = []
+        tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
+        fpt = flops_per_token(self.model.cfg, cfg.seq_len)
+        peak = next((v for k, v in PEAK_BF16.items() if self.device.type == "cuda" and k in torch.cuda.get_device_name(self.device)), None)
+        bar = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True)
+        self.model.train()
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            m = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            m.update(tokens_per_s=tokens / dt, tokens=self.step * tokens)
+            if peak:
+                m["mfu"] = fpt * tokens / dt / (peak * self.world)
+            history.append(m)
+            if self.rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(m) + "\n")
+                bar.update(1)
+                bar.set_postfix({k: f"{m[k]:.4g}" for k in ("lm", "indexer_kl", "tokens_per_s", "mfu") if k in m})
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+            plot_metrics(metrics_path, self.out / "metrics.png")
+        return history
+
+
+def _flatten(sd, prefix=""):
+    """Optimizer state -> (tensors for safetensors, JSON-able rest)."""
+    tensors, meta = {}, {}
+    for k, v in sd.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            tensors[key] = v.detach().cpu().contiguous()
+            meta[str(k)] = {"__tensor__": key}
+        elif isinstance(v, dict):
+            t, m = _flatten(v, key + ".")
+            tensors.update(t)
+            meta[str(k)] = {"__dict__": m, "__int_keys__": all(isinstance(x, int) for x in v)}
+        else:
+            meta[str(k)] = {"__value__": v}
+    return tensors, meta
+
+
+def _unflatten(tensors, meta):
+    out = {}
+    for k, v in meta.items():
+        if "__tensor__" in v:
+            out[k] = tensors[v["__tensor__"]]
+        elif "__dict__" in v:
+            d = _unflatten(tensors, v["__dict__"])
+            out[k] = {int(a) if v["__int_keys__"] else a: b for a, b in d.items()}
+        else:
+            out[k] = v["__value__"]
+    return out
+
+
+def plot_metrics(jsonl: Path, png: Path) -> None:
+    """Loss curves of a run's metrics.jsonl (skipped if matplotlib is absent)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    keys = [k for k in ("lm", "mtp", "indexer_kl", "balance") if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts))
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: TrainConfig) -> Path:
+    """The `dsv32 train` job: tokenizer, data, model, fit, then export the model in Hugging Face
+    format (config.json + safetensors + tokenizer.json) to `out/model`."""
+    from dsv32.checkpoint import save_model
+    from dsv32.tokenizer import Tokenizer
+    from dsv32.train.data import PackedData, SFTData, read_documents
+
+    tok_path = cfg.tokenizer or (cfg.model if cfg.model and (Path(cfg.model) / "tokenizer.json").exists() else None)
+    if tok_path is None:
+        raise ValueError("training needs a tokenizer: --tokenizer DIR (make one with `dsv32 tokenizer train`)")
+    tok = Tokenizer.from_file(tok_path)
+    docs = read_documents(cfg.data)
+    data = (SFTData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed) if cfg.stage == "sft"
+            else PackedData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed))
+    model = None
+    if not cfg.model:
+        mcfg = preset(cfg.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        torch.manual_seed(cfg.seed)
+        model = Transformer(mcfg)
+    trainer = Trainer(cfg, model, data)
+    trainer.fit()
+    out = Path(cfg.out) / "model"
+    if trainer.rank == 0:
+        if trainer.distributed:
+            full = Transformer(trainer.model.cfg)
+            full.load_state_dict(trainer._full_state()[0])
+        else:
+            full = trainer.model
+        save_model(full, out)
+        shutil.copy(Path(tok_path) / "tokenizer.json" if Path(tok_path).is_dir() else tok_path, out / "tokenizer.json")
+    return out

@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsv32.config import preset
+from dsv32.model import Transformer
+from dsv32.train import TrainConfig, Trainer, losses
+from dsv32.train.data import PackedData
+from dsv32.train.trainer import lr_at
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def data(seq=32):
+    return PackedData(torch.randint(0, 512, (5000,), generator=torch.Generator().manual_seed(1)).numpy(), seq)
+
+
+def trainer(stage, tmp_path, steps=4, **kw):
+    torch.manual_seed(0)
+    cfg = TrainConfig(stage=stage, steps=steps, batch_size=2, seq_len=32, out=str(tmp_path), warmup=1,
+                      index_topk=8, device="cpu", checkpoint_every=100, **kw)
+    return Trainer(cfg, Transformer(preset("tiny")), data())
+
+
+def grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_stage1_trains_only_the_indexer(tmp_path):
+    tr = trainer("dsa-warmup", tmp_path)
+    x, y = tr.data.batch(0, 2)
+    loss, metrics, _ = tr.loss(x, y)
+    loss.backward()
+    g = grads(tr.model)
+    assert all(v is None for n, v in g.items() if ".indexer." not in n)
+    assert all(v is not None and v.abs().sum() > 0 for n, v in g.items()
+               if ".indexer." in n and n.startswith("layers."))
+    assert set(metrics) == {"indexer_kl"}
+
+
+def test_stage2_separates_lm_and_indexer_gradients(tmp_path):
+    tr = trainer("dsa-sparse", tmp_path)
+    x, y = tr.data.batch(0, 2)
+    out = tr.model(x, sparse=True, return_aux=True, return_attn_probs=True, detach_indexer=True)
+    losses.lm_loss(out.logits, y).backward(retain_graph=True)
+    g = grads(tr.model)
+    assert all(v is None or v.abs().sum() == 0 for n, v in g.items() if ".indexer." in n)
+    assert g["layers.0.self_attn.q_a_proj.weight"].abs().sum() > 0
+    tr.model.zero_grad(set_to_none=True)
+    kl = sum(losses.indexer_kl_sparse(s, p, i) for s, p, i in zip(out.index_scores, out.attn_probs, out.topk_indices))
+    kl.backward()
+    g = grads(tr.model)
+    assert all(v is None or v.abs().sum() == 0 for n, v in g.items() if ".indexer." not in n)
+    assert g["layers.0.self_attn.indexer.wq_b.weight"].abs().sum() > 0
+
+
+def test_killed_and_resumed_run_is_bit_identical(tmp_path):
+    whole = trainer("pretrain", tmp_path / "a", steps=6)
+    whole.fit()
+    crashy = trainer("pretrain", tmp_path / "b", steps=6, )
+    crashy.cfg.checkpoint_every = 3
+    real_step = crashy.train_step
+
+    def dies_at_step_5():
+        if crashy.step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_step()
+
+    crashy.train_step = dies_at_step_5
+    with pytest.raises(KeyboardInterrupt):
+        crashy.fit()
+    resumed = trainer("pretrain", tmp_path / "b", steps=6)
+    resumed.cfg.checkpoint_every = 3
+    resumed.fit()
+    assert resumed.step == 6
+    for (n, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran twice: before the kill, after
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=2, steps=12, min_lr_ratio=0.1)
+    assert [round(lr_at(s, cfg), 4) for s in (0, 1, 2, 12)] == [0.5, 1.0, 1.0, 0.1]
+    assert TrainConfig(stage="dsa-warmup").lr == 1e-3 and TrainConfig(stage="dsa-sparse").lr == 7.3e-6
+    with pytest.raises(ValueError, match="stage"):
+        TrainConfig(stage="finetune")
+
+
+def test_pretraining_lowers_the_loss_and_balances(tmp_path):
+    tr = trainer("pretrain", tmp_path, steps=30)
+    tr.cfg.lr = 3e-3
+    tr.data = PackedData((torch.arange(5000) * 7 % 61).numpy(), 32)  # a learnable periodic stream
+    hist = tr.fit()
+    assert hist[-1]["lm"] < hist[0]["lm"] - 1.0
+    bias = tr.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().sum() > 0  # the aux-loss-free update moved the selection bias
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path):
+    """2 ranks x 1 micro-batch see the same batches as 1 rank x 2 micro-batches."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                        str(Path(__file__).parent / "_fsdp_worker.py"), str(tmp_path / "fsdp")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.manual_seed(0)
+    cfg = TrainConfig(stage="pretrain", steps=4, batch_size=2, seq_len=32, out=str(tmp_path / "one"), warmup=1,
+                      checkpoint_every=100, device="cpu", grad_accum=2)
+    one = Trainer(cfg, Transformer(preset("tiny")), data())
+    hist = one.fit(resume=False)
+    dist_hist = json.loads((tmp_path / "fsdp" / "hist.json").read_text())
+    for a, b in zip(hist, dist_hist):
+        assert abs(a["lm"] - b["lm"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    # Adam turns float-summation noise in near-zero gradients into whole lr-sized steps of either
+    # sign, so parameters agree to a few lr at worst and almost everywhere far better
+    final = load_file(str(tmp_path / "fsdp" / "final.safetensors"))
+    diff = torch.cat([(p - final[n]).abs().flatten() for n, p in one.model.state_dict().items()])
+    assert diff.max() < 4 * cfg.lr and (diff > 1e-5).float().mean() < 0.05
