@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (`dsv32 serve`).
+"""The OpenAI-compatible HTTP server (`dsv32 serve`) and the terminal chat (`dsv32 chat`).
 
 Heavy imports happen inside the functions, so `import dsv32.server` needs neither FastAPI nor torch.
 """
@@ -60,3 +60,9 @@ def serve(argv: list[str] | None = None) -> int:
     uvicorn.run(create_app(engine, tokenizer, name, args.max_queue), host=args.host, port=args.port)
     return 0
 
+
+def chat(argv: list[str] | None = None) -> int:
+    """`dsv32 chat --model DIR [--thinking]`."""
+    from dsv32.server.terminal import main
+
+    return main(argv)
