@@ -1,0 +1,523 @@
+"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health,
+/metrics.
+
+A chat request is rendered with the V3.2 encoder and its reply parsed back by the streaming
+parser; streamed and non-streamed replies take the same path (engine deltas -> Detokenizer ->
+StreamParser -> OpenAI deltas), a non-streamed reply being the deltas accumulated. Errors use
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}; no request can stop the server.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from dsv32.chat import ChatFormatError, StreamParser, encode_messages
+from dsv32.engine import SamplingParams
+from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body, status_code=e.status)
+
+
+# ---- request bodies (fields we do not know are ignored, as vLLM does) ----
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    role: str
+    content: str | list[dict] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields both endpoints share. None (JSON null) means the default."""
+    model: str
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)           # -1 or 0: off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
+                                  top_p=self.top_p or 1.0, top_k=max(0, self.top_k or 0), max_tokens=max_tokens,
+                                  seed=self.seed, stop=stop, logprobs=logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict | None = None         # vLLM / SGLang: {"thinking": true}
+    thinking: bool | dict | None = None              # true, or {"type": "enabled"}
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- request -> prompt ----
+def thinking_mode(req: ChatRequest) -> str:
+    """Thinking is off unless asked for, in any of the conventions clients use."""
+    kwargs = req.chat_template_kwargs or {}
+    for v in (req.thinking, kwargs.get("thinking"), kwargs.get("enable_thinking")):
+        if isinstance(v, dict):
+            v = v.get("type") == "enabled"
+        if v is not None:
+            return "thinking" if v else "chat"
+    return "chat"
+
+
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """OpenAI messages -> the dicts the encoder takes (text parts joined; roles checked there)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            if any(part.get("type") != "text" for part in m.content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported",
+                               param=f"messages.{i}.content")
+            msg["content"] = "".join(str(part.get("text", "")) for part in m.content)
+        elif m.content is None and m.role in ("system", "assistant"):
+            msg["content"] = ""
+        out.append(msg)
+    return out
+
+
+def chat_tools(req: ChatRequest) -> list[dict] | None:
+    """The tools to render. "none" renders none; "auto" and "required" render all (nothing forces
+    a call); a named function renders only that one."""
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice) and not req.tools:
+        raise APIError(400, "tool_choice names a function but no tools were given", param="tool_choice")
+    if not req.tools or choice == "none":
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if isinstance(choice, NamedToolChoice):
+        tools = [t for t in tools if t["function"]["name"] == choice.function.get("name")]
+        if not tools:
+            raise APIError(400, f"tool_choice names {choice.function.get('name')!r}, which is not among the tools",
+                           param="tool_choice")
+    return tools
+
+
+def response_schema(rf: ResponseFormat | None) -> dict | None:
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return {"type": "object"}
+    schema = (rf.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                       param="response_format")
+    return schema
+
+
+# ---- engine output -> OpenAI shapes ----
+class Reply:
+    """One generated reply: counts tokens for usage and collects log-probs (taken by each
+    streamed chunk, or all at the end)."""
+
+    def __init__(self, tokenizer, stop: list[str], logprobs: bool, hidden: tuple[int, ...] = ()):
+        self.tok, self.want_logprobs, self.hidden = tokenizer, logprobs, hidden
+        self.detok = Detokenizer(tokenizer, stop)
+        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list[tuple] = []          # (token id, logprob, [(id, logprob)])
+        self.taken = 0
+
+    def track(self, d: Delta) -> str:
+        """Account for d; return the text it adds."""
+        self.prompt_tokens, self.cached_tokens = d.prompt_len, d.num_cached
+        self.completion_tokens += len(d.token_ids)
+        if self.want_logprobs:
+            tops = d.top_logprobs or [[]] * len(d.token_ids)
+            self.logprobs += zip(d.token_ids, d.logprobs, tops)
+        self.finish_reason = d.finish_reason
+        text_ids = [t for t in d.token_ids if t not in self.hidden]
+        return self.detok.feed(text_ids, final=d.finish_reason is not None)
+
+    def take_logprobs(self) -> list[tuple]:
+        new, self.taken = self.logprobs[self.taken:], len(self.logprobs)
+        return new
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def piece(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+
+class ChatReply(Reply):
+    """An assistant reply parsed as it streams; `feed` returns the OpenAI deltas a delta adds."""
+
+    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool):
+        super().__init__(tokenizer, stop, logprobs)
+        self.mode, self.parser, self.calls = mode, StreamParser(mode, lenient=True), []
+
+    def feed(self, d: Delta) -> list[dict]:
+        events = self.parser.feed(self.track(d))
+        if d.finish_reason is not None:
+            events += self.parser.finish()
+        deltas = []
+        for kind, value in events:
+            if kind != "tool_call":
+                deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
+                continue
+            # OpenAI's convention: id, type and name first, then the arguments as string deltas
+            i, call = len(self.calls), {"id": f"call_{uuid.uuid4().hex[:24]}", **value}
+            self.calls.append(call)
+            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                           "function": {"name": value["function"]["name"], "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": value["function"]["arguments"]}}]})
+        return deltas
+
+    def openai_finish_reason(self) -> str | None:
+        return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
+
+    def message(self) -> dict:
+        m = self.parser.message
+        msg = {"role": "assistant", "content": m["content"] or (None if self.calls else "")}
+        if self.mode == "thinking":
+            msg["reasoning_content"] = m["reasoning_content"]
+        if self.calls:
+            msg["tool_calls"] = self.calls
+        return msg
+
+    def format_logprobs(self, items: list[tuple]) -> dict | None:
+        if not self.want_logprobs:
+            return None
+
+        def entry(token_id, logprob):
+            s = self.piece(token_id)
+            return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(*x) for x in top]} for t, lp, top in items]}
+
+
+class TextReply(Reply):
+    def format_logprobs(self, items: list[tuple]) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        return {"tokens": [self.piece(t) for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
+                "top_logprobs": [{self.piece(i): v for i, v in top} for _, _, top in items]}
+
+
+# ---- the server state and routes ----
+class ServerState:
+    def __init__(self, runner: EngineRunner, tokenizer, model_name: str):
+        self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
+        self.max_model_len = runner.engine.max_model_len
+
+    def check(self, req: Sampling) -> None:
+        if req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server has {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if req.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n")
+
+    def default_max_tokens(self, prompt: list[int]) -> int:
+        return max(1, self.max_model_len - len(prompt))
+
+    async def generate(self, prompt: list[int], params: SamplingParams):
+        """The engine's deltas for one request, errors as APIError; aborted if left unfinished
+        (a client that went away: its blocks are freed)."""
+        try:
+            stream = self.runner.submit(prompt, params)
+        except Overloaded as e:
+            raise APIError(503, str(e), "server_error", code="overloaded") from None
+        done = False
+        try:
+            while not done:
+                d = await stream.get()
+                done = d.finish_reason is not None
+                if d.error is not None:
+                    e = d.error
+                    raise APIError(400 if e.client_error else 500, str(e),
+                                   "invalid_request_error" if e.client_error else "server_error", code=e.code)
+                yield d
+        finally:
+            if not done:
+                self.runner.abort(stream.request_id)
+
+    async def start(self, prompt: list[int], params: SamplingParams):
+        """Submit and wait for the first delta, so that errors before any token get their status."""
+        deltas = self.generate(prompt, params)
+        first = await anext(deltas)
+
+        async def all_deltas():
+            try:
+                yield first
+                async for d in deltas:
+                    yield d
+            finally:
+                await deltas.aclose()
+
+        return all_deltas()
+
+
+async def consume(request: Request, deltas, feed) -> bool:
+    """Feed every delta of a non-streamed reply; if the client hangs up first, stop (the request
+    is aborted, its blocks freed) and return False."""
+    async def run():
+        async for d in deltas:
+            feed(d)
+
+    task = asyncio.ensure_future(run())
+    while not (await asyncio.wait([task], timeout=0.5))[0]:
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return False
+    task.result()
+    return True
+
+
+router = APIRouter()
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def sse_stream(chunks):
+    """Chunks as server-sent events; an error mid-stream becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except APIError as e:
+        yield sse(e.body)
+    except Exception as e:
+        log.exception("error while streaming")
+        yield sse(APIError(500, f"internal error: {e}", "server_error").body)
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check(req)
+    mode = thinking_mode(req)
+    try:
+        text = encode_messages(chat_messages(req), mode, tools=chat_tools(req),
+                               response_format=response_schema(req.response_format))
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from None
+    prompt = state.tokenizer.encode(text)
+    max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
+    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    reply = ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs))
+    deltas = await state.start(prompt, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "created": created, "model": state.model_name}
+
+    if not req.stream:
+        if not await consume(request, deltas, reply.feed):
+            return Response(status_code=499)  # nobody is listening
+        choice = {"index": 0, "message": reply.message(), "finish_reason": reply.openai_finish_reason(),
+                  "logprobs": reply.format_logprobs(reply.logprobs)}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
+
+    def chunk(delta: dict, finish_reason=None, choices=True) -> dict:
+        c = {"index": 0, "delta": delta, "logprobs": reply.format_logprobs(reply.take_logprobs()),
+             "finish_reason": finish_reason}
+        return {**head, "object": "chat.completion.chunk", "choices": [c] if choices else []}
+
+    async def chunks():
+        yield chunk({"role": "assistant", "content": ""})
+        async for d in deltas:
+            for delta in reply.feed(d):
+                yield chunk(delta)
+        yield chunk({}, reply.openai_finish_reason())
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**chunk({}, choices=False), "usage": reply.usage()}
+
+    return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check(req)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, "one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    params = req.sampling_params(req.max_tokens or state.default_max_tokens(ids), req.logprobs)
+    # the end-of-sentence token ends the text but is not part of it
+    reply = TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
+    deltas = await state.start(ids, params)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name}
+
+    if not req.stream:
+        text = []
+        if not await consume(request, deltas, lambda d: text.append(reply.track(d))):
+            return Response(status_code=499)
+        choice = {"index": 0, "text": "".join(text), "finish_reason": reply.finish_reason,
+                  "logprobs": reply.format_logprobs(reply.logprobs)}
+        return {**head, "choices": [choice], "usage": reply.usage()}
+
+    async def chunks():
+        async for d in deltas:
+            text = reply.track(d)
+            if text or d.finish_reason:
+                choice = {"index": 0, "text": text, "finish_reason": d.finish_reason,
+                          "logprobs": reply.format_logprobs(reply.take_logprobs())}
+                yield {**head, "choices": [choice]}
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": reply.usage()}
+
+    return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state: ServerState = request.app.state.server
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32",
+            "max_model_len": state.max_model_len}
+    return {"object": "list", "data": [card]}
+
+
+@router.get("/health")
+async def health(request: Request):
+    if not request.app.state.server.runner.alive():
+        raise APIError(503, "the engine thread is not running", "server_error")
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+class EngineMetrics:
+    """A Prometheus collector reading the runner's counters at scrape time."""
+
+    def __init__(self, runner: EngineRunner):
+        self.runner = runner
+
+    def collect(self):
+        s = self.runner.stats
+        yield CounterMetricFamily("dsv32_requests", "Requests accepted by the engine", s["requests_total"])
+        yield GaugeMetricFamily("dsv32_requests_running", "Requests being generated", s["running"])
+        yield GaugeMetricFamily("dsv32_requests_waiting", "Requests waiting for a slot", s["waiting"])
+        yield CounterMetricFamily("dsv32_generation_tokens", "Tokens generated", s["generation_tokens_total"])
+        yield CounterMetricFamily("dsv32_preemptions", "Sequences preempted for cache space", s["preemptions_total"])
+        yield GaugeMetricFamily("dsv32_cache_blocks_free", "Free KV-cache blocks", s["cache_blocks_free"])
+        yield GaugeMetricFamily("dsv32_cache_blocks_total", "KV-cache blocks", s["cache_blocks_total"])
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if x != "body")
+    if err["type"] == "json_invalid":
+        return error_response(APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}"))
+    return error_response(APIError(400, f"{loc or 'body'}: {err['msg']}", param=loc or None))
+
+
+def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed", exc_info=exc)
+    return error_response(APIError(500, f"internal error: {exc}", "server_error"))
+
+
+def create_app(engine, tokenizer, model_name: str, max_queue: int = 64) -> FastAPI:
+    """The app around an engine; its thread starts and stops with the app's lifespan."""
+    runner = EngineRunner(engine, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="dsv32", lifespan=lifespan)
+    app.state.server = ServerState(runner, tokenizer, model_name)
+    app.state.metrics = CollectorRegistry()
+    app.state.metrics.register(EngineMetrics(runner))
+    app.include_router(router)
+    app.add_exception_handler(APIError, lambda request, e: error_response(e))
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    return app

@@ -1,0 +1,217 @@
+"""The engine thread, and token ids -> text deltas for streaming.
+
+One thread owns the `Engine` and loops `step()`; nothing else touches it. The event loop hands it
+requests and aborts through a thread-safe inbox; each request gets its new tokens on its own
+asyncio queue (fed with `call_soon_threadsafe`). A step that raises fails the requests it was
+running, not the process.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from dsv32.engine.scheduler import Sequence, Status
+from dsv32.model import ContextLengthError
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """Too many requests are already waiting for the engine."""
+
+
+class RequestFailed(Exception):
+    """The engine could not serve a request; `client_error` when the request itself is at fault
+    (too long for the context or the cache, a bad token id)."""
+
+    def __init__(self, message: str, client_error: bool, code: str | None = None):
+        super().__init__(message)
+        self.client_error, self.code = client_error, code
+
+
+@dataclass
+class Delta:
+    """What one request gained in one engine step."""
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list                     # per token: [(id, logprob)], empty if not asked for
+    finish_reason: str | None = None
+    prompt_len: int = 0
+    num_cached: int = 0
+    error: RequestFailed | None = None
+
+
+@dataclass
+class Stream:
+    """A request's handle on the event-loop side."""
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sent: int = 0                          # output tokens already delivered (engine thread only)
+
+    def put(self, delta: Delta) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
+
+    async def get(self) -> Delta:
+        return await self.queue.get()
+
+
+class EngineRunner:
+    """Runs an Engine in one background thread; `submit` and `abort` may be called from any
+    thread (normally the event loop)."""
+
+    def __init__(self, engine, max_queue: int = 64):
+        self.engine = engine
+        self.max_active = engine.config.max_num_seqs + max_queue   # running + waiting
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[str, Stream] = {}                       # engine thread only
+        self.lock, self.active = threading.Lock(), 0
+        self.thread = threading.Thread(target=self._loop, name="dsv32-engine", daemon=True)
+        blocks = engine.scheduler.blocks
+        # plain numbers the metrics endpoint reads; written by the engine thread only
+        self.stats = {"requests_total": 0, "generation_tokens_total": 0, "running": 0, "waiting": 0,
+                      "preemptions_total": 0, "cache_blocks_free": blocks.num_free,
+                      "cache_blocks_total": len(blocks.ref)}
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.inbox.put(("stop",))
+        self.thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit(self, prompt: list[int], params) -> Stream:
+        """Queue a request; raise Overloaded if max_num_seqs + max_queue are already in flight."""
+        with self.lock:
+            if self.active >= self.max_active:
+                raise Overloaded(f"{self.active} requests in flight; try again later")
+            self.active += 1
+        stream = Stream(f"req-{uuid.uuid4().hex}", asyncio.get_running_loop())
+        self.inbox.put(("add", stream, prompt, params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        while True:
+            try:
+                msg = self.inbox.get(block=not self.engine.has_work())
+            except queue.Empty:
+                msg = None
+            if msg is not None and msg[0] == "stop":
+                break
+            try:
+                if msg is not None:
+                    self._handle(msg)
+                    continue  # take everything queued before stepping
+                for seq in self.engine.step():
+                    self._publish(seq)
+                self._update_stats()
+            except Exception as e:
+                log.exception("engine step failed; failing the requests it was running")
+                self._fail_all(RequestFailed(f"engine error: {e}", client_error=False))
+
+    def _handle(self, msg: tuple) -> None:
+        if msg[0] == "add":
+            _, stream, prompt, params = msg
+            try:
+                self.engine.add_request(prompt, params, stream.request_id)
+            except Exception as e:  # ValueError: too long for the context, bad token ids
+                code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
+                failure = RequestFailed(str(e), isinstance(e, ValueError), code)
+                stream.put(Delta([], [], [], "error", error=failure))
+                self._release()
+                return
+            self.streams[stream.request_id] = stream
+            self.stats["requests_total"] += 1
+        elif msg[0] == "abort":
+            self.engine.abort(msg[1])
+            if self.streams.pop(msg[1], None) is not None:
+                self._release()
+        self._update_stats()
+
+    def _publish(self, seq: Sequence) -> None:
+        stream = self.streams.get(seq.request_id)
+        if stream is None:
+            return
+        n, done = len(seq.output_tokens), seq.status is Status.FINISHED
+        new = seq.output_tokens[stream.sent:]
+        error = None
+        if seq.finish_reason == "error":  # the scheduler refused it: too large for the cache
+            error = RequestFailed(seq.error or "the request cannot be served", client_error=True)
+        stream.put(Delta(new, seq.logprobs[stream.sent:n], seq.top_logprobs[stream.sent:n],
+                         seq.finish_reason if done else None, seq.prompt_len, seq.num_cached, error))
+        stream.sent = n
+        self.stats["generation_tokens_total"] += len(new)
+        if done:
+            del self.streams[seq.request_id]
+            self._release()
+
+    def _fail_all(self, error: RequestFailed) -> None:
+        for rid in list(self.engine.seqs):
+            self.engine.abort(rid)
+        for stream in self.streams.values():
+            stream.put(Delta([], [], [], "error", error=error))
+            self._release()
+        self.streams.clear()
+        self._update_stats()
+
+    def _release(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+    def _update_stats(self) -> None:
+        sched = self.engine.scheduler
+        self.stats.update(running=len(sched.running), waiting=len(sched.waiting),
+                          preemptions_total=sched.num_preemptions, cache_blocks_free=sched.blocks.num_free)
+
+
+class Detokenizer:
+    """Token ids -> the text they add, once it can no longer change.
+
+    An incomplete UTF-8 character (a byte-level token ending mid-character) is held back until its
+    last byte arrives, and so is text that may be the start of a stop string; at a stop string the
+    text ends. Special tokens are single ids and decode whole; markup spread over several tokens
+    (the tool-call block) is held back by the chat StreamParser, not here. Decoding works on a
+    short window of ids (as vLLM does), so a long reply costs no quadratic decode.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] = ()):
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.prefix = self.read = 0      # window start, and end of the ids whose text is final
+        self.pending = ""                # final text held back for the stop strings
+        self.stopped = False
+
+    def feed(self, ids: list[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        self.ids += ids
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if not text.endswith("\ufffd") or final:
+            self.pending += text[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for s in self.stop if (i := self.pending.find(s)) != -1]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        keep = 0 if final or not self.stop else max(map(len, self.stop)) - 1
+        cut = max(0, len(self.pending) - keep)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out

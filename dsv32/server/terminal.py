@@ -1,0 +1,90 @@
+"""`dsv32 chat`: a conversation in the terminal, with the engine in-process (no HTTP).
+
+Replies stream as the V3.2 parser reads them: reasoning dimmed, tool calls on marked lines, the
+answer plain. `/reset` starts over, `/exit` (or end of input) quits, Ctrl-C cuts a reply short.
+"""
+
+import argparse
+import sys
+
+from dsv32.chat import StreamParser
+from dsv32.server.runner import Detokenizer
+
+DIM, TOOL, PLAIN = "\033[2m", "\033[36m", "\033[0m"
+
+
+def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sys.stdout) -> dict:
+    """Generate one assistant turn alone on the engine, writing it to out as it arrives; return the
+    parsed message."""
+    from dsv32.engine.scheduler import Status
+
+    seq = engine.add_request(prompt, params)
+    detok, parser = Detokenizer(tokenizer, params.stop), StreamParser(mode, lenient=True)
+    style, sent, done = None, 0, False
+    while not done:
+        try:
+            engine.step()
+        except KeyboardInterrupt:
+            engine.abort(seq.request_id)
+        done = seq.status is Status.FINISHED
+        new, sent = seq.output_tokens[sent:], len(seq.output_tokens)
+        events = parser.feed(detok.feed(new, final=done))
+        if done:
+            events += parser.finish()
+        for kind, value in events:
+            if kind != style:
+                out.write({"reasoning": DIM, "content": PLAIN, "tool_call": "\n" + TOOL}[kind])
+                style = kind
+            if kind == "tool_call":
+                out.write(f"[tool call] {value['function']['name']}({value['function']['arguments']})\n")
+            else:
+                out.write(value)
+        out.flush()
+    out.write(f"{PLAIN}\n")
+    if seq.finish_reason in ("length", "abort", "error"):
+        out.write(f"{DIM}[{seq.finish_reason}{': ' + seq.error if seq.error else ''}]{PLAIN}\n")
+    return parser.message
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsv32.engine import SamplingParams
+    from dsv32.server import add_engine_args, load_engine
+
+    p = argparse.ArgumentParser(prog="dsv32 chat", description="chat with a model in the terminal")
+    add_engine_args(p)
+    p.add_argument("--thinking", action="store_true", help="thinking mode (default: chat mode)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    args = p.parse_args(argv)
+    engine, tokenizer = load_engine(args)
+    mode = "thinking" if args.thinking else "chat"
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(f"{DIM}{mode} mode; /reset starts over, /exit quits{PLAIN}")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            messages = list(start)
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages, thinking_mode=mode)
+        try:
+            msg = stream_reply(engine, tokenizer, prompt, params, mode)
+        except ValueError as e:  # the conversation outgrew the context
+            print(f"error: {e}; /reset to start over")
+            messages.pop()
+            continue
+        # no tools run here, so calls cannot get results: keep the text of the turn only
+        messages.append({"role": "assistant", "content": msg["content"],
+                         "reasoning_content": msg["reasoning_content"]})

@@ -1,0 +1,448 @@
+"""The HTTP server, driven by the real `openai` client (and httpx for malformed requests) against
+uvicorn on a loopback port.
+
+Two servers run: one with the real (random) tiny model, and one whose engine is the real engine
+with the model's choice replaced by a script (ScriptedEngine), so that tool calls and reasoning are
+produced on purpose; everything after the logits (sampler, scheduler, detokenizer, parser, SSE)
+is the code under test.
+"""
+
+import argparse
+import io
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv32.chat import EOS, encode_completion
+from dsv32.checkpoint import load_model, save_model
+from dsv32.config import preset
+from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.model import Transformer
+from dsv32.server import load_engine
+from dsv32.server.app import create_app
+from dsv32.server.runner import Detokenizer
+from dsv32.server.terminal import stream_reply
+from dsv32.tokenizer import Tokenizer, train_tokenizer
+
+MODEL = "tiny-test"
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "days": {"type": "integer"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+HELLO = [{"role": "user", "content": "def decode(self, s):"}]
+
+
+class ScriptedEngine(Engine):
+    """The real engine, except that the logits point at the next token of `script` (then EOS).
+    `fail` makes the next step raise, as a crashing model would; `delay` slows every token down."""
+
+    script: list[int] = []
+    fail = False
+    delay = 0.0
+
+    def _append(self, seq, logits):
+        time.sleep(self.delay)
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("scripted failure")
+        n = len(seq.output_tokens)
+        forced = torch.full_like(logits, -1e4)
+        forced[self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id] = 0
+        super()._append(seq, forced)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-test")
+    tok = train_tokenizer([json.decoder.__file__, textwrap.__file__], 512, path)
+    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    save_model(Transformer(cfg), path)
+    return path
+
+
+def engine_args(model_dir, **kw):
+    return argparse.Namespace(**{"model": model_dir, "dtype": "auto", "device": "cpu", "kv_cache_dtype": "auto",
+                                 "max_num_seqs": 32, "max_model_len": None, "num_blocks": None, **kw})
+
+
+class Server:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, engine, tokenizer, max_queue=64):
+        self.engine, self.tok = engine, tokenizer
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, MODEL, max_queue),
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.startswith("dsv32_"))}
+
+    def wait_idle(self, timeout=10.0) -> dict[str, float]:
+        """Metrics once nothing runs or waits and every cache block is free (or the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = m["dsv32_requests_running"] == m["dsv32_requests_waiting"] == 0
+            if (idle and m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]) or time.monotonic() > deadline:
+                return m
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def real(model_dir):
+    engine, tok = load_engine(engine_args(model_dir))
+    server = Server(engine, tok)
+    yield server
+    server.stop()
+
+
+def scripted_engine(model_dir, **config) -> ScriptedEngine:
+    tok = Tokenizer.from_file(model_dir)
+    return ScriptedEngine(load_model(model_dir, torch.float32), EngineConfig(**config), tok)
+
+
+@pytest.fixture(scope="module")
+def scripted(model_dir):
+    engine = scripted_engine(model_dir, max_num_seqs=1)
+    server = Server(engine, engine.tokenizer, max_queue=1)
+    yield server
+    server.stop()
+
+
+def script(server, text: str) -> None:
+    server.engine.script = server.tok.encode(text)
+
+
+def stream_chat(client, **kw):
+    """(reasoning, content, tool calls {index: {...}}, finish_reason, usage) of a streamed chat."""
+    reasoning = content = ""
+    calls, finish, usage = {}, None, None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kw):
+        usage = chunk.usage or usage
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        delta = choice.delta
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:
+            if tc.index not in calls:  # the first delta of a call names it
+                assert tc.id and tc.type == "function" and tc.function.name
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return reasoning, content, calls, finish, usage
+
+
+# ---- the real model ----
+def test_models_health_metrics(real):
+    assert [m.id for m in real.client.models.list().data] == [MODEL]
+    assert httpx.get(real.url + "/health").json() == {"status": "ok"}
+    m = real.metrics()
+    for name in ("requests_total", "requests_running", "requests_waiting", "generation_tokens_total",
+                 "preemptions_total", "cache_blocks_free", "cache_blocks_total"):
+        assert f"dsv32_{name}" in m
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"] > 0
+
+
+def test_chat_stream_equals_non_stream(real):
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 7, "top_p": 0.9, "extra_body": {"top_k": 50}}):
+        r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24, **kw)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason in ("stop", "length") and msg.role == "assistant"
+        assert getattr(msg, "reasoning_content", None) is None  # chat mode by default
+        assert r.usage.completion_tokens <= 24
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        _, content, calls, finish, usage = stream_chat(real.client, messages=HELLO, max_tokens=24,
+                                                       stream_options={"include_usage": True}, **kw)
+        assert content == msg.content and finish == r.choices[0].finish_reason and not calls
+        assert usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completions_string_and_tokens(real):
+    prompt = "import json\ndef "
+    r = real.client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, logprobs=2)
+    choice = r.choices[0]
+    assert len(choice.logprobs.token_logprobs) == r.usage.completion_tokens
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    ids = real.tok.encode(prompt)
+    by_ids = real.client.completions.create(model=MODEL, prompt=ids, max_tokens=16, temperature=0)
+    streamed = "".join(c.choices[0].text for c in real.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert by_ids.choices[0].text == streamed == choice.text
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_chat_logprobs(real):
+    r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)  # greedy: the top one
+
+
+def test_32_concurrent_clients_match_solo_greedy(real):
+    prompts = [[{"role": "user", "content": f"class Decoder{i}:"}] for i in range(4)]
+
+    def ask(messages, stream=False):
+        kw = dict(messages=messages, max_tokens=12, temperature=0)
+        if stream:
+            _, content, _, finish, usage = stream_chat(real.client, stream_options={"include_usage": True}, **kw)
+            return content, finish, usage.completion_tokens
+        r = real.client.chat.completions.create(model=MODEL, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    solo = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(32) as pool:  # half of the clients stream
+        answers = list(pool.map(ask, [prompts[i % 4] for i in range(32)], [i % 2 == 1 for i in range(32)]))
+    assert answers == [solo[i % 4] for i in range(32)]
+    m = real.wait_idle()
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
+
+
+def test_malformed_requests_get_openai_errors(real):
+    url = real.url + "/v1/chat/completions"
+    ok = {"model": MODEL, "messages": HELLO, "max_tokens": 4}
+    cases = [
+        (b"{not json", 400, None),
+        ({"model": MODEL}, 400, "messages"),
+        ({**ok, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, None),
+        ({**ok, "n": 2}, 400, "n"),
+        ({**ok, "temperature": 5}, 400, "temperature"),
+        ({**ok, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+        ({**ok, "messages": [{"role": "user", "content": "def f(x): return x\n" * 400}]}, 400, None),
+        ({**ok, "tools": [{"type": "function", "function": {"description": "no name"}}]}, 400, None),
+        ({**ok, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+        ({**ok, "model": "gpt-4"}, 404, "model"),
+        ([1, 2, 3], 400, None),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(url, content=body) if isinstance(body, bytes) else httpx.post(url, json=body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+        if param:
+            assert param in (err["param"] or ""), err
+    long = httpx.post(url, json=cases[7][0]).json()["error"]
+    assert long["code"] == "context_length_exceeded"
+    bad_ids = httpx.post(real.url + "/v1/completions", json={"model": MODEL, "prompt": [10**6]})
+    assert bad_ids.status_code == 400
+    assert httpx.get(real.url + "/v1/nothing").json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        real.client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+    # the server is still fine, and nothing leaked
+    assert real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4).choices[0].message
+    m = real.wait_idle()
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
+    assert not real.engine.seqs
+
+
+# ---- the scripted engine ----
+def test_tool_call_streams_exact_arguments(scripted):
+    completion = encode_completion({"content": "Let me check.", "tool_calls": [CALL]}, "chat")
+    script(scripted, completion)
+    kw = dict(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, max_tokens=200)
+    r = scripted.client.chat.completions.create(model=MODEL, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    _, content, calls, finish, _ = stream_chat(scripted.client, **kw)
+    assert finish == "tool_calls" and content == "Let me check."
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", call.function.arguments)]
+
+
+def test_reasoning_content_in_thinking_mode(scripted):
+    script(scripted, "The user greets me.</think>Hello! How can I help?" + EOS)
+    for switch in ({"extra_body": {"chat_template_kwargs": {"thinking": True}}},
+                   {"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}},
+                   {"extra_body": {"thinking": {"type": "enabled"}}}):
+        r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100, **switch)
+        msg = r.choices[0].message
+        assert (msg.reasoning_content, msg.content) == ("The user greets me.", "Hello! How can I help?")
+        reasoning, content, _, finish, _ = stream_chat(scripted.client, messages=HELLO, max_tokens=100, **switch)
+        assert (reasoning, content, finish) == (msg.reasoning_content, msg.content, "stop")
+
+
+def test_reasoning_sent_back_is_kept_until_the_next_user_turn(scripted):
+    script(scripted, "It is sunny.</think>Sunny in Paris." + EOS)
+    think = {"chat_template_kwargs": {"thinking": True}}
+    turn = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{**CALL, "id": "call_1", "function": {
+                **CALL["function"], "arguments": json.dumps(CALL["function"]["arguments"])}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+    def prompt_tokens(messages):
+        r = scripted.client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS[:1], max_tokens=50,
+                                                    extra_body=think)
+        assert r.choices[0].message.content == "Sunny in Paris."
+        return r.usage.prompt_tokens
+
+    with_reasoning = [turn[0], {**turn[1], "reasoning_content": "I should call the weather tool."}, turn[2]]
+    assert prompt_tokens(with_reasoning) > prompt_tokens(turn)  # rendered within the turn
+    after = [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
+    assert prompt_tokens(with_reasoning + after) == prompt_tokens(turn + after)  # dropped after a user turn
+
+
+def test_tool_choice_response_format_developer(scripted):
+    script(scripted, "{}" + EOS)
+
+    def prompt_tokens(**kw):
+        kw.setdefault("messages", HELLO)
+        return scripted.client.chat.completions.create(model=MODEL, max_tokens=5, **kw).usage.prompt_tokens
+
+    plain = prompt_tokens()
+    assert prompt_tokens(tools=TOOLS, tool_choice="none") == plain
+    both = prompt_tokens(tools=TOOLS, tool_choice="auto")
+    forced = prompt_tokens(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert plain < forced < both
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    assert prompt_tokens(response_format=schema) > plain
+    assert prompt_tokens(response_format={"type": "json_object"}) > plain
+    assert prompt_tokens(messages=[{"role": "developer", "content": "hi"}]) > 0
+
+
+def test_utf8_and_stop_strings_stream_cleanly(scripted):
+    script(scripted, "héllo wörld 世界 🎉 and more STOP never shown" + EOS)
+    r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100, stop=["STOP"])
+    assert r.choices[0].message.content == "héllo wörld 世界 🎉 and more "
+    assert r.choices[0].finish_reason == "stop"
+    chunks = [c.choices[0].delta.content or "" for c in scripted.client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=100, stop=["STOP"], stream=True) if c.choices]
+    assert "".join(chunks) == r.choices[0].message.content and not any("\ufffd" in c for c in chunks)
+
+
+def test_disconnect_overload_and_engine_failure(scripted):
+    script(scripted, "word " * 400)
+    scripted.engine.delay = 0.01  # 800 tokens would take 8 s
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 800, "stream": True}
+    url = scripted.url + "/v1/chat/completions"
+    before = scripted.metrics()["dsv32_generation_tokens_total"]
+    pool = ThreadPoolExecutor(1)
+    with httpx.stream("POST", url, json=body, timeout=30) as first:
+        lines = first.iter_lines()  # (dropping this iterator would close the connection)
+        assert next(lines).startswith("data: ")  # it runs: max_num_seqs=1
+        second = pool.submit(httpx.post, url, json={**body, "stream": False, "max_tokens": 5}, timeout=30)
+        deadline = time.monotonic() + 10
+        while scripted.metrics()["dsv32_requests_waiting"] < 1:  # it waits: max_queue=1
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        third = httpx.post(url, json={**body, "stream": False})
+        assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
+    # the first client hung up mid-stream: its request is aborted, and the second gets its turn
+    assert second.result().json()["choices"][0]["finish_reason"] == "length"
+    pool.shutdown()
+    m = scripted.wait_idle()
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
+    assert m["dsv32_generation_tokens_total"] - before < 400  # far from the 800 the first asked for
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is noticed too
+        httpx.post(url, json={**body, "stream": False}, timeout=1.0)
+    m = scripted.wait_idle()
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
+    assert m["dsv32_generation_tokens_total"] - before < 600
+    scripted.engine.delay = 0.0
+    assert not scripted.engine.seqs
+    scripted.engine.fail = True
+    r = httpx.post(url, json={**body, "stream": False, "max_tokens": 5})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    script(scripted, "fine" + EOS)
+    assert scripted.client.chat.completions.create(model=MODEL, messages=HELLO).choices[0].message.content == "fine"
+    assert scripted.wait_idle()["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
+
+
+# ---- pieces ----
+def test_terminal_reply_streams_reasoning_and_tool_calls(model_dir):
+    engine = scripted_engine(model_dir, num_blocks=32)
+    tok = engine.tokenizer
+    engine.script = tok.encode(encode_completion({"reasoning_content": "Hmm.", "content": "Sure.",
+                                                  "tool_calls": [CALL]}, "thinking"))
+    out = io.StringIO()
+    msg = stream_reply(engine, tok, tok.apply_chat_template(HELLO), SamplingParams(max_tokens=200), "thinking", out)
+    assert (msg["reasoning_content"], msg["content"]) == ("Hmm.", "Sure.")
+    text = out.getvalue()
+    assert "\033[2mHmm." in text and "Sure." in text and "[tool call] get_weather(" in text
+    assert engine.scheduler.blocks.num_free == 32
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return Tokenizer.from_file(model_dir)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40), cuts=st.lists(st.integers(0, 60), max_size=6),
+       stop=st.sampled_from([[], ["ab"], ["é!", "\n\n"], ["x"]]))
+def test_detokenizer_deltas_add_up(tok, text, cuts, stop):
+    ids = tok.encode(text)
+    detok, out, last = Detokenizer(tok, stop), [], 0
+    for c in sorted(c for c in set(cuts) if c < len(ids)) + [len(ids)]:
+        out.append(detok.feed(ids[last:c], final=c == len(ids)))
+        last = c
+    hits = [i for s in stop if (i := text.find(s)) != -1]
+    assert "".join(out) == (text[:min(hits)] if hits else text)
+    assert "\ufffd" in text or not any("\ufffd" in piece for piece in out)
+
+
+# ---- the command-line entry points, as the CLI will call them ----
+def test_serve_entry_point(model_dir):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = f"from dsv32.server import serve; serve(['--model', {str(model_dir)!r}, '--port', '{port}', '--device', 'cpu'])"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == [model_dir.name]
+        r = client.chat.completions.create(model=model_dir.name, messages=HELLO, max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_chat_entry_point(model_dir):
+    code = f"from dsv32.server import chat; chat(['--model', {str(model_dir)!r}, '--device', 'cpu', '--max-tokens', '8'])"
+    out = subprocess.run([sys.executable, "-c", code], input="hello\n/reset\nagain\n/exit\n", text=True,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("> ") == 4 and "chat mode" in out.stdout
