@@ -75,11 +75,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_tokenizer(args) -> int:
+def _passthrough(name: str, argv: list[str]) -> int:
+    """Commands whose flags their own module parses."""
+    if name == "serve":
+        from dsv32.server import serve
+
+        return serve(argv)
+    if name == "chat":
+        from dsv32.server import chat
+
+        return chat(argv)
     from dsv32.tokenizer import main as tokenizer_main
 
-    tokenizer_main(args.rest)
+    tokenizer_main(argv)
     return 0
+
+
+PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve --model DIR [--port ...]",
+               "chat": "chat with a model in the terminal: dsv32 chat --model DIR [--thinking]",
+               "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR"}
 
 
 def cmd_train(args) -> int:
@@ -140,16 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(tr, TrainConfig, skip=("stage",))
     tr.set_defaults(func=cmd_train)
 
-    t = sub.add_parser("tokenizer", help="tokenizer tools: `dsv32 tokenizer train --files ... --vocab-size N --out DIR`",
-                       add_help=False)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(func=cmd_tokenizer)
+    for name, text in PASSTHROUGH.items():  # listed for --help; main() dispatches them
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in PASSTHROUGH:
+            return _passthrough(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # config, checkpoint and context errors
         print(f"error: {e}", file=sys.stderr)
