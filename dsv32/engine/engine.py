@@ -164,10 +164,10 @@ class Engine:
             self.scheduler.finish(seq, "length")
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.output_tokens)
-        start = max(0, seq.text_len - max(len(s) for s in seq.params.stop))
-        seq.text_len = len(text)
-        return any(s in text[start:] for s in seq.params.stop)
+        """Only the newest tokens can complete a stop string: decode a window as long as the
+        longest one (every token is at least one character) plus a margin."""
+        window = seq.output_tokens[-(max(len(s) for s in seq.params.stop) + 8):]
+        return any(s in self.tokenizer.decode(window) for s in seq.params.stop)
 
     def output(self, seq: Sequence) -> RequestOutput:
         text = None

@@ -47,7 +47,6 @@ class Sequence:
     # per position (prompt and generated): expert ids [n_moe_layers, k], when return_rl_data
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
-    text_len: int = 0                   # characters of output already checked for stop strings
 
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.tokens)
