@@ -4,7 +4,9 @@
 2. held-out perplexity (disjoint stdlib files): dense vs DSA with no training, at two top-k;
 3. stage 1 (dense warm-up: indexer only, KL to the main attention);
 4. stage 2 (sparse training: top-k on, everything trains, indexer on detached inputs);
-5. after each stage: held-out perplexity and the recall of the dense attention mass inside the
+5. a control: the stage-1 model trained on densely for as many steps as stage 2 took, since
+   stage 2 is also more training (the dense perplexity it should be compared with);
+6. after each stage: held-out perplexity and the recall of the dense attention mass inside the
    selected set, per layer; the tokens each stage spent.
 
     python experiments/dsa_parity_moe.py --out runs/dsa_parity [--budget-s 480]
@@ -13,6 +15,7 @@ Writes results.json and plots into --out; docs/dsa-parity.md reports a GPU run.
 """
 
 import argparse
+import copy
 import json
 import sysconfig
 import time
@@ -117,10 +120,13 @@ def plot(results, out):
     fig.tight_layout()
     fig.savefig(out / "dsa_parity.png", dpi=110)
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    offset = 0
     for stage, hist in results["history"].items():
         key = "indexer_kl" if stage == "dsa-warmup" else "lm"
-        ax.plot([h["step"] for h in hist], [h[key] for h in hist], label=f"{stage} {key}")
-    ax.set_xlabel("step")
+        start = offset if stage != "dense control" else offset - len(results["history"]["dsa-sparse"])
+        ax.plot([start + h["step"] for h in hist], [h[key] for h in hist], label=f"{stage} {key}")
+        offset = start + len(hist)
+    ax.set_xlabel("step (stages back to back)")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -156,12 +162,22 @@ def main():
             ("dsa-warmup", 0.15, dict(steps=100_000, lr=1e-3)),
             ("dsa-sparse", 0.25, dict(steps=100_000, lr=1e-4))]
     for stage, share, kw in plan:
+        if stage == "dsa-sparse":
+            control = copy.deepcopy(model)
         hist, tokens, secs = run_stage(model, train, stage, out, args.budget_s * share, **common, **kw)
         results["history"][stage] = hist
         results["tokens"][stage], results["seconds"][stage] = tokens, round(secs, 1)
         results["evals"]["after " + stage] = evaluate(model, held, args.topk)
         print(stage, results["evals"]["after " + stage], flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
+    # the control: as many dense steps as stage 2 took, same learning rate
+    hist, tokens, secs = run_stage(control, train, "pretrain", out, 1e9, **common,
+                                   steps=len(results["history"]["dsa-sparse"]), lr=1e-4, attention="dense", mtp_weight=0.0)
+    results["history"]["dense control"] = hist
+    results["tokens"]["dense control"], results["seconds"]["dense control"] = tokens, round(secs, 1)
+    results["evals"]["dense control"] = evaluate(control, held, args.topk)
+    print("dense control", results["evals"]["dense control"], flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out)
     print(json.dumps({k: v for k, v in results.items() if k != "history"}, indent=1))
 
