@@ -107,7 +107,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(stage=args.stage, **{k: v for k, v in vars(args).items()
                                            if k in fields and k != "stage" and v is not None})
     out = run(cfg)
-    print(f"model written to {out}", file=sys.stderr)
+    if out is not None:
+        print(f"model written to {out}", file=sys.stderr)
     return 0
 
 

@@ -393,13 +393,15 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: TrainConfig) -> Path:
+def run(cfg: TrainConfig) -> Path | None:
     """The `dsv32 train` job: tokenizer, data, model, fit, then export the model in Hugging Face
-    format (config.json + safetensors + tokenizer.json) to `out/model`."""
+    format (config.json + safetensors + tokenizer.json) to `out/model` (returned on rank 0)."""
     from dsv32.checkpoint import save_model
     from dsv32.tokenizer import Tokenizer
     from dsv32.train.data import PackedData, SFTData, read_documents
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     tok_path = cfg.tokenizer or (cfg.model if cfg.model and (Path(cfg.model) / "tokenizer.json").exists() else None)
     if tok_path is None:
         raise ValueError("training needs a tokenizer: --tokenizer DIR (make one with `dsv32 tokenizer train`)")
@@ -415,12 +417,14 @@ def run(cfg: TrainConfig) -> Path:
     trainer = Trainer(cfg, model, data)
     trainer.fit()
     out = Path(cfg.out) / "model"
-    if trainer.rank == 0:
-        if trainer.distributed:
+    full = trainer.model
+    if trainer.distributed:  # gathering the shards is a collective: every rank takes part
+        state = trainer._full_state()[0]
+        if trainer.rank == 0:
             full = Transformer(trainer.model.cfg)
-            full.load_state_dict(trainer._full_state()[0])
-        else:
-            full = trainer.model
+            full.load_state_dict(state)
+    if trainer.rank == 0:
         save_model(full, out)
         shutil.copy(Path(tok_path) / "tokenizer.json" if Path(tok_path).is_dir() else tok_path, out / "tokenizer.json")
-    return out
+        return out
+    return None

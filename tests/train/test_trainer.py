@@ -123,3 +123,22 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path):
     final = load_file(str(tmp_path / "fsdp" / "final.safetensors"))
     diff = torch.cat([(p - final[n]).abs().flatten() for n, p in one.model.state_dict().items()])
     assert diff.max() < 4 * cfg.lr and (diff > 1e-5).float().mean() < 0.05
+
+
+def test_cli_stages_end_to_end(tmp_path):
+    """tokenizer -> dense pretraining -> stage 1 -> stage 2 through `dsv32`, then generation
+    from the exported model."""
+    from dsv32.cli import main
+
+    src = str(ROOT / "dsv32" / "model")
+    assert main(["tokenizer", "train", "--files", src + "/mla.py", "--vocab-size", "400", "--out", str(tmp_path / "tok")]) == 0
+    common = ["--data", src, "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--device", "cpu"]
+    assert main(["train", "pretrain", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "pre"), *common]) == 0
+    assert main(["train", "dsa-warmup", "--model", str(tmp_path / "pre" / "model"), "--index-topk", "16",
+                 "--out", str(tmp_path / "s1"), *common]) == 0
+    assert main(["train", "dsa-sparse", "--model", str(tmp_path / "s1" / "model"), "--index-topk", "16",
+                 "--out", str(tmp_path / "s2"), *common]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {"lm", "indexer_kl"} <= set(rows[0])
+    assert main(["generate", "def ", "--model", str(tmp_path / "s2" / "model"), "--max-new-tokens", "4"]) == 0
+    assert main(["train", "pretrain", "--out", str(tmp_path / "x"), *common]) == 2  # no tokenizer: clear error
