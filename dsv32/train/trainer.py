@@ -103,6 +103,8 @@ def trainable(model: Transformer, stage: str) -> list[tuple[str, torch.nn.Parame
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6 x active parameters + attention scores and values (forward + backward)."""
+    if hasattr(cfg, "flops_per_token"):  # another model family counts its own (dsv32.model.llama)
+        return cfg.flops_per_token(seq_len)
     d = cfg.hidden_size
     attn = d * cfg.q_lora_rank + cfg.q_lora_rank * cfg.num_attention_heads * cfg.qk_head_dim \
         + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
