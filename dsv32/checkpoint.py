@@ -95,6 +95,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty unties; the head is not in the file
+        model.lm_head.weight = model.embed_tokens.weight
     model.to(dtype)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
