@@ -265,3 +265,16 @@ def test_smollm2_stage1_trains_only_the_indexers(smollm2, python_ids):
                 p.requires_grad_(True)
                 p.grad = None
         model.eval()
+
+
+def test_smollm2_convert_writes_a_directory_load_model_reads(smollm2, python_ids, tmp_path):
+    from dsv32.gguf_import import main
+    from dsv32.tokenizer import PlainTokenizer
+
+    main(["smollm2", "--out", str(tmp_path)])
+    model = load_model(tmp_path, dtype=torch.float32)
+    tok = PlainTokenizer.from_file(tmp_path, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    assert tok.encode(open(textwrap.__file__).read()) == python_ids
+    x = torch.tensor([python_ids[:16]])
+    with torch.no_grad():  # the same seed gives the same fresh indexers, so DSA matches too
+        assert torch.equal(model(x, sparse=True).logits, smollm2[0](x, sparse=True).logits)
