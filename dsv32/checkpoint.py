@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
 from dsv32.model.fp8 import FP8, weight_dequant, weight_quant
+from dsv32.model.llama import MODEL_TYPE as MODEL_TYPE_LLAMA
+from dsv32.model.llama import LlamaConfig, LlamaDSA
 
 INDEX = "model.safetensors.index.json"
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -91,10 +93,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
+    if cfg is None and _model_type(path) == MODEL_TYPE_LLAMA:
+        return load_llama(path, dtype, device)
     cfg = cfg or ModelConfig.load(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty unties; the head is not in the file
+        model.lm_head.weight = model.embed_tokens.weight
     model.to(dtype)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
@@ -196,3 +202,62 @@ def save_model(model: Transformer, path: str | Path, fp8: bool = False, max_shar
             total += t.numel() * t.element_size()
     (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.save(path)
+
+
+# ---- Llama-family models with DSA (dsv32/model/llama.py): one file, Hugging Face llama names ----
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None  # ModelConfig.load reports it
+
+
+def save_llama(model: LlamaDSA, path: str | Path, tokenizer=None) -> None:
+    """Write config.json (model_type llama_dsa), model.safetensors and, given a `tokenizers`
+    Tokenizer, tokenizer.json. A tied head is stored once, as the embedding."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tied = model.cfg.tie_word_embeddings
+    tensors = {hf_name(n, model.cfg): t.detach().cpu().contiguous() for n, t in model.state_dict().items()
+               if not (tied and n == "lm_head.weight")}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model.cfg.save(path)
+    if tokenizer is not None:
+        tokenizer.save(str(path / "tokenizer.json"))
+
+
+def load_llama(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+               device: str | torch.device = "cpu") -> LlamaDSA:
+    """The `LlamaDSA` saved by `save_llama` in directory `path`."""
+    path = Path(path)
+    cfg = LlamaConfig.load(path)
+    with torch.device("meta"):
+        model = LlamaDSA(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty unties
+        model.lm_head.weight = model.embed_tokens.weight
+    model.to(dtype)
+    params = dict(model.named_parameters())
+    loaded, unexpected = set(), []
+    for file in _shard_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = our_name(key, cfg)
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                t = f.get_tensor(key)
+                if t.shape != params[name].shape:
+                    raise CheckpointError(f"tensor {key} in {file.name} has shape {tuple(t.shape)}, "
+                                          f"the config expects {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(t)
+                loaded.add(name)
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} tensor(s) in the checkpoint match nothing in the model, "
+                              f"e.g. {', '.join(unexpected[:5])}")
+    missing = [hf_name(n, cfg) for n in params if n not in loaded]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}")
+    return model.eval()

@@ -49,6 +49,30 @@ class Tokenizer:
         return self.encode(encode_messages(messages, thinking_mode, **kwargs))
 
 
+class PlainTokenizer:
+    """Encode and decode with a tokenizer.json that lacks the V3.2 chat tokens, such as an imported
+    Llama-family model's (`dsv32.gguf_import`); its BOS/EOS ids come from the model's config."""
+
+    def __init__(self, tok: HFTokenizer, bos_id: int, eos_id: int):
+        self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
+
+    @classmethod
+    def from_file(cls, path: str | Path, bos_id: int, eos_id: int) -> "PlainTokenizer":
+        path = Path(path)
+        return cls(HFTokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path)), bos_id, eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, special tokens written in it included; no BOS is added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
 def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path) -> Tokenizer:
     """Train a byte-level BPE on text files and write `out_dir/tokenizer.json`.
 

@@ -115,3 +115,13 @@ def test_unexpected_tensor_and_missing_shard(tiny, tmp_path):
     f.unlink()
     with pytest.raises(CheckpointError, match="not in"):
         load_model(tmp_path)
+
+
+def test_tied_embeddings_survive_loading(tmp_path):
+    model = Transformer(preset("tiny").replace(tie_word_embeddings=True)).eval()
+    save_model(model, tmp_path)
+    back = load_model(tmp_path, dtype=torch.float32)
+    assert back.lm_head.weight is back.embed_tokens.weight
+    x = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)

@@ -33,6 +33,13 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.masked_fill(vals == float("-inf"), -1)
 
 
+def selected_mask(idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sparse attention mask: idx [B, S, k] (-1 = no key) within mask [B, S, T] -> [B, S, T]."""
+    end = mask.shape[-1]
+    sel = torch.zeros(*idx.shape[:2], end + 1, dtype=torch.bool, device=idx.device)
+    return sel.scatter_(-1, idx % (end + 1), True)[..., :end] & mask  # -1 -> dummy column
+
+
 class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
-from dsv32.model.indexer import Indexer, topk_select
+from dsv32.model.indexer import Indexer, selected_mask, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
 PROB_CHUNK = 1 << 27  # fp32 elements of [B, H, queries, T] scores held at once for attn_probs
@@ -31,6 +31,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
+
+
+@torch.no_grad()
+def summed_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The indexer's target: attention probs summed over heads, without gradient, one query chunk
+    of [B, H, c, T] scores at a time. q: [B, H, S, D]; k: [B, H, T, D]; mask: [B, 1, S, T]
+    -> [B, S, T] fp32."""
+    b, h, s, _ = q.shape
+    c = max(1, PROB_CHUNK // (b * h * k.shape[2]))
+    return torch.cat([
+        ((q[:, :, i:i + c].float() @ k.float().transpose(-1, -2)) * scale)
+        .masked_fill(~mask[:, :, i:i + c], float("-inf")).softmax(-1).sum(1)
+        for i in range(0, s, c)], dim=1)
 
 
 @dataclass
@@ -79,8 +92,7 @@ class MLA(nn.Module):
             scores = self.indexer(ix_in, qr_in, ik, cos, sin, mask, step.indexer_fp8)
             idx = topk_select(scores.detach(), cfg.index_topk)            # [B, S, k]
         if step.sparse and step.mode == "mha":  # keys outside the selected set are masked
-            sel = torch.zeros(b, s, end + 1, dtype=torch.bool, device=x.device)
-            mask = sel.scatter_(-1, idx % (end + 1), True)[..., :end] & mask  # -1 -> dummy column
+            mask = selected_mask(idx, mask)
 
         attend = self._mha if step.mode == "mha" else self._mqa
         o, probs = attend(q_nope, q_pe, kv, k_pe, mask, idx if step.sparse else None, step.return_attn_probs)
@@ -101,14 +113,7 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, h, -1)], -1).transpose(1, 2)
         m = mask[:, None]                                                 # [B, 1, S, T]
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=m, scale=cfg.softmax_scale)
-        probs = None
-        if want_probs:  # the indexer's target: no gradient, one query chunk of [B, H, c, T] at a time
-            with torch.no_grad():
-                c = max(1, PROB_CHUNK // (b * h * t))
-                probs = torch.cat([
-                    ((q[:, :, i:i + c].float() @ k.float().transpose(-1, -2)) * cfg.softmax_scale)
-                    .masked_fill(~m[:, :, i:i + c], float("-inf")).softmax(-1).sum(1)
-                    for i in range(0, q.shape[2], c)], dim=1)              # [B, S, T]
+        probs = summed_probs(q, k, m, cfg.softmax_scale) if want_probs else None
         return o.transpose(1, 2), probs
 
     def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):

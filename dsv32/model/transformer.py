@@ -77,6 +77,31 @@ class ModelOutput:
     router_scores: list = field(default_factory=list)       # per MoE layer [B*S, E] fp32
 
 
+def positions_and_mask(input_ids: torch.Tensor, start_pos: int, cache, positions: torch.Tensor | None,
+                       cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a forward's inputs against the vocabulary, the context and the cache; return the
+    positions [B, S] and the causal mask [B, S, T] (key j visible iff j <= the query's position).
+    cfg: anything with vocab_size and max_position_embeddings."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    b, s = input_ids.shape
+    if positions is None:
+        positions = torch.arange(start_pos, start_pos + s, device=input_ids.device).expand(b, s)
+    elif positions.shape != input_ids.shape:
+        raise ValueError(f"positions {tuple(positions.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    end = int(positions.max()) + 1 if positions.numel() else 0
+    limit = cache.max_len if cache is not None else cfg.max_position_embeddings
+    if end > limit:
+        what = "the cache" if cache is not None else "max_position_embeddings"
+        raise ContextLengthError(f"sequence reaches position {end}, beyond {what} ({limit})")
+    if cache is None and end != s:
+        raise ValueError("tokens after position 0 need a cache holding the earlier positions")
+    if (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size) if input_ids.numel() else False:
+        raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    return positions, torch.arange(end, device=input_ids.device) <= positions[..., None]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -185,24 +210,7 @@ class Transformer(nn.Module):
         return_attn_probs, return_router_scores, forced_experts. mtp=True also runs the MTP
         modules (training).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        b, s = input_ids.shape
-        if positions is None:
-            positions = torch.arange(start_pos, start_pos + s, device=input_ids.device).expand(b, s)
-        elif positions.shape != input_ids.shape:
-            raise ValueError(f"positions {tuple(positions.shape)} do not match input_ids {tuple(input_ids.shape)}")
-        end = int(positions.max()) + 1 if positions.numel() else 0
-        limit = cache.max_len if cache is not None else self.cfg.max_position_embeddings
-        if end > limit:
-            what = "the cache" if cache is not None else "max_position_embeddings"
-            raise ContextLengthError(f"sequence reaches position {end}, beyond {what} ({limit})")
-        if cache is None and end != s:
-            raise ValueError("tokens after position 0 need a cache holding the earlier positions")
-        if (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size) if input_ids.numel() else False:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        mask = torch.arange(end, device=input_ids.device) <= positions[..., None]   # [B, S, T]
+        positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)
         step = Step(positions=positions, mask=mask, cache=cache, **options)
         cos, sin = rope_cos_sin(self.cfg, positions)
         out = ModelOutput(logits=None, hidden=None)

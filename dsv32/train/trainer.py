@@ -103,6 +103,8 @@ def trainable(model: Transformer, stage: str) -> list[tuple[str, torch.nn.Parame
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6 x active parameters + attention scores and values (forward + backward)."""
+    if hasattr(cfg, "flops_per_token"):  # another model family counts its own (dsv32.model.llama)
+        return cfg.flops_per_token(seq_len)
     d = cfg.hidden_size
     attn = d * cfg.q_lora_rank + cfg.q_lora_rank * cfg.num_attention_heads * cfg.qk_head_dim \
         + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
@@ -264,7 +266,7 @@ class Trainer:
             tmp = self.out / "checkpoint.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+            save_file(_unshared(model_sd), str(tmp / "model.safetensors"))
             tensors, meta = _flatten(opt_sd)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "optimizer": meta,
@@ -336,6 +338,19 @@ class Trainer:
             bar.close()
             plot_metrics(metrics_path, self.out / "metrics.png")
         return history
+
+
+def _unshared(sd: dict) -> dict:
+    """CPU tensors for safetensors, which refuses shared memory: a tied weight's second name
+    (e.g. lm_head.weight = embed_tokens.weight) gets a copy; loading writes the same values twice."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[k] = t
+    return out
 
 
 def _flatten(sd, prefix=""):
