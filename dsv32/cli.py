@@ -5,14 +5,18 @@ import sys
 import time
 
 
-def _text_codec(model_dir):
+def _text_codec(model_dir, model):
     """(encode, decode, stop ids): the model's tokenizer.json, else raw UTF-8 bytes as ids."""
     from pathlib import Path
 
     if model_dir and (Path(model_dir) / "tokenizer.json").exists():
-        from dsv32.tokenizer import Tokenizer
+        from dsv32.model.llama import LlamaDSA
+        from dsv32.tokenizer import PlainTokenizer, Tokenizer
 
-        tok = Tokenizer.from_file(model_dir)
+        if isinstance(model, LlamaDSA):  # no V3.2 chat tokens in its vocabulary
+            tok = PlainTokenizer.from_file(model_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
+        else:
+            tok = Tokenizer.from_file(model_dir)
         return tok.encode, tok.decode, (tok.eos_id,)
     def decode_bytes(ids):  # ids beyond a byte have no text: show them as [id]
         runs, out = [], []
@@ -49,13 +53,14 @@ def cmd_generate(args) -> int:
         torch.manual_seed(args.seed or 0)
         with torch.device(args.device):
             model = Transformer(preset(args.preset)).to(dtype).eval()
-    encode, decode, stop = _text_codec(args.model)
+    encode, decode, stop = _text_codec(args.model, model)
     prompt = encode(args.prompt)
     cfg = model.cfg
     if max(prompt, default=0) >= cfg.vocab_size:
         print(f"error: the prompt has token ids beyond the model's vocab_size {cfg.vocab_size}", file=sys.stderr)
         return 2
-    print(f"model: {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {cfg.n_routed_experts} experts, "
+    experts = f"{cfg.n_routed_experts} experts, " if getattr(cfg, "n_routed_experts", 0) else ""
+    print(f"model: {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {experts}"
           f"DSA top-{cfg.index_topk}{' (off: dense)' if args.dense else ''}; prompt {len(prompt)} tokens",
           file=sys.stderr)
     t0, out = time.perf_counter(), []
@@ -85,6 +90,11 @@ def _passthrough(name: str, argv: list[str]) -> int:
         from dsv32.server import chat
 
         return chat(argv)
+    if name == "convert":
+        from dsv32.gguf_import import main as convert_main
+
+        convert_main(argv)
+        return 0
     from dsv32.tokenizer import main as tokenizer_main
 
     tokenizer_main(argv)
@@ -93,7 +103,8 @@ def _passthrough(name: str, argv: list[str]) -> int:
 
 PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve --model DIR [--port ...]",
                "chat": "chat with a model in the terminal: dsv32 chat --model DIR [--thinking]",
-               "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR"}
+               "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
+               "convert": "import a model not born with DSA: dsv32 convert smollm2 --out DIR (adds indexers)"}
 
 
 def cmd_train(args) -> int:

@@ -410,9 +410,11 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
 
 def run(cfg: TrainConfig) -> Path | None:
     """The `dsv32 train` job: tokenizer, data, model, fit, then export the model in Hugging Face
-    format (config.json + safetensors + tokenizer.json) to `out/model` (returned on rank 0)."""
-    from dsv32.checkpoint import save_model
-    from dsv32.tokenizer import Tokenizer
+    format (config.json + safetensors + tokenizer.json) to `out/model` (returned on rank 0).
+    `--model` may be one of ours or a converted Llama-family model (`dsv32 convert`)."""
+    from dsv32.checkpoint import load_model, save_llama, save_model
+    from dsv32.model.llama import LlamaDSA
+    from dsv32.tokenizer import PlainTokenizer, Tokenizer
     from dsv32.train.data import PackedData, SFTData, read_documents
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
@@ -420,12 +422,15 @@ def run(cfg: TrainConfig) -> Path | None:
     tok_path = cfg.tokenizer or (cfg.model if cfg.model and (Path(cfg.model) / "tokenizer.json").exists() else None)
     if tok_path is None:
         raise ValueError("training needs a tokenizer: --tokenizer DIR (make one with `dsv32 tokenizer train`)")
-    tok = Tokenizer.from_file(tok_path)
+    model = load_model(cfg.model, dtype=torch.float32) if cfg.model else None
+    if isinstance(model, LlamaDSA):  # its vocabulary has no V3.2 chat tokens
+        tok = PlainTokenizer.from_file(tok_path, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    else:
+        tok = Tokenizer.from_file(tok_path)
     docs = read_documents(cfg.data)
     data = (SFTData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed) if cfg.stage == "sft"
             else PackedData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed))
-    model = None
-    if not cfg.model:
+    if model is None:
         mcfg = preset(cfg.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
         torch.manual_seed(cfg.seed)
         model = Transformer(mcfg)
@@ -436,10 +441,10 @@ def run(cfg: TrainConfig) -> Path | None:
     if trainer.distributed:  # gathering the shards is a collective: every rank takes part
         state = trainer._full_state()[0]
         if trainer.rank == 0:
-            full = Transformer(trainer.model.cfg)
+            full = type(trainer.model)(trainer.model.cfg)
             full.load_state_dict(state)
     if trainer.rank == 0:
-        save_model(full, out)
+        (save_llama if isinstance(full, LlamaDSA) else save_model)(full, out)
         shutil.copy(Path(tok_path) / "tokenizer.json" if Path(tok_path).is_dir() else tok_path, out / "tokenizer.json")
         return out
     return None
