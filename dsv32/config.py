@@ -103,6 +103,11 @@ class ModelConfig:
             return None
         return tuple(self.quantization_config.get("weight_block_size", (128, 128)))
 
+    @property
+    def cache_widths(self) -> tuple[int, int, int]:
+        """Per-token cache entries: the MLA latent, the shared rope key, the indexer key."""
+        return self.kv_lora_rank, self.qk_rope_head_dim, self.index_head_dim
+
     def is_moe_layer(self, i: int) -> bool:
         """Layer i uses MoE (MTP layers, i >= num_hidden_layers, always do)."""
         return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0

@@ -2,7 +2,8 @@
 indexer key; a block manager with prefix caching by block hash.
 
 Two layouts per token [kernel-anchors §2.1, §3]:
-  bf16: latent [kv_lora_rank] + rope key [qk_rope_head_dim] + indexer key [index_head_dim];
+  bf16: latent [kv_lora_rank] + rope key [qk_rope_head_dim] + indexer key [index_head_dim]
+        (a converted Llama-family model stores its keys and values in the first two);
   fp8:  MLA 656 bytes = 512 e4m3 + 4 fp32 scales (one per 128) + 64 bf16 rope dims;
         indexer 132 bytes = 128 e4m3 + 1 fp32 scale.
 Reads dequantise to the model's dtype (the plain-torch path; kernels read the bytes directly).
@@ -41,9 +42,11 @@ class PagedCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64, fp8: bool = False,
                  dtype=torch.bfloat16, device="cpu"):
         self.cfg, self.num_blocks, self.block_size, self.fp8, self.dtype = cfg, num_blocks, block_size, fp8, dtype
-        c, r, di = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
+        c, r, di = cfg.cache_widths
         self.kv_group, self.ik_group = min(128, c), di
         n, layers = num_blocks * block_size, cfg.num_hidden_layers
+        if fp8 and not hasattr(cfg, "kv_lora_rank"):
+            raise ValueError("the FP8 cache layouts are DeepSeek's, for MLA latents; this model has none")
         if fp8:
             kv_bytes = c + 4 * (c // self.kv_group) + 2 * r  # 656 for V3.2
             self.kv = torch.zeros(layers, n, kv_bytes, dtype=torch.uint8, device=device)
@@ -74,7 +77,7 @@ class PagedCache:
     def update(self, layer: int, kv, pe, ik, positions):
         """The model's cache hook: write [B, S, ...] entries at the prepared slots, return every
         sequence's entries [B, T, ...] in the model's dtype."""
-        c = self.cfg.kv_lora_rank
+        c = self.cfg.cache_widths[0]
         slots = self.slots.flatten()
         if self.fp8:
             pe_bytes = pe.reshape(-1, pe.shape[-1]).to(torch.bfloat16).contiguous().view(torch.uint8)

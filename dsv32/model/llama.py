@@ -64,6 +64,12 @@ class LlamaConfig:
     def qk_rope_head_dim(self) -> int:
         return self.head_dim
 
+    @property
+    def cache_widths(self) -> tuple[int, int, int]:
+        """Per-token cache entries in the V3.2 cache's three slots: keys, values, indexer key."""
+        kv = self.num_key_value_heads * self.head_dim
+        return kv, kv, self.index_head_dim
+
     def __post_init__(self):
         def bad(name, why):
             raise ConfigError(f"config field '{name}': {why}")

@@ -174,3 +174,23 @@ def test_rollout_replay_reproduces_engine_logprobs(tiny):
         assert torch.allclose(replay, torch.tensor(o.logprobs), atol=1e-4)
         unmasked = x.log_softmax(-1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
         assert (unmasked - torch.tensor(o.logprobs)).abs().max() > 1e-3
+
+
+def test_engine_serves_a_converted_llama_model():
+    """A Llama-family model with added indexers (dsv32 convert) runs through the same paged
+    engine: its keys and values take the cache's two first slots."""
+    from dsv32.model.llama import LlamaConfig, LlamaDSA
+
+    torch.manual_seed(0)
+    model = LlamaDSA(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=512, index_n_heads=2, index_head_dim=32,
+                                 index_topk=8)).eval()
+    ps = [p[:n] for p, n in zip(prompts([40, 90]), (40, 90))]
+    ps = [[t % 300 for t in p] for p in ps]
+    want = [reference(model, p, 6) for p in ps]
+    eng = Engine(model, EngineConfig(num_blocks=16, prefill_chunk=32))
+    assert [o.token_ids for o in run(eng, ps, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))] == want
+    assert no_leak(eng)
+    with pytest.raises(ValueError, match="FP8 cache layouts"):
+        Engine(model, EngineConfig(num_blocks=16, kv_cache_dtype="fp8"))
