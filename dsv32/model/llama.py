@@ -25,7 +25,7 @@ from dsv32.model.indexer import Indexer, selected_mask, topk_select
 from dsv32.model.mla import AttnOut, RMSNorm, summed_probs
 from dsv32.model.moe import MLP
 from dsv32.model.rope import apply_rope_half, rope_cos_sin
-from dsv32.model.transformer import ContextLengthError, KVCache, ModelOutput, Step, positions_and_mask
+from dsv32.model.transformer import KVCache, ModelOutput, Step, new_cache, positions_and_mask
 
 MODEL_TYPE = "llama_dsa"
 
@@ -215,15 +215,7 @@ class LlamaDSA(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         """A contiguous cache; its kv / pe / ik slots hold keys / values / indexer keys."""
-        cfg = self.cfg
-        if max_len > cfg.max_position_embeddings:
-            raise ContextLengthError(f"cache length {max_len} exceeds max_position_embeddings="
-                                     f"{cfg.max_position_embeddings}")
-        w = self.embed_tokens.weight
-        kw = dict(dtype=dtype or w.dtype, device=device or w.device)
-        n, kv = cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim
-        return KVCache(torch.zeros(n, batch, max_len, kv, **kw), torch.zeros(n, batch, max_len, kv, **kw),
-                       torch.zeros(n, batch, max_len, cfg.index_head_dim, **kw))
+        return new_cache(self, batch, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, mtp: bool = False, **options) -> ModelOutput:

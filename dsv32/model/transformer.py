@@ -48,6 +48,17 @@ class KVCache:
         return out
 
 
+def new_cache(model: nn.Module, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+    """A zeroed contiguous cache shaped by `model.cfg.cache_widths`, in the model's dtype and device."""
+    cfg = model.cfg
+    if max_len > cfg.max_position_embeddings:
+        raise ContextLengthError(f"cache length {max_len} exceeds max_position_embeddings="
+                                 f"{cfg.max_position_embeddings}")
+    w = model.embed_tokens.weight
+    kw = dict(dtype=dtype or w.dtype, device=device or w.device)
+    return KVCache(*(torch.zeros(cfg.num_hidden_layers, batch, max_len, width, **kw) for width in cfg.cache_widths))
+
+
 @dataclass
 class Step:
     """Options of one forward and the state layers share (the per-step context of nano-vllm)."""
@@ -189,16 +200,7 @@ class Transformer(nn.Module):
                 b.zero_()
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
-        cfg = self.cfg
-        if max_len > cfg.max_position_embeddings:
-            raise ContextLengthError(f"cache length {max_len} exceeds max_position_embeddings="
-                                     f"{cfg.max_position_embeddings}")
-        w = self.embed_tokens.weight
-        kw = dict(dtype=dtype or w.dtype, device=device or w.device)
-        n = cfg.num_hidden_layers
-        return KVCache(torch.zeros(n, batch, max_len, cfg.kv_lora_rank, **kw),
-                       torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, **kw),
-                       torch.zeros(n, batch, max_len, cfg.index_head_dim, **kw))
+        return new_cache(self, batch, max_len, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, mtp: bool = False, **options) -> ModelOutput:
