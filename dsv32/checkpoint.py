@@ -89,22 +89,26 @@ def _shard_files(path: Path) -> list[Path]:
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                cfg: ModelConfig | None = None) -> Transformer:
     """Build the model of `path/config.json` on `device` and fill it from the safetensors shards,
-    one tensor at a time (the full model is never held twice)."""
+    one tensor at a time (the full model is never held twice). A converted Llama-family
+    directory (model_type llama_dsa) gives a `LlamaDSA`."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if cfg is None and _model_type(path) == MODEL_TYPE_LLAMA:
         return load_llama(path, dtype, device)
-    cfg = cfg or ModelConfig.load(path)
+    return _load(Transformer, cfg or ModelConfig.load(path), path, dtype, device)
+
+
+def _load(cls, cfg, path: Path, dtype, device):
+    """Empty `cls(cfg)` on device, then every tensor of the shards copied in (FP8 dequantised),
+    with errors naming the unexpected, misshapen or missing ones."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = cls(cfg)
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty unties; the head is not in the file
         model.lm_head.weight = model.embed_tokens.weight
     model.to(dtype)
-    params = dict(model.named_parameters())
-    params.update(model.named_buffers())
-    for name, b in params.items():
+    for name, b in list(model.named_buffers()):
         if name.endswith("e_score_correction_bias"):  # selection bias stays fp32, as shipped
             _set_buffer(model, name, b.float())
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -130,7 +134,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                     scale_key = key + "_scale_inv"
                     if scale_key not in keys:
                         raise CheckpointError(f"{key} is FP8 but {scale_key} is not in {file.name}")
-                    t = weight_dequant(t, f.get_tensor(scale_key), cfg.fp8_block or (128, 128), torch.float32)
+                    t = weight_dequant(t, f.get_tensor(scale_key), getattr(cfg, "fp8_block", None) or (128, 128),
+                                       torch.float32)
                 p = params[name]
                 if t.shape != p.shape:
                     raise CheckpointError(f"tensor {key} in {file.name} has shape {tuple(t.shape)}, "
@@ -231,33 +236,5 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu") -> LlamaDSA:
     """The `LlamaDSA` saved by `save_llama` in directory `path`."""
     path = Path(path)
-    cfg = LlamaConfig.load(path)
-    with torch.device("meta"):
-        model = LlamaDSA(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty unties
-        model.lm_head.weight = model.embed_tokens.weight
-    model.to(dtype)
-    params = dict(model.named_parameters())
-    loaded, unexpected = set(), []
-    for file in _shard_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = our_name(key, cfg)
-                if name not in params:
-                    unexpected.append(key)
-                    continue
-                t = f.get_tensor(key)
-                if t.shape != params[name].shape:
-                    raise CheckpointError(f"tensor {key} in {file.name} has shape {tuple(t.shape)}, "
-                                          f"the config expects {tuple(params[name].shape)}")
-                with torch.no_grad():
-                    params[name].copy_(t)
-                loaded.add(name)
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} tensor(s) in the checkpoint match nothing in the model, "
-                              f"e.g. {', '.join(unexpected[:5])}")
-    missing = [hf_name(n, cfg) for n in params if n not in loaded]
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}")
-    return model.eval()
+    return _load(LlamaDSA, LlamaConfig.load(path), path, dtype, device)
+
