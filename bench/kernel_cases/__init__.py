@@ -1,0 +1,25 @@
+"""Per-op cases for bench/kernels.py. Each module defines `cases(quick: bool) -> list[dict]`, one
+row per (kernel, shape, implementation), all measured in the same process on the same GPU:
+
+    {"kernel": "sparse_mla_decode", "shape": "b=64 s_q=2 s_k=131072 topk=2048",
+     "impl": "ours" | "torch" | "flashmla" | "torch.topk" | "copy" | ..., "us": float,
+     "tflops": float | None, "tbps": float | None}
+
+Peers that are not installed are skipped with a row whose "us" is None and "note" says why.
+"""
+
+import torch
+
+
+def time_us(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median time of fn() in microseconds: CUDA events with the L2 flushed (triton's do_bench)."""
+    from triton.testing import do_bench
+    return 1e3 * do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_tbps() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second, in TB/s."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    us = time_us(lambda: y.copy_(x))
+    return 2 * x.numel() / us / 1e6
