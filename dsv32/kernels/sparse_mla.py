@@ -12,7 +12,11 @@ neighbouring programs, so the second one finds the gathered rows in L2. The loop
 indices in blocks of BLOCK_K, gathering [BLOCK_K, Dqk] rows of kv; the dot over Dqk is split into
 the latent and rope parts (power-of-two tiles), and the latent tile serves as both K and V. The
 [64, 512] fp32 accumulator is 128 registers a thread at num_warps = 8 (two warpgroups, each
-holding half of the columns, as FlashMLA's "seesaw" does); num_stages pipelines the gathers.
+holding half of the columns, like FlashMLA's O_L / O_R); num_stages pipelines the gathers.
+Known limit: Triton splits every M = 64 dot's N across the two warpgroups, so both read all of Q
+from shared memory for S = Q K^T, ~1.5x the bytes the tensor cores can consume there at BLOCK_K =
+64; FlashMLA instead gives each warpgroup a whole key block (its "seesaw" schedule).
+The kernels take bf16 or fp16, with d_v and Dqk - d_v powers of two >= 16.
 
 Backward: dkv[n] gathers contributions from every query that selected row n. We add them with
 fp32 atomics: the alternative, inverting idx and walking each row's queries, would gather all
@@ -75,7 +79,8 @@ def _probs(s, lse):
 
 
 def sparse_mla_fwd_ref(q, kv, idx, scale: float, d_v: int = 512):
-    """Plain torch, one chunk of queries at a time. Returns out [T, H, d_v] (q.dtype), lse [T, H]."""
+    """Plain torch, one chunk of queries at a time, in fp32 (fp64 for fp64 inputs).
+    Returns out [T, H, d_v] in q.dtype and lse [T, H]."""
     _check(q, kv, idx, d_v)
     t, h, _ = q.shape
     out = q.new_empty(t, h, d_v)
@@ -126,11 +131,13 @@ def _configs(warps_stages):
 
 
 if has_triton():
-    # Heads as M with 64-row tiles and 8 warps; which gather depth fits in shared memory (Q is
-    # 72 KB, a [64, 576] kv tile 72 KB) the autotuner finds out, dropping configs that do not fit.
-    _FWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 1)])
-    _DQ_CONFIGS = _configs([(64, 32, 8, 2), (64, 64, 8, 1), (64, 32, 8, 3)])
-    _DKV_CONFIGS = _configs([(64, 64, 8, 1), (32, 64, 8, 2), (64, 32, 4, 2)])
+    # Heads as M with 64-row tiles and 8 warps. Shared memory (227 KB) decides the gather depth: Q
+    # is 72 KB (and dO 64 KB in the backward), a [64, 576] kv tile 72 KB per buffer; the indirect
+    # load pipelines fully only at num_stages = 3 (idx, then rows, then use). The autotuner drops
+    # what does not fit; the last config of each list is small enough to always fit.
+    _FWD_CONFIGS = _configs([(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 1)])
+    _DQ_CONFIGS = _configs([(64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 1), (64, 16, 8, 2)])
+    _DKV_CONFIGS = _configs([(64, 64, 8, 1), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)])
 
     @triton.jit
     def _gather(KV, IDX, k0, TOPK, stride_kv, D_V: tl.constexpr, D_PE: tl.constexpr,
