@@ -260,6 +260,12 @@ if has_triton():
                           sem="relaxed")
 
 
+def triton_supports(q, d_v: int) -> bool:
+    """Whether the Triton kernel takes these inputs (else the dispatcher runs the reference)."""
+    d_pe = q.shape[-1] - d_v
+    return q.dtype in (torch.bfloat16, torch.float16) and all(d >= 16 and not d & (d - 1) for d in (d_v, d_pe))
+
+
 def _check_triton(q, d_v):
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton kernel takes bf16 or fp16 q and kv, got {q.dtype}")
@@ -313,8 +319,8 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, d_v: int = 512):
 class _SparseMLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, idx, scale, d_v):
-        fwd = sparse_mla_fwd if use_triton(q) else sparse_mla_fwd_ref
-        out, lse = fwd(q, kv, idx, scale, d_v)
+        ctx.kernel = use_triton(q) and triton_supports(q, d_v)
+        out, lse = (sparse_mla_fwd if ctx.kernel else sparse_mla_fwd_ref)(q, kv, idx, scale, d_v)
         ctx.save_for_backward(q, kv, idx, out, lse)
         ctx.scale, ctx.d_v = scale, d_v
         return out
@@ -322,12 +328,11 @@ class _SparseMLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, kv, idx, out, lse = ctx.saved_tensors
-        bwd = sparse_mla_bwd if use_triton(q) else sparse_mla_bwd_ref
-        dq, dkv = bwd(q, kv, idx, out, lse, dout, ctx.scale, ctx.d_v)
+        dq, dkv = (sparse_mla_bwd if ctx.kernel else sparse_mla_bwd_ref)(q, kv, idx, out, lse, dout, ctx.scale, ctx.d_v)
         return dq, dkv, None, None, None
 
 
 def sparse_mla(q, kv, idx, scale: float, d_v: int = 512):
     """Sparse MLA attention out [T, H, d_v], differentiable in q and kv; the Triton kernels on
-    CUDA, the plain-torch reference elsewhere (see dsv32.kernels.use_triton)."""
+    CUDA for bf16/fp16 and power-of-two dims, the plain-torch reference elsewhere."""
     return _SparseMLA.apply(q, kv, idx, scale, d_v)

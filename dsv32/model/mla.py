@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.sparse_mla import sparse_mla
 from dsv32.model.indexer import Indexer, selected_mask, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
@@ -131,7 +132,15 @@ class MLA(nn.Module):
             probs = (att * cfg.softmax_scale).masked_fill(~m, float("-inf")).softmax(-1)
             o_lat = torch.einsum("bsht,btc->bshc", probs, kv.float())
             probs = probs.detach().sum(2)                                 # [B, S, T]
-        else:
+        elif not want_probs:  # the sparse MLA kernel (its torch reference off CUDA)
+            b, s, k = idx.shape
+            t, r = kv.shape[1], q_pe.shape[-1]
+            qc = torch.cat([q_lat, q_pe.float()], -1).to(kv.dtype).view(b * s, h, c + r)
+            kvc = torch.cat([kv, k_pe], -1).view(b * t, c + r)           # every sequence's rows, stacked
+            rows = torch.where(idx >= 0, idx + t * torch.arange(b, device=idx.device)[:, None, None], -1)
+            o_lat = sparse_mla(qc, kvc, rows.view(b * s, k).int(), cfg.softmax_scale, c).view(b, s, h, c).float()
+            probs = None
+        else:  # the probabilities the indexer's loss needs come with the plain-torch path
             b, s, k = idx.shape
             valid = idx >= 0                                              # [B, S, k]
             flat = idx.clamp(min=0).reshape(b, s * k, 1)
