@@ -116,9 +116,7 @@ def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
     idx2 = idx.reshape(rows, k)
     if q3.stride(-1) != 1 or idx2.stride(-1) != 1:
         q3, idx2 = q3.contiguous(), idx2.contiguous()
-    cache = cache.reshape(-1, cache.shape[-1])
-    if cache.stride(-1) != 1 or (fp8 and cache.stride(0) % 4):
-        cache = cache.contiguous()
+    cache = cache.reshape(-1, cache.shape[-1]).contiguous()  # a view for the engine's cache
     block_h = min(BLOCK_H, max(16, triton.next_power_of_2(h)))
     head_blocks = -(-h // block_h)
     if num_splits is None:
@@ -139,7 +137,7 @@ def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
     kv16 = cache.view(torch.bfloat16)
     grid = (head_blocks, num_splits, rows)
     args = (q3, kv8, kv32, kv16, idx2, o_part, lse_part,
-            q3.stride(0), q3.stride(1), kv8.stride(0), kv32.stride(0), kv16.stride(0), idx2.stride(0),
+            q3.stride(0), q3.stride(1), idx2.stride(0),
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
             h, k, split_len, scale * math.log2(math.e))
     meta = dict(D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=block_h, FP8=fp8)
@@ -157,33 +155,35 @@ def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
 
 if triton is not None:
     @triton.jit
-    def _gather_kv(kv8, kv32, kv16, slot, valid, s8, s32, s16,
+    def _gather_kv(kv8, kv32, kv16, slot, valid,
                    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
-        """Latents of BLOCK_N slots as bf16: nope [BLOCK_N, D_NOPE], rope [BLOCK_N, D_ROPE]
-        (zeros where not valid)."""
+        """Latents of BLOCK_N slots as bf16: nope [BLOCK_N, D_NOPE], rope [BLOCK_N, D_ROPE], zeros
+        where not valid. Row strides are constants (contiguous rows) so that the loads vectorise."""
         row = slot.to(tl.int64)
         dr = tl.arange(0, D_ROPE)
         if FP8:
             NG: tl.constexpr = D_NOPE // 128
+            ROW: tl.constexpr = D_NOPE + 4 * NG + 2 * D_ROPE                              # bytes
             g = tl.arange(0, NG)
             c = tl.arange(0, 128)
-            p8 = kv8 + row[:, None, None] * s8 + g[None, :, None] * 128 + c[None, None, :]
+            p8 = kv8 + row[:, None, None] * ROW + g[None, :, None] * 128 + c[None, None, :]
             q8 = tl.load(p8, mask=valid[:, None, None], other=0)                          # [N, NG, 128]
-            sc = tl.load(kv32 + row[:, None] * s32 + D_NOPE // 4 + g[None, :],
+            sc = tl.load(kv32 + row[:, None] * (ROW // 4) + D_NOPE // 4 + g[None, :],
                          mask=valid[:, None], other=0.0)                                  # [N, NG]
             x = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, :, None]
             nope = tl.reshape(x.to(tl.bfloat16), (BLOCK_N, D_NOPE))
-            rope_off = (D_NOPE + 4 * NG) // 2
+            rope = tl.load(kv16 + row[:, None] * (ROW // 2) + (D_NOPE + 4 * NG) // 2 + dr[None, :],
+                           mask=valid[:, None], other=0.0)
         else:
+            ROW16: tl.constexpr = D_NOPE + D_ROPE
             dn = tl.arange(0, D_NOPE)
-            nope = tl.load(kv16 + row[:, None] * s16 + dn[None, :], mask=valid[:, None], other=0.0)
-            rope_off = D_NOPE
-        rope = tl.load(kv16 + row[:, None] * s16 + rope_off + dr[None, :], mask=valid[:, None], other=0.0)
+            nope = tl.load(kv16 + row[:, None] * ROW16 + dn[None, :], mask=valid[:, None], other=0.0)
+            rope = tl.load(kv16 + row[:, None] * ROW16 + D_NOPE + dr[None, :], mask=valid[:, None], other=0.0)
         return nope, rope
 
     @triton.jit
     def _decode_kernel(q_ptr, kv8, kv32, kv16, idx_ptr, o_ptr, lse_ptr,
-                       sq_r, sq_h, s8, s32, s16, si_r, so_s, so_r, so_h, sl_s, sl_r,
+                       sq_r, sq_h, si_r, so_s, so_r, so_h, sl_s, sl_r,
                        H, K, split_len, qk_scale,
                        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, FP8: tl.constexpr):
@@ -206,7 +206,7 @@ if triton is not None:
             offs = n0 + tl.arange(0, BLOCK_N)
             slot = tl.load(idx_row + offs, mask=offs < end, other=-1)
             valid = slot >= 0
-            k_nope, k_rope = _gather_kv(kv8, kv32, kv16, tl.where(valid, slot, 0), valid, s8, s32, s16,
+            k_nope, k_rope = _gather_kv(kv8, kv32, kv16, tl.where(valid, slot, 0), valid,
                                         D_NOPE, D_ROPE, BLOCK_N, FP8)
             sc = tl.dot(q_nope, tl.trans(k_nope))
             sc = tl.dot(q_rope, tl.trans(k_rope), sc)                                     # [BH, BN]
@@ -220,7 +220,7 @@ if triton is not None:
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         o_row = o_ptr + pid_s.to(tl.int64) * so_s + r.to(tl.int64) * so_r
         tl.store(o_row + heads[:, None] * so_h + dn[None, :], out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
         tl.store(lse_ptr + pid_s * sl_s + r * sl_r + heads, lse, mask=hmask)
@@ -248,4 +248,5 @@ if triton is not None:
             acc += w * tl.load(o_part + i * so_s + r * so_r + h * so_h + d)
         out = acc / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + r * sout_r + h * sout_h + d, out.to(out_ptr.dtype.element_ty))
-        tl.store(lse_ptr + r * slse_r + h, tl.where(total > 0, m_use + tl.log(total), float("-inf")))
+        lse = tl.where(total > 0, m_use + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+        tl.store(lse_ptr + r * slse_r + h, lse)
