@@ -168,9 +168,9 @@ if triton is not None:
             c = tl.arange(0, 128)
             p8 = kv8 + row[:, None, None] * ROW + g[None, :, None] * 128 + c[None, None, :]
             q8 = tl.load(p8, mask=valid[:, None, None], other=0)                          # [N, NG, 128]
-            sc = tl.load(kv32 + row[:, None] * (ROW // 4) + D_NOPE // 4 + g[None, :],
+            scl = tl.load(kv32 + row[:, None] * (ROW // 4) + D_NOPE // 4 + g[None, :],
                          mask=valid[:, None], other=0.0)                                  # [N, NG]
-            x = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, :, None]
+            x = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scl[:, :, None]
             nope = tl.reshape(x.to(tl.bfloat16), (BLOCK_N, D_NOPE))
             rope = tl.load(kv16 + row[:, None] * (ROW // 2) + (D_NOPE + 4 * NG) // 2 + dr[None, :],
                            mask=valid[:, None], other=0.0)
