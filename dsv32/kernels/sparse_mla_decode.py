@@ -8,11 +8,13 @@ Cache rows [kernel-anchors §1b, §2.1], addressed by global slot = block * 64 +
         64 bf16 rope values. FlashMLA's V3.2 FP8 layout, byte for byte.
 
 Kernel design (H100). All heads of one query token share its indices, so heads are the MMA's M
-dimension: a program takes 64 heads of one (batch, query) row, gathers 64 latents at a time,
-dequantises FP8 in registers (e4m3 -> fp32 * scale -> bf16) and runs an online softmax with the
-64x512 fp32 accumulator split over two warpgroups. When the batch is too small to fill the GPU,
-the k indices are split into chunks handled by separate programs (split-KV), whose partial
-(out, lse) in fp32 a second kernel merges.
+dimension: a program takes 64 heads of one (batch, query) row and 8 warps (the 64x512 fp32
+accumulator is 128 registers a thread), gathers 32 or 64 cache rows at a time with cp.async
+(pipelined so that the next tile's gather is in flight while one computes), dequantises FP8 in
+registers (e4m3 -> fp32 * scale -> bf16, exactly as the reference) and runs an online softmax.
+The two programs of a row's 128 heads run side by side, so the second gather hits L2. When the
+batch is too small to fill the GPU, the k indices are split into chunks handled by separate
+programs (split-KV), whose partial (out, lse) in fp32 a second kernel merges.
 """
 
 import functools
@@ -107,6 +109,7 @@ def auto_num_splits(rows: int, head_blocks: int, k: int, sms: int) -> int:
 
 
 def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
+    """The kernel; num_splits=None picks the split-KV count from the batch and the SM count."""
     fp8, d_rope = _check(q, cache, idx, d_v)
     if d_rope & (d_rope - 1) or d_v & (d_v - 1):
         raise ValueError(f"the kernel needs power-of-two d_v and rope dims, got {d_v} and {d_rope}")
@@ -116,7 +119,9 @@ def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
     idx2 = idx.reshape(rows, k)
     if q3.stride(-1) != 1 or idx2.stride(-1) != 1:
         q3, idx2 = q3.contiguous(), idx2.contiguous()
-    cache = cache.reshape(-1, cache.shape[-1]).contiguous()  # a view for the engine's cache
+    cache = cache.reshape(-1, cache.shape[-1])  # also takes FlashMLA's [blocks, 64, 1, 656] view
+    if not cache.is_contiguous():
+        raise ValueError("cache rows must be contiguous (one layer of the paged cache, e.g. cache.kv[layer])")
     block_h = min(BLOCK_H, max(16, triton.next_power_of_2(h)))
     head_blocks = -(-h // block_h)
     if num_splits is None:
