@@ -7,6 +7,8 @@ cache slots; each query picks topk unique ones of its own. FLOPs = 2*b*s_q*h*top
 bytes = the selected cache rows + q + out (FlashMLA's formulas).
 """
 
+from functools import partial
+
 import torch
 
 from bench.kernel_cases import time_us
@@ -70,20 +72,19 @@ def cases(quick: bool) -> list[dict]:
                 shape = f"b={b} s_q={s_q} s_k={s_k} topk={TOPK} kv={kv}"
                 nbytes = b * s_q * (TOPK * cache.shape[1] * cache.element_size() + H * (D + D_V) * 2)
                 peer, note = flashmla_calls(q, cache, idx, kv)
-                impls = [("ours", lambda: sparse_mla_decode_triton(q, cache, idx, SCALE), f"num_splits={splits}"),
-                         ("torch", lambda: sparse_mla_decode_ref(q, cache, idx, SCALE), ""),
+                impls = [("ours", partial(sparse_mla_decode_triton, q, cache, idx, SCALE), f"num_splits={splits}"),
+                         ("torch", partial(sparse_mla_decode_ref, q, cache, idx, SCALE), ""),
                          ("flashmla", peer, note)]
                 for impl, fn, why in impls:
                     us = None
                     if fn is not None:
                         try:
                             us = time_us(fn)
-                        except Exception as e:  # a peer's API drift must not sink the whole run
+                        except Exception as e:  # noqa: BLE001 -- a peer's API drift must not sink the whole run
                             why = f"{why}; failed: {type(e).__name__}: {e}"[:300]
                     rows.append({"kernel": "sparse_mla_decode", "shape": shape, "impl": impl, "us": us,
                                  "tflops": flops / us / 1e6 if us else None,
                                  "tbps": nbytes / us / 1e6 if us else None, "note": why})
-            del q, idx
         del caches
         torch.cuda.empty_cache()
     return rows

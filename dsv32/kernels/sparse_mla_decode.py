@@ -145,7 +145,7 @@ def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
             q3.stride(0), q3.stride(1), idx2.stride(0),
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
             h, k, split_len, scale * math.log2(math.e))
-    meta = dict(D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=block_h, FP8=fp8)
+    meta = {"D_NOPE": d_v, "D_ROPE": d_rope, "BLOCK_H": block_h, "FP8": fp8}
     if q.is_cuda:
         _decode_tuned[grid](*args, **meta)
     else:  # the interpreter: one small config

@@ -10,8 +10,14 @@ import torch
 from dsv32.config import preset
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
-from dsv32.kernels.sparse_mla_decode import (auto_num_splits, dequant_fp8_rows, fp8_row_bytes, sparse_mla_decode,
-                                             sparse_mla_decode_ref, sparse_mla_decode_triton)
+from dsv32.kernels.sparse_mla_decode import (
+    auto_num_splits,
+    dequant_fp8_rows,
+    fp8_row_bytes,
+    sparse_mla_decode,
+    sparse_mla_decode_ref,
+    sparse_mla_decode_triton,
+)
 from dsv32.model.mla import MLA
 
 SCALE = 576 ** -0.5
