@@ -21,6 +21,7 @@ from dsv32.kernels.sparse_mla_decode import (
 from dsv32.model.mla import MLA
 
 SCALE = 576 ** -0.5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: natively, or interpreted on CPU
 
 
 def fp8_rows(kv: torch.Tensor) -> torch.Tensor:
@@ -53,33 +54,36 @@ def assert_close(got, want):
 
 # ---- the reference ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_reference_equals_model_mqa_over_the_paged_cache(fp8):
-    """Latents written by PagedCache into scattered blocks, read back through global slot ids,
-    give what MLA._mqa computes from the same (dequantised) latents at sequence positions."""
-    cfg = preset("tiny").replace(kv_lora_rank=128)  # FP8 groups of 128; rope 8
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_equals_model_mqa_over_the_paged_cache(fp8, backend):
+    """Latents that PagedCache wrote into scattered blocks, read back through global slot ids,
+    give what the model's absorbed MLA (MLA._mqa) computes from the same (dequantised) latents
+    at sequence positions: the reference, and the kernel under Triton's interpreter."""
+    cfg = preset("tiny").replace(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=64)  # V3.2's latent
     mla = MLA(cfg).eval()
-    b, s, t, k, h = 2, 2, 100, 24, cfg.num_attention_heads
+    b, s, t, k, h, c = 2, 2, 100, 24, cfg.num_attention_heads, cfg.kv_lora_rank
     cache = PagedCache(cfg, num_blocks=8, fp8=fp8, dtype=torch.bfloat16)
     positions = torch.arange(t).expand(b, t)
     cache.prepare([[5, 2], [7, 0]], positions)  # non-contiguous, interleaved blocks
-    r = cfg.qk_rope_head_dim
-    kv, pe = torch.randn(b, t, 128), torch.randn(b, t, r)
-    kv_read, pe_read, _ = cache.update(0, kv, pe, torch.randn(b, t, cfg.index_head_dim), positions)
+    kv, pe = torch.randn(b, t, c), torch.randn(b, t, 64)
+    kv_read, pe_read, _ = cache.update(0, kv, pe, torch.randn(b, t, 64), positions)
 
     pos = torch.stack([torch.randperm(t)[:k] for _ in range(b * s)]).view(b, s, k)
     pos[torch.rand(b, s, k) < 0.25] = -1
-    q_nope = torch.randn(b, s, h, cfg.qk_nope_head_dim)
-    q_pe = torch.randn(b, s, h, r)
+    q_nope, q_pe = torch.randn(b, s, h, cfg.qk_nope_head_dim), torch.randn(b, s, h, 64)
     with torch.no_grad():
         want, _ = mla._mqa(q_nope, q_pe, kv_read.float(), pe_read.float(), None, pos, False)
 
-        w = mla.kv_b_proj.weight.view(h, cfg.qk_nope_head_dim + cfg.v_head_dim, 128)
+        w = mla.kv_b_proj.weight.view(h, cfg.qk_nope_head_dim + cfg.v_head_dim, c)
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :cfg.qk_nope_head_dim])
         q = torch.cat([q_lat, q_pe], -1).to(torch.bfloat16)
         slots = torch.where(pos >= 0, cache.gather[:, None, :].expand(b, s, t).gather(2, pos.clamp(min=0)), -1)
-        o_lat, lse = sparse_mla_decode_ref(q, cache.kv[0], slots.to(torch.int32), cfg.softmax_scale, d_v=128)
-        got = torch.einsum("bshc,hdc->bshd", o_lat.float(), w[:, cfg.qk_nope_head_dim:])
+        dev = DEVICE if backend == "triton" else "cpu"
+        with force(backend):
+            o_lat, lse = sparse_mla_decode(q.to(dev), cache.kv[0].to(dev), slots.to(dev, torch.int32),
+                                           cfg.softmax_scale)
+        got = torch.einsum("bshc,hdc->bshd", o_lat.float().cpu(), w[:, cfg.qk_nope_head_dim:])
     assert (got - want).norm() / want.norm() < 2e-2
     assert lse.isfinite().all()
 
@@ -137,7 +141,7 @@ def test_bad_inputs_fail_clearly():
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("s_q,b,h,num_splits", [(1, 3, 16, 1), (2, 2, 20, 3), (2, 1, 16, None)])
 def test_kernel_matches_reference(fp8, s_q, b, h, num_splits):
-    q, cache, idx = make_case(b, s_q, h, 70, fp8=fp8)  # 70: a ragged last tile and split
+    q, cache, idx = make_case(b, s_q, h, 70, fp8=fp8, device=DEVICE)  # 70: ragged last tile and split
     with force("triton"):
         got = sparse_mla_decode(q, cache, idx, SCALE, num_splits=num_splits)
     assert_close(got, sparse_mla_decode_ref(q, cache, idx, SCALE))
@@ -146,7 +150,7 @@ def test_kernel_matches_reference(fp8, s_q, b, h, num_splits):
 
 def test_kernel_split_counts_agree():
     """Three splits (64 + 64 + 22 indices) and int64 indices give what one split gives."""
-    q, cache, idx = make_case(1, 2, 16, 150, fp8=True)
+    q, cache, idx = make_case(1, 2, 16, 150, fp8=True, device=DEVICE)
     one = sparse_mla_decode_triton(q, cache, idx, SCALE, num_splits=1)
     three = sparse_mla_decode_triton(q, cache, idx.long(), SCALE, num_splits=3)
     torch.testing.assert_close(three[1], one[1], rtol=1e-5, atol=1e-5)
