@@ -147,7 +147,15 @@ def _prefill_configs():
 
 def _paged_configs():
     return [triton.Config({"BLOCK_T": bt}, num_warps=wp, num_stages=st)
-            for bt, wp, st in [(64, 4, 3), (64, 4, 5), (128, 8, 3)]]
+            for bt, wp, st in [(64, 4, 3), (64, 4, 5), (128, 8, 4)]]
+
+
+def _row_align(keys: torch.Tensor) -> int:
+    """The alignment, in elements, that every cache row start has (the base is 16-byte aligned):
+    the largest power of two dividing the row stride in bytes, at most 16."""
+    stride = keys.stride(0) * keys.element_size()
+    align = min(16, stride & -stride) if stride else 16
+    return max(1, align // keys.element_size())
 
 
 def _check_head_dim(d: int):
@@ -211,7 +219,8 @@ def indexer_logits_paged_triton(q, w, cache, block_table, seq_lens, q_scale=None
     span = 128 * max(1, min(16, b * tiles // (2 * _num_sms(q.device))))
     grid = (triton.cdiv(max_len, span), b)
     args = (q, w, keys, k_scale, table, lens, out, table.shape[1], max_len, span,
-            keys.stride(0), k_scale.stride(0), n, hp, d, block_size, fp8_cache, _interpreted())
+            keys.stride(0), k_scale.stride(0), n, hp, d, block_size, _row_align(keys), fp8_cache,
+            _interpreted())
     _launch(_paged_kernel, _paged_tuned, grid, args, config)
     return out
 
@@ -278,7 +287,8 @@ if triton is not None:
     def _paged_kernel(q_ptr, w_ptr, cache_ptr, ks_ptr, table_ptr, lens_ptr, out_ptr,
                       max_blocks, max_len, span, row_stride, ks_stride,
                       NQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                      HAS_KS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr):
+                      ROW_ALIGN: tl.constexpr, HAS_KS: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
         """Tokens [span * pid, span * (pid + 1)) of sequence b, for its NQ queries; w has the
         query scales folded in. Past seq_len nothing is read, -inf is written."""
         b = tl.program_id(1)
@@ -299,7 +309,10 @@ if triton is not None:
             ok = offs < seq_len
             block = tl.load(table_ptr + b * max_blocks + offs // PAGE, mask=ok, other=0)
             slot = block.to(tl.int64) * PAGE + offs % PAGE
-            kt = tl.load(cache_ptr + slot[:, None] * row_stride + d[None, :], mask=ok[:, None], other=0.0)
+            # the true alignment of each row (Triton 3.6 otherwise infers 16 from block * PAGE,
+            # which 132-byte FP8 rows do not have)
+            row = tl.multiple_of(slot * row_stride, ROW_ALIGN)
+            kt = tl.load(cache_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             l0 = _head_sum(kt, q0, w0, UPCAST)
             if NQ == 2:
                 l1 = _head_sum(kt, q1, w1, UPCAST)
@@ -318,4 +331,4 @@ if triton is not None:
                          mask=offs < stop)
 
     _prefill_tuned = triton.autotune(_prefill_configs(), key=["H", "D", "HAS_END"])(_prefill_kernel)
-    _paged_tuned = triton.autotune(_paged_configs(), key=["NQ", "H", "D", "PAGE"])(_paged_kernel)
+    _paged_tuned = triton.autotune(_paged_configs(), key=["NQ", "H", "D", "PAGE", "ROW_ALIGN"])(_paged_kernel)

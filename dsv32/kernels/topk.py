@@ -146,6 +146,7 @@ if triton is not None:
         """Radix select in registers: the rank-th largest (1 <= rank <= #valid) of the valid keys,
         which all agree with tau at and above bit `shift`. Returns (that key, how many keys equal
         to it belong to the top `rank`)."""
+        shift = tl.zeros((), tl.int32) + shift  # loop-carried: a tensor even when a literal came in
         rem = rank
         while shift > 0:
             width = tl.minimum(shift, 5)
