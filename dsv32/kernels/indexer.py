@@ -15,6 +15,7 @@ the ReLU-weighted sum and the key scale multiplies each key's head sum once. (Sc
 non-negative, as amax-based scales are.)
 """
 
+import functools
 import os
 
 import torch
@@ -136,6 +137,7 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -230,11 +232,11 @@ if triton is not None:
     @triton.jit
     def _dot(a, b_t, UPCAST: tl.constexpr):
         """a: [M, K] @ b_t: [N, K]^T -> [M, N] fp32. Mixed operands meet in fp32 if either is
-        fp32, else in bf16 (FP8 with bf16: exact)."""
+        fp32, else in bf16 (exact for FP8), as do FP8 ones with K < 32 (no FP8 MMA that short)."""
         if UPCAST or a.dtype == tl.float32 or b_t.dtype == tl.float32:
             a = a.to(tl.float32)
             b_t = b_t.to(tl.float32)
-        elif a.dtype != b_t.dtype:
+        elif a.dtype != b_t.dtype or (a.dtype.primitive_bitwidth == 8 and a.shape[1] < 32):
             a = a.to(tl.bfloat16)
             b_t = b_t.to(tl.bfloat16)
         if a.dtype == tl.float32:

@@ -19,6 +19,7 @@ Scores are compared as order-preserving uint32 keys (sign-folded float bits), -i
 So the scores are read once (plus a 3% sample), not once per digit as in a plain radix select.
 """
 
+import functools
 import math
 
 import torch
@@ -59,6 +60,7 @@ def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 MODE_SAMPLE, MODE_ALL_CANDIDATES, MODE_ALL, MODE_FULL = 0, 1, 2, 3
 
 
+@functools.lru_cache(maxsize=None)
 def _plan(n: int, k: int) -> tuple[int, int, int, int]:
     """(mode, r_hi, r_lo, cap) for rows of n scores: sample ranks that bracket the k-th largest
     at SIGMAS standard deviations, and the candidate capacity (a power of two)."""
@@ -77,6 +79,7 @@ def _plan(n: int, k: int) -> tuple[int, int, int, int]:
     return MODE_SAMPLE, r_hi, r_lo, cap
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 

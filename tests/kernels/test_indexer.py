@@ -1,5 +1,6 @@
 """Indexer logits: the references against a per-head loop and the model's Indexer; the Triton
-kernels (under the interpreter on CPU) against the references, prefill and paged decode."""
+kernels against the references, prefill and paged decode. The small cases run under Triton's
+interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from dsv32.model.indexer import Indexer
 from dsv32.model.rope import apply_rope_half, rope_cos_sin
 
 NEG = float("-inf")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def assert_logits_close(got, want, rtol=1e-5):
@@ -24,11 +26,12 @@ def assert_logits_close(got, want, rtol=1e-5):
     assert ((got[fin] - want[fin]).abs() <= rtol * scale).all(), (got[fin] - want[fin]).abs().max()
 
 
-def inputs(b, s, t, h, d, fp8=False):
-    q, k, w = torch.randn(b, s, h, d), torch.randn(b, t, d), torch.randn(b, s, h)
+def inputs(b, s, t, h, d, fp8=False, device="cpu"):
+    q, k, w = (torch.randn(*shape, device=device) for shape in ((b, s, h, d), (b, t, d), (b, s, h)))
     if not fp8:
         return q.bfloat16(), k.bfloat16(), w, None, None
-    return q.to(FP8), k.to(FP8), w, torch.rand(b, s, h) + 0.1, torch.rand(b, t) + 0.1
+    qs, ks = torch.rand(b, s, h, device=device) + 0.1, torch.rand(b, t, device=device) + 0.1
+    return q.to(FP8), k.to(FP8), w, qs, ks
 
 
 def test_ref_is_the_per_head_sum():
@@ -64,9 +67,9 @@ def test_ref_matches_model_indexer():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_prefill_kernel_causal(fp8):
     b, s, t, h, d = 2, 70, 150, 3, 32
-    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8)
-    end = (t - s + 1 + torch.arange(s)).expand(b, s).clone()  # the last s positions of t
-    end[1] = torch.randint(0, t + 1, (s,))                   # ragged
+    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8, DEV)
+    end = (t - s + 1 + torch.arange(s, device=DEV)).expand(b, s).clone()  # the last s of t positions
+    end[1] = torch.randint(0, t + 1, (s,), device=DEV)                   # ragged
     assert_logits_close(indexer_logits_triton(q, k, w, qs, ks, end), indexer_logits_ref(q, k, w, qs, ks, end))
 
 
@@ -74,14 +77,14 @@ def test_prefill_kernel_causal(fp8):
 def test_prefill_kernel_every_config(config):
     """Each config the GPU autotuner may pick; ragged ends, shapes off the tile grid."""
     b, s, t, h, d = 1, 40, 200, 2, 16
-    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8=True)
-    end = torch.randint(0, t + 1, (b, s))
+    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8=True, device=DEV)
+    end = torch.randint(0, t + 1, (b, s), device=DEV)
     got = indexer_logits_triton(q, k, w, qs, ks, end, config=config)
     assert_logits_close(got, indexer_logits_ref(q, k, w, qs, ks, end))
 
 
 def test_prefill_kernel_mixed_dtypes():
-    q, k, w, qs, _ = inputs(1, 20, 50, 2, 16, fp8=True)
+    q, k, w, qs, _ = inputs(1, 20, 50, 2, 16, fp8=True, device=DEV)
     kb = k.float().bfloat16()  # fp8 queries against bf16 keys meet in bf16
     assert_logits_close(indexer_logits_triton(q, kb, w, qs, None), indexer_logits_ref(q, kb, w, qs, None))
 
@@ -97,9 +100,9 @@ def paged_setup(lens, h=4, d=32, n=2, bs=16, fp8_cache=True, fp8_q=False, max_bl
         for i, L in enumerate(lens):
             table[i, -(-L // bs):] = 10 ** 6
     q, w = torch.randn(b, n, h, d), torch.randn(b, n, h)
-    qs = torch.rand(b, n, h) + 0.1 if fp8_q else None
+    qs = torch.rand(b, n, h).to(DEV) + 0.1 if fp8_q else None
     q = q.to(FP8) if fp8_q else q.bfloat16()
-    return q, w, cache, table, torch.tensor(lens, dtype=torch.int32), qs, bs
+    return q.to(DEV), w.to(DEV), cache.to(DEV), table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV), qs, bs
 
 
 @pytest.mark.parametrize("fp8_cache,fp8_q", [(True, True), (True, False), (False, False), (False, True)])
@@ -126,26 +129,29 @@ def test_paged_matches_the_engine_cache():
     cfg = preset("tiny")
     d = cfg.index_head_dim
     for fp8 in (True, False):
-        cache = PagedCache(cfg, num_blocks=8, block_size=16, fp8=fp8, dtype=torch.float32)
+        cache = PagedCache(cfg, num_blocks=8, block_size=16, fp8=fp8, dtype=torch.float32, device=DEV)
         tables, lens = [[5, 2, 7], [0, 3]], [40, 23]
         pos = torch.arange(40).expand(2, 40)
         cache.prepare(tables, pos)
-        kv = torch.randn(2, 40, cfg.kv_lora_rank)
-        pe = torch.randn(2, 40, cfg.qk_rope_head_dim)
-        _, _, ik_all = cache.update(0, kv, pe, torch.randn(2, 40, d), pos)  # [2, 40, d]
-        q, w = torch.randn(2, 2, cfg.index_n_heads, d).bfloat16(), torch.randn(2, 2, cfg.index_n_heads)
-        table = torch.tensor([[5, 2, 7], [0, 3, 0]], dtype=torch.int32)
-        end = torch.tensor(lens)[:, None] - 1 + torch.arange(2)
+        kv = torch.randn(2, 40, cfg.kv_lora_rank, device=DEV)
+        pe = torch.randn(2, 40, cfg.qk_rope_head_dim, device=DEV)
+        _, _, ik_all = cache.update(0, kv, pe, torch.randn(2, 40, d, device=DEV), pos)  # [2, 40, d]
+        q = torch.randn(2, 2, cfg.index_n_heads, d, device=DEV).bfloat16()
+        w = torch.randn(2, 2, cfg.index_n_heads, device=DEV)
+        table = torch.tensor([[5, 2, 7], [0, 3, 0]], dtype=torch.int32, device=DEV)
+        lens = torch.tensor(lens, device=DEV)
+        end = lens[:, None] - 1 + torch.arange(2, device=DEV)
         want = indexer_logits_ref(q, ik_all, w, k_end=end)                   # [2, 2, 40]
-        got = indexer_logits_paged_triton(q, w, cache.ik[0], table, torch.tensor(lens), None, 16)
+        got = indexer_logits_paged_triton(q, w, cache.ik[0], table, lens, None, 16)
         assert_logits_close(got[..., :40], want, rtol=1e-4)
 
 
 def test_dispatch_and_errors():
     q, k, w, _, _ = inputs(1, 4, 8, 2, 16)
-    assert torch.equal(indexer_logits(q, k, w), indexer_logits_ref(q, k, w))
+    assert torch.equal(indexer_logits(q, k, w), indexer_logits_ref(q, k, w))  # CPU: the reference
     with force("triton"):
-        assert_logits_close(indexer_logits(q, k, w), indexer_logits_ref(q, k, w))
+        qd, kd, wd = q.to(DEV), k.to(DEV), w.to(DEV)
+        assert_logits_close(indexer_logits(qd, kd, wd), indexer_logits_ref(qd, kd, wd))
     with pytest.raises(ValueError, match="w must have shape"):
         indexer_logits(q, k, w[:, :2])
     with pytest.raises(ValueError, match="q_scale"):
@@ -155,8 +161,9 @@ def test_dispatch_and_errors():
         indexer_logits_paged(pq, pw, cache[:, :-1], table, lens, None, bs)
     with pytest.raises(ValueError, match="n in"):
         indexer_logits_paged(pq.repeat(1, 2, 1, 1), pw, cache, table, lens, None, bs)
-    want = indexer_logits_paged_ref(pq, pw, cache, table, lens, None, bs)
-    assert torch.equal(indexer_logits_paged(pq, pw, cache, table, lens, None, bs), want)
+    with force("ref"):
+        want = indexer_logits_paged_ref(pq, pw, cache, table, lens, None, bs)
+        assert torch.equal(indexer_logits_paged(pq, pw, cache, table, lens, None, bs), want)
 
 
 # --- GPU, real shapes --------------------------------------------------------------------------
@@ -165,7 +172,7 @@ def test_dispatch_and_errors():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_prefill(fp8):
     b, s, t, h, d = 1, 512, 4096, 64, 128
-    q, k, w, qs, ks = (x.cuda() if x is not None else None for x in inputs(b, s, t, h, d, fp8))
+    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8, "cuda")
     end = (t - s + 1 + torch.arange(s, device="cuda")).expand(b, s)
     assert_logits_close(indexer_logits(q, k, w, qs, ks, end), indexer_logits_ref(q, k, w, qs, ks, end), 2e-3)
 

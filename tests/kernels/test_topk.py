@@ -1,4 +1,5 @@
-"""Top-k: the Triton radix select (under the interpreter on CPU) against torch.topk, as sets."""
+"""Top-k: the Triton radix select against torch.topk, as sets. The small cases run under Triton's
+interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from dsv32.kernels.topk import MODE_SAMPLE, _bracket, _plan, topk, topk_ref, top
 from dsv32.model.indexer import topk_select
 
 NEG = float("-inf")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def assert_topk_set(scores: torch.Tensor, got: torch.Tensor, k: int):
@@ -39,12 +41,12 @@ def test_ref_matches_model_topk_select():
 
 @pytest.mark.parametrize("r,n,k", [(3, 100, 10), (2, 5000, 300), (3, 20000, 64), (2, 20000, 1000)])
 def test_random_rows(r, n, k):
-    x = torch.randn(r, n)
+    x = torch.randn(r, n, device=DEV)
     assert_topk_set(x, topk_triton(x, k), k)
 
 
 def test_k_above_n_and_masked_rows():
-    x = torch.randn(4, 3000)
+    x = torch.randn(4, 3000, device=DEV)
     x[0] = NEG                 # nothing allowed
     x[1, 7:] = NEG             # fewer finite than k
     x[2, ::2] = NEG            # ragged
@@ -54,16 +56,16 @@ def test_k_above_n_and_masked_rows():
 
 def test_ties_at_the_threshold():
     # few distinct values: the k-th value is shared by many keys (and the bracket cannot hold)
-    x = torch.randint(0, 4, (2, 20000)).float()
+    x = torch.randint(0, 4, (2, 20000), device=DEV).float()
     x[1, 5000:] = NEG
     assert_topk_set(x, topk_triton(x, 64), 64)
     assert_topk_set(x, topk_triton(x, 1500), 1500)
-    small = torch.randint(0, 3, (3, 700)).float()
+    small = torch.randint(0, 3, (3, 700), device=DEV).float()
     assert_topk_set(small, topk_triton(small, 100), 100)
 
 
 def test_strided_input_and_negative_scores():
-    x = -torch.rand(40, 3000).t()[:7]  # non-contiguous rows, all negative
+    x = -torch.rand(40, 3000, device=DEV).t()[:7]  # non-contiguous rows, all negative
     assert_topk_set(x, topk_triton(x, 33), 33)
 
 
@@ -71,8 +73,9 @@ def test_bracket_holds_on_random_rows():
     """The fast path runs: the sample quantiles bracket the k-th largest key."""
     n, k = 20000, 1000
     assert _plan(n, k)[0] == MODE_SAMPLE
-    x = torch.randn(4, n)
+    x = torch.randn(4, n, device=DEV)
     _, _, bounds, _ = _bracket(x, k)
+    bounds, x = bounds.cpu(), x.cpu()
     kth = x.topk(k, dim=-1).values[:, -1]
     key = kth.view(torch.int32).long() & 0xFFFFFFFF
     key = torch.where(kth < 0, 0xFFFFFFFF - key, key | 0x80000000)
@@ -84,7 +87,7 @@ def test_dispatch_and_errors():
     x = torch.randn(2, 64)
     assert torch.equal(topk(x, 8), topk_ref(x, 8))  # CPU tensors: the reference
     with force("triton"):
-        assert_topk_set(x, topk(x, 8), 8)
+        assert_topk_set(x, topk(x.to(DEV), 8), 8)
     with pytest.raises(ValueError, match="scores"):
         topk(x.double(), 8)
     with pytest.raises(ValueError, match="k"):
