@@ -1,0 +1,301 @@
+"""Top-k selection over index scores: the k largest of each row, as a set of indices.
+
+    topk(scores [R, N] fp32, k) -> [R, k] int32, -1 where a row has fewer than k finite scores
+
+-inf marks a key the query may not see (NaN is not supported). The order within a row is not
+sorted; ties at the k-th value are broken arbitrarily, but exactly min(k, #finite) indices come back.
+
+The Triton path is a sample-bracketed radix select, three launches for any number of rows:
+  1. bracket: per row, radix-select two quantiles [t_lo, t_hi] of a strided sample of 2048
+     scores that hold the k-th largest score with overwhelming probability (4.5 sigma);
+  2. partition (rows x chunks programs, so one row still fills the GPU): one pass over the scores;
+     keys above t_hi are in the top-k and go straight to the output, keys in [t_lo, t_hi] go to a
+     per-row candidate buffer (a few thousand), slots taken with one atomic per block;
+  3. select (one program per row): an exact radix select over the candidates, held in registers,
+     5 bits per histogram pass, then a compaction that writes the keys above the threshold and
+     enough of the ties. A row whose bracket missed (too many or too few candidates: ties,
+     adversarial data) is redone exactly by the same radix select run over the whole row.
+Scores are compared as order-preserving uint32 keys (sign-folded float bits), -inf mapped to 0.
+So the scores are read once (plus a 3% sample), not once per digit as in a plain radix select.
+"""
+
+import functools
+import math
+
+import torch
+
+from dsv32.kernels import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference still works
+    triton = None
+
+SAMPLE_GROUPS, SAMPLE_RUN = 256, 8  # 2048 samples: 256 runs of 8 contiguous scores (one 32 B sector)
+SIGMAS = 4.5  # bracket half-width in standard deviations of the sample rank
+MAX_CAP = 8192  # candidates a select program holds in registers
+
+
+def topk_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores: [R, N] fp32 -> [R, k] int32 indices of the k largest, -1 where the score is -inf
+    (or past the end of a row shorter than k)."""
+    r, n = scores.shape
+    vals, idx = scores.topk(min(k, n), dim=-1)
+    idx = idx.masked_fill(vals == float("-inf"), -1).int()
+    return torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)
+
+
+def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest scores of each row, as indices: see the module docstring."""
+    if scores.dim() != 2 or scores.dtype != torch.float32:
+        raise ValueError(f"scores must be [R, N] float32, got {tuple(scores.shape)} {scores.dtype}")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    return (topk_triton if use_triton(scores) else topk_ref)(scores, k)
+
+
+# --- Triton ------------------------------------------------------------------------------------
+
+MODE_SAMPLE, MODE_ALL_CANDIDATES, MODE_ALL, MODE_FULL = 0, 1, 2, 3
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(n: int, k: int) -> tuple[int, int, int, int]:
+    """(mode, r_hi, r_lo, cap) for rows of n scores: sample ranks that bracket the k-th largest
+    at SIGMAS standard deviations, and the candidate capacity (a power of two)."""
+    if k >= n:
+        return MODE_ALL, 0, 0, 1024
+    if n <= MAX_CAP:
+        return MODE_ALL_CANDIDATES, 0, 0, max(1024, triton.next_power_of_2(n))
+    s = SAMPLE_GROUPS * SAMPLE_RUN
+    m = k * s / n  # expected sample rank of the k-th largest
+    half = SIGMAS * math.sqrt(m * (1 - k / n)) + 2
+    r_hi, r_lo = max(0, math.floor(m - half)), math.ceil(m + half)
+    expected = (r_lo - r_hi) / s * n
+    cap = max(1024, triton.next_power_of_2(int(2 * expected)))
+    if r_lo > s or cap > MAX_CAP:
+        return MODE_FULL, 0, 0, 1024
+    return MODE_SAMPLE, r_hi, r_lo, cap
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _bracket(scores: torch.Tensor, k: int):
+    """Launch the bracket kernel: returns (mode, cap, bounds [R, 2] int64 (t_lo, t_hi) keys,
+    counts [R, 2] int32 zeroed for the partition)."""
+    r, n = scores.shape
+    mode, r_hi, r_lo, cap = _plan(n, k)
+    bounds = torch.empty(r, 2, dtype=torch.int64, device=scores.device)
+    counts = torch.empty(r, 2, dtype=torch.int32, device=scores.device)  # (#sure, #candidates)
+    gstride = (n // SAMPLE_GROUPS) // SAMPLE_RUN * SAMPLE_RUN
+    _bracket_kernel[(r,)](scores, scores.stride(0), counts, bounds, gstride, r_hi, r_lo,
+                          MODE=mode, GROUPS=SAMPLE_GROUPS, RUN=SAMPLE_RUN, num_warps=4)
+    return mode, cap, bounds, counts
+
+
+def topk_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
+    r, n = scores.shape
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    out = torch.empty(r, k, dtype=torch.int32, device=scores.device)
+    if r == 0:
+        return out
+    if n == 0:
+        return out.fill_(-1)
+    mode, cap, bounds, counts = _bracket(scores, k)
+    cand = torch.empty(r, 2, cap, dtype=torch.int32, device=scores.device)  # keys, indices
+    if mode != MODE_FULL:
+        block = 1024
+        blocks = triton.cdiv(n, block)
+        per = max(1, min(blocks, (r * blocks) // (4 * _num_sms(scores.device))))  # ~4 programs per SM
+        _partition_kernel[(r, triton.cdiv(blocks, per))](
+            scores, scores.stride(0), n, k, bounds, counts, out, cand, per,
+            CAP=cap, BLOCK=block, num_warps=4)
+    _select_kernel[(r,)](scores, scores.stride(0), n, k, bounds, counts, out, cand,
+                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=8)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keys(x):
+        """fp32 -> uint32 keys in the same order; -inf (not allowed) -> 0, everything else >= 1."""
+        u = x.to(tl.uint32, bitcast=True)
+        key = tl.where((u >> 31) != 0, ~u, u | 0x80000000)
+        return tl.where(key > 0x7FFFFF, key, 0)
+
+    @triton.jit
+    def _pick_bin(hist, rem, shift):
+        """hist: [32] counts of the next digit; the digit holding the rem-th largest and how many
+        counted keys lie above it. Returns (digit << shift as uint32, above)."""
+        d = tl.arange(0, 32)
+        above = tl.sum(hist) - tl.cumsum(hist)  # keys in higher digits than d
+        hit = (above < rem) & (above + hist >= rem)
+        digit = tl.max(tl.where(hit, d, 0))
+        return digit.to(tl.uint32) << shift, tl.sum(tl.where(d == digit, above, 0))
+
+    @triton.jit
+    def _high_bits(shift):
+        """uint32 mask of the bits at and above `shift` (0 <= shift <= 32)."""
+        return ((tl.full((), 0xFFFFFFFF, tl.int64) << shift) & 0xFFFFFFFF).to(tl.uint32)
+
+    @triton.jit
+    def _kth(key, valid, rank, tau, shift):
+        """Radix select in registers: the rank-th largest (1 <= rank <= #valid) of the valid keys,
+        which all agree with tau at and above bit `shift`. Returns (that key, how many keys equal
+        to it belong to the top `rank`)."""
+        shift = tl.zeros((), tl.int32) + shift  # loop-carried: a tensor even when a literal came in
+        rem = rank
+        while shift > 0:
+            width = tl.minimum(shift, 5)
+            shift -= width
+            known = _high_bits(shift + width)
+            digit = (key >> shift) & ((1 << width) - 1).to(tl.uint32)
+            hist = tl.histogram(digit.to(tl.int32), 32, mask=valid & ((key & known) == (tau & known)))
+            bits, above = _pick_bin(hist, rem, shift)
+            tau = tau | bits
+            rem -= above
+        return tau, rem
+
+    @triton.jit
+    def _bracket_kernel(x_ptr, stride_x, counts_ptr, bounds_ptr, gstride, r_hi, r_lo,
+                        MODE: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
+        """Per row: zero the partition counters and store (t_lo, t_hi)."""
+        row = tl.program_id(0)
+        tl.store(counts_ptr + 2 * row + tl.arange(0, 2), tl.zeros([2], tl.int32))
+        t_lo = tl.full((), 1, tl.int64)           # MODE_ALL_CANDIDATES: every allowed key
+        t_hi = tl.full((), 0xFFFFFFFF, tl.int64)  # ... and none sure
+        if MODE == 2:                             # MODE_ALL: every allowed key is sure
+            t_hi = tl.full((), 0, tl.int64)
+        if MODE == 0:  # sample quantiles: ranks r_hi and r_lo (1-based, from the top)
+            offs = tl.arange(0, GROUPS)[:, None] * gstride + tl.arange(0, RUN)[None, :]
+            keys = _keys(tl.load(x_ptr + row.to(tl.int64) * stride_x + offs))
+            keys = tl.reshape(keys, [GROUPS * RUN])
+            allowed = keys > 0
+            zero = tl.zeros((), tl.uint32)
+            if tl.sum(allowed.to(tl.int32)) >= r_lo:
+                c_lo, _ = _kth(keys, allowed, r_lo, zero, 32)
+                t_lo = c_lo.to(tl.int64)
+            if r_hi > 0:
+                c_hi, _ = _kth(keys, allowed, r_hi, zero, 32)
+                t_hi = c_hi.to(tl.int64)
+        tl.store(bounds_ptr + 2 * row, t_lo)
+        tl.store(bounds_ptr + 2 * row + 1, t_hi)
+
+    @triton.jit
+    def _partition_kernel(x_ptr, stride_x, n, k, bounds_ptr, counts_ptr, out_ptr, cand_ptr,
+                          blocks_per_prog, CAP: tl.constexpr, BLOCK: tl.constexpr):
+        """Keys > t_hi -> out[row, :k]; keys in [t_lo, t_hi] -> the row's candidates (<= CAP)."""
+        row = tl.program_id(0)
+        t_lo = tl.load(bounds_ptr + 2 * row).to(tl.uint32)
+        t_hi = tl.load(bounds_ptr + 2 * row + 1).to(tl.uint32)
+        x_row = x_ptr + row.to(tl.int64) * stride_x
+        out_row = out_ptr + row.to(tl.int64) * k
+        cand_row = cand_ptr + row.to(tl.int64) * 2 * CAP
+        start = tl.program_id(1) * blocks_per_prog * BLOCK
+        for b in range(0, blocks_per_prog):
+            offs = start + b * BLOCK + tl.arange(0, BLOCK)
+            key = _keys(tl.load(x_row + offs, mask=offs < n, other=float("-inf")))
+            sure = key > t_hi
+            mid = (key >= t_lo) & (key <= t_hi)
+            # one scan for both sets: sure counts in the low 16 bits, candidates in the high
+            tag = sure.to(tl.int32) + (mid.to(tl.int32) << 16)
+            total = tl.sum(tag)
+            if total > 0:
+                rank = tl.cumsum(tag) - tag  # exclusive
+                base_s = tl.atomic_add(counts_ptr + 2 * row, total & 0xFFFF, sem="relaxed")
+                base_m = tl.atomic_add(counts_ptr + 2 * row + 1, total >> 16, sem="relaxed")
+                pos_s = base_s + (rank & 0xFFFF)
+                pos_m = base_m + (rank >> 16)
+                tl.store(out_row + pos_s, offs, mask=sure & (pos_s < k))
+                tl.store(cand_row + pos_m, key.to(tl.int32, bitcast=True), mask=mid & (pos_m < CAP))
+                tl.store(cand_row + CAP + pos_m, offs, mask=mid & (pos_m < CAP))
+
+    @triton.jit
+    def _write(out_row, base, key, idx, valid, tau, ties, eq_seen, k):
+        """Write idx where key > tau, and where key == tau while fewer than `ties` were taken."""
+        gt = valid & (key > tau)
+        eq = valid & (key == tau)
+        eq_rank = eq_seen + tl.cumsum(eq.to(tl.int32)) - 1
+        take = gt | (eq & (eq_rank < ties))
+        pos = base + tl.cumsum(take.to(tl.int32)) - 1
+        tl.store(out_row + pos, idx, mask=take & (pos < k))
+        return base + tl.sum(take.to(tl.int32)), eq_seen + tl.sum(eq.to(tl.int32))
+
+    @triton.jit
+    def _select_candidates(cand_row, n_cand, need, t_lo, t_hi, out_row, base, k,
+                           CAP: tl.constexpr):
+        """Write the `need` largest of the row's n_cand candidates (keys in [t_lo, t_hi])."""
+        i = tl.arange(0, CAP)
+        valid = i < n_cand
+        key = tl.load(cand_row + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+        idx = tl.load(cand_row + CAP + i, mask=valid, other=-1)
+        # every candidate agrees with t_hi above the highest bit where t_lo and t_hi differ
+        diff = (t_lo ^ t_hi).to(tl.int64)
+        shift = tl.zeros((), tl.int32)
+        while (diff >> shift) != 0:
+            shift += 1
+        tau, ties = _kth(key, valid, need, t_hi & _high_bits(shift), shift)
+        written, _ = _write(out_row, base, key, idx, valid, tau, ties, 0, k)
+        return written
+
+    @triton.jit
+    def _select_row(x_row, n, k, out_row, BLOCK: tl.constexpr):
+        """Exact top-k of a whole row from memory: 5-bit radix passes over all n scores."""
+        tau = tl.zeros((), tl.uint32)
+        rem = k
+        shift = 32
+        while shift > 0:
+            width = tl.minimum(shift, 5)
+            shift -= width
+            known = _high_bits(shift + width)
+            hist = tl.zeros([32], tl.int32)
+            for s in range(0, n, BLOCK):
+                offs = s + tl.arange(0, BLOCK)
+                key = _keys(tl.load(x_row + offs, mask=offs < n, other=float("-inf")))
+                digit = (key >> shift) & ((1 << width) - 1).to(tl.uint32)
+                hist += tl.histogram(digit.to(tl.int32), 32,
+                                     mask=(key > 0) & ((key & known) == (tau & known)))
+            if shift + width == 32:  # first pass: fewer allowed keys than k -> take them all
+                if tl.sum(hist) <= rem:
+                    rem = 0
+                    shift = 0
+                    width = 0
+            if width > 0:
+                bits, above = _pick_bin(hist, rem, shift)
+                tau = tau | bits
+                rem -= above
+        written = tl.zeros((), tl.int32)
+        eq_seen = tl.zeros((), tl.int32)
+        for s in range(0, n, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            key = _keys(tl.load(x_row + offs, mask=offs < n, other=float("-inf")))
+            written, eq_seen = _write(out_row, written, key, offs, key > 0, tau, rem, eq_seen, k)
+        return written
+
+    @triton.jit
+    def _select_kernel(x_ptr, stride_x, n, k, bounds_ptr, counts_ptr, out_ptr, cand_ptr,
+                       MODE: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        out_row = out_ptr + row.to(tl.int64) * k
+        n_sure = tl.load(counts_ptr + 2 * row)
+        n_cand = tl.load(counts_ptr + 2 * row + 1)
+        t_lo = tl.load(bounds_ptr + 2 * row).to(tl.uint32)
+        t_hi = tl.load(bounds_ptr + 2 * row + 1).to(tl.uint32)
+        ok = (n_sure <= k) & (n_cand <= CAP) & ((n_sure + n_cand >= k) | (t_lo == 1)) & (MODE != 3)
+        if ok:
+            need = tl.minimum(k - n_sure, n_cand)
+            written = n_sure
+            if need > 0:
+                written = _select_candidates(cand_ptr + row.to(tl.int64) * 2 * CAP, n_cand, need,
+                                             t_lo, t_hi, out_row, n_sure, k, CAP)
+        else:  # the bracket missed: redo the row exactly
+            written = _select_row(x_ptr + row.to(tl.int64) * stride_x, n, k, out_row, BLOCK)
+        for s in range(0, k, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            tl.store(out_row + offs, tl.full([BLOCK], -1, tl.int32), mask=(offs >= written) & (offs < k))

@@ -1,0 +1,193 @@
+"""Indexer logits: the references against a per-head loop and the model's Indexer; the Triton
+kernels against the references, prefill and paged decode. The small cases run under Triton's
+interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
+
+import pytest
+import torch
+
+from dsv32.config import preset
+from dsv32.engine.cache import PagedCache, _quant_rows
+from dsv32.kernels import force
+from dsv32.kernels.indexer import (FP8, _paged_configs, _prefill_configs, indexer_logits, indexer_logits_paged, indexer_logits_paged_ref,
+                                   indexer_logits_paged_triton, indexer_logits_ref, indexer_logits_triton)
+from dsv32.model.indexer import Indexer
+from dsv32.model.rope import apply_rope_half, rope_cos_sin
+
+NEG = float("-inf")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_logits_close(got, want, rtol=1e-5):
+    """Same -inf pattern; finite entries within rtol of the largest |logit|."""
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "masked positions differ"
+    fin = torch.isfinite(want)
+    scale = want[fin].abs().max().clamp(min=1e-6) if fin.any() else 1.0
+    assert ((got[fin] - want[fin]).abs() <= rtol * scale).all(), (got[fin] - want[fin]).abs().max()
+
+
+def inputs(b, s, t, h, d, fp8=False, device="cpu"):
+    q, k, w = (torch.randn(*shape, device=device) for shape in ((b, s, h, d), (b, t, d), (b, s, h)))
+    if not fp8:
+        return q.bfloat16(), k.bfloat16(), w, None, None
+    qs, ks = torch.rand(b, s, h, device=device) + 0.1, torch.rand(b, t, device=device) + 0.1
+    return q.to(FP8), k.to(FP8), w, qs, ks
+
+
+def test_ref_is_the_per_head_sum():
+    q, k, w, qs, ks = inputs(2, 5, 7, 3, 16, fp8=True)
+    end = torch.tensor([[1, 2, 3, 7, 0], [7, 7, 4, 5, 6]])
+    want = torch.full((2, 5, 7), NEG)
+    for b in range(2):
+        for s in range(5):
+            for t in range(end[b, s]):
+                dots = (q[b, s].float() * qs[b, s, :, None]) @ (k[b, t].float() * ks[b, t])  # [H]
+                want[b, s, t] = (w[b, s] * dots.relu()).sum()
+    assert_logits_close(indexer_logits_ref(q, k, w, qs, ks, end), want)
+
+
+@torch.no_grad()
+def test_ref_matches_model_indexer():
+    cfg = preset("tiny")
+    ix = Indexer(cfg).eval()
+    b, s = 2, 9
+    x, qr = torch.randn(b, s, cfg.hidden_size), torch.randn(b, s, cfg.q_lora_rank)
+    cos, sin = rope_cos_sin(cfg, torch.arange(s).expand(b, s))
+    mask = torch.ones(s, s, dtype=torch.bool).tril().expand(b, s, s)
+    k = ix.key(x, cos, sin)
+    # the query and weights as Indexer.forward builds them
+    r = cfg.qk_rope_head_dim
+    q = ix.wq_b(qr).view(b, s, ix.n_heads, ix.head_dim)
+    q = torch.cat([apply_rope_half(q[..., :r], cos, sin), q[..., r:]], -1)
+    w = x.float() @ ix.weights_proj.weight.float().t() * (ix.n_heads ** -0.5 * ix.head_dim ** -0.5)
+    end = torch.arange(1, s + 1).expand(b, s)
+    assert torch.equal(indexer_logits_ref(q, k, w, k_end=end), ix(x, qr, k, cos, sin, mask))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prefill_kernel_causal(fp8):
+    b, s, t, h, d = 2, 70, 150, 3, 32
+    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8, DEV)
+    end = (t - s + 1 + torch.arange(s, device=DEV)).expand(b, s).clone()  # the last s of t positions
+    end[1] = torch.randint(0, t + 1, (s,), device=DEV)                   # ragged
+    assert_logits_close(indexer_logits_triton(q, k, w, qs, ks, end), indexer_logits_ref(q, k, w, qs, ks, end))
+
+
+@pytest.mark.parametrize("config", _prefill_configs(), ids=str)
+def test_prefill_kernel_every_config(config):
+    """Each config the GPU autotuner may pick; ragged ends, shapes off the tile grid."""
+    b, s, t, h, d = 1, 40, 200, 2, 16
+    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8=True, device=DEV)
+    end = torch.randint(0, t + 1, (b, s), device=DEV)
+    got = indexer_logits_triton(q, k, w, qs, ks, end, config=config)
+    assert_logits_close(got, indexer_logits_ref(q, k, w, qs, ks, end))
+
+
+def test_prefill_kernel_mixed_dtypes():
+    q, k, w, qs, _ = inputs(1, 20, 50, 2, 16, fp8=True, device=DEV)
+    kb = k.float().bfloat16()  # fp8 queries against bf16 keys meet in bf16
+    assert_logits_close(indexer_logits_triton(q, kb, w, qs, None), indexer_logits_ref(q, kb, w, qs, None))
+
+
+def paged_setup(lens, h=4, d=32, n=2, bs=16, fp8_cache=True, fp8_q=False, max_blocks=6, garbage=True):
+    """A shuffled block pool; table rows past a sequence's blocks hold out-of-range block ids."""
+    b = len(lens)
+    pool = b * max_blocks + 3
+    keys = torch.randn(pool * bs, d)
+    cache = _quant_rows(keys, d) if fp8_cache else keys.bfloat16()
+    table = torch.randperm(pool)[:b * max_blocks].view(b, max_blocks).int()
+    if garbage:
+        for i, L in enumerate(lens):
+            table[i, -(-L // bs):] = 10 ** 6
+    q, w = torch.randn(b, n, h, d), torch.randn(b, n, h)
+    qs = torch.rand(b, n, h).to(DEV) + 0.1 if fp8_q else None
+    q = q.to(FP8) if fp8_q else q.bfloat16()
+    return q.to(DEV), w.to(DEV), cache.to(DEV), table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV), qs, bs
+
+
+@pytest.mark.parametrize("fp8_cache,fp8_q", [(True, True), (True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("n", [1, 2])
+def test_paged_kernel(fp8_cache, fp8_q, n):
+    q, w, cache, table, lens, qs, bs = paged_setup([n, 16, 37, 96], n=n, fp8_cache=fp8_cache, fp8_q=fp8_q)
+    got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs)
+    assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs))
+    assert torch.isneginf(got[3, 0, 96 - n + 1:]).all() and torch.isfinite(got[3, n - 1, :96]).all()
+
+
+@pytest.mark.parametrize("config", _paged_configs(), ids=str)
+def test_paged_kernel_every_config_and_odd_heads(config):
+    """Each config the autotuner may pick; 6 heads (padded to 16 for the MMA); 64-token pages."""
+    q, w, cache, table, lens, qs, bs = paged_setup([5, 64, 80, 128], h=6, n=2, fp8_q=True, bs=64, max_blocks=2)
+    got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs, config=config)
+    assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs))
+
+
+@torch.no_grad()
+def test_paged_matches_the_engine_cache():
+    """The bytes PagedCache writes are what the kernel reads: same logits as the keys the cache
+    hands back to the model (dequantised in fp32)."""
+    cfg = preset("tiny")
+    d = cfg.index_head_dim
+    for fp8 in (True, False):
+        cache = PagedCache(cfg, num_blocks=8, block_size=16, fp8=fp8, dtype=torch.float32, device=DEV)
+        tables, lens = [[5, 2, 7], [0, 3]], [40, 23]
+        pos = torch.arange(40).expand(2, 40)
+        cache.prepare(tables, pos)
+        kv = torch.randn(2, 40, cfg.kv_lora_rank, device=DEV)
+        pe = torch.randn(2, 40, cfg.qk_rope_head_dim, device=DEV)
+        _, _, ik_all = cache.update(0, kv, pe, torch.randn(2, 40, d, device=DEV), pos)  # [2, 40, d]
+        q = torch.randn(2, 2, cfg.index_n_heads, d, device=DEV).bfloat16()
+        w = torch.randn(2, 2, cfg.index_n_heads, device=DEV)
+        table = torch.tensor([[5, 2, 7], [0, 3, 0]], dtype=torch.int32, device=DEV)
+        lens = torch.tensor(lens, device=DEV)
+        end = lens[:, None] - 1 + torch.arange(2, device=DEV)
+        want = indexer_logits_ref(q, ik_all, w, k_end=end)                   # [2, 2, 40]
+        got = indexer_logits_paged_triton(q, w, cache.ik[0], table, lens, None, 16)
+        assert_logits_close(got[..., :40], want, rtol=1e-4)
+
+
+def test_dispatch_and_errors():
+    q, k, w, _, _ = inputs(1, 4, 8, 2, 16)
+    assert torch.equal(indexer_logits(q, k, w), indexer_logits_ref(q, k, w))  # CPU: the reference
+    with force("triton"):
+        qd, kd, wd = q.to(DEV), k.to(DEV), w.to(DEV)
+        assert_logits_close(indexer_logits(qd, kd, wd), indexer_logits_ref(qd, kd, wd))
+    with pytest.raises(ValueError, match="w must have shape"):
+        indexer_logits(q, k, w[:, :2])
+    with pytest.raises(ValueError, match="q_scale"):
+        indexer_logits(q.to(FP8), k, w)
+    pq, pw, cache, table, lens, qs, bs = paged_setup([3, 9])
+    with pytest.raises(ValueError, match="cache must be"):
+        indexer_logits_paged(pq, pw, cache[:, :-1], table, lens, None, bs)
+    with pytest.raises(ValueError, match="n in"):
+        indexer_logits_paged(pq.repeat(1, 2, 1, 1), pw, cache, table, lens, None, bs)
+    with force("ref"):
+        want = indexer_logits_paged_ref(pq, pw, cache, table, lens, None, bs)
+        assert torch.equal(indexer_logits_paged(pq, pw, cache, table, lens, None, bs), want)
+
+
+# --- GPU, real shapes --------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_prefill(fp8):
+    b, s, t, h, d = 1, 512, 4096, 64, 128
+    q, k, w, qs, ks = inputs(b, s, t, h, d, fp8, "cuda")
+    end = (t - s + 1 + torch.arange(s, device="cuda")).expand(b, s)
+    assert_logits_close(indexer_logits(q, k, w, qs, ks, end), indexer_logits_ref(q, k, w, qs, ks, end), 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_paged_128k(fp8):
+    b, n, h, d, bs = 2, 2, 64, 128, 64
+    max_blocks = 131072 // bs
+    keys = torch.randn(b * max_blocks * bs, d, device="cuda")
+    cache = _quant_rows(keys, d) if fp8 else keys.bfloat16()
+    table = torch.randperm(b * max_blocks, device="cuda").view(b, max_blocks).int()
+    lens = torch.tensor([131072, 70001], dtype=torch.int32, device="cuda")
+    q, w = torch.randn(b, n, h, d, device="cuda"), torch.randn(b, n, h, device="cuda")
+    qs = torch.rand(b, n, h, device="cuda") + 0.1 if fp8 else None
+    q = q.to(FP8) if fp8 else q.bfloat16()
+    got = indexer_logits_paged(q, w, cache, table, lens, qs, bs)
+    assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs), 2e-3)

@@ -1,0 +1,113 @@
+"""Top-k: the Triton radix select against torch.topk, as sets. The small cases run under Triton's
+interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
+
+import pytest
+import torch
+
+from dsv32.kernels import force
+from dsv32.kernels.topk import MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
+from dsv32.model.indexer import topk_select
+
+NEG = float("-inf")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_topk_set(scores: torch.Tensor, got: torch.Tensor, k: int):
+    """got is a valid top-k of scores: min(k, #finite) distinct finite indices first, then -1;
+    every chosen score >= the k-th largest; the chosen scores equal the k largest as a multiset."""
+    assert got.shape == (scores.shape[0], k) and got.dtype == torch.int32
+    scores, got = scores.cpu(), got.cpu().long()
+    for r in range(scores.shape[0]):
+        finite = scores[r][scores[r] > NEG]
+        n = min(k, finite.numel())
+        assert (got[r, :n] >= 0).all() and (got[r, n:] == -1).all(), f"row {r}: wrong -1 slots"
+        idx = got[r, :n]
+        assert idx.unique().numel() == n, f"row {r}: repeated indices"
+        chosen = scores[r, idx].sort(descending=True).values
+        best = finite.sort(descending=True).values[:n]
+        assert (chosen > NEG).all(), f"row {r}: a masked key was chosen"
+        if n:
+            assert chosen[-1] >= best[-1], f"row {r}: a chosen score is below the k-th largest"
+        assert torch.equal(chosen, best), f"row {r}: chosen scores differ from the {n} largest"
+
+
+def test_ref_matches_model_topk_select():
+    x = torch.randn(3, 50)
+    x[1, 10:] = NEG
+    want = topk_select(x[None], 20)[0]
+    assert torch.equal(topk_ref(x, 20).long(), want)
+    assert_topk_set(x, topk_ref(x, 20), 20)
+
+
+@pytest.mark.parametrize("r,n,k", [(3, 100, 10), (2, 5000, 300), (3, 20000, 64), (2, 20000, 1000)])
+def test_random_rows(r, n, k):
+    x = torch.randn(r, n, device=DEV)
+    assert_topk_set(x, topk_triton(x, k), k)
+
+
+def test_k_above_n_and_masked_rows():
+    x = torch.randn(4, 3000, device=DEV)
+    x[0] = NEG                 # nothing allowed
+    x[1, 7:] = NEG             # fewer finite than k
+    x[2, ::2] = NEG            # ragged
+    for k in (50, 5000):
+        assert_topk_set(x, topk_triton(x, k), k)
+
+
+def test_ties_at_the_threshold():
+    # few distinct values: the k-th value is shared by many keys (and the bracket cannot hold)
+    x = torch.randint(0, 4, (2, 20000), device=DEV).float()
+    x[1, 5000:] = NEG
+    assert_topk_set(x, topk_triton(x, 64), 64)
+    assert_topk_set(x, topk_triton(x, 1500), 1500)
+    small = torch.randint(0, 3, (3, 700), device=DEV).float()
+    assert_topk_set(small, topk_triton(small, 100), 100)
+
+
+def test_strided_input_and_negative_scores():
+    x = -torch.rand(40, 3000, device=DEV).t()[:7]  # non-contiguous rows, all negative
+    assert_topk_set(x, topk_triton(x, 33), 33)
+
+
+def test_bracket_holds_on_random_rows():
+    """The fast path runs: the sample quantiles bracket the k-th largest key."""
+    n, k = 20000, 1000
+    assert _plan(n, k)[0] == MODE_SAMPLE
+    x = torch.randn(4, n, device=DEV)
+    _, _, bounds, _ = _bracket(x, k)
+    bounds, x = bounds.cpu(), x.cpu()
+    kth = x.topk(k, dim=-1).values[:, -1]
+    key = kth.view(torch.int32).long() & 0xFFFFFFFF
+    key = torch.where(kth < 0, 0xFFFFFFFF - key, key | 0x80000000)
+    assert (bounds[:, 0] <= key).all() and (key <= bounds[:, 1]).all()
+    assert (bounds[:, 0] > 1).all() and (bounds[:, 1] < 0xFFFFFFFF).all()  # a real bracket
+
+
+def test_dispatch_and_errors():
+    x = torch.randn(2, 64)
+    assert torch.equal(topk(x, 8), topk_ref(x, 8))  # CPU tensors: the reference
+    with force("triton"):
+        assert_topk_set(x, topk(x.to(DEV), 8), 8)
+    with pytest.raises(ValueError, match="scores"):
+        topk(x.double(), 8)
+    with pytest.raises(ValueError, match="k"):
+        topk(x, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8, 128, 4096])
+def test_gpu_real_shapes(rows):
+    x = torch.randn(rows, 131072, device="cuda")
+    assert_topk_set(x[:64], topk(x, 2048)[:64], 2048)
+
+
+@pytest.mark.gpu
+def test_gpu_causal_rows_and_ties():
+    n = 131072
+    x = torch.randn(64, n, device="cuda")
+    ends = torch.randint(1, n, (64,), device="cuda")
+    ends[:4] = torch.tensor([1, 100, 2048, 2049])
+    x.masked_fill_(torch.arange(n, device="cuda") >= ends[:, None], NEG)
+    assert_topk_set(x, topk(x, 2048), 2048)
+    ties = torch.randint(0, 8, (16, n), device="cuda").float()
+    assert_topk_set(ties, topk(ties, 2048), 2048)
