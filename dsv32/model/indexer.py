@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.indexer import indexer_logits
+from dsv32.kernels.topk import topk
 from dsv32.model.fp8 import act_quant_dequant
 from dsv32.model.rope import apply_rope_half
-
-LOGIT_CHUNK = 1 << 28  # fp32 elements of per-head logits held at once (~1 GiB)
-
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two). It spreads outliers
@@ -27,10 +26,10 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores: [B, S, T] with -inf where not allowed -> indices [B, S, min(k, T)], -1 where the
-    query has fewer than k allowed keys."""
-    vals, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
-    return idx.masked_fill(vals == float("-inf"), -1)
+    """scores: [B, S, T] with -inf where not allowed -> indices [B, S, min(k, T)] (a set, in no
+    particular order), -1 where the query has fewer than k allowed keys."""
+    b, s, t = scores.shape
+    return topk(scores.reshape(b * s, t).float(), min(k, t)).view(b, s, -1).long()
 
 
 def selected_mask(idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,11 +72,8 @@ class Indexer(nn.Module):
         # per-head weights; weights_proj runs in fp32 as in the official code
         w = x.float() @ self.weights_proj.weight.float().t()  # [B, S, Hi]
         w = w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        # ReLU sits between the two contractions, so [B, S, Hi, T] is materialised: chunk queries
-        chunk = max(1, LOGIT_CHUNK // (b * self.n_heads * k.shape[1]))
-        scores = torch.cat([
-            torch.einsum("bsht,bsh->bst",
-                         torch.einsum("bshd,btd->bsht", q[:, i:i + chunk].float(), k.float()).relu(),
-                         w[:, i:i + chunk])
-            for i in range(0, s, chunk)], dim=1)                           # [B, S, T]
+        # ReLU sits between the two contractions: the kernel fuses them; keys past each query's
+        # last allowed one are skipped, the rest of the mask is applied below
+        k_end = mask.shape[-1] - mask.flip(-1).int().argmax(-1)           # [B, S]
+        scores = indexer_logits(q, k.to(q.dtype), w, k_end=k_end)         # [B, S, T]
         return scores.masked_fill(~mask, float("-inf"))

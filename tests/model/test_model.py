@@ -125,7 +125,7 @@ def test_rope_layouts_rotate_the_right_pairs():
 
 @torch.no_grad()
 def test_indexer_query_chunking_is_exact(tiny, monkeypatch):
-    import dsv32.model.indexer as indexer
+    import dsv32.kernels.indexer as indexer
 
     x = ids(s=30)
     want = tiny(x, return_aux=True).index_scores
