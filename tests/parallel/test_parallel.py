@@ -2,10 +2,6 @@
 the sharded loader against the full tensors; the shard plan and FP8 slicing by hand."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +13,8 @@ from dsv32.parallel.load import dequant_slice
 from dsv32.parallel.mesh import make_parallel
 from dsv32.parallel.plan import shard_index
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def torchrun(n: int, script: str, *args, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                           "--master-port", str(port), str(Path(__file__).parent / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=env)
-
-
-def run_worker(tmp_path, n, checks, port):
+def run_worker(torchrun, tmp_path, n, checks, port):
     r = torchrun(n, "_worker.py", tmp_path, ",".join(checks), port=port)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((tmp_path / f"result-{n}.json").read_text())
@@ -55,15 +42,15 @@ def assert_loaded_shards(ranks, world, n_experts):
         assert ld["fp8 kept logits rel_err"] < 0.02
 
 
-def test_two_ranks_logits_loading_and_engine(tmp_path):
-    ranks = run_worker(tmp_path, 2, ["logits", "load", "engine"], port=29541)
+def test_two_ranks_logits_loading_and_engine(torchrun, tmp_path):
+    ranks = run_worker(torchrun, tmp_path, 2, ["logits", "load", "engine"], port=29541)
     assert_logits_match(ranks)
     assert_loaded_shards(ranks, 2, 16)
     assert ranks[0]["engine"] == {"equal": True, "tokens": 36}
 
 
-def test_four_ranks_logits_and_loading(tmp_path):
-    ranks = run_worker(tmp_path, 4, ["logits", "load"], port=29542)
+def test_four_ranks_logits_and_loading(torchrun, tmp_path):
+    ranks = run_worker(torchrun, tmp_path, 4, ["logits", "load"], port=29542)
     assert_logits_match(ranks)
     assert_loaded_shards(ranks, 4, 16)
 
