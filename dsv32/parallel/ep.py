@@ -20,7 +20,7 @@ def dispatch_combine(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
                      n_experts: int, ep: int, group) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for this rank's tokens, every expert on its
     owner rank. x: [T, D]; weights, ids: [T, k] -> [T, D]."""
-    t, k = ids.shape
+    k = ids.shape[1]
     n_local = n_experts // ep
     flat = ids.flatten()
     order = flat.argsort(stable=True)                                  # rows grouped by expert

@@ -9,7 +9,6 @@ official names (a rank's state dict holds only its part).
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from dsv32.model.mla import MLA

@@ -301,8 +301,7 @@ class Trainer:
         model_sd = load_file(str(path / "model.safetensors"))
         opt_sd = _unflatten(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if self.distributed:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
             if self.cfg.ep > 1:
                 from dsv32.parallel.fsdp import own_experts

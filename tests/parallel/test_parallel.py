@@ -59,7 +59,7 @@ def test_four_ranks_logits_and_loading(torchrun, tmp_path):
 
 def test_shard_plan_by_hand():
     cfg = preset("tiny")  # 4 heads of qk 24 / (nope 16 + v 16); 8 experts; vocab 512; dense FFN 128
-    par_rank = lambda r: type("P", (), {"tp": 2, "ep": 2, "tp_rank": r, "ep_rank": r})()  # noqa: E731
+    par_rank = lambda r: type("P", (), {"tp": 2, "ep": 2, "tp_rank": r, "ep_rank": r})()
     assert shard_index("layers.0.self_attn.q_b_proj.weight", (96, 32), cfg, par_rank(1)) == (slice(48, 96), slice(None))
     assert shard_index("layers.2.self_attn.kv_b_proj.weight", (128, 32), cfg, par_rank(1)) == (slice(64, 128), slice(None))
     assert shard_index("mtp.0.self_attn.o_proj.weight", (64, 64), cfg, par_rank(0)) == (slice(None), slice(0, 32))
@@ -100,7 +100,7 @@ def test_save_random_streams_an_official_fp8_layout(tmp_path):
     tensors = {}
     for file in sorted(set(index["weight_map"].values())):
         with safe_open(tmp_path / "a" / file, "pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
     assert tensors["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert torch.equal(tensors["model.layers.3.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
