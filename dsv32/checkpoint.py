@@ -158,6 +158,25 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor):
     model.get_submodule(mod_name).register_buffer(buf, value)
 
 
+def _hf_items(name: str, t: torch.Tensor, cfg: ModelConfig, fp8: bool):
+    """One tensor of ours -> its (official name, tensor) pairs: with fp8, e4m3 + scale_inv."""
+    key = hf_name(name, cfg)
+    if fp8 and is_fp8_weight(key):
+        q, s = weight_quant(t, tuple(cfg.fp8_block or (128, 128)))
+        yield key, q
+        yield key + "_scale_inv", s
+    else:
+        yield key, t
+
+
+def _mtp_copies(cfg: ModelConfig, embed: torch.Tensor, head: torch.Tensor):
+    """The official layout keeps copies of the embedding and head in each MTP layer."""
+    for k in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        yield prefix + "embed_tokens.weight", embed.clone()
+        yield prefix + "shared_head.head.weight", head.clone()
+
+
 def state_dict_hf(model: Transformer, fp8: bool = False):
     """Yield (official name, tensor) pairs; with fp8, quantised weights and their scales."""
     cfg = model.cfg
@@ -165,48 +184,89 @@ def state_dict_hf(model: Transformer, fp8: bool = False):
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     for name, t in sd.items():
-        key = hf_name(name, cfg)
-        if fp8 and is_fp8_weight(key):
-            q, s = weight_quant(t.detach(), tuple(cfg.fp8_block or (128, 128)))
-            yield key, q
-            yield key + "_scale_inv", s
-        else:
-            yield key, t.detach()
-    for k in range(cfg.num_nextn_predict_layers):  # the official layout keeps copies in each MTP layer
-        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-        yield prefix + "embed_tokens.weight", sd["embed_tokens.weight"].detach().clone()
-        yield prefix + "shared_head.head.weight", model.lm_head.weight.detach().clone()
+        yield from _hf_items(name, t.detach(), cfg, fp8)
+    yield from _mtp_copies(cfg, sd["embed_tokens.weight"].detach(), model.lm_head.weight.detach())
+
+
+def _fp8_config(cfg: ModelConfig, fp8: bool) -> ModelConfig:
+    if fp8 and cfg.quantization_config is None:
+        return cfg.replace(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                "quant_method": "fp8", "scale_fmt": "ue8m0",
+                                                "weight_block_size": [128, 128]})
+    return cfg if fp8 else cfg.replace(quantization_config=None)
+
+
+def write_shards(items, path: str | Path, max_shard_bytes: int = 4 << 30) -> int:
+    """Stream (name, tensor) pairs into `model-0000i-of-0000n.safetensors` files, each written as
+    soon as it is full (at most one shard is held), and the index json. Returns the total bytes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names, weight_map, total = [], {}, 0
+    cur, size = {}, 0
+
+    def flush():
+        fname = f"model-{len(names) + 1:05d}.partial"
+        save_file(cur, str(path / fname), metadata={"format": "pt"})
+        names.append(fname)
+        weight_map.update({k: fname for k in cur})
+
+    for key, t in items:
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            flush()
+            cur, size = {}, 0
+        cur[key] = t.contiguous().cpu()
+        size += nbytes
+        total += nbytes
+    flush()
+    final = {old: f"model-{i:05d}-of-{len(names):05d}.safetensors" for i, old in enumerate(names, start=1)}
+    for old, new in final.items():
+        (path / old).rename(path / new)
+    weight_map = {k: final[v] for k, v in weight_map.items()}
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
 
 
 def save_model(model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
     """Write config.json, shards `model-0000i-of-0000n.safetensors` and the index json."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
-    if fp8 and cfg.quantization_config is None:
-        cfg = cfg.replace(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
-                                               "quant_method": "fp8", "scale_fmt": "ue8m0",
-                                               "weight_block_size": [128, 128]})
-    if not fp8:
-        cfg = cfg.replace(quantization_config=None)
-    shards, cur, size = [], {}, 0
-    for key, t in state_dict_hf(model, fp8):
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[key] = t.contiguous().cpu()
-        size += nbytes
-    shards.append(cur)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = fname
-            total += t.numel() * t.element_size()
-    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg.save(path)
+    write_shards(state_dict_hf(model, fp8), path, max_shard_bytes)
+    _fp8_config(model.cfg, fp8).save(Path(path))
+
+
+def save_random(cfg: ModelConfig, path: str | Path, fp8: bool = True, seed: int = 0, device="cpu",
+                max_shard_bytes: int = 4 << 30) -> int:
+    """A randomly initialised checkpoint of `cfg` (as `Transformer.init_weights`) in the official
+    layout, written tensor by tensor: the model is never held, so the full 671B config needs only
+    one shard of memory. Each tensor draws from its own generator (seeded by seed and its name),
+    so the MTP copies of embedding and head equal the originals. Returns the bytes written."""
+    import zlib
+
+    with torch.device("meta"):
+        shapes = {n: (t.shape, t.dim()) for n, t in Transformer(cfg).state_dict(keep_vars=True).items()}
+    dtype = getattr(torch, cfg.torch_dtype)
+
+    def tensor(name):  # fp32: quantised to e4m3, or cast to the checkpoint's dtype, when stored
+        shape, dim = shapes[name]
+        if dim < 2:
+            return torch.full(shape, 0.0 if name.endswith("bias") else 1.0)
+        g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.empty(shape, device=device).normal_(0.0, cfg.initializer_range, generator=g)
+
+    def stored(key, t):
+        keep = t.dtype == FP8 or key.endswith(("_scale_inv", "e_score_correction_bias"))
+        return key, t if keep else t.to(dtype)
+
+    def items():
+        for name in shapes:
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                yield from (stored(k, t) for k, t in _hf_items(name, tensor(name), cfg, fp8))
+        head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        yield from (stored(k, t) for k, t in _mtp_copies(cfg, tensor("embed_tokens.weight"), tensor(head)))
+
+    cfg = _fp8_config(cfg, fp8)
+    total = write_shards(items(), path, max_shard_bytes)
+    cfg.save(Path(path))
+    return total
 
 
 # ---- Llama-family models with DSA (dsv32/model/llama.py): one file, Hugging Face llama names ----

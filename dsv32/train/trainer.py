@@ -68,6 +68,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_every: int = 50
     seed: int = 0
+    ep: int = 1                           # under torchrun: split the routed experts over all ranks (1 or world)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -168,11 +169,10 @@ class Trainer:
             block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
     def _shard(self):
-        from torch.distributed.fsdp import fully_shard
+        from dsv32.parallel import make_parallel
+        from dsv32.parallel.fsdp import shard_for_training
 
-        for block in list(self.model.layers) + list(self.model.mtp):
-            fully_shard(block)
-        fully_shard(self.model)
+        shard_for_training(self.model, make_parallel(ep=self.cfg.ep) if self.cfg.ep > 1 else None)
 
     # ---- one optimisation step ----
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -235,7 +235,12 @@ class Trainer:
             dist.all_reduce(vals)
             sums = dict(zip(keys, (vals / self.world).tolist()))
         params = [p for _, p in self.named]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if self.distributed:  # FSDP shards and experts: each rank holds a distinct part
+            from dsv32.parallel.fsdp import clip_grad_norm
+
+            norm = clip_grad_norm(params, cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if cfg.stage != "dsa-warmup" and cfg.bias_update_rate > 0 and expert_ids:
@@ -256,7 +261,13 @@ class Trainer:
         if self.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            return get_state_dict(self.model, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            model_sd, opt_sd = get_state_dict(self.model, self.opt,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.cfg.ep > 1:
+                from dsv32.parallel.fsdp import gather_experts
+
+                model_sd, opt_sd = gather_experts(self.model, self.opt, model_sd, opt_sd)
+            return model_sd, opt_sd
         return self.model.state_dict(), self.opt.state_dict()
 
     def save_checkpoint(self) -> Path:
@@ -290,10 +301,16 @@ class Trainer:
         model_sd = load_file(str(path / "model.safetensors"))
         opt_sd = _unflatten(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-            set_state_dict(self.model, self.opt, model_state_dict=model_sd, optim_state_dict=opt_sd,
-                           options=StateDictOptions(full_state_dict=True))
+            if self.cfg.ep > 1:
+                from dsv32.parallel.fsdp import own_experts
+
+                model_sd, opt_sd = own_experts(model_sd, opt_sd, self.model)
+            set_model_state_dict(self.model, model_sd, options=StateDictOptions(full_state_dict=True))
+            # a parameter that never had a gradient (e.g. an unused indexer) has no Adam state yet
+            set_optimizer_state_dict(self.model, self.opt, opt_sd,
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             self.model.load_state_dict(model_sd)
             self.opt.load_state_dict(opt_sd)
