@@ -161,7 +161,7 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, M_BUCKET,
                      stride_am, stride_bn, stride_cs, stride_cm,
                      stride_sam, stride_sak, stride_sbn, stride_sbk,
                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -184,7 +184,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
 
 
 @triton.jit
-def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, go_ptr, M, N, K, E,
+def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, go_ptr, M, N, K, E, M_BUCKET,
                              stride_am, stride_be, stride_bn, stride_cm,
                              stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
                              E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -222,8 +222,9 @@ def _configs():
 
 
 _CONFIGS = _configs()
-_fp8_gemm_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K"])(_fp8_gemm_kernel)
-_fp8_grouped_tuned = triton.autotune(_CONFIGS, key=["N", "K", "E"])(_fp8_grouped_gemm_kernel)
+# tuned once per power-of-two bucket of M (M_BUCKET: the key only), not again for every prefill length
+_fp8_gemm_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K"])(_fp8_gemm_kernel)
+_fp8_grouped_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "E"])(_fp8_grouped_gemm_kernel)
 
 
 def _launcher(tuned, kernel, device):
@@ -261,14 +262,14 @@ def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
     if m > _SMALL_M:
         launch, fixed = _launcher(_fp8_gemm_tuned, _fp8_gemm_kernel, a.device)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
-        launch[grid](a, b, out, a_scale, b_scale, m, n, k, *strides, 0, out.stride(0),
-                     *scale_strides, SPLIT_K=1, BLOCK_K=BLOCK, **fixed)
+        launch[grid](a, b, out, a_scale, b_scale, m, n, k, triton.next_power_of_2(m), *strides, 0,
+                     out.stride(0), *scale_strides, SPLIT_K=1, BLOCK_K=BLOCK, **fixed)
         return out
     bm, bn = 64, 64
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = _split_k(tiles, k // BLOCK, _num_sms(a.device))
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
-    _fp8_gemm_kernel[(tiles, split)](a, b, c, a_scale, b_scale, m, n, k, *strides, m * n, n,
+    _fp8_gemm_kernel[(tiles, split)](a, b, c, a_scale, b_scale, m, n, k, 0, *strides, m * n, n,
                                      *scale_strides, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
                                      BLOCK_K=BLOCK, GROUP_M=8, num_warps=4, num_stages=4)
     return out if split == 1 else c.sum(0, dtype=torch.float32).to(out_dtype)
@@ -282,7 +283,7 @@ def _fp8_grouped_gemm_triton(a, a_scale, b, b_scale, group_offsets, out_dtype):
         return out
     launch, fixed = _launcher(_fp8_grouped_tuned, _fp8_grouped_gemm_kernel, a.device)
     grid = lambda meta: ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
-    launch[grid](a, b, out, a_scale, b_scale, group_offsets, m, n, k, e,
+    launch[grid](a, b, out, a_scale, b_scale, group_offsets, m, n, k, e, triton.next_power_of_2(m),
                  a.stride(0), b.stride(0), b.stride(1), out.stride(0), *a_scale.stride(), *b_scale.stride(),
                  E_POW2=triton.next_power_of_2(e), BLOCK_K=BLOCK, **fixed)
     return out
