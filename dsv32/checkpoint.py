@@ -91,7 +91,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     """Build the model of `path/config.json` on `device` and fill it from the safetensors shards,
     one tensor at a time (the full model is never held twice). A converted Llama-family
     directory (model_type llama_dsa) gives a `LlamaDSA`. keep_fp8 (FP8 checkpoints only): the
-    FP8 projections stay e4m3 + scales in FP8Linear layers instead of being dequantised to dtype."""
+    FP8 projections (but kv_b_proj) stay e4m3 + scales in FP8Linear layers, not dequantised."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -116,7 +116,9 @@ def _load(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
         if cfg.fp8_block != (128, 128):
             raise ValueError(f"keep_fp8 needs an FP8 checkpoint with 128x128 blocks; {path} has "
                              f"quantization_config {cfg.quantization_config}")
-        to_fp8_linears(model, lambda n: is_fp8_weight(hf_name(n + ".weight", cfg)), quantize=False)
+        # kv_b_proj stays dequantised: absorbed (MQA) attention reads its weight as a matrix
+        to_fp8_linears(model, lambda n: is_fp8_weight(hf_name(n + ".weight", cfg))
+                       and not n.endswith("kv_b_proj"), quantize=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(model.named_buffers())
 

@@ -1,7 +1,8 @@
 """FP8 block-scaled GEMM (1x128 activation, 128x128 weight scales) at DeepSeek-V3's projection
 shapes, and the grouped GEMM of MoE experts. Implementations, all on the same operands:
 
-- ours:           dsv32.kernels.fp8_gemm (Triton), operands already quantised (as DeepGEMM times it)
+- ours:           dsv32.kernels.fp8_gemm (Triton), operands already quantised (as DeepGEMM times it);
+                  ours+act_quant adds quantising the bf16 activations (FP8Linear's whole forward)
 - cublas-block:   F.scaled_mm with cuBLASLt's 1x128 x 128x128 recipe (same numerics as ours)
 - cublas-tensor:  torch._scaled_mm with one scale per tensor (other numerics; the cuBLAS FP8 ceiling)
 - torch-bf16:     torch.matmul on bf16 (grouped: torch._grouped_mm)
@@ -47,6 +48,8 @@ def _gemm_rows(m, n, k):
     anchor = f"DeepGEMM H800: {DEEPGEMM_M4096[(n, k)]} TF" if m == 4096 else "DeepGEMM H800 M=64: 206-336 TF"
     return [
         _row(kernel, shape, "ours", lambda: K.fp8_gemm(a, sa, b, sb), flops, fp8_bytes, anchor),
+        _row(kernel, shape, "ours+act_quant", lambda: K.fp8_gemm(*K.act_quant(x), b, sb), flops,
+             fp8_bytes + 2 * m * k, "what FP8Linear costs: bf16 x in"),
         _row(kernel, shape, "cublas-block", lambda: K.fp8_gemm_cublas(a, sa, b, sb_cublas), flops, fp8_bytes,
              "F.scaled_mm BlockWise1x128 x BlockWise128x128"),
         _row(kernel, shape, "cublas-tensor",

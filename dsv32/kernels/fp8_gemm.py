@@ -26,7 +26,6 @@ from dsv32.kernels import use_triton
 BLOCK = 128                          # quantisation block: 1x128 activations, 128x128 weights
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max      # 448
-SCALE_MIN = 1e-4 / FP8_MAX           # the scale of an all-zero block (amax clamped to 1e-4)
 
 
 def _check_operands(a, a_scale, b, b_scale):
@@ -53,7 +52,7 @@ def act_quant_ref(x: torch.Tensor, pow2_scale: bool = True) -> tuple[torch.Tenso
     m, k = x.shape
     if k % BLOCK:
         raise ValueError(f"x's last dim {k} is not a multiple of {BLOCK}")
-    xb = x.float().view(m, k // BLOCK, BLOCK)
+    xb = x.float().reshape(m, k // BLOCK, BLOCK)
     scale = xb.abs().amax(-1).clamp(min=1e-4) / FP8_MAX                  # [M, K/128]
     if pow2_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
@@ -327,7 +326,8 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
 
 def fp8_grouped_gemm(a, a_scale, b, b_scale, group_offsets, out_dtype=torch.bfloat16) -> torch.Tensor:
     """MoE experts: rows group_offsets[e]:group_offsets[e+1] of a ([M, K] e4m3, grouped by expert,
-    [M, K/128] scales) times b[e] ([E, N, K] e4m3, [E, ceil(N/128), K/128] scales) -> [M, N]."""
+    [M, K/128] scales) times b[e] ([E, N, K] e4m3, [E, ceil(N/128), K/128] scales) -> [M, N].
+    The offsets (on the device; never read back) rise from 0 to M; empty groups are fine."""
     _check_grouped(a, a_scale, b, b_scale, group_offsets)
     if not use_triton(a):
         return fp8_grouped_gemm_ref(a, a_scale, b, b_scale, group_offsets, out_dtype)

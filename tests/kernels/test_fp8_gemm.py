@@ -152,14 +152,16 @@ def test_keep_fp8_load_keeps_checkpoint_bytes(tmp_path):
     attn, moe = kept.layers[1].self_attn, kept.layers[1].mlp
     assert isinstance(attn.q_b_proj, FP8Linear) and isinstance(moe.experts[0].down_proj, FP8Linear)
     assert isinstance(attn.o_proj, FP8Linear) and isinstance(attn.indexer.wk, FP8Linear)
-    assert isinstance(moe.gate, nn.Module) and not isinstance(attn.indexer.weights_proj, FP8Linear)
+    assert not isinstance(attn.indexer.weights_proj, FP8Linear)   # bf16 in the checkpoint
+    assert not isinstance(attn.kv_b_proj, FP8Linear)   # absorbed attention reads its weight
     # the e4m3 bytes and scales are the file's, dequantising them gives the plain load's weight
     w, s = attn.q_b_proj.weight, attn.q_b_proj.weight_scale_inv
     assert torch.equal(weight_dequant(w, s, dtype=torch.float32), plain.layers[1].self_attn.q_b_proj.weight)
     ids = torch.randint(0, cfg.vocab_size, (1, 12))
     with force("ref"):
-        a, b = plain(ids).logits, kept(ids).logits
+        a, b, c = plain(ids).logits, kept(ids).logits, kept(ids, mode="mqa").logits
     _close(b, a, 0.1)   # only the activations' 1x128 FP8 rounding differs
+    _close(c, b, 1e-4)  # absorbed attention agrees with the expanded one
     save_model(plain, tmp_path / "bf16")
     with pytest.raises(ValueError, match="keep_fp8"):
         load_model(tmp_path / "bf16", keep_fp8=True)
