@@ -108,3 +108,33 @@ def to_fp8_linears(model: nn.Module, select, quantize: bool = True) -> list[str]
                else FP8Linear(linear.in_features, linear.out_features, device=linear.weight.device))
         setattr(owner, child, new)
     return names
+
+
+def stack_fp8_experts(experts: nn.ModuleList) -> tuple[torch.Tensor, ...]:
+    """Routed experts (MLPs of FP8Linear) -> (w13 [E, 2I, D] e4m3 with gate rows then up rows,
+    s13 [E, 2I/128, D/128], w2 [E, D, I], s2 [E, D/128, I/128]): the grouped GEMM's operands."""
+    if experts[0].gate_proj.out_features % 128:
+        raise ValueError("moe_intermediate_size must be a multiple of 128 to stack gate and up blocks")
+    w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in experts])
+    s13 = torch.stack([torch.cat([m.gate_proj.weight_scale_inv, m.up_proj.weight_scale_inv]) for m in experts])
+    w2 = torch.stack([m.down_proj.weight for m in experts])
+    s2 = torch.stack([m.down_proj.weight_scale_inv for m in experts])
+    return w13, s13, w2, s2
+
+
+def moe_experts_fp8(x, ids, weights, w13, s13, w2, s2) -> torch.Tensor:
+    """The routed experts of one MoE layer as two grouped FP8 GEMMs, without a host sync.
+    x: [T, D]; ids, weights: [T, k] (the gate's choice) -> sum_j weights[t, j] expert_ids[t, j](x[t]): [T, D]."""
+    from dsv32.kernels.fp8_gemm import act_quant, fp8_grouped_gemm  # imports Triton: only when used
+    t, k = ids.shape
+    order = ids.flatten().argsort(stable=True)                      # [T*k] (token, slot) pairs by expert
+    tok = order // k
+    counts = torch.bincount(ids.flatten(), minlength=w13.shape[0])
+    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)       # [E+1]
+    q, s = act_quant(x)                                             # each token quantised once
+    h = fp8_grouped_gemm(q[tok], s.t()[:, tok].t(), w13, s13, offsets, out_dtype=x.dtype)  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    q, s = act_quant(F.silu(gate) * up)
+    y = fp8_grouped_gemm(q, s, w2, s2, offsets, out_dtype=torch.float32)       # [T*k, D]
+    y = y * weights.flatten()[order, None]
+    return torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)

@@ -10,7 +10,9 @@ from dsv32.config import preset
 from dsv32.kernels import force
 from dsv32.kernels import fp8_gemm as K
 from dsv32.model import Transformer
-from dsv32.model.fp8 import FP8, FP8Linear, act_quant_dequant, to_fp8_linears, weight_dequant, weight_quant
+from dsv32.model.fp8 import (FP8, FP8Linear, act_quant_dequant, moe_experts_fp8, stack_fp8_experts,
+                             to_fp8_linears, weight_dequant, weight_quant)
+from dsv32.model.moe import MoE
 
 
 def _dequant_act(q, s):
@@ -173,6 +175,25 @@ def test_to_fp8_linears_selects_by_name():
     assert isinstance(net[0], FP8Linear) and isinstance(net[1], nn.Linear)
 
 
+def test_moe_experts_as_two_grouped_gemms_match_the_expert_loop():
+    cfg = preset("tiny").replace(hidden_size=128, moe_intermediate_size=128, n_shared_experts=0)
+    moe = MoE(cfg).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    to_fp8_linears(moe, lambda n: n.startswith("experts."))
+    x = torch.randn(10, 128)
+    weights, ids, _ = moe.gate(x)
+    stacked = stack_fp8_experts(moe.experts)
+    assert stacked[0].shape == (8, 256, 128) and stacked[3].shape == (8, 1, 1)
+    with force("ref"):
+        loop = moe(x[None])[0][0]                 # MoE.forward: one expert at a time, FP8Linear each
+        ref = moe_experts_fp8(x, ids, weights, *stacked)
+    with force("triton"):
+        out = moe_experts_fp8(x, ids, weights, *stacked)
+    _close(ref, loop, 1e-5)
+    _close(out, ref, 1e-5)
+
+
 # ---- GPU, real shapes (DeepSeek-V3 projections)
 
 V3_SHAPES = [(7168, 2048), (2112, 7168), (24576, 1536), (4096, 7168)]
@@ -214,3 +235,17 @@ def test_fp8_grouped_gemm_gpu(n, k):
     b, sb = torch.stack([q for q, _ in bs]), torch.stack([s for _, s in bs])
     out = K.fp8_grouped_gemm(a, sa, b, sb, offsets)
     _close(out, K.fp8_grouped_gemm_ref(a, sa, b, sb, offsets, torch.float32), 5e-3)
+
+
+@pytest.mark.gpu
+def test_moe_experts_fp8_gpu():
+    e, d, inter, t, k = 32, 7168, 2048, 512, 8
+    w13, s13 = map(torch.stack, zip(*[weight_quant(torch.randn(2 * inter, d, device="cuda") * 0.02) for _ in range(e)]))
+    w2, s2 = map(torch.stack, zip(*[weight_quant(torch.randn(d, inter, device="cuda") * 0.02) for _ in range(e)]))
+    x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(t, e, device="cuda").topk(k, dim=-1).indices
+    weights = torch.rand(t, k, device="cuda")
+    out = moe_experts_fp8(x, ids, weights, w13, s13, w2, s2)
+    with force("ref"):
+        ref = moe_experts_fp8(x, ids, weights, w13, s13, w2, s2)
+    _close(out, ref, 1e-2)
