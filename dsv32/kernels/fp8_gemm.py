@@ -18,10 +18,12 @@ never accumulates in the imprecise tensor-core accumulator.
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from dsv32.kernels import use_triton
+from dsv32.kernels import has_triton, use_triton
+
+if has_triton():
+    import triton
+    import triton.language as tl
 
 BLOCK = 128                          # quantisation block: 1x128 activations, 128x128 weights
 FP8 = torch.float8_e4m3fn
@@ -32,13 +34,15 @@ def _check_operands(a, a_scale, b, b_scale):
     if a.dtype != FP8 or b.dtype != FP8:
         raise ValueError(f"a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() not in (2, 3):
-        raise ValueError(f"a must be [M, K] and b [N, K] or [E, N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"a must be [M, K] and b [N, K] or [E, N, K], "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     m, k = a.shape
     n = b.shape[-2]
     if b.shape[-1] != k or k % BLOCK:
         raise ValueError(f"K must match and be a multiple of {BLOCK}: a {tuple(a.shape)}, b {tuple(b.shape)}")
     if a_scale.shape != (m, k // BLOCK) or a_scale.dtype != torch.float32:
-        raise ValueError(f"a_scale must be fp32 [{m}, {k // BLOCK}], got {a_scale.dtype} {tuple(a_scale.shape)}")
+        raise ValueError(f"a_scale must be fp32 [{m}, {k // BLOCK}], "
+                         f"got {a_scale.dtype} {tuple(a_scale.shape)}")
     want = (*b.shape[:-2], -(-n // BLOCK), k // BLOCK)
     if b_scale.shape != want or b_scale.dtype != torch.float32:
         raise ValueError(f"b_scale must be fp32 {list(want)}, got {b_scale.dtype} {tuple(b_scale.shape)}")
@@ -97,122 +101,6 @@ def _check_grouped(a, a_scale, b, b_scale, group_offsets):
 
 # ---------------------------------------------------------------- Triton kernels
 
-@triton.jit
-def _round_e4m3(v):
-    """Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, in fp32 arithmetic, so the
-    conversion after it is exact on every backend (Triton's interpreter rounds up without carrying
-    into the exponent). Spacing: 2^(e-3) in binade e, 2^-9 among subnormals (e < -6)."""
-    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    r = (tl.abs(v) / ulp + 8388608.0) - 8388608.0        # + 2^23 - 2^23: round half to even
-    return tl.where(v < 0, -r, r) * ulp
-
-
-@triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
-                      POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: BLOCK_M rows x one 128-wide K block."""
-    pid_m, kb = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0)  # [BLOCK_M], exact
-    if POW2:  # round up to a power of two on the bits: exact, unlike exp2(ceil(log2(.)))
-        bits = scale.to(tl.int32, bitcast=True)
-        scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    q = _round_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)).to(tl.float8e4nv)
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + rows * stride_sm + kb * stride_sk, scale, mask=rows < M)
-
-
-@triton.jit
-def _scaled_tile(a_ptr, b_ptr, sa_ptr, sb_ptr, rows, cols, kb_lo, kb_hi,
-                 stride_am, stride_bn, stride_sam, stride_sak, stride_sbk,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] = sum over K blocks [kb_lo, kb_hi) of (a sa) (b sb)^T.
-    rows / cols are in bounds (clamped by the caller); K is a multiple of BLOCK_K; the tile's
-    columns lie in one 128-row weight block (BLOCK_N divides 128), whose scales sb_ptr points at."""
-    tl.static_assert(BLOCK_K % BLOCK_N == 0)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + (kb_lo * BLOCK_K + offs_k)[None, :]
-    b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb_lo * BLOCK_K + offs_k)[:, None]  # [BK, BN], K-major
-    sa_ptrs = sa_ptr + rows * stride_sam + kb_lo * stride_sak
-    sb_ptrs = sb_ptr + kb_lo * stride_sbk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(kb_lo, kb_hi):
-        partial = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs))         # one 128-deep block, fp32
-        acc += partial * (tl.load(sa_ptrs) * tl.load(sb_ptrs))[:, None]   # promote: one FMA each
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-        sa_ptrs += stride_sak
-        sb_ptrs += stride_sbk
-    return acc
-
-
-@triton.jit
-def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Program id -> (tile row, tile col), GROUP_M tile rows at a time so their B tiles stay in L2."""
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % group_m, (pid % width) // group_m
-
-
-@triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, M_BUCKET,
-                     stride_am, stride_bn, stride_cs, stride_cm,
-                     stride_sam, stride_sak, stride_sbn, stride_sbk,
-                     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c[s] (s = K split; one split writes the output dtype directly) = a @ b^T over split s's K blocks."""
-    pid, pid_k = tl.program_id(0), tl.program_id(1)
-    pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    num_kb = K // BLOCK_K
-    per_split = tl.cdiv(num_kb, SPLIT_K)
-    kb_lo = pid_k * per_split
-    kb_hi = min(kb_lo + per_split, num_kb)
-    # out-of-range rows / cols read valid memory (wrapped) and are dropped at the store
-    acc = _scaled_tile(a_ptr, b_ptr, sa_ptr, sb_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_sbn,
-                       offs_m % M, offs_n % N, kb_lo, kb_hi, stride_am, stride_bn,
-                       stride_sam, stride_sak, stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
-    c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-
-
-@triton.jit
-def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, go_ptr, M, N, K, E, M_BUCKET,
-                             stride_am, stride_be, stride_bn, stride_cm,
-                             stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
-                             E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile row t of the concatenated per-expert tile rows; the grid has cdiv(M, BLOCK_M) + E of
-    them, an upper bound, and programs past the real count return at once."""
-    pid = tl.program_id(0)
-    t, pid_n = _swizzle(pid, tl.cdiv(M, BLOCK_M) + E, tl.cdiv(N, BLOCK_N), GROUP_M)
-    experts = tl.arange(0, E_POW2)
-    starts = tl.load(go_ptr + experts, mask=experts < E, other=0).to(tl.int32)
-    ends = tl.load(go_ptr + experts + 1, mask=experts < E, other=0).to(tl.int32)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M                    # tile rows per expert
-    first = tl.cumsum(tiles, 0) - tiles                                 # first tile row of each
-    if t >= tl.sum(tiles):
-        return
-    e = tl.sum((first + tiles <= t).to(tl.int32))                       # the expert holding row t
-    mine = experts == e
-    row0 = tl.sum(tl.where(mine, starts + (t - first) * BLOCK_M, 0))
-    row_end = tl.sum(tl.where(mine, ends, 0))
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    sb_ptr += e * stride_sbe + (pid_n * BLOCK_N // BLOCK_K) * stride_sbn
-    acc = _scaled_tile(a_ptr, b_ptr + e * stride_be, sa_ptr, sb_ptr, tl.minimum(offs_m, M - 1),
-                       offs_n % N, 0, K // BLOCK_K, stride_am, stride_bn,
-                       stride_sam, stride_sak, stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < row_end)[:, None] & (offs_n < N)[None, :])
-
-
 def _configs():
     """Short list: 128x128 tiles (acc + per-block partial = 128 fp32 registers a thread at 8
     warps; 128x256 would spill), 4 stages of (128 + 128) x 128 B = 128 KB shared memory."""
@@ -220,10 +108,123 @@ def _configs():
             for bm, bn, w, s in [(128, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]]
 
 
-_CONFIGS = _configs()
-# tuned once per power-of-two bucket of M (M_BUCKET: the key only), not again for every prefill length
-_fp8_gemm_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K"])(_fp8_gemm_kernel)
-_fp8_grouped_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "E"])(_fp8_grouped_gemm_kernel)
+if has_triton():
+    @triton.jit
+    def _round_e4m3(v):
+        """Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, in fp32 arithmetic,
+        so the conversion after it is exact on every backend (Triton's interpreter rounds up
+        without carrying into the exponent). Spacing: 2^(e-3) in binade e, 2^-9 below 2^-6."""
+        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        r = (tl.abs(v) / ulp + 8388608.0) - 8388608.0        # + 2^23 - 2^23: round half to even
+        return tl.where(v < 0, -r, r) * ulp
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
+                          POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One program: BLOCK_M rows x one 128-wide K block."""
+        pid_m, kb = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows < M)[:, None]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0)  # [BLOCK_M], exact
+        if POW2:  # round up to a power of two on the bits: exact, unlike exp2(ceil(log2(.)))
+            bits = scale.to(tl.int32, bitcast=True)
+            scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        q = _round_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)).to(tl.float8e4nv)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows * stride_sm + kb * stride_sk, scale, mask=rows < M)
+
+    @triton.jit
+    def _scaled_tile(a_ptr, b_ptr, sa_ptr, sb_ptr, rows, cols, kb_lo, kb_hi,
+                     stride_am, stride_bn, stride_sam, stride_sak, stride_sbk,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fp32 [BLOCK_M, BLOCK_N] = sum over K blocks [kb_lo, kb_hi) of (a sa) (b sb)^T.
+        rows / cols are in bounds (clamped by the caller); K is a multiple of BLOCK_K; the tile's
+        columns lie in one 128-row weight block (BLOCK_N divides 128), whose scales sb_ptr points at."""
+        tl.static_assert(BLOCK_K % BLOCK_N == 0)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + (kb_lo * BLOCK_K + offs_k)[None, :]
+        b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb_lo * BLOCK_K + offs_k)[:, None]  # [BK, BN], K-major
+        sa_ptrs = sa_ptr + rows * stride_sam + kb_lo * stride_sak
+        sb_ptrs = sb_ptr + kb_lo * stride_sbk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(kb_lo, kb_hi):
+            partial = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs))         # one 128-deep block, fp32
+            acc += partial * (tl.load(sa_ptrs) * tl.load(sb_ptrs))[:, None]   # promote: one FMA each
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+            sa_ptrs += stride_sak
+            sb_ptrs += stride_sbk
+        return acc
+
+    @triton.jit
+    def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Program id -> (tile row, tile col), GROUP_M tile rows at a time so their B tiles stay in L2."""
+        width = GROUP_M * num_pid_n
+        first_m = (pid // width) * GROUP_M
+        group_m = min(num_pid_m - first_m, GROUP_M)
+        return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, M_BUCKET,
+                         stride_am, stride_bn, stride_cs, stride_cm,
+                         stride_sam, stride_sak, stride_sbn, stride_sbk,
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """c[s] = a @ b^T over K split s's blocks (one split: c is the output itself)."""
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        num_kb = K // BLOCK_K
+        per_split = tl.cdiv(num_kb, SPLIT_K)
+        kb_lo = pid_k * per_split
+        kb_hi = min(kb_lo + per_split, num_kb)
+        # out-of-range rows / cols read valid memory (wrapped) and are dropped at the store
+        acc = _scaled_tile(a_ptr, b_ptr, sa_ptr, sb_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_sbn,
+                           offs_m % M, offs_n % N, kb_lo, kb_hi, stride_am, stride_bn,
+                           stride_sam, stride_sak, stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+        c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, go_ptr, M, N, K, E, M_BUCKET,
+                                 stride_am, stride_be, stride_bn, stride_cm,
+                                 stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
+                                 E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """Tile row t of the concatenated per-expert tile rows; the grid has cdiv(M, BLOCK_M) + E of
+        them, an upper bound, and programs past the real count return at once."""
+        pid = tl.program_id(0)
+        t, pid_n = _swizzle(pid, tl.cdiv(M, BLOCK_M) + E, tl.cdiv(N, BLOCK_N), GROUP_M)
+        experts = tl.arange(0, E_POW2)
+        starts = tl.load(go_ptr + experts, mask=experts < E, other=0).to(tl.int32)
+        ends = tl.load(go_ptr + experts + 1, mask=experts < E, other=0).to(tl.int32)
+        tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M                    # tile rows per expert
+        first = tl.cumsum(tiles, 0) - tiles                                 # first tile row of each
+        if t >= tl.sum(tiles):
+            return
+        e = tl.sum((first + tiles <= t).to(tl.int32))                       # the expert holding row t
+        mine = experts == e
+        row0 = tl.sum(tl.where(mine, starts + (t - first) * BLOCK_M, 0))
+        row_end = tl.sum(tl.where(mine, ends, 0))
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        sb_ptr += e * stride_sbe + (pid_n * BLOCK_N // BLOCK_K) * stride_sbn
+        acc = _scaled_tile(a_ptr, b_ptr + e * stride_be, sa_ptr, sb_ptr, tl.minimum(offs_m, M - 1),
+                           offs_n % N, 0, K // BLOCK_K, stride_am, stride_bn,
+                           stride_sam, stride_sak, stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        mask = (offs_m < row_end)[:, None] & (offs_n < N)[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    _CONFIGS = _configs()
+    # tuned once per power-of-two bucket of M (M_BUCKET: the key only), not again for every prefill length
+    _fp8_gemm_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K"])(_fp8_gemm_kernel)
+    _fp8_grouped_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "E"])(_fp8_grouped_gemm_kernel)
 
 
 def _launcher(tuned, kernel, device):

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsv32.kernels.fp8_gemm import act_quant, fp8_gemm, fp8_grouped_gemm
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -84,7 +86,6 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out] in x's dtype."""
-        from dsv32.kernels.fp8_gemm import act_quant, fp8_gemm  # imports Triton: only when used
         shape = x.shape
         q, scale = act_quant(x.reshape(-1, shape[-1]))
         y = fp8_gemm(q, scale, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
@@ -124,12 +125,14 @@ def stack_fp8_experts(experts: nn.ModuleList) -> tuple[torch.Tensor, ...]:
 
 def moe_experts_fp8(x, ids, weights, w13, s13, w2, s2) -> torch.Tensor:
     """The routed experts of one MoE layer as two grouped FP8 GEMMs, without a host sync.
-    x: [T, D]; ids, weights: [T, k] (the gate's choice) -> sum_j weights[t, j] expert_ids[t, j](x[t]): [T, D]."""
-    from dsv32.kernels.fp8_gemm import act_quant, fp8_grouped_gemm  # imports Triton: only when used
+    x: [T, D]; ids, weights: [T, k] (the gate's choice) -> [T, D]: sum_j weights[t, j] * expert
+    ids[t, j] applied to x[t]. Operands from stack_fp8_experts."""
     t, k = ids.shape
-    order = ids.flatten().argsort(stable=True)                      # [T*k] (token, slot) pairs by expert
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)                               # [T*k] (token, slot) pairs by expert
     tok = order // k
-    counts = torch.bincount(ids.flatten(), minlength=w13.shape[0])
+    counts = torch.zeros(w13.shape[0], dtype=torch.long, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))             # bincount would sync
     offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)       # [E+1]
     q, s = act_quant(x)                                             # each token quantised once
     h = fp8_grouped_gemm(q[tok], s.t()[:, tok].t(), w13, s13, offsets, out_dtype=x.dtype)  # [T*k, 2I]
