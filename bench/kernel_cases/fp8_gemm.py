@@ -104,10 +104,3 @@ def cases(quick: bool) -> list[dict]:
     rows.append(_act_quant_row(4096, 7168))
     return rows
 
-
-if __name__ == "__main__":
-    for r in cases(quick=False):
-        us, tf, tb = r["us"], r["tflops"], r["tbps"]
-        print(f"{r['kernel']:18s} {r['shape']:30s} {r['impl']:18s} {'-' if us is None else f'{us:9.1f} us'}"
-              f" {'' if tf is None else f'{tf:7.1f} TF'} {'' if tb is None else f'{tb:5.2f} TB/s'}"
-              f"  {r.get('note', '')}")
