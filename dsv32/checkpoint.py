@@ -7,8 +7,8 @@ and output head (`embed_tokens`, `shared_head.head`); we share the main model's,
 are checked on load and written on save.
 
 FP8 checkpoints store e4m3 weights with a `weight_scale_inv` per 128x128 block; they are
-dequantised to the requested dtype on load (an FP8 compute path belongs to the kernels).
-No pickle anywhere: safetensors only.
+dequantised to the requested dtype on load, or, with `keep_fp8`, kept as they are in FP8Linear
+layers that multiply in FP8 (dsv32.kernels.fp8_gemm). No pickle anywhere: safetensors only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
-from dsv32.model.fp8 import FP8, weight_dequant, weight_quant
+from dsv32.model.fp8 import FP8, to_fp8_linears, weight_dequant, weight_quant
 from dsv32.model.llama import MODEL_TYPE as MODEL_TYPE_LLAMA
 from dsv32.model.llama import LlamaConfig, LlamaDSA
 
@@ -87,21 +87,22 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               cfg: ModelConfig | None = None) -> Transformer:
+               cfg: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
     """Build the model of `path/config.json` on `device` and fill it from the safetensors shards,
     one tensor at a time (the full model is never held twice). A converted Llama-family
-    directory (model_type llama_dsa) gives a `LlamaDSA`."""
+    directory (model_type llama_dsa) gives a `LlamaDSA`. keep_fp8 (FP8 checkpoints only): the
+    FP8 projections (but kv_b_proj) stay e4m3 + scales in FP8Linear layers, not dequantised."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if cfg is None and _model_type(path) == MODEL_TYPE_LLAMA:
         return load_llama(path, dtype, device)
-    return _load(Transformer, cfg or ModelConfig.load(path), path, dtype, device)
+    return _load(Transformer, cfg or ModelConfig.load(path), path, dtype, device, keep_fp8)
 
 
-def _load(cls, cfg, path: Path, dtype, device):
-    """Empty `cls(cfg)` on device, then every tensor of the shards copied in (FP8 dequantised),
-    with errors naming the unexpected, misshapen or missing ones."""
+def _load(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
+    """Empty `cls(cfg)` on device, then every tensor of the shards copied in (FP8 dequantised
+    unless kept), with errors naming the unexpected, misshapen or missing ones."""
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)
@@ -111,6 +112,13 @@ def _load(cls, cfg, path: Path, dtype, device):
     for name, b in list(model.named_buffers()):
         if name.endswith("e_score_correction_bias"):  # selection bias stays fp32, as shipped
             _set_buffer(model, name, b.float())
+    if keep_fp8:
+        if cfg.fp8_block != (128, 128):
+            raise ValueError(f"keep_fp8 needs an FP8 checkpoint with 128x128 blocks; {path} has "
+                             f"quantization_config {cfg.quantization_config}")
+        # kv_b_proj stays dequantised: absorbed (MQA) attention reads its weight as a matrix
+        to_fp8_linears(model, lambda n: is_fp8_weight(hf_name(n + ".weight", cfg))
+                       and not n.endswith("kv_b_proj"), quantize=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(model.named_buffers())
 
@@ -122,7 +130,9 @@ def _load(cls, cfg, path: Path, dtype, device):
                 if key.endswith("weight_scale_inv"):
                     if key[: -len("_scale_inv")] not in keys:
                         unexpected.append(key)
-                    continue
+                        continue
+                    if our_name(key, cfg) not in params:  # read with its weight, unless an FP8Linear keeps it
+                        continue
                 name = our_name(key, cfg)
                 if name is None:
                     continue
@@ -130,7 +140,9 @@ def _load(cls, cfg, path: Path, dtype, device):
                     unexpected.append(key)
                     continue
                 t = f.get_tensor(key)
-                if t.dtype == FP8:
+                if params[name].dtype == FP8 and t.dtype != FP8:
+                    raise CheckpointError(f"{key} in {file.name} is {t.dtype}; keep_fp8 needs it in FP8")
+                if t.dtype == FP8 and params[name].dtype != FP8:
                     scale_key = key + "_scale_inv"
                     if scale_key not in keys:
                         raise CheckpointError(f"{key} is FP8 but {scale_key} is not in {file.name}")

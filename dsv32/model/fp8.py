@@ -6,7 +6,10 @@ along the last dim, rounded up to a power of two ("ue8m0") in the official index
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from dsv32.kernels.fp8_gemm import act_quant, fp8_gemm, fp8_grouped_gemm
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -52,3 +55,89 @@ def act_quant_dequant(x: torch.Tensor, block: int = 128, pow2_scale: bool = True
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return (q.float() * scale).flatten(-2).to(x.dtype)
+
+
+class FP8Linear(nn.Module):
+    """A bias-free linear layer on block-scaled FP8 weights, as DeepSeek serves V3.2: the input is
+    quantised per 1x128 block and multiplied in FP8 (Triton on CUDA, the torch reference on CPU).
+
+    Buffers, named as in the checkpoint: `weight` e4m3 [out, in] and `weight_scale_inv` fp32
+    [ceil(out/128), in/128]. Inference only (no gradients), and keep it out of `model.to(dtype)`:
+    the FP8 weights and fp32 scales must stay as they are.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        if in_features % 128:
+            raise ValueError(f"in_features {in_features} is not a multiple of the 128-wide FP8 block")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight_scale_inv", torch.empty(-(-out_features // 128), in_features // 128,
+                                                             dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        """Quantise a bias-free nn.Linear's weight into 128x128 blocks."""
+        if linear.bias is not None:
+            raise ValueError("FP8Linear has no bias; the linear layer has one")
+        m = cls(linear.in_features, linear.out_features, device=linear.weight.device)
+        m.weight, m.weight_scale_inv = weight_quant(linear.weight.detach())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out] in x's dtype."""
+        shape = x.shape
+        q, scale = act_quant(x.reshape(-1, shape[-1]))
+        y = fp8_gemm(q, scale, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 128x128 blocks"
+
+
+def to_fp8_linears(model: nn.Module, select, quantize: bool = True) -> list[str]:
+    """Replace every bias-free nn.Linear whose qualified name passes `select(name)` and whose input
+    width is a multiple of 128 by an FP8Linear: quantised from its weight, or (quantize=False)
+    empty, for a checkpoint loader to fill. Returns the replaced names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is None
+             and m.in_features % 128 == 0 and select(n)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        linear = getattr(owner, child)
+        new = (FP8Linear.from_linear(linear) if quantize
+               else FP8Linear(linear.in_features, linear.out_features, device=linear.weight.device))
+        setattr(owner, child, new)
+    return names
+
+
+def stack_fp8_experts(experts: nn.ModuleList) -> tuple[torch.Tensor, ...]:
+    """Routed experts (MLPs of FP8Linear) -> (w13 [E, 2I, D] e4m3 with gate rows then up rows,
+    s13 [E, 2I/128, D/128], w2 [E, D, I], s2 [E, D/128, I/128]): the grouped GEMM's operands."""
+    if experts[0].gate_proj.out_features % 128:
+        raise ValueError("moe_intermediate_size must be a multiple of 128 to stack gate and up blocks")
+    w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in experts])
+    s13 = torch.stack([torch.cat([m.gate_proj.weight_scale_inv, m.up_proj.weight_scale_inv]) for m in experts])
+    w2 = torch.stack([m.down_proj.weight for m in experts])
+    s2 = torch.stack([m.down_proj.weight_scale_inv for m in experts])
+    return w13, s13, w2, s2
+
+
+def moe_experts_fp8(x, ids, weights, w13, s13, w2, s2) -> torch.Tensor:
+    """The routed experts of one MoE layer as two grouped FP8 GEMMs, without a host sync.
+    x: [T, D]; ids, weights: [T, k] (the gate's choice) -> [T, D]: sum_j weights[t, j] * expert
+    ids[t, j] applied to x[t]. Operands from stack_fp8_experts."""
+    t, k = ids.shape
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)                               # [T*k] (token, slot) pairs by expert
+    tok = order // k
+    counts = torch.zeros(w13.shape[0], dtype=torch.long, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))             # bincount would sync
+    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)       # [E+1]
+    q, s = act_quant(x)                                             # each token quantised once
+    h = fp8_grouped_gemm(q[tok], s.t()[:, tok].t(), w13, s13, offsets, out_dtype=x.dtype)  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    q, s = act_quant(F.silu(gate) * up)
+    y = fp8_grouped_gemm(q, s, w2, s2, offsets, out_dtype=torch.float32)       # [T*k, D]
+    y = y * weights.flatten()[order, None]
+    return torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)
