@@ -70,11 +70,12 @@ def tool_suffix(messages: list[dict], assistant: dict, results: list[str], think
     return full[len(before):]
 
 
-def tool_env(task: Task, message: dict | None) -> list[str] | None:
-    """The default environment: run the tool calls of a parsed turn (None: the turn is final)."""
+def tool_env(task: Task, message: dict | None) -> tuple[dict, list[str]] | None:
+    """The default environment: a parsed turn that calls tools gets their results; any other
+    turn (no calls, or text that does not parse, e.g. cut off) is final."""
     if message is None or not task.tools or not message["tool_calls"]:
         return None
-    return [run_tool(call) for call in message["tool_calls"]]
+    return message, [run_tool(call) for call in message["tool_calls"]]
 
 
 def _parse(tokenizer, task: Task, ids: list[int], finish: str) -> tuple[dict | None, str]:
@@ -105,8 +106,8 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
             env=tool_env) -> list[Trajectory]:
     """Sample one trajectory per task (repeat a task G times for a group), all turns batched.
 
-    env(task, parsed message or None) -> tool results to append, or None when the turn is final.
-    A turn that does not parse ends the trajectory with no answer."""
+    env(task, parsed message or None) -> (the assistant message with its tool calls, their results)
+    to continue, or None when the turn is final. A final turn that does not parse has no answer."""
     params = replace(params, return_rl_data=True)
     trajs = []
     for task in tasks:
@@ -139,10 +140,11 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
             t.turn_spans.append((start, len(t.tokens)))
             message, text = _parse(tokenizer, t.task, out.token_ids, out.finish_reason)
             t.text += text
-            results = env(t.task, message) if out.finish_reason == "stop" else None
-            if results is None or turn + 1 == max_turns:
+            step = env(t.task, message)
+            if step is None or turn + 1 == max_turns:
                 t.answer = message["content"] if message is not None and not message["tool_calls"] else ""
                 continue
+            message, results = step
             suffix = tool_suffix(t.messages, message, results, t.task.thinking_mode)
             t.messages += [message] + [{"role": "tool", "content": r} for r in results]
             ids = tokenizer.encode(suffix)
