@@ -30,10 +30,12 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tenso
 def kept_mask(kept: list, vocab: int, device=None) -> torch.Tensor:
     """kept: per position the engine's kept token ids (None = whole vocabulary) -> [N, V] bool."""
     mask = torch.ones(len(kept), vocab, dtype=torch.bool, device=device)
-    for i, ids in enumerate(kept):
-        if ids is not None:
-            mask[i] = False
-            mask[i, ids.to(device=device, dtype=torch.long)] = True
+    rows = [i for i, ids in enumerate(kept) if ids is not None]
+    if rows:
+        ids = [kept[i].to(torch.long) for i in rows]
+        r = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(x) for x in ids]))
+        mask[rows] = False
+        mask[r.to(device), torch.cat(ids).to(device)] = True
     return mask
 
 

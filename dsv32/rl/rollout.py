@@ -185,7 +185,10 @@ def pack(trajs: list[Trajectory], vocab: int, pad_id: int = 0, device=None) -> B
         logp_old[i, :n] = torch.tensor(t.logprobs)
         kept += [k for k, a in zip(t.kept, t.action) if a]
     experts = None
-    if all(t.experts is not None for t in trajs):
+    recorded = [t.experts is not None for t in trajs]
+    if any(recorded) and not all(recorded):  # never drop Keep Routing silently for a whole batch
+        raise ValueError(f"trajectory {recorded.index(False)} has no recorded expert routes while others do")
+    if all(recorded):
         layers, k = trajs[0].experts.shape[1:]
         # padding positions route to experts 0..k-1: their outputs are never read
         e = torch.arange(k, dtype=torch.long).expand(b, s, layers, k).clone()

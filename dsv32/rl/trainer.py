@@ -313,6 +313,7 @@ def plot_rl(jsonl: Path | list, png: Path, labels: list[str] | None = None) -> N
 def build(cfg: RLConfig):
     """(model, tokenizer, task mix, reward model) from a config: a checkpoint with its tokenizer,
     or a preset with a byte-level BPE trained on samples of the task mix."""
+    from dsv32.chat import encode_messages
     from dsv32.tokenizer import PlainTokenizer, Tokenizer, train_tokenizer
 
     pools: dict = {}
@@ -338,7 +339,7 @@ def build(cfg: RLConfig):
             corpus = Path(cfg.out) / "tokenizer" / "corpus.txt"
             corpus.parent.mkdir(parents=True, exist_ok=True)
             sample = mix.sample(random.Random(cfg.seed + 2), 2000)
-            corpus.write_text("\n".join(json.dumps(t.messages + (t.solution or []), ensure_ascii=False)
+            corpus.write_text("\n".join(encode_messages(t.messages + (t.solution or []), t.thinking_mode)
                                         for t in sample), encoding="utf-8")
             tok = train_tokenizer([corpus], cfg.tokenizer_vocab, corpus.parent)
         torch.manual_seed(cfg.seed)

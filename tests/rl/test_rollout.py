@@ -73,6 +73,10 @@ def test_replay_equals_engine_logprobs_only_with_both_stabilisers(model, tok):
     assert (lp - old).abs().mean() > 1e-3                    # the free router picks other experts
     lp, old = replay(model, trajs, keep_sampling_mask=False)
     assert (lp - old).max() < -0.05                          # the whole vocabulary: every token less likely
+    broken = [copy.copy(trajs[0]), trajs[1]]
+    broken[0].experts = None
+    with pytest.raises(ValueError, match="no recorded expert routes"):
+        pack(broken, model.cfg.vocab_size)
 
 
 class Recording(Engine):
