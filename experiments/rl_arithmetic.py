@@ -128,7 +128,7 @@ def main():
     print(f"[sft] {json.dumps(results['sft'])}", flush=True)
 
     # 3: main run, mixed domains, all stabilisers on
-    steps = args.steps or (4 if q else 60)
+    steps = args.steps or (4 if q else 40)
     history = rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, results)
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
