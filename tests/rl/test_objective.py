@@ -154,3 +154,25 @@ def test_bad_shapes_name_the_tensor():
         grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="logp_old"):
         grpo_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_grpo_steps_raise_the_rewarded_actions_probability():
+    """A 5-armed bandit policy softmax(theta), arm 0 rewarded: rollout batches of 4 groups x 8
+    from the frozen pi_old, 2 mini-batch steps each (the second off-policy), KL to the start."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.zeros(5, requires_grad=True)
+    ref = theta.detach().log_softmax(-1)
+    opt = torch.optim.SGD([theta], lr=0.5)
+    for _ in range(30):
+        old = theta.detach().log_softmax(-1)
+        arms = torch.multinomial(old.exp(), 32, replacement=True, generator=g)     # [32]
+        adv = group_advantages((arms == 0).float(), torch.arange(4).repeat_interleave(8))
+        for half in (slice(0, 16), slice(16, 32)):
+            a = arms[half]
+            logp = theta.log_softmax(-1)[a][:, None]                                # one token per sequence
+            loss, _ = grpo_loss(logp, old[a][:, None], adv[half], torch.ones_like(logp, dtype=torch.bool),
+                                ref[a][:, None], 0.01)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert theta.softmax(-1)[0] > 0.9
