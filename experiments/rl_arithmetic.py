@@ -5,7 +5,7 @@
 2. SFT warm start on reference solutions (dsv32.train.Trainer), so that rewards start non-zero;
 3. main run: mixed RL in one stage: arithmetic (beta 0) and arithmetic with a calculator tool
    (multi-turn, thinking kept across the call; beta 0.01), all stabilisers on; greedy accuracy
-   on held-out prompts before and after;
+   on fixed held-out prompts every few steps;
 4. ablation under deliberately off-policy conditions (4 optimizer steps per rollout batch, a
    bfloat16 sampler with perturbed weights, a larger learning rate, beta > 0): all stabilisers on,
    then each one off, from the same warm-started model, with the same number of steps each;
@@ -14,7 +14,8 @@
     python experiments/rl_arithmetic.py --out runs/rl_arithmetic            # one H100, <= 8 min
     python experiments/rl_arithmetic.py --out runs/rl_quick --quick         # CPU, about a minute
 
-Writes results.json, each run's metrics.jsonl + metrics.png, and ablation.png into --out;
+Writes results.json, each run's metrics.jsonl + metrics.png, ablation.png and the held-out
+accuracy curves (main_eval.png, ablation_eval.png) into --out;
 docs/rl.md reports a GPU run.
 """
 
@@ -77,17 +78,53 @@ def summarise(history: list[dict], k: int = 5) -> dict:
             "step_s": mean("rollout_s", history) + mean("train_s", history) if history else None}
 
 
-def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, results: dict) -> list[dict]:
+def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_every: int, results: dict) -> list[dict]:
+    """RL steps with a greedy held-out evaluation every `eval_every` steps (a cleaner curve than the
+    sampled reward, whose prompts change every step)."""
+    from tqdm import tqdm
+
     t0 = time.time()
-    tr = RLTrainer(replace(cfg, out=str(out / name)), copy.deepcopy(model), tok, mix)
-    history = tr.fit()
-    acc = greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens)
-    results["runs"][name] = {**summarise(history), "greedy_accuracy_after": acc, "wall_s": time.time() - t0,
-                             "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)}}
-    print(f"[{name}] {json.dumps(results['runs'][name]['greedy_accuracy_after'])} "
-          f"reward {results['runs'][name]['reward_first']:.3f} -> {results['runs'][name]['reward_last']:.3f}", flush=True)
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tr = RLTrainer(replace(cfg, out=str(run_dir)), copy.deepcopy(model), tok, mix)
+    evals = [(0, greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens))]
+    history = []
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for _ in tqdm(range(cfg.steps), desc=name, dynamic_ncols=True):
+            m = tr.train_step()
+            if tr.step % eval_every == 0 or tr.step == cfg.steps:
+                evals.append((tr.step, greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens)))
+                m.update({f"eval/{k}": v for k, v in evals[-1][1].items()})
+            history.append(m)
+            f.write(json.dumps(m) + "\n")
+    plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    r = results["runs"][name] = {**summarise(history), "greedy_accuracy": evals, "wall_s": time.time() - t0,
+                                 "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
+    print(f"[{name}] greedy accuracy {evals[0][1]} -> {evals[-1][1]}; sampled reward "
+          f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return history
+
+
+def plot_eval(results: dict, names: list[str], png: Path) -> None:
+    """Greedy held-out accuracy over RL steps, one line per run and domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        evals = results["runs"][name]["greedy_accuracy"]
+        for dom in evals[0][1]:
+            ax.plot([s for s, _ in evals], [e[dom] for _, e in evals], marker="o", label=f"{name} {dom}")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("greedy accuracy (held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -111,7 +148,7 @@ def main():
     base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
                     prompts_per_step=4 if q else 16, group_size=4 if q else 8, minibatches=2,
                     max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
-                    lr=3e-4 if q else 1e-4, clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
+                    lr=3e-4 if q else 5e-5, clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
                     sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
 
@@ -122,30 +159,34 @@ def main():
     results["model"] = {"params": sum(p.numel() for p in model.parameters()), **model.cfg.to_hf()}
     t0 = time.time()
     sft = warm_start(model, tok, mix, base)
-    eval_n = 8 if q else 256
+    eval_n = 8 if q else 128
     results["sft"] = {"steps": base.sft_steps, "lm_last": sft.get("lm"), "wall_s": time.time() - t0,
                       "greedy_accuracy": greedy_accuracy(model, tok, mix, eval_n, base.max_turns, base.max_new_tokens)}
     print(f"[sft] {json.dumps(results['sft'])}", flush=True)
 
     # 3: main run, mixed domains, all stabilisers on
     steps = args.steps or (4 if q else 40)
-    history = rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, results)
+    eval_every = 2 if q else 10
+    history = rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
+    plot_eval(results, ["main"], out / "main_eval.png")
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
     abl_mix = TaskMix([Domain("arithmetic", beta=0.02)])
     abl = replace(base, domains=["arithmetic:0.02"], max_turns=1, minibatches=4, engine_dtype="bfloat16",
                   sampler_noise=0.01 if q else 0.005, lr=base.lr * 3)
     variants = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s in STABILISERS]
-    step_s = summarise(history)["step_s"] or 1.0
+    step_s = (results["runs"]["main"]["wall_s"] / max(1, steps))  # evaluations included
     left = args.budget_s - (time.time() - t_start) - (60 if args.smollm2 else 0)
     abl_steps = args.ablation_steps or (3 if q else max(5, min(60, int(left / (len(variants) * step_s * 1.1)))))
     results["ablation"] = {"steps": abl_steps, "conditions": {"minibatches": 4, "engine_dtype": "bfloat16",
                                                               "sampler_noise": abl.sampler_noise, "lr": abl.lr, "beta": 0.02}}
     files = []
     for name, switch in variants:
-        rl_run(f"ablation/{name}", model, tok, abl_mix, replace(abl, steps=abl_steps, **switch), out, eval_n, results)
+        rl_run(f"ablation/{name}", model, tok, abl_mix, replace(abl, steps=abl_steps, **switch), out, eval_n,
+               max(1, abl_steps // 3), results)
         files.append(out / "ablation" / name / "metrics.jsonl")
     plot_rl(files, out / "ablation.png", labels=[n for n, _ in variants])
+    plot_eval(results, [f"ablation/{n}" for n, _ in variants], out / "ablation_eval.png")
 
     # 5: optional SmolLM2 (plain prompt format: its vocabulary has no V3.2 chat tokens, so no tools)
     if args.smollm2:
@@ -155,8 +196,7 @@ def main():
         sm_model, sm_tok, sm_mix, _ = build(sm_cfg)
         if sm_cfg.sft_steps:
             warm_start(sm_model, sm_tok, sm_mix, sm_cfg)
-        results["smollm2_before"] = greedy_accuracy(sm_model.to(device), sm_tok, sm_mix, eval_n, 1, base.max_new_tokens)
-        rl_run("smollm2", sm_model, sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, results)
+        rl_run("smollm2", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every, results)
 
     results["wall_s"] = time.time() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -151,3 +151,22 @@ def test_plain_vocabulary_prompts(tok):
     assert tok.decode(encode_prompt(plain, task)[1:]) == "Question: What is 2+2?\nAnswer: "
     with pytest.raises(ValueError, match="tools"):
         encode_prompt(plain, arithmetic_task(random.Random(0), tool=True))
+
+
+def test_a_converted_llama_family_model_rolls_out_and_replays(tok):
+    """No experts (Keep Routing has nothing to force), the plain prompt format, same equality.
+    (8 indexer heads: with 2, ReLU'd index scores of a random model tie at exactly 0, and top-k
+    breaks those ties differently for a prefix and for the whole sequence.)"""
+    from dsv32.model.llama import LlamaConfig, LlamaDSA
+    from dsv32.tokenizer import PlainTokenizer
+
+    torch.manual_seed(0)
+    llama = LlamaDSA(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                 index_n_heads=8, index_head_dim=32, index_topk=8, bos_token_id=tok.bos_id,
+                                 eos_token_id=tok.eos_id)).eval()
+    plain = PlainTokenizer(tok.tok, tok.bos_id, tok.eos_id)
+    trajs = rollout(engine(llama), plain, [arithmetic_task(random.Random(5))] * 2, PARAMS)
+    assert all(t.experts is None for t in trajs)
+    lp, old = replay(llama, trajs)
+    assert (lp - old).abs().max() < 1e-5
