@@ -167,7 +167,7 @@ def main():
     # 3: main run, mixed domains, all stabilisers on
     steps = args.steps or (4 if q else 40)
     eval_every = 2 if q else 10
-    history = rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
+    rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
     plot_eval(results, ["main"], out / "main_eval.png")
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term

@@ -68,13 +68,10 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def _limits(memory_bytes: int):
-    def apply():  # in the child, before exec: no core files, bounded memory and processes
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+# The child bounds its own memory and core files before it runs the program (no preexec_fn,
+# which is unsafe in a threaded parent).
+_RUNNER = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({m}, {m})); "
+           "resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); runpy.run_path(sys.argv[1], run_name='__main__')")
 
 
 def unit_tests(code: str, tests: str, timeout: float = 5.0, memory_mb: int = 1024) -> float:
@@ -87,9 +84,9 @@ def unit_tests(code: str, tests: str, timeout: float = 5.0, memory_mb: int = 102
         with open(path, "w", encoding="utf-8") as f:
             f.write(code + "\n\n" + tests + "\n")
         posix = os.name == "posix"
-        proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, env={}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=posix,
-                                preexec_fn=_limits(memory_mb << 20) if posix else None)
+        cmd = ["-c", _RUNNER.format(m=memory_mb << 20)] if posix else []
+        proc = subprocess.Popen([sys.executable, "-I", *cmd, path], cwd=tmp, env={}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=posix)
         try:
             return float(proc.wait(timeout=timeout) == 0)
         except subprocess.TimeoutExpired:  # the program and anything it started

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from dsv32.chat import EOS, ChatFormatError, encode_messages, parse_completion
+from dsv32.chat import ChatFormatError, encode_messages, parse_completion
 from dsv32.engine import Engine, SamplingParams
 from dsv32.rl.objective import kept_mask, token_logprobs
 from dsv32.rl.tasks import Task, run_tool

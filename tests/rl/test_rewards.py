@@ -102,7 +102,7 @@ def test_arithmetic_tasks_are_exact():
     for _ in range(50):
         t = arithmetic_task(rng)
         expr = t.messages[0]["content"].split("What is ")[1].split("?")[0]
-        assert int(t.answer) == eval(expr)  # noqa: S307 - the test's independent truth
+        assert int(t.answer) == eval(expr)  # the test's independent truth
         assert boxed_math(t.solution[-1]["content"], t.answer) == 1.0
     tool = arithmetic_task(rng, tool=True)
     assert tool.tools and tool.thinking_mode == "thinking" and tool.solution[1]["content"] == tool.answer
