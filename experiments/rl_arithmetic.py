@@ -6,10 +6,11 @@
 3. main run: mixed RL in one stage: arithmetic (beta 0) and arithmetic with a calculator tool
    (multi-turn, thinking kept across the call; beta 0.01), all stabilisers on; greedy accuracy
    on fixed held-out prompts every few steps;
-4. ablation under deliberately off-policy conditions (4 optimizer steps per rollout batch, a
+4. the train-rollout mismatch with a bfloat16 sampler, replayed in fp32 and in bf16 autocast;
+5. ablation under deliberately off-policy conditions (4 optimizer steps per rollout batch, a
    bfloat16 sampler with perturbed weights, a larger learning rate, beta > 0): all stabilisers on,
    then each one off, from the same warm-started model, with the same number of steps each;
-5. optional: the same RL on SmolLM2-135M converted to DSA (`dsv32 convert smollm2 --out DIR`).
+6. optional: the same RL on SmolLM2-135M converted to DSA (`dsv32 convert smollm2 --out DIR`).
 
     python experiments/rl_arithmetic.py --out runs/rl_arithmetic            # one H100, <= 8 min
     python experiments/rl_arithmetic.py --out runs/rl_quick --quick         # CPU, about a minute
@@ -127,6 +128,28 @@ def plot_eval(results: dict, names: list[str], png: Path) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
+def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
+    """The train-rollout mismatch with a bfloat16 sampler (no noise), the trainer in fp32 or in
+    bf16 autocast: mean and max |log pi_theta - log pi_old| over one rollout batch's sampled
+    tokens, with each replay stabiliser on and off."""
+    from dsv32.rl.rollout import pack, replay_logprobs
+
+    out = {}
+    for trainer_dtype in ("float32", "bfloat16"):
+        cfg = replace(base, engine_dtype="bfloat16", dtype=trainer_dtype, sampler_noise=0.0, steps=1)
+        tr = RLTrainer(cfg, copy.deepcopy(model), tok, mix)
+        trajs, _, _ = tr.collect()
+        batch = pack(trajs, model.cfg.vocab_size, tok.eos_id, tr.device)
+        for routing in (True, False):
+            for mask in (True, False):
+                lp = replay_logprobs(tr.policy, batch, cfg.temperature, routing, mask, tr.autocast)
+                d = (lp - batch.logp_old)[batch.action].abs()
+                out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = {
+                    "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean())}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/rl_arithmetic")
@@ -169,6 +192,9 @@ def main():
     eval_every = 2 if q else 10
     rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
     plot_eval(results, ["main"], out / "main_eval.png")
+
+    results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
+    print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
     abl_mix = TaskMix([Domain("arithmetic", beta=0.02)])
