@@ -123,6 +123,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    import dataclasses
+    import logging
+
+    from dsv32.rl import RLConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    out = run(RLConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    print(f"policy written to {out}; metrics in {out.parent / 'metrics.jsonl'}", file=sys.stderr)
+    return 0
+
+
 def _add_dataclass_flags(parser, cls, skip=()):
     """One --flag per dataclass field (lists take several values, bools are switches)."""
     import dataclasses
@@ -134,8 +147,8 @@ def _add_dataclass_flags(parser, cls, skip=()):
         kind = str(f.type)
         if kind.startswith("list"):
             parser.add_argument(flag, dest=f.name, nargs="+")
-        elif kind == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None)
+        elif kind == "bool":  # --flag / --no-flag
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
             typ = int if "int" in kind else float if "float" in kind else str
             parser.add_argument(flag, dest=f.name, type=typ)
@@ -165,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("stage", choices=STAGES)
     _add_dataclass_flags(tr, TrainConfig, skip=("stage",))
     tr.set_defaults(func=cmd_train)
+
+    from dsv32.rl import RLConfig
+
+    rl = sub.add_parser("rl", help="GRPO with the V3.2 stabilisers; `dsv32 rl --preset tiny --steps 2` runs on a CPU")
+    _add_dataclass_flags(rl, RLConfig)
+    rl.set_defaults(func=cmd_rl)
 
     for name, text in PASSTHROUGH.items():  # listed for --help; main() dispatches them
         sub.add_parser(name, help=text, add_help=False)

@@ -1,0 +1,215 @@
+"""Rollouts through the dsv32 engine, and their replay in the trainer.
+
+A rollout records, per sampled token, the engine's log-prob under the processed distribution
+(pi_old) and the kept top-p/top-k set, and per position the expert ids every MoE layer used.
+Multi-turn tool use runs in the token space: a turn's sampled tokens stay as they are, the tool
+results are appended as the chat format renders them, and the next turn continues the same
+token stream, so reasoning survives tool calls (the V3.2 rule until a new user message).
+
+Each turn is a new engine request, which prefills the whole context again. The routes a
+trajectory keeps are the ones the engine used when it first computed each position, i.e. when it
+sampled from there; a re-prefill's routes for earlier positions are compared to them
+(`route_drift`) but never replace them, so no turn's routes are dropped.
+
+`pack` turns trajectories into padded tensors; `replay_logprobs` runs the model over them as the
+trainer sees them: forced to the recorded routes (Keep Routing) and masked to the recorded kept
+sets (Keep Sampling Mask), giving pi_theta at each sampled token.
+"""
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dsv32.chat import ChatFormatError, encode_messages, parse_completion
+from dsv32.engine import Engine, SamplingParams
+from dsv32.rl.objective import kept_mask, token_logprobs
+from dsv32.rl.tasks import Task, run_tool
+
+
+@dataclass
+class Trajectory:
+    task: Task
+    tokens: list[int]                       # prompt, then every turn's samples and tool results
+    prompt_len: int
+    action: list[bool]                      # per token: sampled by the policy (carries the loss)
+    logprobs: list[float]                   # per token: the engine's log-prob (0 where not sampled)
+    kept: list                              # per token: kept ids [n] int32, or None (whole vocab / not sampled)
+    experts: torch.Tensor | None = None     # [len(tokens) - 1, n_moe_layers, k]: routes of each fed position
+    messages: list[dict] = field(default_factory=list)  # the conversation so far (prompt + turns)
+    turns: int = 0
+    turn_spans: list = field(default_factory=list)      # (start, end) token range each turn sampled
+    finish_reason: str | None = None
+    answer: str = ""                        # the final message's content ("" if it does not parse)
+    text: str = ""                          # all the policy wrote, every turn
+    route_drift: list = field(default_factory=list)     # per later turn: share of re-prefilled routes that changed
+
+    @property
+    def n_sampled(self) -> int:
+        return sum(self.action)
+
+
+def encode_prompt(tokenizer, task: Task) -> list[int]:
+    """The V3.2 chat format when the vocabulary has its tokens; else (a converted Llama-family
+    model) BOS + "Question: {user text}\\nAnswer: " (single turn, no tools)."""
+    if hasattr(tokenizer, "apply_chat_template"):
+        return tokenizer.apply_chat_template(task.messages, thinking_mode=task.thinking_mode)
+    if task.tools:
+        raise ValueError(f"domain {task.domain!r} uses tools, which need the V3.2 chat tokens in the vocabulary")
+    user = next(m["content"] for m in reversed(task.messages) if m["role"] == "user")
+    return [tokenizer.bos_id] + tokenizer.encode(f"Question: {user}\nAnswer: ")
+
+
+def tool_suffix(messages: list[dict], assistant: dict, results: list[str], thinking_mode: str) -> str:
+    """The text the chat format puts after an assistant turn's tool calls: the results block and
+    the opening of the model's next stretch (`<think>` in thinking mode)."""
+    convo = messages + [assistant]
+    before = encode_messages(convo, thinking_mode)
+    full = encode_messages(convo + [{"role": "tool", "content": r} for r in results], thinking_mode)
+    if not full.startswith(before):
+        raise ChatFormatError("tool results changed the rendering of the turns before them")
+    return full[len(before):]
+
+
+def tool_env(task: Task, message: dict | None) -> tuple[dict, list[str]] | None:
+    """The default environment: a parsed turn that calls tools gets their results; any other
+    turn (no calls, or text that does not parse, e.g. cut off) is final."""
+    if message is None or not task.tools or not message["tool_calls"]:
+        return None
+    return message, [run_tool(call) for call in message["tool_calls"]]
+
+
+def _parse(tokenizer, task: Task, ids: list[int], finish: str) -> tuple[dict | None, str]:
+    """(parsed assistant message or None, text) of one turn's sampled ids."""
+    text = tokenizer.decode(ids)
+    if not hasattr(tokenizer, "apply_chat_template"):
+        return ({"role": "assistant", "content": text.removesuffix(tokenizer.decode([tokenizer.eos_id])),
+                 "reasoning_content": "", "tool_calls": []} if finish == "stop" else None), text
+    try:
+        return parse_completion(text, task.thinking_mode), text
+    except ChatFormatError:
+        return None, text
+
+
+def _merge_routes(t: Trajectory, experts: torch.Tensor | None) -> None:
+    """Keep the first record of every position; append the positions this turn computed first."""
+    if experts is None:
+        return
+    if t.experts is None:
+        t.experts = experts
+        return
+    old = len(t.experts)
+    t.route_drift.append(float((experts[:old] != t.experts).any(-1).float().mean()))
+    t.experts = torch.cat([t.experts, experts[old:]])
+
+
+def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams, max_turns: int = 1,
+            env=tool_env) -> list[Trajectory]:
+    """Sample one trajectory per task (repeat a task G times for a group), all turns batched.
+
+    env(task, parsed message or None) -> (the assistant message with its tool calls, their results)
+    to continue, or None when the turn is final. A final turn that does not parse has no answer."""
+    params = replace(params, return_rl_data=True)
+    trajs = []
+    for task in tasks:
+        ids = encode_prompt(tokenizer, task)
+        trajs.append(Trajectory(task, list(ids), len(ids), [False] * len(ids), [0.0] * len(ids), [None] * len(ids),
+                                messages=list(task.messages)))
+    active = list(range(len(trajs)))
+    limit = engine.max_model_len
+    for turn in range(max_turns):
+        reqs = []
+        for i in active:
+            t = trajs[i]
+            room = limit - len(t.tokens)
+            if room < 1:
+                t.finish_reason = "length"
+                continue
+            reqs.append((i, engine.add_request(t.tokens, replace(params, max_tokens=min(params.max_tokens, room)))))
+        while engine.has_work():
+            engine.step()
+        active = []
+        for i, seq in reqs:
+            t, out = trajs[i], engine.output(seq)
+            start = len(t.tokens)
+            _merge_routes(t, out.experts)
+            t.tokens += out.token_ids
+            t.action += [True] * len(out.token_ids)
+            t.logprobs += out.logprobs
+            t.kept += out.kept
+            t.turns, t.finish_reason = turn + 1, out.finish_reason
+            t.turn_spans.append((start, len(t.tokens)))
+            message, text = _parse(tokenizer, t.task, out.token_ids, out.finish_reason)
+            t.text += text
+            step = env(t.task, message)
+            if step is None or turn + 1 == max_turns:
+                t.answer = message["content"] if message is not None and not message["tool_calls"] else ""
+                continue
+            message, results = step
+            suffix = tool_suffix(t.messages, message, results, t.task.thinking_mode)
+            t.messages += [message] + [{"role": "tool", "content": r} for r in results]
+            ids = tokenizer.encode(suffix)
+            t.tokens += ids
+            t.action += [False] * len(ids)
+            t.logprobs += [0.0] * len(ids)
+            t.kept += [None] * len(ids)
+            active.append(i)
+    return trajs
+
+
+# ---- replay in the trainer ----
+
+
+@dataclass
+class Batch:
+    """Trajectories padded to one length: inputs [B, S] predict targets [B, S] (tokens shifted)."""
+    inputs: torch.Tensor          # [B, S]
+    targets: torch.Tensor         # [B, S]
+    action: torch.Tensor          # [B, S] bool: the target was sampled by the policy
+    logp_old: torch.Tensor        # [B, S] fp32: the engine's log-prob of the target
+    keep: torch.Tensor | None     # [N_action, V] bool: kept sets of the sampled targets (row-major order)
+    experts: list | None          # per MoE layer [B*S, k]: the recorded routes of each input position
+
+
+def pack(trajs: list[Trajectory], vocab: int, pad_id: int = 0, device=None) -> Batch:
+    """Pad right (causal attention and per-token routing keep padding out of every real position)."""
+    s = max(len(t.tokens) for t in trajs) - 1
+    b = len(trajs)
+    tok = torch.full((b, s + 1), pad_id, dtype=torch.long)
+    action = torch.zeros(b, s + 1, dtype=torch.bool)
+    logp_old = torch.zeros(b, s + 1)
+    kept = []
+    for i, t in enumerate(trajs):
+        n = len(t.tokens)
+        tok[i, :n] = torch.tensor(t.tokens)
+        action[i, :n] = torch.tensor(t.action)
+        logp_old[i, :n] = torch.tensor(t.logprobs)
+        kept += [k for k, a in zip(t.kept, t.action) if a]
+    experts = None
+    recorded = [t.experts is not None for t in trajs]
+    if any(recorded) and not all(recorded):  # never drop Keep Routing silently for a whole batch
+        raise ValueError(f"trajectory {recorded.index(False)} has no recorded expert routes while others do")
+    if all(recorded):
+        layers, k = trajs[0].experts.shape[1:]
+        # padding positions route to experts 0..k-1: their outputs are never read
+        e = torch.arange(k, dtype=torch.long).expand(b, s, layers, k).clone()
+        for i, t in enumerate(trajs):
+            n = min(len(t.experts), s)
+            e[i, :n] = t.experts[:n].long()
+        experts = [e[:, :, layer].reshape(b * s, k).to(device) for layer in range(layers)]
+    return Batch(tok[:, :-1].to(device), tok[:, 1:].to(device), action[:, 1:].to(device),
+                 logp_old[:, 1:].to(device), kept_mask(kept, vocab, device), experts)
+
+
+def replay_logprobs(model, batch: Batch, temperature: float, keep_routing: bool = True,
+                    keep_sampling_mask: bool = True, autocast=None) -> torch.Tensor:
+    """log pi_theta of every target [B, S] (0 where not sampled), as the trainer computes it:
+    the same model code as the engine, DSA on, routes forced to the rollout's (Keep Routing, gate
+    weights recomputed over them) and logits outside the kept sets at -inf (Keep Sampling Mask)."""
+    forced = batch.experts if keep_routing else None
+    with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+        logits = model(batch.inputs, sparse=True, mode="mha", forced_experts=forced).logits     # [B, S, V]
+    sel = logits[batch.action]                                                                 # [N, V]
+    lp = token_logprobs(sel, batch.targets[batch.action], temperature,
+                        batch.keep if keep_sampling_mask else None)
+    out = torch.zeros(batch.action.shape, dtype=lp.dtype, device=lp.device)
+    return out.masked_scatter(batch.action, lp)

@@ -1,0 +1,367 @@
+"""The RL trainer: GRPO with DeepSeek-V3.2's stabilisers, rollouts from our engine.
+
+One step: draw prompts from the domain mix, sample G trajectories each through the engine (its own
+copy of the weights), reward them, centre the rewards per group, then take `minibatches` optimizer
+steps over the rollout batch, a slice of whole groups each. Only the first slice is on-policy
+(up to engine/trainer numerics, which the `mismatch` metric measures there); the later ones are
+increasingly off-policy, which is what the off-policy sequence mask is for. Then the new weights
+are copied into the engine (in process), optionally perturbed or in a lower precision to make the
+sampler deliberately mismatched (ablations).
+
+`warm_start` runs a short SFT on the tasks' reference solutions with `dsv32.train.Trainer`, so
+a small model starts RL with non-zero rewards.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.rl import objective
+from dsv32.rl.rewards import GenerativeRM, RewardConfig, reward
+from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, tool_suffix
+from dsv32.rl.tasks import Domain, TaskMix, load_tasks
+
+log = logging.getLogger(__name__)
+STABILISERS = ("keep_routing", "keep_sampling_mask", "off_policy_masking", "unbiased_kl")
+
+
+@dataclass
+class RLConfig:
+    model: str | None = None              # checkpoint directory (ours or a converted Llama-family model)
+    tokenizer: str | None = None          # default: the model's; with a preset, one trained on the tasks
+    preset: str = "tiny"                  # random init of this preset when no --model
+    out: str = "runs/rl"
+    domains: list[str] = field(default_factory=lambda: ["arithmetic"])  # name[:beta[:weight]]
+    tasks_file: str | None = None         # JSONL tasks for domains without a generator
+    steps: int = 20                       # rollout batches
+    prompts_per_step: int = 8
+    group_size: int = 8                   # G
+    minibatches: int = 2                  # optimizer steps per rollout batch
+    max_new_tokens: int = 48              # per turn
+    max_turns: int = 3                    # tool round trips + 1
+    max_len: int = 512                    # context of a trajectory in the engine
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2
+    mask_delta: float = 0.1               # off-policy masking threshold delta (not published)
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+    off_policy_masking: bool = True
+    unbiased_kl: bool = True              # False: plain K3, no importance weight
+    length_buffer: int = 0                # soft overlong penalty ramp (tokens; 0 = off)
+    language_weight: float = 0.0
+    rm_url: str | None = None             # OpenAI-compatible endpoint of a generative reward model
+    rm_model: str = "judge"
+    sft_steps: int = 0                    # warm start on the tasks' reference solutions
+    sft_lr: float = 2e-3
+    sft_batch_size: int = 32
+    tokenizer_vocab: int = 512            # the task tokenizer trained for a preset model
+    engine_dtype: str = "float32"         # the sampler's weights: float32 or bfloat16
+    sampler_noise: float = 0.0            # relative Gaussian noise on the sampler's weights at each sync
+    dtype: str = "float32"                # trainer autocast dtype on CUDA (fp32 = none)
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.minibatches < 1 or self.prompts_per_step % self.minibatches:
+            raise ValueError(f"prompts_per_step={self.prompts_per_step} must split into minibatches="
+                             f"{self.minibatches} slices of whole groups")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        for name in ("engine_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        self.domain_specs = [Domain.parse(d) for d in self.domains]
+
+
+@torch.no_grad()
+def sync_weights(src: torch.nn.Module, dst: torch.nn.Module, noise: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+    """Copy the trainer's weights (and buffers: the gate's selection bias) into the engine's model,
+    casting to its dtype; `noise` > 0 multiplies each weight by (1 + noise * N(0, 1))."""
+    dst_state, weights = dst.state_dict(), dict(src.named_parameters())
+    for name, p in src.state_dict().items():
+        q = dst_state[name]
+        if noise and name in weights:
+            p = p * (1 + noise * torch.randn(p.shape, generator=generator, device="cpu").to(p.device))
+        q.copy_(p)
+
+
+def task_examples(tokenizer, tasks) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each task's reference solution in the token layout rollouts produce:
+    the policy's turns carry labels, prompts and tool results do not."""
+    from dsv32.chat import encode_completion
+    from dsv32.train.losses import IGNORE
+
+    chat = hasattr(tokenizer, "apply_chat_template")
+    out = []
+    for task in tasks:
+        ids = encode_prompt(tokenizer, task)
+        labels = [IGNORE] * len(ids)
+        messages = list(task.messages)
+        for i, msg in enumerate(task.solution or []):
+            if msg["role"] == "assistant":
+                text = (encode_completion(msg, task.thinking_mode) if chat
+                        else msg["content"] + tokenizer.decode([tokenizer.eos_id]))
+                new = tokenizer.encode(text)
+                ids, labels = ids + new, labels + new
+                if msg.get("tool_calls"):
+                    results = [m["content"] for m in task.solution[i + 1:] if m["role"] == "tool"][:len(msg["tool_calls"])]
+                    new = tokenizer.encode(tool_suffix(messages, msg, results, task.thinking_mode))
+                    ids, labels = ids + new, labels + [IGNORE] * len(new)
+            messages.append(msg)
+        out.append((ids, labels))
+    return out
+
+
+def warm_start(model, tokenizer, mix: TaskMix, cfg: RLConfig) -> dict:
+    """Short SFT on reference solutions (dsv32.train.Trainer, DSA on); returns its last metrics."""
+    from dsv32.train import TrainConfig, Trainer
+    from dsv32.train.data import SFTData
+
+    rng = random.Random(cfg.seed + 1)
+    examples = task_examples(tokenizer, mix.sample(rng, max(256, cfg.sft_steps * cfg.sft_batch_size // 4)))
+    seq_len = max(len(ids) for ids, _ in examples) - 1
+    data = SFTData(examples, seq_len, tokenizer.eos_id, seed=cfg.seed)
+    tcfg = TrainConfig(stage="sft", attention="dsa", steps=cfg.sft_steps, lr=cfg.sft_lr, warmup=min(20, cfg.sft_steps),
+                       batch_size=cfg.sft_batch_size, seq_len=seq_len, out=str(Path(cfg.out) / "sft"),
+                       checkpoint_every=10**9, device=cfg.device, seed=cfg.seed, dtype=cfg.dtype)
+    trainer = Trainer(tcfg, model, data)
+    history = trainer.fit(resume=False)
+    return history[-1] if history else {}
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig, model, tokenizer, mix: TaskMix, rm: GenerativeRM | None = None):
+        self.cfg, self.tokenizer, self.mix, self.rm = cfg, tokenizer, mix, rm
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.policy = model.to(self.device, torch.float32).train()
+        for p in self.policy.parameters():
+            p.requires_grad_(True)
+        self.ref = self._frozen_copy(torch.float32)
+        self.engine_model = self._frozen_copy(getattr(torch, cfg.engine_dtype))
+        n_seqs = cfg.prompts_per_step * cfg.group_size
+        blocks = n_seqs * -(-cfg.max_len // 64) + 1
+        self.engine = Engine(self.engine_model, EngineConfig(max_num_seqs=n_seqs, num_blocks=blocks,
+                                                             max_model_len=cfg.max_len,
+                                                             max_num_batched_tokens=max(2048, 4 * cfg.max_len)),
+                             tokenizer)
+        decay = [p for p in self.policy.parameters() if p.dim() >= 2]
+        rest = [p for p in self.policy.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.dtype == "bfloat16" else nullcontext())
+        self.rng = random.Random(cfg.seed)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed)
+        self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                     max_tokens=cfg.max_new_tokens)
+        self.rcfg = RewardConfig(length_buffer=cfg.length_buffer, language_weight=cfg.language_weight)
+        self.step = 0
+        self.sync()
+
+    def _frozen_copy(self, dtype):
+        m = copy.deepcopy(self.policy).to(dtype).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
+    def sync(self) -> None:
+        sync_weights(self.policy, self.engine_model, self.cfg.sampler_noise, self.noise_gen)
+
+    # ---- one RL step ----
+    def collect(self):
+        """Sample the rollout batch and score it: (trajectories, reward dicts, advantages [N])."""
+        cfg = self.cfg
+        tasks = self.mix.sample(self.rng, cfg.prompts_per_step)
+        trajs = rollout(self.engine, self.tokenizer, [t for t in tasks for _ in range(cfg.group_size)], self.params,
+                        max_turns=cfg.max_turns)
+        scores = [reward(t.task, t.answer, t.text, t.n_sampled, cfg.max_new_tokens * cfg.max_turns, self.rcfg, self.rm)
+                  for t in trajs]
+        rewards = torch.tensor([s["reward"] for s in scores])
+        groups = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+        return trajs, scores, objective.group_advantages(rewards, groups)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        trajs, scores, adv = self.collect()
+        t1 = time.perf_counter()
+        beta = torch.tensor([self.mix.beta(t.task.domain) for t in trajs])
+        order = list(range(cfg.prompts_per_step))
+        self.rng.shuffle(order)
+        per = cfg.prompts_per_step // cfg.minibatches
+        sums: dict[str, float] = {}
+        m: dict[str, float] = {}
+        for k in range(cfg.minibatches):
+            idx = [g * cfg.group_size + j for g in order[k * per:(k + 1) * per] for j in range(cfg.group_size)]
+            stats = self.minibatch_step([trajs[i] for i in idx], adv[idx], beta[idx])
+            if k == 0:
+                m["mismatch"] = stats["mismatch"]  # before any update: engine vs trainer only
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v / cfg.minibatches
+        self.sync()
+        self.step += 1
+        m.update({f"{k}_mean" if k == "mismatch" else k: v for k, v in sums.items()})
+        m.update(self._rollout_metrics(trajs, scores))
+        m.update(step=self.step, rollout_s=t1 - t0, train_s=time.perf_counter() - t1)
+        return m
+
+    def minibatch_step(self, trajs, adv: torch.Tensor, beta: torch.Tensor) -> dict:
+        cfg = self.cfg
+        batch = pack(trajs, self.policy.cfg.vocab_size, self.tokenizer.eos_id, self.device)
+        replay = dict(temperature=cfg.temperature, keep_routing=cfg.keep_routing,
+                      keep_sampling_mask=cfg.keep_sampling_mask, autocast=self.autocast)
+        logp = replay_logprobs(self.policy, batch, **replay)
+        with torch.no_grad():
+            logp_ref = replay_logprobs(self.ref, batch, **replay)
+        loss, stats = objective.grpo_loss(logp, batch.logp_old, adv.to(self.device), batch.action, logp_ref,
+                                          beta.to(self.device), cfg.clip_eps,
+                                          cfg.mask_delta if cfg.off_policy_masking else None, cfg.unbiased_kl)
+        self.opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            if torch.isfinite(norm):
+                self.opt.step()
+        else:
+            norm = torch.tensor(float("nan"))
+        return {"loss": float(loss.detach()), "grad_norm": float(norm), "skipped": float(not torch.isfinite(norm)), **stats}
+
+    @staticmethod
+    def _rollout_metrics(trajs, scores) -> dict:
+        n = len(trajs)
+        m = {"reward": sum(s["reward"] for s in scores) / n, "accuracy": sum(s["outcome"] for s in scores) / n,
+             "response_len": sum(t.n_sampled for t in trajs) / n, "turns": sum(t.turns for t in trajs) / n,
+             "truncated": sum(t.finish_reason == "length" for t in trajs) / n}
+        drift = [d for t in trajs for d in t.route_drift]
+        if drift:
+            m["route_drift"] = sum(drift) / len(drift)
+        for dom in sorted({t.task.domain for t in trajs}):
+            rows = [s for t, s in zip(trajs, scores) if t.task.domain == dom]
+            m[f"reward/{dom}"] = sum(s["reward"] for s in rows) / len(rows)
+            m[f"accuracy/{dom}"] = sum(s["outcome"] for s in rows) / len(rows)
+        return m
+
+    # ---- the loop ----
+    def fit(self) -> list[dict]:
+        from tqdm import tqdm
+
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.jsonl"
+        path.write_text("")
+        history = []
+        with tqdm(total=self.cfg.steps, desc="rl", dynamic_ncols=True) as bar:
+            while self.step < self.cfg.steps:
+                m = self.train_step()
+                history.append(m)
+                with path.open("a") as f:
+                    f.write(json.dumps(m) + "\n")
+                bar.update(1)
+                bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "kl", "mismatch") if k in m})
+        plot_rl(path, out / "metrics.png")
+        return history
+
+
+PLOTTED = ("reward", "accuracy", "response_len", "kl", "clip_frac", "masked_frac", "mismatch", "grad_norm")
+
+
+def plot_rl(jsonl: Path | list, png: Path, labels: list[str] | None = None) -> None:
+    """One panel per metric; several runs (a list of metrics files) are overlaid (ablations)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    files = jsonl if isinstance(jsonl, list) else [jsonl]
+    runs = [[json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()] for f in files]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
+    for ax, key in zip(axes.flat, PLOTTED):
+        for i, rows in enumerate(runs):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=labels[i] if labels else None)
+        ax.set_title(key)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    if labels:
+        axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def build(cfg: RLConfig):
+    """(model, tokenizer, task mix, reward model) from a config: a checkpoint with its tokenizer,
+    or a preset with a byte-level BPE trained on samples of the task mix."""
+    from dsv32.chat import encode_messages
+    from dsv32.tokenizer import PlainTokenizer, Tokenizer, train_tokenizer
+
+    pools: dict = {}
+    if cfg.tasks_file:
+        for t in load_tasks(cfg.tasks_file):
+            pools.setdefault(t.domain, []).append(t)
+    mix = TaskMix(cfg.domain_specs, pools)
+    if cfg.model:
+        from dsv32.checkpoint import load_model
+        from dsv32.model.llama import LlamaDSA
+
+        model = load_model(cfg.model, dtype=torch.float32)
+        tok_dir = cfg.tokenizer or cfg.model
+        tok = (PlainTokenizer.from_file(tok_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
+               if isinstance(model, LlamaDSA) else Tokenizer.from_file(tok_dir))
+    else:
+        from dsv32.config import preset
+        from dsv32.model import Transformer
+
+        if cfg.tokenizer:
+            tok = Tokenizer.from_file(cfg.tokenizer)
+        else:
+            corpus = Path(cfg.out) / "tokenizer" / "corpus.txt"
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            sample = mix.sample(random.Random(cfg.seed + 2), 2000)
+            corpus.write_text("\n".join(encode_messages(t.messages + (t.solution or []), t.thinking_mode)
+                                        for t in sample), encoding="utf-8")
+            tok = train_tokenizer([corpus], cfg.tokenizer_vocab, corpus.parent)
+        torch.manual_seed(cfg.seed)
+        mcfg = preset(cfg.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        model = Transformer(mcfg)
+    rm = GenerativeRM(cfg.rm_model, cfg.rm_url) if cfg.rm_url else None
+    return model, tok, mix, rm
+
+
+def run(cfg: RLConfig) -> Path:
+    """The `dsv32 rl` job: build, optional SFT warm start, RL, export to out/model."""
+    from dsv32.checkpoint import save_llama, save_model
+    from dsv32.model.llama import LlamaDSA
+
+    model, tok, mix, rm = build(cfg)
+    if cfg.sft_steps:
+        m = warm_start(model, tok, mix, cfg)
+        log.info("warm start: %d SFT steps, loss %.3f", cfg.sft_steps, m.get("lm", float("nan")))
+    trainer = RLTrainer(cfg, model, tok, mix, rm)
+    trainer.fit()
+    out = Path(cfg.out) / "model"
+    (save_llama if isinstance(trainer.policy, LlamaDSA) else save_model)(trainer.policy, out)
+    tok.tok.save(str(out / "tokenizer.json"))
+    (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return out

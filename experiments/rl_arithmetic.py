@@ -1,0 +1,233 @@
+"""GRPO with DeepSeek-V3.2's stabilisers on multi-step arithmetic, with a small MoE of ours.
+
+1. a byte-level BPE trained on the task format, and a small V3.2-architecture MoE (MLA, DSA,
+   DeepSeekMoE) built from scratch;
+2. SFT warm start on reference solutions (dsv32.train.Trainer), so that rewards start non-zero;
+3. main run: mixed RL in one stage: arithmetic (beta 0) and arithmetic with a calculator tool
+   (multi-turn, thinking kept across the call; beta 0.01), all stabilisers on; greedy accuracy
+   on fixed held-out prompts every few steps;
+4. the train-rollout mismatch with a bfloat16 sampler, replayed in fp32 and in bf16 autocast;
+5. ablation under deliberately off-policy conditions (4 optimizer steps per rollout batch, a
+   bfloat16 sampler with perturbed weights, a larger learning rate, beta > 0): all stabilisers on,
+   then each one off, from the same warm-started model, with the same number of steps each;
+6. optional: the same RL on SmolLM2-135M converted to DSA (`dsv32 convert smollm2 --out DIR`).
+
+    python experiments/rl_arithmetic.py --out runs/rl_arithmetic            # one H100, <= 8 min
+    python experiments/rl_arithmetic.py --out runs/rl_quick --quick         # CPU, about a minute
+
+Writes results.json, each run's metrics.jsonl + metrics.png, ablation.png and the held-out
+accuracy curves (main_eval.png, ablation_eval.png) into --out;
+docs/rl.md reports a GPU run.
+"""
+
+import argparse
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from dsv32.config import preset
+from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.model import Transformer
+from dsv32.rl.rewards import RewardConfig, reward
+from dsv32.rl.rollout import rollout
+from dsv32.rl.tasks import Domain, TaskMix
+from dsv32.rl.trainer import STABILISERS, RLConfig, RLTrainer, build, plot_rl, warm_start
+
+
+def moe_config(tok, quick: bool):
+    if quick:
+        return preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    # ~25M total parameters, 16 experts of which 2 active per token
+    return preset("small").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, hidden_size=256,
+        intermediate_size=768, moe_intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2,
+        index_n_heads=4, index_head_dim=32, index_topk=256, max_position_embeddings=1024,
+        torch_dtype="float32")
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, mix: TaskMix, n: int, max_turns: int, max_new_tokens: int) -> dict:
+    """Greedy accuracy per domain on n held-out prompts (a fixed seed, never trained on)."""
+    tasks = mix.sample(random.Random(12345), n)
+    eng = Engine(model, EngineConfig(max_num_seqs=n, num_blocks=n * 8 + 1, max_model_len=512), tok)
+    trajs = rollout(eng, tok, tasks, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), max_turns=max_turns)
+    model.train()
+    out = {}
+    for dom in sorted({t.domain for t in tasks}):
+        rows = [reward(t.task, t.answer, t.text, t.n_sampled, 10**6, RewardConfig())["outcome"]
+                for t in trajs if t.task.domain == dom]
+        out[dom] = sum(rows) / len(rows)
+    return out
+
+
+def summarise(history: list[dict], k: int = 5) -> dict:
+    def mean(key, rows):
+        vals = [r[key] for r in rows if key in r]
+        return sum(vals) / len(vals) if vals else None
+    return {"steps": len(history), "reward_first": mean("reward", history[:k]), "reward_last": mean("reward", history[-k:]),
+            "accuracy_first": mean("accuracy", history[:k]), "accuracy_last": mean("accuracy", history[-k:]),
+            "kl_last": mean("kl", history[-k:]), "kl_max": max((r["kl"] for r in history), default=None),
+            "mismatch_mean": mean("mismatch", history), "masked_frac_mean": mean("masked_frac", history),
+            "clip_frac_mean": mean("clip_frac", history), "skipped_steps": sum(r.get("skipped", 0) for r in history),
+            "step_s": mean("rollout_s", history) + mean("train_s", history) if history else None}
+
+
+def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_every: int, results: dict) -> list[dict]:
+    """RL steps with a greedy held-out evaluation every `eval_every` steps (a cleaner curve than the
+    sampled reward, whose prompts change every step)."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tr = RLTrainer(replace(cfg, out=str(run_dir)), copy.deepcopy(model), tok, mix)
+    evals = [(0, greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens))]
+    history = []
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for _ in tqdm(range(cfg.steps), desc=name, dynamic_ncols=True):
+            m = tr.train_step()
+            if tr.step % eval_every == 0 or tr.step == cfg.steps:
+                evals.append((tr.step, greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens)))
+                m.update({f"eval/{k}": v for k, v in evals[-1][1].items()})
+            history.append(m)
+            f.write(json.dumps(m) + "\n")
+    plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    r = results["runs"][name] = {**summarise(history), "greedy_accuracy": evals, "wall_s": time.time() - t0,
+                                 "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
+    print(f"[{name}] greedy accuracy {evals[0][1]} -> {evals[-1][1]}; sampled reward "
+          f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return history
+
+
+def plot_eval(results: dict, names: list[str], png: Path) -> None:
+    """Greedy held-out accuracy over RL steps, one line per run and domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        evals = results["runs"][name]["greedy_accuracy"]
+        for dom in evals[0][1]:
+            ax.plot([s for s, _ in evals], [e[dom] for _, e in evals], marker="o", label=f"{name} {dom}")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("greedy accuracy (held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
+    """The train-rollout mismatch with a bfloat16 sampler (no noise), the trainer in fp32 or in
+    bf16 autocast: mean and max |log pi_theta - log pi_old| over one rollout batch's sampled
+    tokens, with each replay stabiliser on and off."""
+    from dsv32.rl.rollout import pack, replay_logprobs
+
+    out = {}
+    for trainer_dtype in ("float32", "bfloat16"):
+        cfg = replace(base, engine_dtype="bfloat16", dtype=trainer_dtype, sampler_noise=0.0, steps=1)
+        tr = RLTrainer(cfg, copy.deepcopy(model), tok, mix)
+        trajs, _, _ = tr.collect()
+        batch = pack(trajs, model.cfg.vocab_size, tok.eos_id, tr.device)
+        for routing in (True, False):
+            for mask in (True, False):
+                lp = replay_logprobs(tr.policy, batch, cfg.temperature, routing, mask, tr.autocast)
+                d = (lp - batch.logp_old)[batch.action].abs()
+                out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = {
+                    "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean())}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/rl_arithmetic")
+    ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: CPU in about a minute")
+    ap.add_argument("--budget-s", type=float, default=450, help="wall clock for everything (ablation steps adapt)")
+    ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="main run RL steps")
+    ap.add_argument("--ablation-steps", type=int, default=None, help="default: what the remaining budget allows")
+    ap.add_argument("--smollm2", default=None, help="a converted SmolLM2 directory: also run RL on it")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    q = args.quick
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(1)  # the per-expert loop's small ops are slower threaded
+    base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
+                    prompts_per_step=4 if q else 16, group_size=4 if q else 8, minibatches=2,
+                    max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
+                    lr=3e-4 if q else 5e-5, clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
+                    sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
+
+    # 1-2: tokenizer, model, warm start
+    _, tok, mix, _ = build(base)
+    torch.manual_seed(0)
+    model = Transformer(moe_config(tok, q))
+    results["model"] = {"params": sum(p.numel() for p in model.parameters()), **model.cfg.to_hf()}
+    t0 = time.time()
+    sft = warm_start(model, tok, mix, base)
+    eval_n = 8 if q else 128
+    results["sft"] = {"steps": base.sft_steps, "lm_last": sft.get("lm"), "wall_s": time.time() - t0,
+                      "greedy_accuracy": greedy_accuracy(model, tok, mix, eval_n, base.max_turns, base.max_new_tokens)}
+    print(f"[sft] {json.dumps(results['sft'])}", flush=True)
+
+    # 3: main run, mixed domains, all stabilisers on
+    steps = args.steps or (4 if q else 40)
+    eval_every = 2 if q else 10
+    rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
+    plot_eval(results, ["main"], out / "main_eval.png")
+
+    results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
+    print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
+
+    # 4: ablation under off-policy conditions, arithmetic only with a KL term
+    abl_mix = TaskMix([Domain("arithmetic", beta=0.02)])
+    abl = replace(base, domains=["arithmetic:0.02"], max_turns=1, minibatches=4, engine_dtype="bfloat16",
+                  sampler_noise=0.01 if q else 0.005, lr=base.lr * 3)
+    variants = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s in STABILISERS]
+    step_s = (results["runs"]["main"]["wall_s"] / max(1, steps))  # evaluations included
+    left = args.budget_s - (time.time() - t_start) - (60 if args.smollm2 else 0)
+    abl_steps = args.ablation_steps or (3 if q else max(5, min(60, int(left / (len(variants) * step_s * 1.1)))))
+    results["ablation"] = {"steps": abl_steps, "conditions": {"minibatches": 4, "engine_dtype": "bfloat16",
+                                                              "sampler_noise": abl.sampler_noise, "lr": abl.lr, "beta": 0.02}}
+    files = []
+    for name, switch in variants:
+        rl_run(f"ablation/{name}", model, tok, abl_mix, replace(abl, steps=abl_steps, **switch), out, eval_n,
+               max(1, abl_steps // 3), results)
+        files.append(out / "ablation" / name / "metrics.jsonl")
+    plot_rl(files, out / "ablation.png", labels=[n for n, _ in variants])
+    plot_eval(results, [f"ablation/{n}" for n, _ in variants], out / "ablation_eval.png")
+
+    # 5: optional SmolLM2 (plain prompt format: its vocabulary has no V3.2 chat tokens, so no tools)
+    if args.smollm2:
+        sm_cfg = replace(base, model=args.smollm2, domains=["arithmetic:0"], max_turns=1, lr=2e-6,
+                         sft_steps=0 if q else 100, sft_lr=5e-5, sft_batch_size=32, prompts_per_step=8,
+                         out=str(out / "smollm2"))
+        sm_model, sm_tok, sm_mix, _ = build(sm_cfg)
+        if sm_cfg.sft_steps:
+            warm_start(sm_model, sm_tok, sm_mix, sm_cfg)
+        rl_run("smollm2", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every, results)
+
+    results["wall_s"] = time.time() - t_start
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"done in {results['wall_s']:.0f}s: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

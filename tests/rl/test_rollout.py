@@ -1,0 +1,172 @@
+"""Engine rollouts and their replay in the trainer: with Keep Routing and Keep Sampling Mask the
+trainer's log-probs equal the engine's (fp32, CPU), for single- and multi-turn trajectories."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from dsv32.chat import EOS, encode_messages, render_tool_calls
+from dsv32.config import preset
+from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.model import Transformer
+from dsv32.rl.rollout import pack, replay_logprobs, rollout, tool_env, tool_suffix
+from dsv32.rl.tasks import Task, arithmetic_task
+from dsv32.rl.trainer import task_examples
+from dsv32.tokenizer import train_tokenizer
+
+PARAMS = SamplingParams(temperature=1.0, top_p=0.8, max_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    rng = random.Random(0)
+    tasks = [arithmetic_task(rng, tool=i % 2 == 1) for i in range(200)]
+    corpus = tmp_path_factory.mktemp("tok") / "corpus.txt"
+    corpus.write_text("\n".join(encode_messages(t.messages + t.solution, t.thinking_mode) for t in tasks))
+    return train_tokenizer([corpus], 1024, corpus.parent)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    return Transformer(cfg).eval()
+
+
+def engine(model):
+    return Engine(model, EngineConfig(num_blocks=64, prefill_chunk=24, max_num_seqs=8))
+
+
+def moved_selection_bias(model):
+    """The trainer's copy after an aux-loss-free balancing update of the gate's selection bias:
+    the bias changes which experts a free router picks, never the weights over given ids."""
+    trainer = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    for block in trainer.layers:
+        if hasattr(block.mlp, "gate"):
+            block.mlp.gate.e_score_correction_bias += 0.02 * torch.randn(trainer.cfg.n_routed_experts, generator=g)
+    return trainer
+
+
+def replay(model, trajs, **switches):
+    batch = pack(trajs, model.cfg.vocab_size, 0)
+    with torch.no_grad():
+        lp = replay_logprobs(model, batch, PARAMS.temperature, **switches)
+    return lp[batch.action], batch.logp_old[batch.action]
+
+
+def test_replay_equals_engine_logprobs_only_with_both_stabilisers(model, tok):
+    rng = random.Random(1)
+    tasks = [arithmetic_task(rng) for _ in range(3) for _ in range(2)]
+    trajs = rollout(engine(model), tok, tasks, PARAMS)
+    t = trajs[0]
+    assert t.experts.shape == (len(t.tokens) - 1, 2, 2)  # every fed position, 2 MoE layers, top-2
+    assert t.n_sampled == len(t.tokens) - t.prompt_len and all(k is not None for k in t.kept[t.prompt_len:])
+    lp, old = replay(model, trajs)
+    assert (lp - old).abs().max() < 1e-5
+    trainer = moved_selection_bias(model)
+    lp, old = replay(trainer, trajs)
+    assert (lp - old).abs().max() < 1e-5                     # forced routes: the bias does not matter
+    lp, old = replay(trainer, trajs, keep_routing=False)
+    assert (lp - old).abs().mean() > 1e-3                    # the free router picks other experts
+    lp, old = replay(model, trajs, keep_sampling_mask=False)
+    assert (lp - old).max() < -0.05                          # the whole vocabulary: every token less likely
+    broken = [copy.copy(trajs[0]), trajs[1]]
+    broken[0].experts = None
+    with pytest.raises(ValueError, match="no recorded expert routes"):
+        pack(broken, model.cfg.vocab_size)
+
+
+class Recording(Engine):
+    """The engine, keeping every request's output (to check each turn's routes)."""
+
+    def output(self, seq):
+        out = super().output(seq)
+        self.outputs = getattr(self, "outputs", []) + [out]
+        return out
+
+
+def scripted_env(task, message):
+    """Every turn calls the calculator (a random model cannot be trusted to)."""
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}
+    return {"role": "assistant", "reasoning_content": "r", "content": "", "tool_calls": [call]}, ["42"]
+
+
+def test_multi_turn_tool_rollout_keeps_every_turns_routes(model, tok):
+    task = arithmetic_task(random.Random(2), tool=True)
+    eng = Recording(model, EngineConfig(num_blocks=64, prefill_chunk=24))
+    (t,) = rollout(eng, tok, [task], PARAMS, max_turns=3, env=scripted_env)
+    assert t.turns == 3 and len(t.turn_spans) == 3 and len(eng.outputs) == 3
+    assert t.experts.shape[0] == len(t.tokens) - 1
+    for k, ((start, end), out) in enumerate(zip(t.turn_spans, eng.outputs)):
+        # each request's prompt is the whole stream so far: earlier turns' samples, thinking included
+        assert out.prompt_token_ids == t.tokens[:start] and out.token_ids == t.tokens[start:end]
+        # positions this turn computed first keep this turn's routes
+        first = t.turn_spans[k - 1][1] - 1 if k else 0
+        assert torch.equal(t.experts[first:end - 1], out.experts[first:end - 1])
+    for (_, end), (nxt, _) in zip(t.turn_spans, t.turn_spans[1:]):
+        suffix = tok.decode(t.tokens[end:nxt])
+        assert suffix == "\n\n<function_results>\n<result>42</result>\n</function_results>\n\n<think>"
+        assert not any(t.action[end:nxt])
+    assert len(t.route_drift) == 2 and all(0 <= d <= 1 for d in t.route_drift)
+    # the trainer's single forward over all turns reproduces every turn's sampling log-probs
+    lp, old = replay(model, [t])
+    assert len(lp) == sum(e - s for s, e in t.turn_spans) and (lp - old).abs().max() < 1e-5
+    lp, old = replay(moved_selection_bias(model), [t], keep_routing=False)
+    assert (lp - old).abs().mean() > 1e-3
+
+
+def test_tool_env_parses_a_real_tool_call_and_the_suffix_matches_the_chat_format():
+    task = arithmetic_task(random.Random(3), tool=True)
+    calls = [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3*4"}}}]
+    text = "I use the calculator.</think>" + render_tool_calls(calls) + EOS
+    from dsv32.chat import parse_completion
+
+    message, results = tool_env(task, parse_completion(text, "thinking"))
+    assert results == ["14"]
+    suffix = tool_suffix(task.messages, message, results, "thinking")
+    whole = encode_messages(task.messages + [message, {"role": "tool", "content": "14"}], "thinking")
+    assert whole.endswith(text + suffix) and suffix.endswith("<think>")
+    assert tool_env(task, None) is None
+    assert tool_env(task, {"role": "assistant", "content": "\\boxed{14}", "reasoning_content": "", "tool_calls": []}) is None
+
+
+def test_warm_start_examples_have_the_rollout_token_layout(tok):
+    task = arithmetic_task(random.Random(4), tool=True)
+    (ids, labels), = task_examples(tok, [task])
+    text = tok.decode(ids)
+    assert text == encode_messages(task.messages + task.solution, "thinking")
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+    assert "<function_results>" not in trained and "calculator says" in trained and trained.count(EOS) == 2
+
+
+def test_plain_vocabulary_prompts(tok):
+    from dsv32.rl.rollout import encode_prompt
+    from dsv32.tokenizer import PlainTokenizer
+
+    plain = PlainTokenizer(tok.tok, tok.bos_id, tok.eos_id)
+    task = Task("arithmetic", [{"role": "user", "content": "What is 2+2?"}], answer="4")
+    assert tok.decode(encode_prompt(plain, task)[1:]) == "Question: What is 2+2?\nAnswer: "
+    with pytest.raises(ValueError, match="tools"):
+        encode_prompt(plain, arithmetic_task(random.Random(0), tool=True))
+
+
+def test_a_converted_llama_family_model_rolls_out_and_replays(tok):
+    """No experts (Keep Routing has nothing to force), the plain prompt format, same equality.
+    (8 indexer heads: with 2, ReLU'd index scores of a random model tie at exactly 0, and top-k
+    breaks those ties differently for a prefix and for the whole sequence.)"""
+    from dsv32.model.llama import LlamaConfig, LlamaDSA
+    from dsv32.tokenizer import PlainTokenizer
+
+    torch.manual_seed(0)
+    llama = LlamaDSA(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                 index_n_heads=8, index_head_dim=32, index_topk=8, bos_token_id=tok.bos_id,
+                                 eos_token_id=tok.eos_id)).eval()
+    plain = PlainTokenizer(tok.tok, tok.bos_id, tok.eos_id)
+    trajs = rollout(engine(llama), plain, [arithmetic_task(random.Random(5))] * 2, PARAMS)
+    assert all(t.experts is None for t in trajs)
+    lp, old = replay(llama, trajs)
+    assert (lp - old).abs().max() < 1e-5
