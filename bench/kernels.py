@@ -30,8 +30,9 @@ def fmt(v, nd=1):
 def markdown(res: dict) -> str:
     lines = [f"# Kernels on {res['gpu']}", "",
              f"torch {res['torch']}, triton {res['triton']}, {res['date']}. Times are medians of CUDA-event "
-             "timings with the L2 flushed (triton.testing.do_bench); every row of a table was measured in "
-             "the same run.", ""]
+             "timings with the L2 flushed (triton.testing.do_bench) of CUDA-graph replays (eager where a "
+             "call cannot be captured), so no row pays Python launch overhead; every row of a table was "
+             "measured in the same run.", ""]
     for op, rows in res["ops"].items():
         lines += [f"## {op}", "", "| kernel | shape | impl | µs | TFLOP/s | TB/s | note |", "|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -17,7 +17,12 @@ NEG = float("-inf")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def assert_logits_close(got, want, rtol=1e-5):
+# Hopper's FP8 tensor cores accumulate with fewer mantissa bits than fp32 (why DeepGEMM promotes
+# partial sums): 4e-5 of the largest logit seen on an H100; the interpreter is exact to 1e-5
+RTOL = 1e-4 if DEV == "cuda" else 1e-5
+
+
+def assert_logits_close(got, want, rtol=RTOL):
     """Same -inf pattern; finite entries within rtol of the largest |logit|."""
     assert got.shape == want.shape and got.dtype == torch.float32
     assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "masked positions differ"

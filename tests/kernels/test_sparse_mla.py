@@ -8,8 +8,10 @@ from dsv32.kernels import force, sparse_mla as sm
 from dsv32.kernels.sparse_mla import (sparse_mla, sparse_mla_bwd, sparse_mla_bwd_ref, sparse_mla_fwd,
                                       sparse_mla_fwd_ref)
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-def make(t, h, n, k, d_v, d_pe, dtype, device="cpu", p_invalid=0.2):
+
+def make(t, h, n, k, d_v, d_pe, dtype, device=DEV, p_invalid=0.2):
     """Random q, kv and duplicate-free indices, some -1, and row 1 with no key at all."""
     q = torch.randn(t, h, d_v + d_pe, dtype=dtype, device=device)
     kv = torch.randn(n, d_v + d_pe, dtype=dtype, device=device)
@@ -92,7 +94,7 @@ def test_triton_backward_matches_ref():
     close(dq, dq_want, 2e-2)
     close(dkv, dkv_want, 2e-2)
     assert (dq[1] == 0).all()
-    untouched = torch.ones(kv.shape[0], dtype=torch.bool)
+    untouched = torch.ones(kv.shape[0], dtype=torch.bool, device=kv.device)
     untouched[idx[idx >= 0].long()] = False
     assert (dkv[untouched] == 0).all()
 
