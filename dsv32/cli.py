@@ -73,9 +73,13 @@ def cmd_generate(args) -> int:
         print(f"error: the prompt has token ids beyond the model's vocab_size {cfg.vocab_size}", file=sys.stderr)
         return 2
     experts = f"{cfg.n_routed_experts} experts, " if getattr(cfg, "n_routed_experts", 0) else ""
-    attn = "dense attention" if args.dense or cfg.index_topk >= cfg.max_position_embeddings else f"DSA top-{cfg.index_topk}"
+    k = cfg.index_topk
+    attn = "dense attention" if args.dense or k >= cfg.max_position_embeddings else f"DSA top-{k}"
+    if attn.startswith("DSA") and len(prompt) + args.max_new_tokens <= k:
+        attn += f" (every key is selected while the context is under {k} tokens)"
     print(f"model: {what}, {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {experts}{attn}; loaded in "
-          f"{time.perf_counter() - t0:.1f}s on {device}; prompt {len(prompt)} tokens{' (chat template)' if chat else ''}",
+          f"{time.perf_counter() - t0:.1f}s on {device}; prompt {len(prompt)} tokens"
+          f"{' (chat template)' if chat else ''}",
           file=sys.stderr)
     t0, out, printed = time.perf_counter(), [], ""
     if not chat:

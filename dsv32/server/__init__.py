@@ -69,7 +69,8 @@ def serve(argv: list[str] | None = None) -> int:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="default: the model directory's name, or SmolLM2-135M-Instruct-DSA")
+    p.add_argument("--served-model-name", default=None,
+                   help="default: the model directory's name, or SmolLM2-135M-Instruct-DSA")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which to answer 503")
     args = p.parse_args(argv)
 

@@ -3,8 +3,9 @@
 
 A chat request is rendered in the model's chat format (the tokenizer's `chat_format`: V3.2's, or
 ChatML for a converted SmolLM2, which has no tools and no thinking: asking for them is a 400) and
-its reply parsed back by that format's streaming parser; streamed and non-streamed replies take the same path (engine deltas -> Detokenizer ->
-StreamParser -> OpenAI deltas), a non-streamed reply being the deltas accumulated. Errors use
+its reply parsed back by that format's streaming parser; streamed and non-streamed replies take
+the same path (engine deltas -> Detokenizer -> parser -> OpenAI deltas), a non-streamed reply
+being the deltas accumulated. Errors use
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}; no request can stop the server.
 """
 

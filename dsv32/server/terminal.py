@@ -1,7 +1,8 @@
 """`dsv32 chat`: a conversation in the terminal, with the engine in-process (no HTTP).
 
 Replies stream as the model's chat format parses them (V3.2's, or ChatML for a converted SmolLM2):
-reasoning dimmed, tool calls on marked lines, the answer plain. `/reset` starts over, `/exit` (or end of input) quits, Ctrl-C cuts a reply short.
+reasoning dimmed, tool calls on marked lines, the answer plain. `/reset` starts over, `/exit` (or
+end of input) quits, Ctrl-C cuts a reply short.
 """
 
 import argparse

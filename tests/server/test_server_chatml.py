@@ -109,7 +109,8 @@ def test_tools_and_thinking_are_clear_400s(scripted):
     with pytest.raises(openai.BadRequestError, match="no tool calls"):
         scripted.client.chat.completions.create(model=MODEL, messages=HELLO, tools=WEATHER)
     script(scripted, "still fine<|im_end|>")
-    assert scripted.client.chat.completions.create(model=MODEL, messages=HELLO).choices[0].message.content == "still fine"
+    r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert r.choices[0].message.content == "still fine"
 
 
 def test_terminal_reply_in_chatml(chatml_dir):
