@@ -59,6 +59,11 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     model, tok, chat, what = _load_for_generate(args, device, getattr(torch, default_dtype(args.dtype, device)))
     chat = (chat or args.chat) and not args.raw
+    # chat: a whole answer, sampled as SmolLM2's authors suggest (greedy decoding loops); else a
+    # greedy glimpse of the text
+    limit = args.max_new_tokens or (256 if chat else 48)
+    temperature = args.temperature if args.temperature is not None else (0.2 if chat else 0.0)
+    top_p = args.top_p if args.top_p is not None else (0.9 if chat else 1.0)
     cfg = model.cfg
     if chat:
         if tok is None or tok.chat_format is None:
@@ -75,7 +80,7 @@ def cmd_generate(args) -> int:
     experts = f"{cfg.n_routed_experts} experts, " if getattr(cfg, "n_routed_experts", 0) else ""
     k = cfg.index_topk
     attn = "dense attention" if args.dense or k >= cfg.max_position_embeddings else f"DSA top-{k}"
-    if attn.startswith("DSA") and len(prompt) + args.max_new_tokens <= k:
+    if attn.startswith("DSA") and len(prompt) + limit <= k:
         attn += f" (every key is selected while the context is under {k} tokens)"
     print(f"model: {what}, {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {experts}{attn}; loaded in "
           f"{time.perf_counter() - t0:.1f}s on {device}; prompt {len(prompt)} tokens"
@@ -84,7 +89,7 @@ def cmd_generate(args) -> int:
     t0, out, printed = time.perf_counter(), [], ""
     if not chat:
         sys.stdout.write(args.prompt)
-    for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+    for t in generate(model, prompt, limit, temperature, top_p, args.top_k,
                       args.seed, stop_ids=stop or (cfg.eos_token_id,), sparse=not args.dense):
         out.append(t)
         if t in stop:  # the end of the reply is not part of its text
@@ -173,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
                       "(the default for the default model)")
     chat.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 with the chat template, else 48")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: 0.2 with the chat "
+                   "template, else 0")
+    g.add_argument("--top-p", type=float, default=None, help="default: 0.9 with the chat template, else 1")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dense", action="store_true", help="dense attention instead of DSA")
