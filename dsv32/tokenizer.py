@@ -6,16 +6,20 @@ files, with the chat format's special tokens as its first ids.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.chat import BOS, EOS, SPECIAL_TOKENS, encode_messages
+from dsv32.chat.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, encode_chatml
 
 
 class Tokenizer:
     """Encode, decode and apply the V3.2 chat template, special tokens each one id."""
+
+    chat_format = "v32"
 
     def __init__(self, tok: HFTokenizer):
         self.tok = tok
@@ -24,6 +28,7 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.special_ids[BOS], self.special_ids[EOS]
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("tokenizer has no single-token BOS/EOS for the V3.2 chat format")
+        self.stop_ids = (self.eos_id,)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -51,10 +56,19 @@ class Tokenizer:
 
 class PlainTokenizer:
     """Encode and decode with a tokenizer.json that lacks the V3.2 chat tokens, such as an imported
-    Llama-family model's (`dsv32.gguf_import`); its BOS/EOS ids come from the model's config."""
+    Llama-family model's (`dsv32.gguf_import`); its BOS/EOS ids come from the model's config.
 
-    def __init__(self, tok: HFTokenizer, bos_id: int, eos_id: int):
-        self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
+    `chat_format` is "chatml" when the vocabulary has `<|im_start|>` and `<|im_end|>` (SmolLM2's
+    format, `dsv32.chat.chatml`), else None: such a model takes plain text only. `stop_ids` end a
+    reply: EOS, and in ChatML `<|im_end|>` and `<|endoftext|>`.
+    """
+
+    def __init__(self, tok: HFTokenizer, bos_id: int, eos_id: int, default_system: str | None = SMOLLM2_SYSTEM):
+        self.tok, self.bos_id, self.eos_id, self.default_system = tok, bos_id, eos_id, default_system
+        chatml = all(tok.token_to_id(t) is not None for t in (IM_START, IM_END))
+        self.chat_format = "chatml" if chatml else None
+        ends = [tok.token_to_id(t) for t in (IM_END, ENDOFTEXT)] if chatml else []
+        self.stop_ids = tuple(dict.fromkeys(i for i in [eos_id, *ends] if i is not None))
 
     @classmethod
     def from_file(cls, path: str | Path, bos_id: int, eos_id: int) -> "PlainTokenizer":
@@ -71,6 +85,27 @@ class PlainTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "chat", **kwargs) -> list[int]:
+        """Token ids of the ChatML prompt for messages; kwargs as for `dsv32.chat.encode_chatml`
+        (tools or thinking raise ChatFormatError: the format has neither)."""
+        if self.chat_format is None:
+            raise ValueError(f"this vocabulary has no chat tokens ({IM_START}, {IM_END}, or V3.2's): "
+                             "the model takes plain text only")
+        kwargs.setdefault("default_system", self.default_system)
+        return self.encode(encode_chatml(messages, thinking_mode, **kwargs))
+
+
+def load_tokenizer(model_dir: str | Path) -> "Tokenizer | PlainTokenizer":
+    """The tokenizer of a model directory: a converted Llama-family model (config model_type
+    llama_dsa) gets a PlainTokenizer with its config's BOS/EOS, one of ours the V3.2 Tokenizer."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
+    if config.get("model_type") == "llama_dsa":  # dsv32.model.llama.MODEL_TYPE (that module needs torch)
+        return PlainTokenizer.from_file(model_dir, config.get("bos_token_id", 1), config.get("eos_token_id", 2))
+    return Tokenizer.from_file(model_dir)
 
 
 def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path) -> Tokenizer:

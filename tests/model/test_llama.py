@@ -239,6 +239,7 @@ def test_smollm2_tokenizer(smollm2, python_ids):
     assert tok.encode("<|im_start|>user\nHi<|im_end|>")[0] == 1 and tok.encode("<|im_end|>") == [tok.eos_id]
     assert len(tok.encode("2024")) == 4  # llama.cpp's smollm pre-tokenizer: one token per digit
     assert tok.vocab_size == smollm2[0].cfg.vocab_size == 49152
+    assert tok.chat_format == "chatml" and tok.stop_ids == (2, 0)  # <|im_end|> is its EOS
 
 
 def test_smollm2_stage1_trains_only_the_indexers(smollm2, python_ids):

