@@ -159,6 +159,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="main run RL steps")
     ap.add_argument("--ablation-steps", type=int, default=None, help="default: what the remaining budget allows")
     ap.add_argument("--smollm2", default=None, help="a converted SmolLM2 directory: also run RL on it")
+    ap.add_argument("--lr", type=float, default=None, help="RL learning rate (default 5e-5; quick 3e-4)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per RL step (default 16; quick 4)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -169,9 +171,9 @@ def main():
     if device == "cpu":
         torch.set_num_threads(1)  # the per-expert loop's small ops are slower threaded
     base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
-                    prompts_per_step=4 if q else 16, group_size=4 if q else 8, minibatches=2,
+                    prompts_per_step=args.prompts or (4 if q else 16), group_size=4 if q else 8, minibatches=2,
                     max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
-                    lr=3e-4 if q else 5e-5, clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
+                    lr=args.lr or (3e-4 if q else 5e-5), clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
                     sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
 

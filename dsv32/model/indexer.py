@@ -69,8 +69,9 @@ class Indexer(nn.Module):
         q = torch.cat([apply_rope_half(q[..., :r], cos, sin), q[..., r:]], -1)
         if fp8:
             q = act_quant_dequant(hadamard(q))
-        # per-head weights; weights_proj runs in fp32 as in the official code
-        w = x.float() @ self.weights_proj.weight.float().t()  # [B, S, Hi]
+        # per-head weights; weights_proj runs in fp32 as in the official code (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            w = x.float() @ self.weights_proj.weight.float().t()          # [B, S, Hi]
         w = w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         # ReLU sits between the two contractions: the kernel fuses them; keys past each query's
         # last allowed one are skipped, the rest of the mask is applied below
