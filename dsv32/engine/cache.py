@@ -6,11 +6,14 @@ Two layouts per token [kernel-anchors §2.1, §3]:
         (a converted Llama-family model stores its keys and values in the first two);
   fp8:  MLA 656 bytes = 512 e4m3 + 4 fp32 scales (one per 128) + 64 bf16 rope dims;
         indexer 132 bytes = 128 e4m3 + 1 fp32 scale.
-Reads dequantise to the model's dtype (the plain-torch path; kernels read the bytes directly).
+Reads dequantise to the model's dtype (the plain-torch path). Decode steps of a V3.2 model read
+the bytes directly instead: `paged_view` hands one layer's raw rows and the block tables to the
+paged DSA kernels (indexer logits, sparse MLA decode), so no [B, T] copy of the cache is made.
 """
 
 import hashlib
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -35,12 +38,25 @@ def _dequant_rows(b: torch.Tensor, d: int, group: int, dtype) -> torch.Tensor:
     return (q * scale).view(*shape, d).to(dtype)
 
 
+@dataclass
+class PagedView:
+    """One layer of the paged cache as the decode kernels read it (global slot = block * block_size
+    + offset)."""
+    kv: torch.Tensor           # [num_slots, C + R] bf16, or [num_slots, 656] uint8 (FP8)
+    ik: torch.Tensor           # [num_slots, Di] bf16, or [num_slots, Di + 4] uint8 (FP8)
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor     # [B] int32, this step's tokens included
+    gather: torch.Tensor       # [B, T] global slot of each position
+    block_size: int
+
+
 class PagedCache:
     """Per-layer block storage [num_blocks * block_size, bytes-or-dims], used by the model through
-    `update` after `prepare` has mapped this step's tokens to slots."""
+    `update` (or `write` + `paged_view` in decode steps) after `prepare` has mapped this step's
+    tokens to slots. paged_decode=False keeps every step on the gathering path (the reference)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64, fp8: bool = False,
-                 dtype=torch.bfloat16, device="cpu"):
+                 dtype=torch.bfloat16, device="cpu", paged_decode: bool = True):
         self.cfg, self.num_blocks, self.block_size, self.fp8, self.dtype = cfg, num_blocks, block_size, fp8, dtype
         c, r, di = cfg.cache_widths
         self.kv_group, self.ik_group = min(128, c), di
@@ -55,7 +71,11 @@ class PagedCache:
             self.kv = torch.zeros(layers, n, c + r, dtype=dtype, device=device)
             self.ik = torch.zeros(layers, n, di, dtype=dtype, device=device)
         self.max_len = cfg.max_position_embeddings
-        self.slots = self.gather = None
+        # the sparse MLA decode kernel's layouts: MLA latents in groups of 128, bf16 or FP8 rows
+        self.paged_decode = paged_decode and hasattr(cfg, "kv_lora_rank") and c % 128 == 0 and \
+            self.kv.dtype in (torch.bfloat16, torch.uint8)
+        self.slots = self.gather = self.table = self.seq_lens = None
+        self.decode_shaped = False
 
     def bytes_per_token(self) -> int:
         return (self.kv[0, 0].numel() * self.kv.element_size() + self.ik[0, 0].numel() * self.ik.element_size())
@@ -73,24 +93,43 @@ class PagedCache:
         t = int(positions.max()) + 1
         j = torch.arange(t, device=dev)
         self.gather = table[:, (j // bs).clamp(max=width - 1)] * bs + j % bs            # [B, T]
+        self.table = table.int()
+        self.seq_lens = (positions.amax(1) + 1).int()                                   # [B]
+        # 1 or 2 consecutive new tokens per sequence: what the paged decode kernels serve
+        s = positions.shape[1]
+        self.decode_shaped = s == 1 or (s == 2 and bool((positions[:, 1] == positions[:, 0] + 1).all()))
 
-    def update(self, layer: int, kv, pe, ik, positions):
-        """The model's cache hook: write [B, S, ...] entries at the prepared slots, return every
-        sequence's entries [B, T, ...] in the model's dtype."""
+    def write(self, layer: int, kv, pe, ik) -> None:
+        """Write this step's entries kv, pe, ik [B, S, ...] at the prepared slots."""
         c = self.cfg.cache_widths[0]
         slots = self.slots.flatten()
         if self.fp8:
             pe_bytes = pe.reshape(-1, pe.shape[-1]).to(torch.bfloat16).contiguous().view(torch.uint8)
             self.kv[layer][slots] = torch.cat([_quant_rows(kv.reshape(-1, c), self.kv_group), pe_bytes], -1)
             self.ik[layer][slots] = _quant_rows(ik.reshape(-1, ik.shape[-1]), self.ik_group)
+        else:
+            self.kv[layer][slots] = torch.cat([kv, pe], -1).reshape(len(slots), -1).to(self.dtype)
+            self.ik[layer][slots] = ik.reshape(len(slots), -1).to(self.dtype)
+
+    def paged_view(self, layer: int) -> PagedView | None:
+        """The raw rows of one layer and this step's block tables for the paged decode kernels, or
+        None where they do not apply (a prefill chunk, a layout they do not read, paged_decode off)."""
+        if not (self.paged_decode and self.decode_shaped):
+            return None
+        return PagedView(self.kv[layer], self.ik[layer], self.table, self.seq_lens, self.gather, self.block_size)
+
+    def update(self, layer: int, kv, pe, ik, positions):
+        """The model's cache hook: write [B, S, ...] entries at the prepared slots, return every
+        sequence's entries [B, T, ...] in the model's dtype."""
+        c = self.cfg.cache_widths[0]
+        self.write(layer, kv, pe, ik)
+        if self.fp8:
             rows = self.kv[layer][self.gather]                                          # [B, T, bytes]
             split = c + 4 * (c // self.kv_group)
             kv_all = _dequant_rows(rows[..., :split], c, self.kv_group, self.dtype)
             pe_all = rows[..., split:].contiguous().view(torch.bfloat16).to(self.dtype)
             ik_all = _dequant_rows(self.ik[layer][self.gather], ik.shape[-1], self.ik_group, self.dtype)
             return kv_all, pe_all, ik_all
-        self.kv[layer][slots] = torch.cat([kv, pe], -1).reshape(len(slots), -1).to(self.dtype)
-        self.ik[layer][slots] = ik.reshape(len(slots), -1).to(self.dtype)
         both = self.kv[layer][self.gather]
         return both[..., :c], both[..., c:], self.ik[layer][self.gather]
 

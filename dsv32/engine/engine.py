@@ -33,6 +33,8 @@ class EngineConfig:
     prefix_caching: bool = True
     mha_prefill_below: int | None = None     # default: index_topk
     max_model_len: int | None = None         # default: max_position_embeddings
+    paged_decode: bool = True                # decode reads the paged cache with the DSA kernels;
+                                             # False: gather each sequence's cache (the reference)
 
     def __post_init__(self):
         if self.kv_cache_dtype not in ("auto", "fp8"):
@@ -64,7 +66,8 @@ class Engine:
         self.device, self.dtype = w.device, w.dtype
         probe = PagedCache(cfg, 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, "meta")
         num_blocks = ec.num_blocks or self._auto_blocks(probe.bytes_per_token() * cfg.num_hidden_layers * ec.block_size)
-        self.cache = PagedCache(cfg, num_blocks, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, self.device)
+        self.cache = PagedCache(cfg, num_blocks, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, self.device,
+                                ec.paged_decode)
         self.cache.max_len = self.max_model_len
         self.scheduler = Scheduler(BlockManager(num_blocks, ec.block_size), ec.max_num_seqs,
                                    ec.max_num_batched_tokens, ec.prefill_chunk, ec.prefix_caching)

@@ -56,13 +56,9 @@ class Indexer(nn.Module):
         k = torch.cat([apply_rope_half(k[..., None, :r], cos, sin)[..., 0, :], k[..., r:]], -1)
         return act_quant_dequant(hadamard(k)) if fp8 else k
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, k: torch.Tensor, cos, sin,
-                mask: torch.Tensor, fp8: bool = False) -> torch.Tensor:
-        """Index scores [B, S, T] fp32, -inf where mask is False.
-
-        x: [B, S, D] hidden; qr: [B, S, q_lora] query latent; k: [B, T, head_dim] keys (from
-        `key`, cached ones included); mask: [B, S, T] bool.
-        """
+    def query(self, x: torch.Tensor, qr: torch.Tensor, cos, sin, fp8: bool = False):
+        """x: [B, S, D] hidden; qr: [B, S, q_lora] query latent -> (queries [B, S, Hi, head_dim],
+        per-head weights [B, S, Hi] fp32, scaled by (Hi * head_dim)^-1/2)."""
         b, s, _ = x.shape
         r = self.cfg.qk_rope_head_dim
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
@@ -72,7 +68,16 @@ class Indexer(nn.Module):
         # per-head weights; weights_proj runs in fp32 as in the official code (autocast off)
         with torch.autocast(x.device.type, enabled=False):
             w = x.float() @ self.weights_proj.weight.float().t()          # [B, S, Hi]
-        w = w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return q, w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, k: torch.Tensor, cos, sin,
+                mask: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        """Index scores [B, S, T] fp32, -inf where mask is False.
+
+        x: [B, S, D] hidden; qr: [B, S, q_lora] query latent; k: [B, T, head_dim] keys (from
+        `key`, cached ones included); mask: [B, S, T] bool.
+        """
+        q, w = self.query(x, qr, cos, sin, fp8)
         # ReLU sits between the two contractions: the kernel fuses them; keys past each query's
         # last allowed one are skipped, the rest of the mask is applied below
         k_end = mask.shape[-1] - mask.flip(-1).int().argmax(-1)           # [B, S]

@@ -6,7 +6,9 @@ arithmetic:
   - "mha": expand per-head K/V from the latents with kv_b_proj (training, prefill);
   - "mqa": absorb kv_b_proj into the query and the output, so every head attends to the shared
     576-d latents directly (decode; what DSA runs on).
-With `sparse`, each query attends only to the latents its lightning indexer selected.
+With `sparse`, each query attends only to the latents its lightning indexer selected. Decode steps
+over a paged cache that offers `paged_view` (the engine's) read it in place with the paged DSA
+kernels; every other forward attends to the [B, T, ...] entries `cache.update` returns.
 """
 
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.indexer import indexer_logits_paged
 from dsv32.kernels.sparse_mla import sparse_mla
+from dsv32.kernels.sparse_mla_decode import sparse_mla_decode
 from dsv32.model.indexer import Indexer, selected_mask, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
@@ -55,6 +59,15 @@ class AttnOut:
     attn_probs: torch.Tensor | None         # [B, S, T] main attention probs summed over heads (detached)
 
 
+def paged_view(step):
+    """This layer's paged cache view when the step is a sparse absorbed-MQA decode that returns no
+    auxiliary outputs and the cache offers one (see KVCache); else None."""
+    if not (step.sparse and step.mode == "mqa") or step.return_aux or step.return_attn_probs:
+        return None
+    view = getattr(step.cache, "paged_view", None)
+    return view(step.layer_id) if view is not None else None
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,6 +97,11 @@ class MLA(nn.Module):
 
         ix_in, qr_in = (x.detach(), qr.detach()) if step.detach_indexer else (x, qr)
         ik = self.indexer.key(ix_in, cos, sin, step.indexer_fp8)          # [B, S, Di]
+        view = paged_view(step)
+        if view is not None:  # decode: write the new entries, read the cache in place
+            step.cache.write(step.layer_id, kv, k_pe, ik)
+            o = self._paged_decode(ix_in, qr_in, q_nope, q_pe, cos, sin, step, view)
+            return AttnOut(self.o_proj(o.reshape(b, s, h * cfg.v_head_dim)), None, None, None)
         if step.cache is not None:  # write this chunk at its positions, read each sequence so far
             kv, k_pe, ik = step.cache.update(step.layer_id, kv, k_pe, ik, step.positions)
         end = kv.shape[1]                                                 # T
@@ -117,14 +135,38 @@ class MLA(nn.Module):
         probs = summed_probs(q, k, m, cfg.softmax_scale) if want_probs else None
         return o.transpose(1, 2), probs
 
+    def _absorbed(self, q_nope):
+        """kv_b_proj split and absorbed into the query: q_nope [B, S, H, nope] -> (q_lat
+        [B, S, H, C] fp32, w_uv [H, Dv, C] fp32 to bring the attended latents back to values)."""
+        cfg = self.cfg
+        h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        w = self.kv_b_proj.weight.view(h, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+        w_uk, w_uv = w[:, :nope].float(), w[:, nope:].float()
+        return torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk), w_uv
+
+    def _paged_decode(self, x, qr, q_nope, q_pe, cos, sin, step, view):
+        """Sparse absorbed-MQA decode over one layer of the paged cache (`view`): indexer logits
+        straight from the cached keys, the step's mask, top-k, then sparse MLA over the selected
+        slots. The arithmetic of the gathered path, without the [B, T] copies. -> [B, S, H, Dv]."""
+        cfg, mask = self.cfg, step.mask                                   # mask: [B, S, T]
+        iq, iw = self.indexer.query(x, qr, cos, sin, step.indexer_fp8)    # [B, S, Hi, Di], [B, S, Hi]
+        logits = indexer_logits_paged(iq, iw, view.ik, view.block_table, view.seq_lens,
+                                      block_size=view.block_size)         # [B, S, max_blocks * bs]
+        scores = logits[..., :mask.shape[-1]].masked_fill(~mask, float("-inf"))
+        idx = topk_select(scores, cfg.index_topk)                         # [B, S, k] positions
+        slots = view.gather.gather(1, idx.clamp(min=0).flatten(1)).view_as(idx)
+        slots = torch.where(idx >= 0, slots, -1).int()                    # [B, S, k] global slots
+        q_lat, w_uv = self._absorbed(q_nope)
+        qc = torch.cat([q_lat, q_pe.float()], -1).to(torch.bfloat16)      # [B, S, H, C + R], as the rows
+        o_lat, _ = sparse_mla_decode(qc, view.kv, slots, cfg.softmax_scale, cfg.kv_lora_rank)
+        return torch.einsum("bshc,hdc->bshd", o_lat.float(), w_uv).to(q_nope.dtype)
+
     def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):
         """kv_b_proj absorbed: scores and outputs live in the latent space. With idx, only the
         selected latents are gathered ([B, S, k, C]) instead of scoring all T."""
         cfg = self.cfg
-        h, nope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
-        w = self.kv_b_proj.weight.view(h, nope + cfg.v_head_dim, c)
-        w_uk, w_uv = w[:, :nope].float(), w[:, nope:].float()
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)     # [B, S, H, C]
+        h, c = cfg.num_attention_heads, cfg.kv_lora_rank
+        q_lat, w_uv = self._absorbed(q_nope)                              # [B, S, H, C]
         if idx is None:
             att = torch.einsum("bshc,btc->bsht", q_lat, kv.float()) + \
                 torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())

@@ -27,7 +27,10 @@ class KVCache:
     Any cache works that has `max_len` and `update` (the engine's paged cache does): update writes
     the new entries at their positions and returns each sequence's entries [B, T, ...], where T is
     one past the largest position, entry j at index j (padding beyond a sequence's own length is
-    never read: the causal mask stops at its position).
+    never read: the causal mask stops at its position). A paged cache may also offer
+    `write(layer, kv, pe, ik)` and `paged_view(layer)` (raw rows, block table, sequence lengths,
+    position -> slot map; None when it does not apply): sparse MQA decode steps then read it in
+    place with the paged DSA kernels instead of calling `update` (see MLA).
     """
     kv: torch.Tensor  # [L, B, T_max, kv_lora_rank]
     pe: torch.Tensor  # [L, B, T_max, qk_rope_head_dim]
