@@ -101,7 +101,7 @@ def test_engine_greedy_with_paged_decode_equals_the_gathered_path(tiny, kv):
     for a, b in zip(outs[True], outs[False]):
         assert a.token_ids == b.token_ids
         lp_a, lp_b = torch.tensor(a.logprobs), torch.tensor(b.logprobs)
-        torch.testing.assert_close(lp_a, lp_b, **({} if kv == "auto" else dict(atol=0.1, rtol=0)))
+        torch.testing.assert_close(lp_a, lp_b, **({} if kv == "auto" else {"atol": 0.1, "rtol": 0}))
 
 
 def test_paged_decode_stays_off_where_it_does_not_apply(tiny):
