@@ -8,6 +8,7 @@ import torch
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.cache import PagedCache
+from dsv32.kernels import force
 from dsv32.model import Transformer
 
 # kv_lora_rank 128: the smallest latent the decode kernel's layouts take (groups of 128 values)
@@ -34,10 +35,11 @@ def forbid_gather(cache):
 
 
 @torch.no_grad()
-def compare_steps(model, lengths, s_q, steps, fp8, block_size, device="cpu"):
+def compare_steps(model, lengths, s_q, steps, fp8, block_size, device="cpu", backend=None):
     """Prefill each prompt into two paged caches, one with paged decode, one without; then decode
-    `steps` batched steps of s_q tokens each through both. Returns the pairs of logits [B, s_q, V]
-    and the dense-attention logits of the first step (to show that selection matters)."""
+    `steps` batched steps of s_q tokens each through both, with the kernels of `backend` (None:
+    automatic). Returns the pairs of logits [B, s_q, V] and the dense-attention logits of the
+    first step (to show that selection matters)."""
     cfg = model.cfg
     tables, num_blocks = block_tables([n + steps * s_q for n in lengths], block_size)
     caches = [PagedCache(cfg, num_blocks, block_size, fp8, torch.bfloat16, device, paged_decode=p)
@@ -58,9 +60,10 @@ def compare_steps(model, lengths, s_q, steps, fp8, block_size, device="cpu"):
         outs = []
         for cache in caches:
             cache.prepare(tables, pos)
-            if i == 0 and cache is caches[1]:  # before the sparse step, which rewrites its entries
-                dense = model(ids, cache=cache, positions=pos, mode="mqa", sparse=False).logits.float()
-            outs.append(model(ids, cache=cache, positions=pos, mode="mqa").logits.float())
+            with force(backend):
+                if i == 0 and cache is caches[1]:  # before the sparse step, which rewrites its entries
+                    dense = model(ids, cache=cache, positions=pos, mode="mqa", sparse=False).logits.float()
+                outs.append(model(ids, cache=cache, positions=pos, mode="mqa").logits.float())
         pairs.append(outs)
     return pairs, dense
 
@@ -82,6 +85,16 @@ def test_paged_decode_logits_equal_the_gathered_path(tiny, fp8, s_q):
             assert sum(same) >= 0.75 * len(same) and rel_err(paged, gathered) < 0.3
         else:
             torch.testing.assert_close(paged, gathered)
+
+
+def test_paged_decode_through_the_triton_kernels_under_the_interpreter():
+    """The paged indexer, top-k and sparse MLA decode kernels, wired as on the GPU (dtypes, strides,
+    slot ids), against the gathered path's kernels; Triton's interpreter, one small case."""
+    torch.manual_seed(0)
+    model = Transformer(TINY.replace(qk_rope_head_dim=16, num_hidden_layers=1)).to(torch.bfloat16).eval()
+    pairs, _ = compare_steps(model, [9, 40, 75], 2, steps=1, fp8=True, block_size=16, backend="triton")
+    for paged, gathered in pairs:  # FP8: the indexer keys' bf16 rounding on the gathered path
+        assert rel_err(paged, gathered) < 1e-2
 
 
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
