@@ -9,6 +9,7 @@ its error and the run goes on.
 """
 
 import argparse
+import gc
 import importlib
 import json
 import sys
@@ -66,6 +67,8 @@ def main():
             traceback.print_exc()
             rows = [{"kernel": op, "impl": "ours", "us": None, "note": f"failed: {type(e).__name__}: {e}"[:300]}]
         res["ops"][op] = rows
+        gc.collect()
+        torch.cuda.empty_cache()  # the next op's caches need the memory this one's allocator holds
         print(f"{op}: {len(rows)} rows in {time.time() - t0:.0f} s", flush=True)
         for r in rows:
             print("  ", json.dumps(r), flush=True)
