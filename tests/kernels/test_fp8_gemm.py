@@ -19,7 +19,16 @@ def _dequant_act(q, s):
     return q.float() * s.repeat_interleave(128, 1)
 
 
-def _operands(m, n, k, dtype=torch.bfloat16, device="cpu"):
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # small cases: interpreted on CPU, compiled on a GPU
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    """Tensors made without a device live on DEV: the small cases run compiled on a GPU machine."""
+    with torch.device(DEV):
+        yield
+
+def _operands(m, n, k, dtype=torch.bfloat16, device=DEV):
     a, sa = K.act_quant_ref(torch.randn(m, k, device=device, dtype=dtype))
     b, sb = weight_quant(torch.randn(n, k, device=device) * 0.05)
     return a, sa, b, sb

@@ -11,6 +11,13 @@ from dsv32.kernels.sparse_mla import (sparse_mla, sparse_mla_bwd, sparse_mla_bwd
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _default_device():
+    """Tensors made without a device live on DEV: the small cases run compiled on a GPU machine."""
+    with torch.device(DEV):
+        yield
+
+
 def make(t, h, n, k, d_v, d_pe, dtype, device=DEV, p_invalid=0.2):
     """Random q, kv and duplicate-free indices, some -1, and row 1 with no key at all."""
     q = torch.randn(t, h, d_v + d_pe, dtype=dtype, device=device)
