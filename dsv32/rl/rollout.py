@@ -48,10 +48,16 @@ class Trajectory:
         return sum(self.action)
 
 
+def speaks_v32(tokenizer) -> bool:
+    """Whether rollouts use the V3.2 chat format (tools, thinking); a converted Llama-family model
+    (ChatML or no chat tokens) gets the plain prompt format instead."""
+    return getattr(tokenizer, "chat_format", None) == "v32"
+
+
 def encode_prompt(tokenizer, task: Task) -> list[int]:
     """The V3.2 chat format when the vocabulary has its tokens; else (a converted Llama-family
     model) BOS + "Question: {user text}\\nAnswer: " (single turn, no tools)."""
-    if hasattr(tokenizer, "apply_chat_template"):
+    if speaks_v32(tokenizer):
         return tokenizer.apply_chat_template(task.messages, thinking_mode=task.thinking_mode)
     if task.tools:
         raise ValueError(f"domain {task.domain!r} uses tools, which need the V3.2 chat tokens in the vocabulary")
@@ -81,7 +87,7 @@ def tool_env(task: Task, message: dict | None) -> tuple[dict, list[str]] | None:
 def _parse(tokenizer, task: Task, ids: list[int], finish: str) -> tuple[dict | None, str]:
     """(parsed assistant message or None, text) of one turn's sampled ids."""
     text = tokenizer.decode(ids)
-    if not hasattr(tokenizer, "apply_chat_template"):
+    if not speaks_v32(tokenizer):
         return ({"role": "assistant", "content": text.removesuffix(tokenizer.decode([tokenizer.eos_id])),
                  "reasoning_content": "", "tool_calls": []} if finish == "stop" else None), text
     try:

@@ -28,7 +28,7 @@ import torch
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.rl import objective
 from dsv32.rl.rewards import GenerativeRM, RewardConfig, reward
-from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, tool_suffix
+from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, speaks_v32, tool_suffix
 from dsv32.rl.tasks import Domain, TaskMix, load_tasks
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def task_examples(tokenizer, tasks) -> list[tuple[list[int], list[int]]]:
     from dsv32.chat import encode_completion
     from dsv32.train.losses import IGNORE
 
-    chat = hasattr(tokenizer, "apply_chat_template")
+    chat = speaks_v32(tokenizer)
     out = []
     for task in tasks:
         ids = encode_prompt(tokenizer, task)
