@@ -42,20 +42,24 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - t0)
 
 
+WARMUP_STEPS = 8
+
+
 def decode_sweep(model, batches, contexts, steps):
     """Steady-state decode: B sequences prefilled to ctx tokens, then `steps` engine steps."""
     rows = []
     for ctx in contexts:
         for b in batches:
-            eng = Engine(model, EngineConfig(max_num_seqs=b, num_blocks=b * (ctx // 64 + steps // 64 + 4),
+            eng = Engine(model, EngineConfig(max_num_seqs=b, num_blocks=b * (ctx // 64 + (steps + WARMUP_STEPS) // 64 + 4),
                                              max_num_batched_tokens=max(8192, ctx), prefill_chunk=4096))
             g = torch.Generator().manual_seed(0)
-            params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+            params = SamplingParams(temperature=0.0, max_tokens=steps + WARMUP_STEPS + 8, ignore_eos=True)
             for _ in range(b):
                 eng.add_request(torch.randint(0, model.cfg.vocab_size, (ctx,), generator=g).tolist(), params)
             while any(not s.prefill_done for s in eng.scheduler.running) or eng.scheduler.waiting:
                 eng.step()
-            eng.step()
+            for _ in range(WARMUP_STEPS):  # Triton compiles a variant per new int specialisation
+                eng.step()
             sync()
             t0 = time.perf_counter()
             for _ in range(steps):
