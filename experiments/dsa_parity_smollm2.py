@@ -60,6 +60,15 @@ def split_files(tok, seq_len: int, n_eval: int):
     return held, train
 
 
+
+def setup(gguf, eval_len: int, n_eval: int, train_len: int):
+    """(SmolLM2 with fresh indexers, held-out windows, their file names, packed training data)."""
+    model, hf_tok = load_gguf(gguf)
+    tok = PlainTokenizer(hf_tok, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    held, train_docs = split_files(tok, eval_len, n_eval)
+    train = PackedData.from_documents(train_docs, tok, train_len, seed=0)
+    return model, Windows([w for _, w in held]), [n for n, _ in held], train
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/smollm2")
@@ -74,20 +83,16 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, hf_tok = load_gguf(args.gguf)
-    tok = PlainTokenizer(hf_tok, model.cfg.bos_token_id, model.cfg.eos_token_id)
-    held, train_docs = split_files(tok, args.eval_len, args.n_eval)
-    held_data = Windows([w for _, w in held])
-    train = PackedData.from_documents(train_docs, tok, args.train_len, seed=0)
+    model, held_data, held_names, train = setup(args.gguf, args.eval_len, args.n_eval, args.train_len)
     k_main, _ = args.topk
     model.cfg.index_topk = k_main
     model.to(dev)
     results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
                "eval_len": args.eval_len, "train_len": args.train_len, "topk": args.topk,
-               "held_out_files": [n for n, _ in held], "train_tokens_available": len(train.ids),
+               "held_out_files": held_names, "train_tokens_available": len(train.ids),
                "evals": {}, "tokens": {}, "seconds": {}, "history": {}}
     t0 = time.time()
-    results["evals"]["original (untrained indexer)"] = evaluate(model, held_data, args.topk, n_windows=len(held), batch=1)
+    results["evals"]["original (untrained indexer)"] = evaluate(model, held_data, args.topk, n_windows=len(held_names), batch=1)
     print("original", results["evals"]["original (untrained indexer)"], flush=True)
     common = dict(seq_len=args.train_len, batch_size=1, device=dev, warmup=10, index_topk=k_main, mtp_weight=0.0,
                   balance_alpha=0.0, bias_update_rate=0.0)
@@ -101,14 +106,14 @@ def main():
         if stage == "dsa-warmup" and args.save_indexer:
             save_indexer(model, args.save_indexer, {"base": SMOLLM2_FILE, "stage": stage, "tokens": str(tokens)})
             load_indexer(model, args.save_indexer)  # evaluate (and go on with) the FP8 indexer that ships
-        results["evals"]["after " + stage] = evaluate(model, held_data, args.topk, n_windows=len(held), batch=1)
+        results["evals"]["after " + stage] = evaluate(model, held_data, args.topk, n_windows=len(held_names), batch=1)
         print(stage, results["evals"]["after " + stage], flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     hist, tokens, secs = run_stage(control, train, "pretrain", out, 1e9, **common, attention="dense",
                                    steps=len(results["history"]["dsa-sparse"]), lr=2e-5)
     results["history"]["dense control"], results["tokens"]["dense control"] = hist, tokens
     results["seconds"]["dense control"] = round(secs, 1)
-    results["evals"]["dense control"] = evaluate(control, held_data, args.topk, n_windows=len(held), batch=1)
+    results["evals"]["dense control"] = evaluate(control, held_data, args.topk, n_windows=len(held_names), batch=1)
     print("dense control", results["evals"]["dense control"], flush=True)
     results["total_seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -8,6 +8,7 @@ is the code under test.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import socket
@@ -416,14 +417,15 @@ def test_detokenizer_deltas_add_up(tok, text, cuts, stop):
 
 
 # ---- the command-line entry points, as the CLI will call them ----
-def test_serve_entry_point(model_dir):
+@contextlib.contextmanager
+def served(argv_for_port, timeout: float):
+    """Run `argv_for_port(port)` on a free port until /health answers; yield the openai client."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    code = f"from dsv32.server import serve; serve(['--model', {str(model_dir)!r}, '--port', '{port}', '--device', 'cpu'])"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv_for_port(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
             try:
@@ -431,13 +433,21 @@ def test_serve_entry_point(model_dir):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-        assert [m.id for m in client.models.list().data] == [model_dir.name]
-        r = client.chat.completions.create(model=model_dir.name, messages=HELLO, max_tokens=4)
-        assert r.usage.completion_tokens >= 1
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_entry_point(model_dir):
+    def argv(port):
+        code = f"from dsv32.server import serve; serve(['--model', {str(model_dir)!r}, '--port', '{port}', '--device', 'cpu'])"
+        return [sys.executable, "-c", code]
+
+    with served(argv, timeout=60) as client:
+        assert [m.id for m in client.models.list().data] == [model_dir.name]
+        r = client.chat.completions.create(model=model_dir.name, messages=HELLO, max_tokens=4)
+        assert r.usage.completion_tokens >= 1
 
 
 def test_chat_entry_point(model_dir):

