@@ -41,3 +41,15 @@ def copy_tbps() -> float:
     y = torch.empty_like(x)
     us = time_us(lambda: y.copy_(x))
     return 2 * x.numel() / us / 1e6
+
+
+def kernel_times(fn, reps: int = 20) -> dict[str, float]:
+    """µs per call of fn spent in each GPU kernel it launches (torch.profiler's CUDA activity):
+    device time only, without the host's launch overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / reps for e in prof.key_averages() if e.device_time_total > 0}

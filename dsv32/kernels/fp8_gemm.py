@@ -113,10 +113,11 @@ if has_triton():
     def _round_e4m3(v):
         """Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, in fp32 arithmetic,
         so the conversion after it is exact on every backend (Triton's interpreter rounds up
-        without carrying into the exponent). Spacing: 2^(e-3) in binade e, 2^-9 below 2^-6."""
-        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        r = (tl.abs(v) / ulp + 8388608.0) - 8388608.0        # + 2^23 - 2^23: round half to even
+        without carrying into the exponent). No division: on the GPU `/` is approximate. Spacing: 2^(e-3) in binade e, 2^-9 below 2^-6."""
+        e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3  # ulp = 2^e
+        ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 1 / ulp: scaling by it is exact
+        r = (tl.abs(v) * inv + 8388608.0) - 8388608.0         # + 2^23 - 2^23: round half to even
         return tl.where(v < 0, -r, r) * ulp
 
     @triton.jit

@@ -6,8 +6,8 @@
 sorted; ties at the k-th value are broken arbitrarily, but exactly min(k, #finite) indices come back.
 
 The Triton path is a sample-bracketed radix select, three launches for any number of rows:
-  1. bracket: per row, radix-select two quantiles [t_lo, t_hi] of a strided sample of 2048
-     scores that hold the k-th largest score with overwhelming probability (4.5 sigma);
+  1. bracket: per row, radix-select two quantiles [t_lo, t_hi] (two programs) of a strided
+     sample of 2048 scores that hold the k-th largest score with overwhelming probability (4.5 sigma);
   2. partition (rows x chunks programs, so one row still fills the GPU): one pass over the scores;
      keys above t_hi are in the top-k and go straight to the output, keys in [t_lo, t_hi] go to a
      per-row candidate buffer (a few thousand), slots taken with one atomic per block;
@@ -35,6 +35,7 @@ except ImportError:  # the reference still works
 SAMPLE_GROUPS, SAMPLE_RUN = 256, 8  # 2048 samples: 256 runs of 8 contiguous scores (one 32 B sector)
 SIGMAS = 4.5  # bracket half-width in standard deviations of the sample rank
 MAX_CAP = 8192  # candidates a select program holds in registers
+SELECT_WARPS = 8  # warps of a select program
 
 
 def topk_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,8 +93,8 @@ def _bracket(scores: torch.Tensor, k: int):
     bounds = torch.empty(r, 2, dtype=torch.int64, device=scores.device)
     counts = torch.empty(r, 2, dtype=torch.int32, device=scores.device)  # (#sure, #candidates)
     gstride = (n // SAMPLE_GROUPS) // SAMPLE_RUN * SAMPLE_RUN
-    _bracket_kernel[(r,)](scores, scores.stride(0), counts, bounds, gstride, r_hi, r_lo,
-                          MODE=mode, GROUPS=SAMPLE_GROUPS, RUN=SAMPLE_RUN, num_warps=4)
+    _bracket_kernel[(r, 2)](scores, scores.stride(0), counts, bounds, gstride, r_hi, r_lo,
+                            MODE=mode, GROUPS=SAMPLE_GROUPS, RUN=SAMPLE_RUN, num_warps=4)
     return mode, cap, bounds, counts
 
 
@@ -116,7 +117,7 @@ def topk_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
             scores, scores.stride(0), n, k, bounds, counts, out, cand, per,
             CAP=cap, BLOCK=block, num_warps=4)
     _select_kernel[(r,)](scores, scores.stride(0), n, k, bounds, counts, out, cand,
-                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=8)
+                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=SELECT_WARPS)
     return out
 
 
@@ -165,27 +166,24 @@ if triton is not None:
     @triton.jit
     def _bracket_kernel(x_ptr, stride_x, counts_ptr, bounds_ptr, gstride, r_hi, r_lo,
                         MODE: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
-        """Per row: zero the partition counters and store (t_lo, t_hi)."""
-        row = tl.program_id(0)
-        tl.store(counts_ptr + 2 * row + tl.arange(0, 2), tl.zeros([2], tl.int32))
-        t_lo = tl.full((), 1, tl.int64)           # MODE_ALL_CANDIDATES: every allowed key
-        t_hi = tl.full((), 0xFFFFFFFF, tl.int64)  # ... and none sure
-        if MODE == 2:                             # MODE_ALL: every allowed key is sure
-            t_hi = tl.full((), 0, tl.int64)
-        if MODE == 0:  # sample quantiles: ranks r_hi and r_lo (1-based, from the top)
+        """Program (row, 0) zeroes the row's partition counters and stores t_lo, program (row, 1)
+        stores t_hi: the two sample selections run side by side (one row is latency-bound)."""
+        row, hi = tl.program_id(0), tl.program_id(1)
+        if hi == 0:
+            tl.store(counts_ptr + 2 * row + tl.arange(0, 2), tl.zeros([2], tl.int32))
+        # defaults: MODE_ALL_CANDIDATES takes every allowed key as a candidate and none as sure;
+        # MODE_ALL (t_hi = 0) takes every allowed key as sure
+        bound = tl.where(hi == 0, 1, tl.where(MODE == 2, 0, 0xFFFFFFFF)).to(tl.int64)
+        if MODE == 0:  # sample quantiles: ranks r_lo and r_hi (1-based, from the top)
             offs = tl.arange(0, GROUPS)[:, None] * gstride + tl.arange(0, RUN)[None, :]
             keys = _keys(tl.load(x_ptr + row.to(tl.int64) * stride_x + offs))
             keys = tl.reshape(keys, [GROUPS * RUN])
             allowed = keys > 0
-            zero = tl.zeros((), tl.uint32)
-            if tl.sum(allowed.to(tl.int32)) >= r_lo:
-                c_lo, _ = _kth(keys, allowed, r_lo, zero, 32)
-                t_lo = c_lo.to(tl.int64)
-            if r_hi > 0:
-                c_hi, _ = _kth(keys, allowed, r_hi, zero, 32)
-                t_hi = c_hi.to(tl.int64)
-        tl.store(bounds_ptr + 2 * row, t_lo)
-        tl.store(bounds_ptr + 2 * row + 1, t_hi)
+            rank = tl.where(hi == 0, r_lo, r_hi)
+            if (rank > 0) & ((hi == 1) | (tl.sum(allowed.to(tl.int32)) >= r_lo)):
+                c, _ = _kth(keys, allowed, rank, tl.zeros((), tl.uint32), 32)
+                bound = c.to(tl.int64)
+        tl.store(bounds_ptr + 2 * row + hi, bound)
 
     @triton.jit
     def _partition_kernel(x_ptr, stride_x, n, k, bounds_ptr, counts_ptr, out_ptr, cand_ptr,

@@ -92,6 +92,23 @@ def test_triton_forward_matches_ref(h):
     assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
 
 
+@pytest.mark.parametrize("growth", [0.5, 6.0])  # per block of 16 keys, in score units
+def test_triton_forward_when_the_max_grows_across_blocks(growth):
+    """Lazy rescaling: later key blocks score higher by `growth` each, so the running max moves by
+    less than the threshold (no rescale, p up to 2^8) or by more (rescale); both stay exact."""
+    q, kv, idx, _ = make(h=24, p_invalid=0.0, **SMALL)
+    idx[1] = torch.arange(40, dtype=torch.int32)
+    q = (q.float() / q.float().norm(dim=-1, keepdim=True)).half()         # |q| = 1 per head
+    ramp = torch.arange(64, device=kv.device).div(16, rounding_mode="floor") * growth
+    kv = (kv.float() / kv.float().norm(dim=-1, keepdim=True)).half()
+    kv[:, :64] += ramp[:, None].half() * q[0, 0, :64].float().sign().half()  # score ~ ramp . |q_lat|_1
+    idx = idx.sort(-1).values                                             # blocks visit keys in order
+    out, lse = sparse_mla_fwd(q, kv, idx, 1.0, d_v=64)
+    want, want_lse = sparse_mla_fwd_ref(q, kv, idx, 1.0, d_v=64)
+    close(out, want, 1e-2)
+    torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=1e-3)
+
+
 def test_triton_backward_matches_ref():
     q, kv, idx, scale = make(h=24, **SMALL)
     out, lse = sparse_mla_fwd_ref(q, kv, idx, scale, d_v=64)
