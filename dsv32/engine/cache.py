@@ -1,11 +1,12 @@
 """The paged cache: blocks of 64 tokens holding, per layer, the MLA latent + rope key and the
 indexer key; a block manager with prefix caching by block hash.
 
-Two layouts per token [kernel-anchors §2.1, §3]:
-  bf16: latent [kv_lora_rank] + rope key [qk_rope_head_dim] + indexer key [index_head_dim]
+Two layouts [kernel-anchors §2.1, §2.2, §3]:
+  bf16: per token latent [kv_lora_rank] + rope key [qk_rope_head_dim] + indexer key [index_head_dim]
         (a converted Llama-family model stores its keys and values in the first two);
-  fp8:  MLA 656 bytes = 512 e4m3 + 4 fp32 scales (one per 128) + 64 bf16 rope dims;
-        indexer 132 bytes = 128 e4m3 + 1 fp32 scale.
+  fp8:  MLA rows of 656 bytes per token = 512 e4m3 + 4 fp32 scales (one per 128) + 64 bf16 rope
+        dims; indexer pages, DeepGEMM's layout: per block, block_size keys of 128 e4m3 bytes,
+        then their block_size fp32 scales (132 bytes per token; keys 16-byte aligned).
 Reads dequantise to the model's dtype (the plain-torch path). Decode steps of a V3.2 model read
 the bytes directly instead: `paged_view` hands one layer's raw rows and the block tables to the
 paged DSA kernels (indexer logits, sparse MLA decode), so no [B, T] copy of the cache is made.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv32.config import ModelConfig
+from dsv32.kernels.indexer import fp8_pages
 from dsv32.model.fp8 import FP8, FP8_MAX
 
 
@@ -43,7 +45,7 @@ class PagedView:
     """One layer of the paged cache as the decode kernels read it (global slot = block * block_size
     + offset)."""
     kv: torch.Tensor           # [num_slots, C + R] bf16, or [num_slots, 656] uint8 (FP8)
-    ik: torch.Tensor           # [num_slots, Di] bf16, or [num_slots, Di + 4] uint8 (FP8)
+    ik: torch.Tensor           # [num_slots, Di] bf16, or FP8 pages [num_blocks, block_size * (Di + 4)] uint8
     block_table: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor     # [B] int32, this step's tokens included
     gather: torch.Tensor       # [B, T] global slot of each position
@@ -51,7 +53,8 @@ class PagedView:
 
 
 class PagedCache:
-    """Per-layer block storage [num_blocks * block_size, bytes-or-dims], used by the model through
+    """Per-layer block storage, rows [num_blocks * block_size, bytes-or-dims] (FP8 indexer keys:
+    pages [num_blocks, block_size * (Di + 4)] bytes), used by the model through
     `update` (or `write` + `paged_view` in decode steps) after `prepare` has mapped this step's
     tokens to slots. paged_decode=False keeps every step on the gathering path (the reference)."""
 
@@ -59,14 +62,14 @@ class PagedCache:
                  dtype=torch.bfloat16, device="cpu", paged_decode: bool = True):
         self.cfg, self.num_blocks, self.block_size, self.fp8, self.dtype = cfg, num_blocks, block_size, fp8, dtype
         c, r, di = cfg.cache_widths
-        self.kv_group, self.ik_group = min(128, c), di
+        self.kv_group = min(128, c)
         n, layers = num_blocks * block_size, cfg.num_hidden_layers
         if fp8 and not hasattr(cfg, "kv_lora_rank"):
             raise ValueError("the FP8 cache layouts are DeepSeek's, for MLA latents; this model has none")
         if fp8:
             kv_bytes = c + 4 * (c // self.kv_group) + 2 * r  # 656 for V3.2
             self.kv = torch.zeros(layers, n, kv_bytes, dtype=torch.uint8, device=device)
-            self.ik = torch.zeros(layers, n, di + 4, dtype=torch.uint8, device=device)  # 132
+            self.ik = torch.zeros(layers, num_blocks, block_size * (di + 4), dtype=torch.uint8, device=device)
         else:
             self.kv = torch.zeros(layers, n, c + r, dtype=dtype, device=device)
             self.ik = torch.zeros(layers, n, di, dtype=dtype, device=device)
@@ -78,7 +81,9 @@ class PagedCache:
         self.decode_shaped = False
 
     def bytes_per_token(self) -> int:
-        return (self.kv[0, 0].numel() * self.kv.element_size() + self.ik[0, 0].numel() * self.ik.element_size())
+        """Of one layer: 656 + 132 for V3.2 in FP8."""
+        return (self.kv[0].numel() * self.kv.element_size() + self.ik[0].numel() * self.ik.element_size()) \
+            // (self.num_blocks * self.block_size)
 
     def prepare(self, block_tables: list[list[int]], positions: torch.Tensor) -> None:
         """Map this step's tokens (positions [B, S]) to slots, and each sequence's positions
@@ -106,7 +111,12 @@ class PagedCache:
         if self.fp8:
             pe_bytes = pe.reshape(-1, pe.shape[-1]).to(torch.bfloat16).contiguous().view(torch.uint8)
             self.kv[layer][slots] = torch.cat([_quant_rows(kv.reshape(-1, c), self.kv_group), pe_bytes], -1)
-            self.ik[layer][slots] = _quant_rows(ik.reshape(-1, ik.shape[-1]), self.ik_group)
+            di = ik.shape[-1]
+            rows = _quant_rows(ik.reshape(-1, di), di)                                  # [N, Di + 4]
+            keys, scales = fp8_pages(self.ik[layer], di, self.block_size)
+            block, off = slots // self.block_size, slots % self.block_size
+            keys[block, off] = rows[:, :di]
+            scales[block, off] = rows[:, di:].contiguous().view(torch.float32)[:, 0]
         else:
             self.kv[layer][slots] = torch.cat([kv, pe], -1).reshape(len(slots), -1).to(self.dtype)
             self.ik[layer][slots] = ik.reshape(len(slots), -1).to(self.dtype)
@@ -128,7 +138,9 @@ class PagedCache:
             split = c + 4 * (c // self.kv_group)
             kv_all = _dequant_rows(rows[..., :split], c, self.kv_group, self.dtype)
             pe_all = rows[..., split:].contiguous().view(torch.bfloat16).to(self.dtype)
-            ik_all = _dequant_rows(self.ik[layer][self.gather], ik.shape[-1], self.ik_group, self.dtype)
+            keys, scales = fp8_pages(self.ik[layer], ik.shape[-1], self.block_size)
+            block, off = self.gather // self.block_size, self.gather % self.block_size    # [B, T]
+            ik_all = (keys[block, off].view(FP8).float() * scales[block, off][..., None]).to(self.dtype)
             return kv_all, pe_all, ik_all
         both = self.kv[layer][self.gather]
         return both[..., :c], both[..., c:], self.ik[layer][self.gather]

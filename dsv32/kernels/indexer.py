@@ -6,8 +6,11 @@ scores [.., H, T] never exist:
 `indexer_logits` is the prefill op: every query of a sequence against all of its keys, -inf at
 keys t >= k_end[b, s] (causality). `indexer_logits_paged` is the decode op: n in {1, 2} new
 queries per sequence against the paged indexer cache of dsv32/engine/cache.py, either bf16 rows
-[num_slots, D] or FP8 rows [num_slots, D + 4] uint8 (D e4m3 bytes, then one fp32 scale): 132 B
-per token at D = 128, the bytes that bound decode at long context (kernel-anchors §3).
+[num_slots, D] (slot = block * PAGE + offset) or FP8 pages [num_blocks, PAGE * (D + 4)] uint8,
+DeepGEMM's and vLLM's layout: a page's PAGE keys of D e4m3 bytes each, then their PAGE fp32
+scales. 132 B per token at D = 128, the bytes that bound decode at long context (kernel-anchors
+§2.2, §3); keeping the scales apart starts every key at a multiple of D bytes, so the kernel
+loads keys in 16-byte vectors (132-byte interleaved rows allowed only 4-byte loads).
 
 FP8 inputs run the dot on the raw e4m3 values (Hopper's FP8 tensor cores). The scales are
 positive, so relu(d * qs * ks) * w = relu(d) * (w * qs) * ks: w absorbs the query scale before
@@ -52,22 +55,30 @@ def indexer_logits_ref(q, k, w, q_scale=None, k_scale=None, k_end=None) -> torch
     return out
 
 
+def fp8_pages(cache, d: int, block_size: int = 64):
+    """An FP8 paged indexer cache [num_blocks, block_size * (d + 4)] uint8 as views of its bytes:
+    (keys [num_blocks, block_size, d] uint8 e4m3 bits, scales [num_blocks, block_size] fp32)."""
+    keys = cache[:, :block_size * d].unflatten(1, (block_size, d))
+    return keys, cache[:, block_size * d:].view(torch.float32)
+
+
 def gather_paged(cache, block_table, d: int, block_size: int = 64):
     """The keys of every position 0..max_len-1 of each sequence: ([B, max_len, D] fp32 or the
     cache dtype, k_scale [B, max_len] fp32 or None). Blocks past a sequence's end read block 0."""
     max_len = block_table.shape[1] * block_size
     t = torch.arange(max_len, device=cache.device)
-    blocks = block_table.long().clamp(0, cache.shape[0] // block_size - 1)
-    rows = cache[blocks[:, t // block_size] * block_size + t % block_size]  # [B, max_len, width]
     if cache.dtype != torch.uint8:
-        return rows, None
-    return rows[..., :d].contiguous().view(FP8).float(), rows[..., d:].contiguous().view(torch.float32)[..., 0]
+        blocks = block_table.long().clamp(0, cache.shape[0] // block_size - 1)
+        return cache[blocks[:, t // block_size] * block_size + t % block_size], None  # [B, max_len, D]
+    blocks = block_table.long().clamp(0, cache.shape[0] - 1)[:, t // block_size]  # [B, max_len]
+    keys, scales = fp8_pages(cache, d, block_size)
+    return keys[blocks, t % block_size].view(FP8).float(), scales[blocks, t % block_size]
 
 
 def indexer_logits_paged_ref(q, w, cache, block_table, seq_lens, q_scale=None, block_size=64):
-    """q: [B, n, H, D], w: [B, n, H], cache: [num_slots, D] or FP8 [num_slots, D + 4] uint8,
-    block_table: [B, max_blocks] int32, seq_lens: [B] (the n new tokens included) ->
-    [B, n, max_blocks * block_size] fp32; query j sees keys t < seq_len - n + 1 + j."""
+    """q: [B, n, H, D], w: [B, n, H], cache: [num_slots, D] or FP8 pages [num_blocks,
+    block_size * (D + 4)] uint8, block_table: [B, max_blocks] int32, seq_lens: [B] (the n new
+    tokens included) -> [B, n, max_blocks * block_size] fp32; query j sees keys t < seq_len - n + 1 + j."""
     n = q.shape[1]
     k, k_scale = gather_paged(cache, block_table, q.shape[-1], block_size)
     k_end = seq_lens.long()[:, None] - n + 1 + torch.arange(n, device=q.device)
@@ -118,10 +129,13 @@ def indexer_logits_paged(q, w, cache, block_table, seq_lens, q_scale=None, block
     _check("q_scale", q_scale, (b, n, h), (torch.float32,))
     if (q.dtype == FP8) != (q_scale is not None):
         raise ValueError("q_scale goes with a float8_e4m3fn q, and only with it")
-    width = d + 4 if cache.dtype == torch.uint8 else d
-    if cache.dim() != 2 or cache.shape[1] != width or cache.dtype not in _DTYPES[:3] + (torch.uint8,):
-        raise ValueError(f"cache must be [num_slots, {d}] bf16/fp16/fp32 or [num_slots, {d + 4}] "
-                         f"uint8 (FP8 rows), got {tuple(cache.shape)} {cache.dtype}")
+    width = block_size * (d + 4) if cache.dtype == torch.uint8 else d
+    if cache.dim() != 2 or cache.shape[1] != width or cache.dtype not in _DTYPES[:3] + (torch.uint8,) \
+            or cache.stride(1) != 1:
+        raise ValueError(f"cache must be [num_slots, {d}] bf16/fp16/fp32 rows or [num_blocks, "
+                         f"{block_size} * ({d} + 4)] uint8 FP8 pages ({block_size} x {d} e4m3 bytes, "
+                         f"then {block_size} fp32 scales), each row contiguous; got "
+                         f"{tuple(cache.shape)} {cache.dtype}")
     if block_table.dim() != 2 or block_table.shape[0] != b:
         raise ValueError(f"block_table must be [{b}, max_blocks], got {tuple(block_table.shape)}")
     _check("seq_lens", seq_lens, (b,), (torch.int32, torch.int64))
@@ -152,12 +166,14 @@ def _paged_configs():
             for bt, wp, st in [(64, 4, 3), (64, 4, 5), (128, 8, 4)]]
 
 
-def _row_align(keys: torch.Tensor) -> int:
-    """The alignment, in elements, that every cache row start has (the base is 16-byte aligned):
-    the largest power of two dividing the row stride in bytes, at most 16."""
-    stride = keys.stride(0) * keys.element_size()
-    align = min(16, stride & -stride) if stride else 16
-    return max(1, align // keys.element_size())
+def _row_align(element_size: int, *strides: int) -> int:
+    """The alignment, in elements, of every key row start block * page_stride + offset * row_stride
+    (the base is 16-byte aligned): the largest power of two dividing both strides in bytes, at most 16."""
+    align = 16
+    for stride in strides:
+        nbytes = stride * element_size
+        align = min(align, nbytes & -nbytes) if nbytes else align
+    return max(1, align // element_size)
 
 
 def _check_head_dim(d: int):
@@ -197,12 +213,18 @@ def indexer_logits_triton(q, k, w, q_scale=None, k_scale=None, k_end=None, *, co
 def indexer_logits_paged_triton(q, w, cache, block_table, seq_lens, q_scale=None, block_size=64, *,
                                 config=None):
     """config: a triton.Config to run instead of autotuning (tests)."""
+    _check_head_dim(q.shape[-1])
+    out, grid, args = _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size)
+    if out.numel():
+        _launch(_paged_kernel, _paged_tuned, grid, args, config)
+    return out
+
+
+def _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size):
+    """The output [B, n, max_len] and _paged_kernel's grid and arguments."""
     b, n, h, d = q.shape
-    _check_head_dim(d)
     max_len = block_table.shape[1] * block_size
     out = torch.empty(b, n, max_len, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out
     w = (w if q_scale is None else w * q_scale).float()
     hp = max(16, triton.next_power_of_2(h))  # heads are the MMA's N side: zero-weight padding
     if hp != h:
@@ -211,8 +233,12 @@ def indexer_logits_paged_triton(q, w, cache, block_table, seq_lens, q_scale=None
         w = torch.nn.functional.pad(w, (0, hp - h))
     q, w = q.contiguous(), w.contiguous()
     fp8_cache = cache.dtype == torch.uint8
-    keys = cache.view(FP8) if fp8_cache else cache
-    k_scale = cache.view(torch.float32)[:, d // 4] if fp8_cache else w  # [num_slots], stride (d+4)/4
+    if fp8_cache:  # pages: keys at block * page_stride + offset * D, scales [num_blocks, PAGE] apart
+        keys, page_stride, row_stride = cache.view(FP8), cache.stride(0), d
+        k_scale = fp8_pages(cache, d, block_size)[1]
+    else:          # rows: slot = block * PAGE + offset
+        keys, page_stride, row_stride = cache, block_size * cache.stride(0), cache.stride(0)
+        k_scale = w  # unread stand-in
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     # each program scans `span` tokens of one sequence: ~2 programs per SM when few sequences,
@@ -221,10 +247,9 @@ def indexer_logits_paged_triton(q, w, cache, block_table, seq_lens, q_scale=None
     span = 128 * max(1, min(16, b * tiles // (2 * _num_sms(q.device))))
     grid = (triton.cdiv(max_len, span), b)
     args = (q, w, keys, k_scale, table, lens, out, table.shape[1], max_len, span,
-            keys.stride(0), k_scale.stride(0), n, hp, d, block_size, _row_align(keys), fp8_cache,
-            _interpreted())
-    _launch(_paged_kernel, _paged_tuned, grid, args, config)
-    return out
+            page_stride, row_stride, k_scale.stride(0), n, hp, d, block_size,
+            _row_align(keys.element_size(), page_stride, row_stride), fp8_cache, _interpreted())
+    return out, grid, args
 
 
 if triton is not None:
@@ -287,12 +312,14 @@ if triton is not None:
 
     @triton.jit
     def _paged_kernel(q_ptr, w_ptr, cache_ptr, ks_ptr, table_ptr, lens_ptr, out_ptr,
-                      max_blocks, max_len, span, row_stride, ks_stride,
+                      max_blocks, max_len, span, page_stride, row_stride, ks_stride,
                       NQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                       ROW_ALIGN: tl.constexpr, HAS_KS: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK_T: tl.constexpr):
         """Tokens [span * pid, span * (pid + 1)) of sequence b, for its NQ queries; w has the
-        query scales folded in. Past seq_len nothing is read, -inf is written."""
+        query scales folded in. Past seq_len nothing is read, -inf is written. The key of token
+        (block, off) starts at block * page_stride + off * row_stride elements of cache_ptr, its
+        scale at block * ks_stride + off of ks_ptr."""
         b = tl.program_id(1)
         seq_len = tl.load(lens_ptr + b)
         hd = tl.arange(0, H)[:, None] * D + tl.arange(0, D)[None, :]
@@ -309,17 +336,17 @@ if triton is not None:
         for t0 in range(start, live, BLOCK_T):
             offs = t0 + tl.arange(0, BLOCK_T)
             ok = offs < seq_len
-            block = tl.load(table_ptr + b * max_blocks + offs // PAGE, mask=ok, other=0)
-            slot = block.to(tl.int64) * PAGE + offs % PAGE
-            # the true alignment of each row (Triton 3.6 otherwise infers 16 from block * PAGE,
-            # which 132-byte FP8 rows do not have)
-            row = tl.multiple_of(slot * row_stride, ROW_ALIGN)
+            block = tl.load(table_ptr + b * max_blocks + offs // PAGE, mask=ok, other=0).to(tl.int64)
+            off = offs % PAGE
+            # every key row starts ROW_ALIGN-aligned (16 bytes for bf16 rows, and for FP8 pages
+            # with PAGE % 4 == 0) and runs D contiguous elements: 16-byte vector loads
+            row = tl.multiple_of(block * page_stride + off * row_stride, ROW_ALIGN)
             kt = tl.load(cache_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             l0 = _head_sum(kt, q0, w0, UPCAST)
             if NQ == 2:
                 l1 = _head_sum(kt, q1, w1, UPCAST)
             if HAS_KS:
-                ks = tl.load(ks_ptr + slot * ks_stride, mask=ok, other=0.0)
+                ks = tl.load(ks_ptr + block * ks_stride + off, mask=ok, other=0.0)
                 l0 *= ks
                 if NQ == 2:
                     l1 *= ks

@@ -113,7 +113,7 @@ def test_fp8_cache_stays_close_to_bf16(tiny):
     assert 0 < kl.max() < 0.01
     # and the engine serves with it
     eng = Engine(tiny, EngineConfig(num_blocks=32, kv_cache_dtype="fp8"))
-    assert eng.cache.kv.shape[-1] == 32 + 4 * 1 + 2 * 8 and eng.cache.ik.shape[-1] == 16 + 4
+    assert eng.cache.kv.shape[-1] == 32 + 4 * 1 + 2 * 8 and eng.cache.ik.shape[-1] == 64 * (16 + 4)
     assert len(run_engine_once(eng, seq)) == 6
 
 
@@ -123,7 +123,8 @@ def run_engine_once(eng, prompt):
 
 def test_fp8_cache_byte_layout_of_the_real_model():
     c = PagedCache(preset("deepseek-v3.2").replace(num_hidden_layers=3), num_blocks=1, fp8=True, device="meta")
-    assert c.kv.shape[-1] == 656 and c.ik.shape[-1] == 132  # bytes per token, as DeepSeek serves
+    assert c.kv.shape[-1] == 656 and c.ik.shape[-1] == 64 * 132  # per token and per 64-token page
+    assert c.bytes_per_token() == 656 + 132                          # as DeepSeek serves
 
 
 def test_abort_frees_blocks(tiny):

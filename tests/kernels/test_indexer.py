@@ -2,14 +2,17 @@
 kernels against the references, prefill and paged decode. The small cases run under Triton's
 interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
 
+import re
+
 import pytest
 import torch
 
 from dsv32.config import preset
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
-from dsv32.kernels.indexer import (FP8, _paged_configs, _prefill_configs, indexer_logits, indexer_logits_paged, indexer_logits_paged_ref,
-                                   indexer_logits_paged_triton, indexer_logits_ref, indexer_logits_triton)
+from dsv32.kernels.indexer import (FP8, _paged_args, _paged_configs, _paged_kernel, _prefill_configs, indexer_logits,
+                                   indexer_logits_paged, indexer_logits_paged_ref, indexer_logits_paged_triton,
+                                   indexer_logits_ref, indexer_logits_triton)
 from dsv32.model.indexer import Indexer
 from dsv32.model.rope import apply_rope_half, rope_cos_sin
 
@@ -94,12 +97,20 @@ def test_prefill_kernel_mixed_dtypes():
     assert_logits_close(indexer_logits_triton(q, kb, w, qs, None), indexer_logits_ref(q, kb, w, qs, None))
 
 
+def fp8_page_cache(keys, bs):
+    """keys [num_slots, D] -> FP8 pages [num_slots / bs, bs * (D + 4)] uint8, laid out by hand:
+    each page's bs rows of D e4m3 bytes, then their bs fp32 scales."""
+    n, d = keys.shape
+    rows = _quant_rows(keys, d).view(n // bs, bs, d + 4)
+    return torch.cat([rows[..., :d].reshape(n // bs, bs * d), rows[..., d:].reshape(n // bs, bs * 4)], 1)
+
+
 def paged_setup(lens, h=4, d=32, n=2, bs=16, fp8_cache=True, fp8_q=False, max_blocks=6, garbage=True):
     """A shuffled block pool; table rows past a sequence's blocks hold out-of-range block ids."""
     b = len(lens)
     pool = b * max_blocks + 3
     keys = torch.randn(pool * bs, d)
-    cache = _quant_rows(keys, d) if fp8_cache else keys.bfloat16()
+    cache = fp8_page_cache(keys, bs) if fp8_cache else keys.bfloat16()
     table = torch.randperm(pool)[:b * max_blocks].view(b, max_blocks).int()
     if garbage:
         for i, L in enumerate(lens):
@@ -151,6 +162,45 @@ def test_paged_matches_the_engine_cache():
         assert_logits_close(got[..., :40], want, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_fp8_pages_as_the_engine_cache_writes_them():
+    """Byte for byte, PagedCache puts token (block, off)'s e4m3 key at block * PAGE * (D + 4) +
+    off * D and its fp32 scale (amax / 448) at block * PAGE * (D + 4) + PAGE * D + 4 * off; the
+    kernel reads those pages as the reference does, over a shuffled block table with partly filled
+    last pages, and both score the keys dequantised by hand."""
+    cfg = preset("tiny")
+    d, bs, nb = cfg.index_head_dim, 64, 8
+    c, r, _ = cfg.cache_widths
+    cache = PagedCache(cfg, nb, bs, fp8=True, dtype=torch.float32, device=DEV)
+    tables, lens = [[6, 1, 4], [3, 7]], [150, 70]
+    want = torch.zeros(nb * bs * (d + 4), dtype=torch.uint8)
+    hand = torch.zeros(2, 3 * bs, d)                                   # dequantised keys by position
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        ik = torch.randn(1, n, d)
+        pos = torch.arange(n, device=DEV)[None]
+        cache.prepare([table], pos)
+        cache.write(0, torch.randn(1, n, c, device=DEV), torch.randn(1, n, r, device=DEV), ik.to(DEV))
+        for p, key in enumerate(ik[0]):
+            scale = key.abs().amax() / 448
+            e4m3 = (key / scale).to(FP8)
+            hand[i, p] = e4m3.float() * scale
+            page, off = table[p // bs] * bs * (d + 4), p % bs
+            want[page + off * d:page + (off + 1) * d] = e4m3.view(torch.uint8)
+            want[page + bs * d + 4 * off:page + bs * d + 4 * (off + 1)] = scale.reshape(1).view(torch.uint8)
+    assert torch.equal(cache.ik[0].flatten().cpu(), want)
+    assert not cache.ik[1:].any()
+
+    q, w = torch.randn(2, 2, 4, d), torch.randn(2, 2, 4)
+    qs = (torch.rand(2, 2, 4) + 0.1).to(DEV)
+    q, w = q.to(FP8).to(DEV), w.to(DEV)
+    table = torch.tensor([[6, 1, 4], [3, 7, 10 ** 6]], dtype=torch.int32, device=DEV)
+    lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ref = indexer_logits_paged_ref(q, w, cache.ik[0], table, lens, qs, bs)  # [2, 2, 192]
+    end = lens[:, None] - 1 + torch.arange(2, device=DEV)
+    assert_logits_close(ref, indexer_logits_ref(q, hand.to(DEV), w, qs, k_end=end))
+    assert_logits_close(indexer_logits_paged_triton(q, w, cache.ik[0], table, lens, qs, bs), ref)
+
+
 def test_dispatch_and_errors():
     q, k, w, _, _ = inputs(1, 4, 8, 2, 16)
     assert torch.equal(indexer_logits(q, k, w), indexer_logits_ref(q, k, w))  # CPU: the reference
@@ -188,7 +238,7 @@ def test_gpu_paged_128k(fp8):
     b, n, h, d, bs = 2, 2, 64, 128, 64
     max_blocks = 131072 // bs
     keys = torch.randn(b * max_blocks * bs, d, device="cuda")
-    cache = _quant_rows(keys, d) if fp8 else keys.bfloat16()
+    cache = fp8_page_cache(keys, bs) if fp8 else keys.bfloat16()
     table = torch.randperm(b * max_blocks, device="cuda").view(b, max_blocks).int()
     lens = torch.tensor([131072, 70001], dtype=torch.int32, device="cuda")
     q, w = torch.randn(b, n, h, d, device="cuda"), torch.randn(b, n, h, device="cuda")
@@ -196,3 +246,18 @@ def test_gpu_paged_128k(fp8):
     q = q.to(FP8) if fp8 else q.bfloat16()
     got = indexer_logits_paged(q, w, cache, table, lens, qs, bs)
     assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs), 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _paged_configs(), ids=str)
+def test_gpu_paged_keys_arrive_in_16_byte_copies(config):
+    """What the page layout is for: compiled, the kernel copies the FP8 keys to shared memory in
+    16-byte cp.async (132-byte interleaved rows allowed only 4-byte ones, all of the copies); the
+    4-byte copies left are block ids and scales."""
+    q, w, cache, table, lens, qs, bs = paged_setup([100, 64], h=64, d=128, bs=64, max_blocks=2, fp8_q=True)
+    _, grid, args = _paged_args(q, w, cache, table, lens, qs, bs)
+    kernel = _paged_kernel.warmup(*args, grid=grid, **config.kwargs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+    sizes = [int(x, 0) for x in re.findall(r"cp\.async\.c[ag]\.shared\.global\S* \[[^\]]*\], \[[^\]]*\], "
+                                           r"(0x[0-9a-f]+|\d+)", kernel.asm["ptx"])]
+    assert sizes and sum(x for x in sizes if x == 16) >= 0.8 * sum(sizes), sorted(sizes)
