@@ -118,7 +118,8 @@ if has_triton():
         ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
         inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 1 / ulp: scaling by it is exact
         r = (tl.abs(v) * inv + 8388608.0) - 8388608.0         # + 2^23 - 2^23: round half to even
-        return tl.where(v < 0, -r, r) * ulp
+        sign = (v.to(tl.int32, bitcast=True) >> 31) << 31      # v's sign bit, kept for -0 too
+        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True) * ulp
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,

@@ -142,7 +142,10 @@ def test_paged_decode_on_cuda_small(fp8, s_q):
     are so close that the kernels' rounding flips selections: the logits then differ by ~20%, and
     a per-kernel sweep showed no single kernel responsible, so that case is not asserted.)"""
     torch.manual_seed(0)
-    model = Transformer(preset("small")).to(torch.bfloat16).cuda().eval()
+    # dense FFNs: in a random MoE, bf16 rounding differences flip expert routes and the logits of
+    # any two differently-rounded paths diverge by tens of percent (seen on the H100), which
+    # would hide what this test is about
+    model = Transformer(preset("small").replace(first_k_dense_replace=12)).to(torch.bfloat16).cuda().eval()
     lengths = [300, 700, 1500, 2100]
     pairs, dense = compare_steps(model, lengths, s_q, steps=2, fp8=fp8, block_size=64, device="cuda", backend="ref")
     assert rel_err(pairs[0][1], dense) > 1e-2

@@ -58,15 +58,16 @@ def test_act_quant_kernel_matches_reference_and_model_rule(dtype, pow2):
 
 
 def test_act_quant_rounds_to_nearest_even_by_hand():
-    vals = torch.tensor([448.0, 31.0, 17.0, 100.0, 68.0, 29.0, 31.5, -0.0029296875, 0.0009765625])
-    want = torch.tensor([448.0, 32.0, 16.0, 96.0, 64.0, 28.0, 32.0, -0.00390625, 0.0])  # e4m3, ties to even
+    vals = torch.tensor([448.0, 31.0, 17.0, 100.0, 68.0, 29.0, 31.5, -0.0029296875, 0.0009765625, -0.0003])
+    want = torch.tensor([448.0, 32.0, 16.0, 96.0, 64.0, 28.0, 32.0, -0.00390625, 0.0, -0.0])  # e4m3, ties to even
     x = torch.zeros(2, 128)
-    x[:, :9] = vals
+    x[:, :10] = vals
     for backend in ("ref", "triton"):
         with force(backend):
             q, s = K.act_quant(x)
         assert torch.equal(s, torch.ones(2, 1)), backend
-        assert torch.equal(q[:, :9].float(), want.expand(2, 9)), backend
+        assert torch.equal(q[:, :10].float(), want.expand(2, 10)), backend
+        assert q[:, 9].view(torch.uint8).eq(0x80).all(), backend  # a negative value rounding to 0 keeps its sign
 
 
 # ---- the GEMM
