@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dsv32.checkpoint import load_model, save_model
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
@@ -37,6 +38,10 @@ from dsv32.rl.rewards import RewardConfig, reward
 from dsv32.rl.rollout import rollout
 from dsv32.rl.tasks import Domain, TaskMix
 from dsv32.rl.trainer import STABILISERS, RLConfig, RLTrainer, build, plot_rl, warm_start
+from dsv32.tokenizer import Tokenizer
+
+
+EVAL_SAMPLES = 4  # sampled draws per held-out prompt
 
 
 def moe_config(tok, quick: bool):
@@ -53,17 +58,28 @@ def moe_config(tok, quick: bool):
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, mix: TaskMix, n: int, max_turns: int, max_new_tokens: int) -> dict:
-    """Greedy accuracy per domain on n held-out prompts (a fixed seed, never trained on)."""
+def held_out(model, tok, mix: TaskMix, n: int, cfg: RLConfig, samples: int) -> dict:
+    """On n fixed held-out prompts (never trained on), per domain: the greedy accuracy, and the
+    policy's expected reward as RL samples it (cfg's temperature and top-p, `samples` draws per
+    prompt, a fixed seed). The training reward changes prompts every step; this curve does not."""
     tasks = mix.sample(random.Random(12345), n)
-    eng = Engine(model, EngineConfig(max_num_seqs=n, num_blocks=n * 8 + 1, max_model_len=512), tok)
-    trajs = rollout(eng, tok, tasks, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), max_turns=max_turns)
+    rows = n * (1 + samples)
+    eng = Engine(model, EngineConfig(max_num_seqs=rows, num_blocks=rows * 8 + 1, max_model_len=512), tok)
+    greedy = rollout(eng, tok, tasks, SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens),
+                     max_turns=cfg.max_turns)
+    cuda = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
+    with torch.random.fork_rng(devices=cuda):  # the same draws at every evaluation, training's RNG untouched
+        torch.manual_seed(0)
+        sampled = rollout(eng, tok, [t for t in tasks for _ in range(samples)],
+                          SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens),
+                          max_turns=cfg.max_turns)
     model.train()
     out = {}
-    for dom in sorted({t.domain for t in tasks}):
-        rows = [reward(t.task, t.answer, t.text, t.n_sampled, 10**6, RewardConfig())["outcome"]
-                for t in trajs if t.task.domain == dom]
-        out[dom] = sum(rows) / len(rows)
+    for name, trajs in (("greedy", greedy), ("sampled", sampled)):
+        for dom in sorted({t.domain for t in tasks}):
+            hits = [reward(t.task, t.answer, t.text, t.n_sampled, 10**6, RewardConfig())["outcome"]
+                    for t in trajs if t.task.domain == dom]
+            out[f"{name}/{dom}"] = sum(hits) / len(hits)
     return out
 
 
@@ -80,49 +96,51 @@ def summarise(history: list[dict], k: int = 5) -> dict:
 
 
 def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_every: int, results: dict) -> list[dict]:
-    """RL steps with a greedy held-out evaluation every `eval_every` steps (a cleaner curve than the
-    sampled reward, whose prompts change every step)."""
+    """RL steps with a held-out evaluation (greedy accuracy and sampled reward) every `eval_every`
+    steps."""
     from tqdm import tqdm
 
     t0 = time.time()
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     tr = RLTrainer(replace(cfg, out=str(run_dir)), copy.deepcopy(model), tok, mix)
-    evals = [(0, greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens))]
+    evals = [(0, held_out(tr.policy, tok, mix, eval_n, cfg, EVAL_SAMPLES))]
     history = []
     with (run_dir / "metrics.jsonl").open("w") as f:
         for _ in tqdm(range(cfg.steps), desc=name, dynamic_ncols=True):
             m = tr.train_step()
             if tr.step % eval_every == 0 or tr.step == cfg.steps:
-                evals.append((tr.step, greedy_accuracy(tr.policy, tok, mix, eval_n, cfg.max_turns, cfg.max_new_tokens)))
+                evals.append((tr.step, held_out(tr.policy, tok, mix, eval_n, cfg, EVAL_SAMPLES)))
                 m.update({f"eval/{k}": v for k, v in evals[-1][1].items()})
             history.append(m)
             f.write(json.dumps(m) + "\n")
     plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
-    r = results["runs"][name] = {**summarise(history), "greedy_accuracy": evals, "wall_s": time.time() - t0,
+    r = results["runs"][name] = {**summarise(history), "held_out": evals, "wall_s": time.time() - t0,
                                  "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
-    print(f"[{name}] greedy accuracy {evals[0][1]} -> {evals[-1][1]}; sampled reward "
+    print(f"[{name}] held-out {evals[0][1]} -> {evals[-1][1]}; training reward "
           f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return history
 
 
 def plot_eval(results: dict, names: list[str], png: Path) -> None:
-    """Greedy held-out accuracy over RL steps, one line per run and domain."""
+    """Held-out sampled reward and greedy accuracy over RL steps, one line per run and domain."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in names:
-        evals = results["runs"][name]["greedy_accuracy"]
-        for dom in evals[0][1]:
-            ax.plot([s for s, _ in evals], [e[dom] for _, e in evals], marker="o", label=f"{name} {dom}")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("greedy accuracy (held-out)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("sampled", "greedy")):
+        for name in names:
+            evals = results["runs"][name]["held_out"]
+            for key in (k for k in evals[0][1] if k.startswith(kind)):
+                ax.plot([s for s, _ in evals], [e[key] for _, e in evals], marker="o",
+                        label=f"{name} {key.split('/', 1)[1]}")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(f"held-out {'reward, sampled as in RL' if kind == 'sampled' else 'greedy accuracy'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -161,6 +179,10 @@ def main():
     ap.add_argument("--smollm2", default=None, help="a converted SmolLM2 directory: also run RL on it")
     ap.add_argument("--lr", type=float, default=None, help="RL learning rate (default 5e-5; quick 3e-4)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per RL step (default 16; quick 4)")
+    ap.add_argument("--stages", nargs="+", default=["main", "mismatch", "ablation"],
+                    choices=["main", "mismatch", "ablation"], help="what to run after the warm start")
+    ap.add_argument("--from-sft", default=None,
+                    help="a warm-started model directory (written by an earlier run as OUT/sft_model): skip the SFT")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -177,33 +199,45 @@ def main():
                     sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
 
-    # 1-2: tokenizer, model, warm start
-    _, tok, mix, _ = build(base)
-    torch.manual_seed(0)
-    model = Transformer(moe_config(tok, q))
-    results["model"] = {"params": sum(p.numel() for p in model.parameters()), **model.cfg.to_hf()}
-    t0 = time.time()
-    sft = warm_start(model, tok, mix, base)
+    # 1-2: tokenizer, model, warm start (or a warm-started model from an earlier run)
     eval_n = 8 if q else 128
-    results["sft"] = {"steps": base.sft_steps, "lm_last": sft.get("lm"), "wall_s": time.time() - t0,
-                      "greedy_accuracy": greedy_accuracy(model, tok, mix, eval_n, base.max_turns, base.max_new_tokens)}
+    if args.from_sft:
+        model, tok = load_model(args.from_sft, dtype=torch.float32), Tokenizer.from_file(args.from_sft)
+        mix = TaskMix(base.domain_specs)
+        results["sft"] = {"from": Path(args.from_sft).name}
+    else:
+        _, tok, mix, _ = build(base)
+        torch.manual_seed(0)
+        model = Transformer(moe_config(tok, q))
+        t0 = time.time()
+        sft = warm_start(model, tok, mix, base)
+        results["sft"] = {"steps": base.sft_steps, "lm_last": sft.get("lm"), "wall_s": time.time() - t0}
+        save_model(model, out / "sft_model")
+        tok.tok.save(str(out / "sft_model" / "tokenizer.json"))
+    results["model"] = {"params": sum(p.numel() for p in model.parameters()), **model.cfg.to_hf()}
+    results["sft"]["held_out"] = held_out(model.to(device), tok, mix, eval_n, base, EVAL_SAMPLES)
     print(f"[sft] {json.dumps(results['sft'])}", flush=True)
 
     # 3: main run, mixed domains, all stabilisers on
     steps = args.steps or (4 if q else 40)
     eval_every = 2 if q else 10
-    rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
-    plot_eval(results, ["main"], out / "main_eval.png")
-
-    results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
-    print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
+    if "main" in args.stages:
+        rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
+        plot_eval(results, ["main"], out / "main_eval.png")
+    if "mismatch" in args.stages:
+        results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
+        print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
+    if "ablation" not in args.stages:
+        results["wall_s"] = time.time() - t_start
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
     abl_mix = TaskMix([Domain("arithmetic", beta=0.02)])
     abl = replace(base, domains=["arithmetic:0.02"], max_turns=1, minibatches=4, engine_dtype="bfloat16",
                   sampler_noise=0.01 if q else 0.005, lr=base.lr * 3)
     variants = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s in STABILISERS]
-    step_s = (results["runs"]["main"]["wall_s"] / max(1, steps))  # evaluations included
+    step_s = (results["runs"]["main"]["wall_s"] / max(1, steps)) if "main" in results["runs"] else 10.0
     left = args.budget_s - (time.time() - t_start) - (60 if args.smollm2 else 0)
     abl_steps = args.ablation_steps or (3 if q else max(5, min(60, int(left / (len(variants) * step_s * 1.1)))))
     results["ablation"] = {"steps": abl_steps, "conditions": {"minibatches": 4, "engine_dtype": "bfloat16",

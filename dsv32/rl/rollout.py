@@ -191,16 +191,19 @@ def pack(trajs: list[Trajectory], vocab: int, pad_id: int = 0, device=None) -> B
         logp_old[i, :n] = torch.tensor(t.logprobs)
         kept += [k for k, a in zip(t.kept, t.action) if a]
     experts = None
-    recorded = [t.experts is not None for t in trajs]
-    if any(recorded) and not all(recorded):  # never drop Keep Routing silently for a whole batch
+    # a trajectory that sampled nothing (its prompt filled the context) carries no loss and needs no routes
+    recorded = [t.experts is not None or not any(t.action) for t in trajs]
+    if not all(recorded) and any(t.experts is not None for t in trajs):  # never drop Keep Routing silently
         raise ValueError(f"trajectory {recorded.index(False)} has no recorded expert routes while others do")
-    if all(recorded):
-        layers, k = trajs[0].experts.shape[1:]
+    routed = [t for t in trajs if t.experts is not None]
+    if routed and all(recorded):
+        layers, k = routed[0].experts.shape[1:]
         # padding positions route to experts 0..k-1: their outputs are never read
         e = torch.arange(k, dtype=torch.long).expand(b, s, layers, k).clone()
         for i, t in enumerate(trajs):
-            n = min(len(t.experts), s)
-            e[i, :n] = t.experts[:n].long()
+            if t.experts is not None:
+                n = min(len(t.experts), s)
+                e[i, :n] = t.experts[:n].long()
         experts = [e[:, :, layer].reshape(b * s, k).to(device) for layer in range(layers)]
     return Batch(tok[:, :-1].to(device), tok[:, 1:].to(device), action[:, 1:].to(device),
                  logp_old[:, 1:].to(device), kept_mask(kept, vocab, device), experts)

@@ -194,6 +194,10 @@ class RLTrainer:
                         max_turns=cfg.max_turns)
         scores = [reward(t.task, t.answer, t.text, t.n_sampled, cfg.max_new_tokens * cfg.max_turns, self.rcfg, self.rm)
                   for t in trajs]
+        too_long = sum(t.turns == 0 for t in trajs)
+        if too_long:
+            log.warning("%d of %d prompts do not fit max_len=%d: they sample nothing and score as failures",
+                        too_long, len(trajs), cfg.max_len)
         rewards = torch.tensor([s["reward"] for s in scores])
         groups = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
         return trajs, scores, objective.group_advantages(rewards, groups)

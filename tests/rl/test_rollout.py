@@ -170,3 +170,18 @@ def test_a_converted_llama_family_model_rolls_out_and_replays(tok):
     assert all(t.experts is None for t in trajs)
     lp, old = replay(llama, trajs)
     assert (lp - old).abs().max() < 1e-5
+
+
+def test_a_prompt_longer_than_the_context_samples_nothing_and_still_packs(model, tok):
+    """A tool prompt that fills the engine's context gets no turn and no routes; the batch it lands
+    in still packs with Keep Routing for the others, and it carries no loss."""
+    rng = random.Random(3)
+    short, long = arithmetic_task(rng), arithmetic_task(rng, tool=True)
+    eng = Engine(model, EngineConfig(num_blocks=64, max_num_seqs=8, max_model_len=len(tok.apply_chat_template(
+        long.messages, thinking_mode=long.thinking_mode)) - 1))
+    trajs = rollout(eng, tok, [short, long], PARAMS)
+    assert trajs[0].experts is not None and trajs[0].n_sampled > 0
+    assert trajs[1].experts is None and trajs[1].turns == 0 and trajs[1].finish_reason == "length"
+    got, want = replay(model, trajs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)          # the sampled one replays exactly
+    assert not pack(trajs, model.cfg.vocab_size, 0).action[1].any()
