@@ -37,9 +37,15 @@ from dsv32.model import Transformer
 from dsv32.rl.rewards import RewardConfig, reward
 from dsv32.rl.rollout import rollout
 from dsv32.rl.tasks import Domain, TaskMix
-from dsv32.rl.trainer import STABILISERS, RLConfig, RLTrainer, build, plot_rl, warm_start
+from dsv32.rl.trainer import (
+    STABILISERS,
+    RLConfig,
+    RLTrainer,
+    build,
+    plot_rl,
+    warm_start,
+)
 from dsv32.tokenizer import Tokenizer
-
 
 EVAL_SAMPLES = 4  # sampled draws per held-out prompt
 
@@ -168,37 +174,9 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/rl_arithmetic")
-    ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: CPU in about a minute")
-    ap.add_argument("--budget-s", type=float, default=450, help="wall clock for everything (ablation steps adapt)")
-    ap.add_argument("--sft-steps", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="main run RL steps")
-    ap.add_argument("--ablation-steps", type=int, default=None, help="default: what the remaining budget allows")
-    ap.add_argument("--smollm2", default=None, help="a converted SmolLM2 directory: also run RL on it")
-    ap.add_argument("--lr", type=float, default=None, help="RL learning rate (default 5e-5; quick 3e-4)")
-    ap.add_argument("--prompts", type=int, default=None, help="prompts per RL step (default 16; quick 4)")
-    ap.add_argument("--stages", nargs="+", default=["main", "mismatch", "ablation"],
-                    choices=["main", "mismatch", "ablation"], help="what to run after the warm start")
-    ap.add_argument("--from-sft", default=None,
-                    help="a warm-started model directory (written by an earlier run as OUT/sft_model): skip the SFT")
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args()
-    t_start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_start: float) -> None:
+    """The small MoE of ours: warm start, mixed-domain main run, bf16 mismatch, ablation."""
     q = args.quick
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        torch.set_num_threads(1)  # the per-expert loop's small ops are slower threaded
-    base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
-                    prompts_per_step=args.prompts or (4 if q else 16), group_size=4 if q else 8, minibatches=2,
-                    max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
-                    lr=args.lr or (3e-4 if q else 5e-5), clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
-                    sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
-
     # 1-2: tokenizer, model, warm start (or a warm-started model from an earlier run)
     eval_n = 8 if q else 128
     if args.from_sft:
@@ -228,8 +206,6 @@ def main():
         results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
         print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
     if "ablation" not in args.stages:
-        results["wall_s"] = time.time() - t_start
-        (out / "results.json").write_text(json.dumps(results, indent=1))
         return
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
@@ -238,7 +214,7 @@ def main():
                   sampler_noise=0.01 if q else 0.005, lr=base.lr * 3)
     variants = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s in STABILISERS]
     step_s = (results["runs"]["main"]["wall_s"] / max(1, steps)) if "main" in results["runs"] else 10.0
-    left = args.budget_s - (time.time() - t_start) - (60 if args.smollm2 else 0)
+    left = args.budget_s - (time.time() - t_start)
     abl_steps = args.ablation_steps or (3 if q else max(5, min(60, int(left / (len(variants) * step_s * 1.1)))))
     results["ablation"] = {"steps": abl_steps, "conditions": {"minibatches": 4, "engine_dtype": "bfloat16",
                                                               "sampler_noise": abl.sampler_noise, "lr": abl.lr, "beta": 0.02}}
@@ -250,15 +226,63 @@ def main():
     plot_rl(files, out / "ablation.png", labels=[n for n, _ in variants])
     plot_eval(results, [f"ablation/{n}" for n, _ in variants], out / "ablation_eval.png")
 
-    # 5: optional SmolLM2 (plain prompt format: its vocabulary has no V3.2 chat tokens, so no tools)
-    if args.smollm2:
-        sm_cfg = replace(base, model=args.smollm2, domains=["arithmetic:0"], max_turns=1, lr=2e-6,
-                         sft_steps=0 if q else 100, sft_lr=5e-5, sft_batch_size=32, prompts_per_step=8,
-                         out=str(out / "smollm2"))
-        sm_model, sm_tok, sm_mix, _ = build(sm_cfg)
-        if sm_cfg.sft_steps:
-            warm_start(sm_model, sm_tok, sm_mix, sm_cfg)
-        rl_run("smollm2", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every, results)
+
+def smollm2_stage(args, base: RLConfig, out: Path, results: dict, device: str) -> None:
+    """SmolLM2-135M-Instruct converted to DSA (plain prompt format: its vocabulary has no V3.2 chat
+    tokens, so arithmetic without tools), a short SFT on the reference solutions, then RL."""
+    q = args.quick
+    steps, eval_n, eval_every = args.steps or (4 if q else 40), 8 if q else 128, 2 if q else 10
+    sm_cfg = replace(base, model=args.smollm2, domains=["arithmetic:0"], max_turns=1, lr=args.smollm2_lr,
+                     sft_steps=0 if q else args.smollm2_sft_steps, sft_lr=5e-5, sft_batch_size=32,
+                     prompts_per_step=args.prompts or 8, out=str(out / "smollm2"))
+    sm_model, sm_tok, sm_mix, _ = build(sm_cfg)
+    if sm_cfg.sft_steps:
+        warm_start(sm_model, sm_tok, sm_mix, sm_cfg)
+    rl_run("smollm2", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every,
+           results)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/rl_arithmetic")
+    ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: CPU in about a minute")
+    ap.add_argument("--budget-s", type=float, default=450, help="wall clock for everything (ablation steps adapt)")
+    ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="main run RL steps")
+    ap.add_argument("--ablation-steps", type=int, default=None, help="default: what the remaining budget allows")
+    ap.add_argument("--smollm2", default=None, help="a converted SmolLM2 directory (`dsv32 convert smollm2`), "
+                    "for the smollm2 stage")
+    ap.add_argument("--smollm2-lr", type=float, default=2e-6)
+    ap.add_argument("--smollm2-sft-steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=None, help="RL learning rate (default 5e-5; quick 3e-4)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per RL step (default 16; quick 4)")
+    ap.add_argument("--stages", nargs="+", default=["main", "mismatch", "ablation"],
+                    choices=["main", "mismatch", "ablation", "smollm2"],
+                    help="main, mismatch, ablation: the small MoE of ours; smollm2: SmolLM2-135M (needs --smollm2)")
+    ap.add_argument("--from-sft", default=None,
+                    help="a warm-started model directory (written by an earlier run as OUT/sft_model): skip the SFT")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    if "smollm2" in args.stages and not args.smollm2:
+        ap.error("the smollm2 stage needs --smollm2 DIR (a converted SmolLM2: dsv32 convert smollm2 --out DIR)")
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    q = args.quick
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(1)  # the per-expert loop's small ops are slower threaded
+    base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
+                    prompts_per_step=args.prompts or (4 if q else 16), group_size=4 if q else 8, minibatches=2,
+                    max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
+                    lr=args.lr or (3e-4 if q else 5e-5), clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
+                    sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
+
+    if set(args.stages) - {"smollm2"}:
+        moe_stages(args, base, out, results, device, t_start)
+    if "smollm2" in args.stages:
+        smollm2_stage(args, base, out, results, device)
 
     results["wall_s"] = time.time() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1))

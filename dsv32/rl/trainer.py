@@ -217,7 +217,7 @@ class RLTrainer:
             idx = [g * cfg.group_size + j for g in order[k * per:(k + 1) * per] for j in range(cfg.group_size)]
             stats = self.minibatch_step([trajs[i] for i in idx], adv[idx], beta[idx])
             if k == 0:
-                m["mismatch"] = stats["mismatch"]  # before any update: engine vs trainer only
+                m["mismatch"] = stats.get("mismatch", float("nan"))  # before any update: engine vs trainer only
             for key, v in stats.items():
                 sums[key] = sums.get(key, 0.0) + v / cfg.minibatches
         self.sync()
@@ -229,6 +229,13 @@ class RLTrainer:
 
     def minibatch_step(self, trajs, adv: torch.Tensor, beta: torch.Tensor) -> dict:
         cfg = self.cfg
+        # a trajectory that sampled nothing (its prompt filled the context) scores and counts in its
+        # group, but has no token to replay: keep it out of the forward, and its zero in the mean
+        live = [i for i, t in enumerate(trajs) if t.n_sampled]
+        if not live:
+            return {"loss": 0.0, "skipped": 1.0}
+        share = len(live) / len(trajs)
+        trajs, adv, beta = [trajs[i] for i in live], adv[live], beta[live]
         batch = pack(trajs, self.policy.cfg.vocab_size, self.tokenizer.eos_id, self.device)
         replay = dict(temperature=cfg.temperature, keep_routing=cfg.keep_routing,
                       keep_sampling_mask=cfg.keep_sampling_mask, autocast=self.autocast)
@@ -238,6 +245,7 @@ class RLTrainer:
         loss, stats = objective.grpo_loss(logp, batch.logp_old, adv.to(self.device), batch.action, logp_ref,
                                           beta.to(self.device), cfg.clip_eps,
                                           cfg.mask_delta if cfg.off_policy_masking else None, cfg.unbiased_kl)
+        loss = loss * share
         self.opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()

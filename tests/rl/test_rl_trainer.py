@@ -88,3 +88,18 @@ def test_config_errors(tmp_path):
         small_cfg(tmp_path, group_size=1)
     with pytest.raises(ValueError, match="engine_dtype"):
         small_cfg(tmp_path, engine_dtype="fp8")
+
+
+def test_a_trajectory_that_sampled_nothing_stays_out_of_the_forward(built, tmp_path):
+    """A prompt that filled the context (longer even than the model's positions) sampled nothing:
+    it counts as a zero in its group's mean but is never replayed, so the step does not fail."""
+    import dataclasses
+
+    trajs, _, _ = trainer(built, tmp_path).collect()
+    n = trainer(built, tmp_path).policy.cfg.max_position_embeddings + 10
+    dead = dataclasses.replace(trajs[0], tokens=[1] * n, action=[False] * n, logprobs=[0.0] * n, kept=[None] * n,
+                               experts=None, turns=0)
+    with_dead = trainer(built, tmp_path).minibatch_step(trajs[:2] + [dead], torch.tensor([1.0, 0.5, 0.0]), torch.zeros(3))
+    live_only = trainer(built, tmp_path).minibatch_step(trajs[:2], torch.tensor([1.0, 0.5]), torch.zeros(2))
+    assert live_only["loss"] == pytest.approx(-0.75, rel=1e-5)                # on-policy: -mean(A)
+    assert with_dead["loss"] == pytest.approx(live_only["loss"] * 2 / 3, rel=1e-5)
