@@ -120,6 +120,7 @@ def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_ev
                 m.update({f"eval/{k}": v for k, v in evals[-1][1].items()})
             history.append(m)
             f.write(json.dumps(m) + "\n")
+            f.flush()  # a run cut short keeps every finished step
     plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     r = results["runs"][name] = {**summarise(history), "held_out": evals, "wall_s": time.time() - t0,
                                  "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
