@@ -13,10 +13,13 @@ gathering path (`dsa_gathered`), which is what the paged kernels replace.
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.kernel_cases import kernel_times
 from dsv32.config import preset
