@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.kernel_cases import kernel_times  # noqa: E402
+from bench.kernel_cases import kernel_times
 
 
 def sparse_prefill():
@@ -41,7 +41,12 @@ def _flashmla_prefill(q, kv, idx):
 
 
 def sparse_decode():
-    from bench.kernel_cases.sparse_decode import SCALE, build_caches, flashmla_calls, make_inputs
+    from bench.kernel_cases.sparse_decode import (
+        SCALE,
+        build_caches,
+        flashmla_calls,
+        make_inputs,
+    )
     from dsv32.kernels.sparse_mla_decode import sparse_mla_decode_triton
 
     cache = build_caches(64 * 32768)["fp8"]
@@ -66,19 +71,8 @@ def topk():
     for r in (1, 8, 4096):
         x = torch.randn(r, 131072, device="cuda", generator=g)
         cases[f"rows={r}"] = lambda x=x: tk.topk(x, 2048)
-        cases[f"rows={r} select_warps=16"] = lambda x=x: _with(tk, "SELECT_WARPS", 16, tk.topk, x, 2048)
         cases[f"rows={r} torch.topk"] = lambda x=x: torch.topk(x, 2048, dim=-1)
     return cases
-
-
-def _with(module, name, value, fn, *args):
-    """fn(*args) with module.name = value (a variant of a kernel's launch setting)."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        return fn(*args)
-    finally:
-        setattr(module, name, old)
 
 
 def layer_decode():

@@ -194,21 +194,31 @@ if has_triton():
                        float("-inf"))
         tl.store(LSE + t * H + heads, lse, mask=h_ok)
 
-    @triton.autotune(configs=_DQ_CONFIGS, key=["H", "TOPK", "D_V", "D_PE"])
     @triton.jit
-    def _dq_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, scale, scale_log2, H, TOPK,
-                   stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh,
-                   D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+    def _bwd_rows(Q, DO, LSE, DELTA, H, stride_qt, stride_qh, stride_dot, stride_doh,
+                  D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr):
+        """What both backward kernels read once per program (one token x BLOCK_H heads): the token
+        t, the heads and their mask, q's latent [BH, D_V] and rope [BH, D_PE] parts, dO [BH, D_V],
+        lse in log2 units and delta = rowsum(dO O) [BH]."""
         n_hb = tl.cdiv(H, BLOCK_H)
         t = (tl.program_id(0) // n_hb).to(tl.int64)
         heads = (tl.program_id(0) % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = heads < H
         q_lat = _load_heads(Q, t, heads, h_ok, stride_qt, stride_qh, 0, D_V)
         q_pe = _load_heads(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_PE)
-        do = _load_heads(DO, t, heads, h_ok, stride_dot, stride_doh, 0, D_V)       # [BH, D_V]
+        do = _load_heads(DO, t, heads, h_ok, stride_dot, stride_doh, 0, D_V)
         lse2 = tl.load(LSE + t * H + heads, mask=h_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + t * H + heads, mask=h_ok, other=0.0)
+        return t, heads, h_ok, q_lat, q_pe, do, lse2, delta
+
+    @triton.autotune(configs=_DQ_CONFIGS, key=["H", "TOPK", "D_V", "D_PE"])
+    @triton.jit
+    def _dq_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, scale, scale_log2, H, TOPK,
+                   stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh,
+                   D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        t, heads, h_ok, q_lat, q_pe, do, lse2, delta = _bwd_rows(
+            Q, DO, LSE, DELTA, H, stride_qt, stride_qh, stride_dot, stride_doh, D_V, D_PE, BLOCK_H)
         dq_lat = tl.zeros([BLOCK_H, D_V], tl.float32)
         dq_pe = tl.zeros([BLOCK_H, D_PE], tl.float32)
         for k0 in range(0, TOPK, BLOCK_K):
@@ -234,15 +244,8 @@ if has_triton():
                     D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_K: tl.constexpr):
         """Keys as M: everything here is the transpose of the dq kernel's [heads, keys] tiles."""
-        n_hb = tl.cdiv(H, BLOCK_H)
-        t = (tl.program_id(0) // n_hb).to(tl.int64)
-        heads = (tl.program_id(0) % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
-        h_ok = heads < H
-        q_lat = _load_heads(Q, t, heads, h_ok, stride_qt, stride_qh, 0, D_V)
-        q_pe = _load_heads(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_PE)
-        do = _load_heads(DO, t, heads, h_ok, stride_dot, stride_doh, 0, D_V)
-        lse2 = tl.load(LSE + t * H + heads, mask=h_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + t * H + heads, mask=h_ok, other=0.0)
+        t, heads, h_ok, q_lat, q_pe, do, lse2, delta = _bwd_rows(
+            Q, DO, LSE, DELTA, H, stride_qt, stride_qh, stride_dot, stride_doh, D_V, D_PE, BLOCK_H)
         for k0 in range(0, TOPK, BLOCK_K):
             idx, valid, k_lat, k_pe = _gather(KV, IDX + t * stride_it, k0, TOPK, stride_kv,
                                               D_V, D_PE, BLOCK_K)

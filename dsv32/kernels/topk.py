@@ -35,7 +35,6 @@ except ImportError:  # the reference still works
 SAMPLE_GROUPS, SAMPLE_RUN = 256, 8  # 2048 samples: 256 runs of 8 contiguous scores (one 32 B sector)
 SIGMAS = 4.5  # bracket half-width in standard deviations of the sample rank
 MAX_CAP = 8192  # candidates a select program holds in registers
-SELECT_WARPS = 8  # warps of a select program
 
 
 def topk_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -117,7 +116,7 @@ def topk_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
             scores, scores.stride(0), n, k, bounds, counts, out, cand, per,
             CAP=cap, BLOCK=block, num_warps=4)
     _select_kernel[(r,)](scores, scores.stride(0), n, k, bounds, counts, out, cand,
-                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=SELECT_WARPS)
+                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=8)
     return out
 
 
