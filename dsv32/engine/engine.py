@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from dsv32.engine.cache import BlockManager, PagedCache
-from dsv32.engine.sampler import SamplingParams, sample
+from dsv32.engine.sampler import Sample, SamplingParams, sample
 from dsv32.engine.scheduler import Scheduler, Sequence, Status
 from dsv32.model import ContextLengthError, Transformer
 
@@ -116,49 +116,60 @@ class Engine:
         """Run one plan; return the sequences that got a token or finished."""
         plan = self.scheduler.schedule()
         touched = [s for s in self.seqs.values() if s.status is Status.FINISHED]  # finished by scheduling
-        for seq, a, b in plan.prefills:
-            ids = torch.tensor([seq.tokens[a:b]], device=self.device)
-            pos = torch.arange(a, b, device=self.device)[None]
-            self.cache.prepare([seq.block_table], pos)
+        spans: dict[tuple[int, int], list[Sequence]] = {}  # chunks of one (start, end) run as one batch,
+        for seq, a, b in plan.prefills:                     # e.g. the G copies of a prompt in a GRPO group
+            spans.setdefault((a, b), []).append(seq)
+        for (a, b), seqs in spans.items():
+            ids = torch.tensor([s.tokens[a:b] for s in seqs], device=self.device)                  # [n, b - a]
+            pos = torch.arange(a, b, device=self.device).repeat(len(seqs), 1)
+            self.cache.prepare([s.block_table for s in seqs], pos)
             out = self.model(ids, cache=self.cache, positions=pos, sparse=True,
                              mode="mha" if b <= self.mha_below else "mqa")
-            self.scheduler.computed(seq, b - a)
-            self._record_experts(seq, out.expert_ids, range(a, b), row=0, n=b - a)
-            if b == len(seq.tokens):
-                self._append(seq, out.logits[0, -1])
-                touched.append(seq)
+            self._record_experts(seqs, out.expert_ids, [a] * len(seqs), n=b - a)
+            for seq in seqs:
+                self.scheduler.computed(seq, b - a)
+            done = [i for i, s in enumerate(seqs) if b == len(s.tokens)]
+            if done:
+                last = sample(out.logits[done, -1], [seqs[i].params for i in done], [seqs[i].generator for i in done])
+                for i, s in zip(done, last):
+                    self._append(seqs[i], s)
+                    touched.append(seqs[i])
         if plan.decodes:
             seqs = plan.decodes
             ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
             pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
             self.cache.prepare([s.block_table for s in seqs], pos)
             out = self.model(ids, cache=self.cache, positions=pos, sparse=True, mode="mqa")
-            for i, seq in enumerate(seqs):
+            self._record_experts(seqs, out.expert_ids, [len(s.tokens) - 1 for s in seqs], n=1)
+            samples = sample(out.logits[:, -1], [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, s in zip(seqs, samples):
                 self.scheduler.computed(seq, 1)
-                self._record_experts(seq, out.expert_ids, [len(seq.tokens) - 1], row=i, n=1)
-                self._append(seq, out.logits[i, -1])
+                self._append(seq, s)
                 touched.append(seq)
         for seq in touched:
             if seq.status is Status.FINISHED:
                 self.seqs.pop(seq.request_id, None)
         return touched
 
-    def _record_experts(self, seq: Sequence, expert_ids: list, positions, row: int, n: int) -> None:
-        if not seq.params.return_rl_data or not expert_ids:
+    def _record_experts(self, seqs: list[Sequence], expert_ids: list, starts: list[int], n: int) -> None:
+        """expert_ids: per MoE layer [len(seqs) * n, k], the fed tokens row-major; seqs[i] fed the
+        n positions from starts[i]. One copy to the host per forward."""
+        if not expert_ids or not any(s.params.return_rl_data for s in seqs):
             return
-        e = torch.stack([ids.view(-1, n, ids.shape[-1])[row] for ids in expert_ids], 1)  # [n, layers, k]
-        for i, p in enumerate(positions):
-            seq.experts[p] = e[i].to("cpu", torch.int16)
+        e = torch.stack(expert_ids, 1).to("cpu", torch.int16).view(len(seqs), n, len(expert_ids), -1)
+        for seq, a, rows in zip(seqs, starts, e):       # rows: [n, layers, k]
+            if seq.params.return_rl_data:
+                for j in range(n):
+                    seq.experts[a + j] = rows[j]
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _append(self, seq: Sequence, s: Sample) -> None:
         p = seq.params
-        s = sample(logits, p, seq.generator)
         seq.tokens.append(s.token)
         seq.logprobs.append(s.logprob)
         if p.logprobs:
             seq.top_logprobs.append(s.top)
         if p.return_rl_data:
-            seq.kept.append(None if s.kept is None else s.kept.to("cpu", torch.int32))
+            seq.kept.append(s.kept)
         n_out = len(seq.tokens) - seq.prompt_len
         if (s.token == self.model.cfg.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids:
             self.scheduler.finish(seq, "stop")

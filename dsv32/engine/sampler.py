@@ -44,35 +44,53 @@ class Sample:
     top: list[tuple[int, float]] | None  # top log-probs of the processed distribution
 
 
-def processed_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
-    """logits: [V] -> (tempered logits with -inf outside the kept set, kept ids or None)."""
-    x = logits.float() / max(temperature, 1e-6)
-    keep = None
-    if top_k and top_k < x.shape[-1]:                 # top-k first, then top-p on what is left
-        keep = x >= x.topk(top_k).values[-1]
-        x = x.masked_fill(~keep, float("-inf"))
-    if top_p < 1.0:
-        sorted_x, order = x.sort(descending=True)
-        p = sorted_x.softmax(-1)
-        drop_sorted = p.cumsum(-1) - p >= top_p       # keep the smallest prefix reaching top_p
-        keep_p = torch.empty_like(drop_sorted).scatter_(0, order, ~drop_sorted)
-        keep = keep_p if keep is None else keep & keep_p
-        x = x.masked_fill(~keep, float("-inf"))
-    return x, (None if keep is None else keep.nonzero().flatten())
+def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int]):
+    """logits [B, V], per-row settings -> (tempered logits [B, V] with -inf outside each row's kept
+    set, keep [B, V] bool, or None when no row truncates). Top-k first (ties at the k-th value
+    kept), then top-p over what is left: one sort serves both."""
+    x = logits.float() / torch.tensor(temperature, device=logits.device)[:, None]
+    v = x.shape[-1]
+    k = [kk if 0 < kk < v else v for kk in top_k]
+    if min(k) == v and min(top_p) >= 1.0:
+        return x, None
+    sorted_x, order = x.sort(-1, descending=True)
+    keep = sorted_x >= sorted_x.gather(1, torch.tensor(k, device=x.device)[:, None] - 1)
+    p = sorted_x.masked_fill(~keep, float("-inf")).softmax(-1)
+    tp = torch.tensor(top_p, device=x.device)[:, None]
+    keep &= (p.cumsum(-1) - p < tp) | (tp >= 1.0)     # the smallest prefix reaching top_p
+    keep = torch.empty_like(keep).scatter_(1, order, keep)
+    return x.masked_fill(~keep, float("-inf")), keep
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> Sample:
-    """logits: [V] for one sequence. temperature 0 = greedy (log-prob of the plain softmax)."""
-    if p.temperature == 0:
-        lp = logits.float().log_softmax(-1)
-        tok = int(lp.argmax())
-        kept = None
-    else:
-        x, kept = processed_logits(logits, p.temperature, p.top_p, p.top_k)
-        lp = x.log_softmax(-1)
-        tok = int(torch.multinomial(lp.exp(), 1, generator=generator))
-    top = None
-    if p.logprobs:
-        v, i = lp.topk(p.logprobs)
-        top = list(zip(i.tolist(), v.tolist()))
-    return Sample(tok, float(lp[tok]), kept if p.return_rl_data else None, top)
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[Sample]:
+    """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
+    host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
+    a row with its own generator (a seeded request) draws from it alone."""
+    greedy = [p.temperature == 0 for p in params]
+    x, keep = processed_logits(logits, [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                               [1.0 if g else p.top_p for p, g in zip(params, greedy)],
+                               [0 if g else p.top_k for p, g in zip(params, greedy)])
+    lp = x.log_softmax(-1)                                                          # [B, V]
+    tok = lp.argmax(-1)
+    free = [i for i, (g, gen) in enumerate(zip(greedy, generators)) if not g and gen is None]
+    if free:
+        tok[free] = torch.multinomial(lp[free].exp(), 1).squeeze(1)
+    for i, gen in enumerate(generators):
+        if not greedy[i] and gen is not None:
+            tok[i] = torch.multinomial(lp[i].exp(), 1, generator=gen)[0]
+    tokens, logprobs = tok.tolist(), lp.gather(1, tok[:, None]).squeeze(1).tolist()
+    top = [None] * len(params)
+    n_top = max(p.logprobs or 0 for p in params)
+    if n_top:
+        v, i = (t.tolist() for t in lp.topk(n_top))
+        top = [list(zip(i[r][:p.logprobs], v[r][:p.logprobs])) if p.logprobs else None for r, p in enumerate(params)]
+    kept = [None] * len(params)
+    rows = [r for r, p in enumerate(params) if p.return_rl_data and not greedy[r]
+            and ((0 < p.top_k < x.shape[-1]) or p.top_p < 1.0)]
+    if rows and keep is not None:
+        sets = keep[rows]
+        ids = sets.nonzero()[:, 1].to("cpu", torch.int32)
+        for r, ids_r in zip(rows, ids.split(sets.sum(1).tolist())):
+            kept[r] = ids_r
+    return [Sample(*fields) for fields in zip(tokens, logprobs, kept, top)]

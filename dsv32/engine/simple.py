@@ -28,7 +28,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 64, te
     ids = torch.tensor([prompt], device=device)
     logits = model(ids, cache=cache, sparse=sparse, mode="mha").logits[:, -1]
     for pos in range(len(prompt), total):
-        tok = sample(logits[0], params, gen).token
+        tok = sample(logits, [params], [gen])[0].token
         yield tok
         if tok in stop_ids or pos + 1 == total:
             return

@@ -158,7 +158,7 @@ def test_rollout_replay_reproduces_engine_logprobs(tiny):
     params = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, max_tokens=12, seed=3,
                             ignore_eos=True, return_rl_data=True)
     eng = Engine(tiny, EngineConfig(num_blocks=32, prefill_chunk=16))
-    outs = run(eng, prompts([30, 45], seed=4), params)
+    outs = run(eng, prompts([30, 30, 45], seed=4), params)  # equal lengths prefill as one batch
     for o in outs:
         seq = o.prompt_token_ids + o.token_ids
         n_prompt = len(o.prompt_token_ids)

@@ -2,13 +2,14 @@
 uvicorn on a loopback port.
 
 Two servers run: one with the real (random) tiny model, and one whose engine is the real engine
-with the model's choice replaced by a script (ScriptedEngine), so that tool calls and reasoning are
-produced on purpose; everything after the logits (sampler, scheduler, detokenizer, parser, SSE)
+with the sampled token replaced by a script (ScriptedEngine), so that tool calls and reasoning are
+produced on purpose; everything after the sample (scheduler, detokenizer, parser, SSE)
 is the code under test.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import socket
@@ -48,22 +49,21 @@ HELLO = [{"role": "user", "content": "def decode(self, s):"}]
 
 
 class ScriptedEngine(Engine):
-    """The real engine, except that the logits point at the next token of `script` (then EOS).
+    """The real engine, except that it samples the next token of `script` (then EOS), with log-prob 0.
     `fail` makes the next step raise, as a crashing model would; `delay` slows every token down."""
 
     script: list[int] = []
     fail = False
     delay = 0.0
 
-    def _append(self, seq, logits):
+    def _append(self, seq, s):
         time.sleep(self.delay)
         if self.fail:
             self.fail = False
             raise RuntimeError("scripted failure")
         n = len(seq.output_tokens)
-        forced = torch.full_like(logits, -1e4)
-        forced[self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id] = 0
-        super()._append(seq, forced)
+        token = self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id
+        super()._append(seq, dataclasses.replace(s, token=token, logprob=0.0))
 
 
 @pytest.fixture(scope="session")
