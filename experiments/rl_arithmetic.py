@@ -48,6 +48,7 @@ from dsv32.rl.trainer import (
 from dsv32.tokenizer import Tokenizer
 
 EVAL_SAMPLES = 4  # sampled draws per held-out prompt
+ABLATIONS = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s in STABILISERS]
 
 
 def moe_config(tok, quick: bool):
@@ -70,7 +71,8 @@ def held_out(model, tok, mix: TaskMix, n: int, cfg: RLConfig, samples: int) -> d
     prompt, a fixed seed). The training reward changes prompts every step; this curve does not."""
     tasks = mix.sample(random.Random(12345), n)
     rows = n * (1 + samples)
-    eng = Engine(model, EngineConfig(max_num_seqs=rows, num_blocks=rows * 8 + 1, max_model_len=512), tok)
+    eng = Engine(model, EngineConfig(max_num_seqs=rows, num_blocks=rows * 8 + 1, max_model_len=512,
+                                     max_num_batched_tokens=8192), tok)
     greedy = rollout(eng, tok, tasks, SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens),
                      max_turns=cfg.max_turns)
     cuda = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
@@ -101,9 +103,10 @@ def summarise(history: list[dict], k: int = 5) -> dict:
             "step_s": mean("rollout_s", history) + mean("train_s", history) if history else None}
 
 
-def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_every: int, results: dict) -> list[dict]:
+def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_every: int, results: dict,
+           deadline: float = float("inf")) -> list[dict]:
     """RL steps with a held-out evaluation (greedy accuracy and sampled reward) every `eval_every`
-    steps."""
+    steps and after the last; past `deadline` (time.time()) no new step starts."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -115,12 +118,15 @@ def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_ev
     with (run_dir / "metrics.jsonl").open("w") as f:
         for _ in tqdm(range(cfg.steps), desc=name, dynamic_ncols=True):
             m = tr.train_step()
-            if tr.step % eval_every == 0 or tr.step == cfg.steps:
+            last = tr.step == cfg.steps or time.time() > deadline
+            if tr.step % eval_every == 0 or last:
                 evals.append((tr.step, held_out(tr.policy, tok, mix, eval_n, cfg, EVAL_SAMPLES)))
                 m.update({f"eval/{k}": v for k, v in evals[-1][1].items()})
             history.append(m)
             f.write(json.dumps(m) + "\n")
             f.flush()  # a run cut short keeps every finished step
+            if last:
+                break
     plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     r = results["runs"][name] = {**summarise(history), "held_out": evals, "wall_s": time.time() - t0,
                                  "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
@@ -199,10 +205,12 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
 
     # 3: main run, mixed domains, all stabilisers on
     steps = args.steps or (4 if q else 40)
-    eval_every = 2 if q else 10
+    eval_every = args.eval_every or (2 if q else 10)
     if "main" in args.stages:
-        rl_run("main", model, tok, mix, replace(base, steps=steps), out, eval_n, eval_every, results)
-        plot_eval(results, ["main"], out / "main_eval.png")
+        torch.manual_seed(args.seed)
+        rl_run(args.run_name, model, tok, mix, replace(base, steps=steps, seed=args.seed), out, eval_n, eval_every,
+               results, args.deadline)
+        plot_eval(results, [args.run_name], out / "main_eval.png")
     if "mismatch" in args.stages:
         results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
         print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
@@ -211,36 +219,62 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
     abl_mix = TaskMix([Domain("arithmetic", beta=0.02)])
-    abl = replace(base, domains=["arithmetic:0.02"], max_turns=1, minibatches=4, engine_dtype="bfloat16",
-                  sampler_noise=0.01 if q else 0.005, lr=base.lr * 3)
-    variants = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s in STABILISERS]
-    step_s = (results["runs"]["main"]["wall_s"] / max(1, steps)) if "main" in results["runs"] else 10.0
+    abl = replace(base, domains=["arithmetic:0.02"], max_turns=1, minibatches=args.ablation_minibatches,
+                  engine_dtype="bfloat16", sampler_noise=args.ablation_noise or (0.01 if q else 0.005), lr=base.lr * 3)
+    variants = [(n, sw) for n, sw in ABLATIONS if not args.variants or n in args.variants]
+    step_s = (results["runs"][args.run_name]["wall_s"] / max(1, steps)) if args.run_name in results["runs"] else 10.0
     left = args.budget_s - (time.time() - t_start)
     abl_steps = args.ablation_steps or (3 if q else max(5, min(60, int(left / (len(variants) * step_s * 1.1)))))
-    results["ablation"] = {"steps": abl_steps, "conditions": {"minibatches": 4, "engine_dtype": "bfloat16",
-                                                              "sampler_noise": abl.sampler_noise, "lr": abl.lr, "beta": 0.02}}
-    files = []
+    results["ablation"] = {"steps": abl_steps, "conditions": {
+        "minibatches": abl.minibatches, "engine_dtype": "bfloat16", "sampler_noise": abl.sampler_noise, "lr": abl.lr,
+        "beta": 0.02, "mask_delta": abl.mask_delta}}
     for name, switch in variants:
         rl_run(f"ablation/{name}", model, tok, abl_mix, replace(abl, steps=abl_steps, **switch), out, eval_n,
-               max(1, abl_steps // 3), results)
-        files.append(out / "ablation" / name / "metrics.jsonl")
-    plot_rl(files, out / "ablation.png", labels=[n for n, _ in variants])
-    plot_eval(results, [f"ablation/{n}" for n, _ in variants], out / "ablation_eval.png")
+               args.eval_every or max(1, abl_steps // 3), results, args.deadline)
+    plot_ablation(results, out)
+
+
+def plot_ablation(results: dict, out: Path) -> None:
+    names = [n for n, _ in ABLATIONS if f"ablation/{n}" in results["runs"]]
+    plot_rl([out / "ablation" / n / "metrics.jsonl" for n in names], out / "ablation.png", labels=names)
+    plot_eval(results, [f"ablation/{n}" for n in names], out / "ablation_eval.png")
+
+
+def merge(out: Path, parts: list[str]) -> None:
+    """Runs made in parallel (one process per run, each with its own --out) -> one results.json,
+    the runs' directories and the plots in `out`."""
+    import shutil
+
+    results = {"runs": {}}
+    for part in map(Path, parts):
+        if not (part / "results.json").exists():
+            print(f"skipped {part}: no results.json (cut off before its run ended)")
+            continue
+        r = json.loads((part / "results.json").read_text())
+        results.update({k: v for k, v in r.items() if k != "runs"})
+        results["runs"].update(r["runs"])
+        for name in r["runs"]:
+            shutil.copytree(part / name, out / name, dirs_exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if main := [n for n in results["runs"] if not n.startswith("ablation/")]:
+        plot_eval(results, main, out / "main_eval.png")
+    if any(n.startswith("ablation/") for n in results["runs"]):
+        plot_ablation(results, out)
 
 
 def smollm2_stage(args, base: RLConfig, out: Path, results: dict, device: str) -> None:
     """SmolLM2-135M-Instruct converted to DSA (plain prompt format: its vocabulary has no V3.2 chat
     tokens, so arithmetic without tools), a short SFT on the reference solutions, then RL."""
     q = args.quick
-    steps, eval_n, eval_every = args.steps or (4 if q else 40), 8 if q else 128, 2 if q else 10
+    steps, eval_n, eval_every = args.steps or (4 if q else 40), 8 if q else 128, args.eval_every or (2 if q else 10)
     sm_cfg = replace(base, model=args.smollm2, domains=["arithmetic:0"], max_turns=1, lr=args.smollm2_lr,
                      sft_steps=0 if q else args.smollm2_sft_steps, sft_lr=5e-5, sft_batch_size=32,
                      prompts_per_step=args.prompts or 8, out=str(out / "smollm2"))
     sm_model, sm_tok, sm_mix, _ = build(sm_cfg)
     if sm_cfg.sft_steps:
         warm_start(sm_model, sm_tok, sm_mix, sm_cfg)
-    rl_run("smollm2", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every,
-           results)
+    rl_run(f"smollm2-lr{args.smollm2_lr:g}", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every,
+           results, args.deadline)
 
 
 def main():
@@ -248,6 +282,9 @@ def main():
     ap.add_argument("--out", default="runs/rl_arithmetic")
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: CPU in about a minute")
     ap.add_argument("--budget-s", type=float, default=450, help="wall clock for everything (ablation steps adapt)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="wall clock after which every run takes its last step, evaluates and writes its results")
+    ap.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many RL steps")
     ap.add_argument("--sft-steps", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="main run RL steps")
     ap.add_argument("--ablation-steps", type=int, default=None, help="default: what the remaining budget allows")
@@ -262,11 +299,25 @@ def main():
                     help="main, mismatch, ablation: the small MoE of ours; smollm2: SmolLM2-135M (needs --smollm2)")
     ap.add_argument("--from-sft", default=None,
                     help="a warm-started model directory (written by an earlier run as OUT/sft_model): skip the SFT")
+    ap.add_argument("--ablation-minibatches", type=int, default=4, help="optimizer steps per rollout batch")
+    ap.add_argument("--ablation-noise", type=float, default=None, help="relative noise on the bf16 sampler's "
+                    "weights at each sync (default 0.005)")
+    ap.add_argument("--mask-delta", type=float, default=0.1, help="off-policy masking threshold delta")
+    ap.add_argument("--variants", nargs="+", default=None, choices=[n for n, _ in ABLATIONS],
+                    help="ablation variants to run (default: all); one per process runs them in parallel")
+    ap.add_argument("--run-name", default="main", help="name of the main run (e.g. main-seed1)")
+    ap.add_argument("--seed", type=int, default=0, help="RL seed: prompts drawn and sampling")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="only merge these runs' --out directories into --out (results.json, plots)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
+    if args.merge:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        return merge(Path(args.out), args.merge)
     if "smollm2" in args.stages and not args.smollm2:
         ap.error("the smollm2 stage needs --smollm2 DIR (a converted SmolLM2: dsv32 convert smollm2 --out DIR)")
     t_start = time.time()
+    args.deadline = t_start + (args.deadline_s or float("inf"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
@@ -276,7 +327,7 @@ def main():
     base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
                     prompts_per_step=args.prompts or (4 if q else 16), group_size=4 if q else 8, minibatches=2,
                     max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
-                    lr=args.lr or (3e-4 if q else 5e-5), clip_eps=0.2, mask_delta=0.1, sft_steps=args.sft_steps or (10 if q else 800),
+                    lr=args.lr or (3e-4 if q else 5e-5), clip_eps=0.2, mask_delta=args.mask_delta, sft_steps=args.sft_steps or (10 if q else 800),
                     sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}
 
