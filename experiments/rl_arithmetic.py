@@ -54,7 +54,7 @@ ABLATIONS = [("all-on", {})] + [(f"no-{s.replace('_', '-')}", {s: False}) for s 
 def moe_config(tok, quick: bool):
     if quick:
         return preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    # ~25M total parameters, 16 experts of which 2 active per token
+    # ~12M total parameters, 16 experts of which 2 active per token
     return preset("small").replace(
         vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, hidden_size=256,
         intermediate_size=768, moe_intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
@@ -225,7 +225,7 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
     step_s = (results["runs"][args.run_name]["wall_s"] / max(1, steps)) if args.run_name in results["runs"] else 10.0
     left = args.budget_s - (time.time() - t_start)
     abl_steps = args.ablation_steps or (3 if q else max(5, min(60, int(left / (len(variants) * step_s * 1.1)))))
-    results["ablation"] = {"steps": abl_steps, "conditions": {
+    results["ablation"] = {"max_steps": abl_steps, "conditions": {
         "minibatches": abl.minibatches, "engine_dtype": "bfloat16", "sampler_noise": abl.sampler_noise, "lr": abl.lr,
         "beta": 0.02, "mask_delta": abl.mask_delta}}
     for name, switch in variants:
