@@ -326,7 +326,7 @@ def main():
         torch.set_num_threads(1)  # the per-expert loop's small ops are slower threaded
     base = RLConfig(out=str(out), device=device, domains=["arithmetic:0:3", "arithmetic-tool:0.01:1"],
                     prompts_per_step=args.prompts or (4 if q else 16), group_size=4 if q else 8, minibatches=2,
-                    max_new_tokens=24 if q else 40, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
+                    max_new_tokens=24 if q else 64, max_turns=2, max_len=512, temperature=1.0, top_p=0.95,
                     lr=args.lr or (3e-4 if q else 5e-5), clip_eps=0.2, mask_delta=args.mask_delta, sft_steps=args.sft_steps or (10 if q else 800),
                     sft_batch_size=8 if q else 64, sft_lr=3e-3 if q else 2e-3, tokenizer_vocab=1024)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": q, "runs": {}}

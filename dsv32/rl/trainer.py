@@ -130,13 +130,33 @@ def task_examples(tokenizer, tasks) -> list[tuple[list[int], list[int]]]:
     return out
 
 
+def turns_over_budget(tasks, examples, max_new_tokens: int) -> dict[str, int]:
+    """{domain: its longest reference turn} for domains whose reference turns (the labelled runs
+    of task_examples) exceed max_new_tokens: rollouts imitating them are cut off, reward 0."""
+    from dsv32.train.losses import IGNORE
+
+    over = {}
+    for task, (_, labels) in zip(tasks, examples):
+        run = longest = 0
+        for label in labels:
+            run = run + 1 if label != IGNORE else 0
+            longest = max(longest, run)
+        if longest > max_new_tokens:
+            over[task.domain] = max(longest, over.get(task.domain, 0))
+    return over
+
+
 def warm_start(model, tokenizer, mix: TaskMix, cfg: RLConfig) -> dict:
     """Short SFT on reference solutions (dsv32.train.Trainer, DSA on); returns its last metrics."""
     from dsv32.train import TrainConfig, Trainer
     from dsv32.train.data import SFTData
 
     rng = random.Random(cfg.seed + 1)
-    examples = task_examples(tokenizer, mix.sample(rng, max(256, cfg.sft_steps * cfg.sft_batch_size // 4)))
+    tasks = mix.sample(rng, max(256, cfg.sft_steps * cfg.sft_batch_size // 4))
+    examples = task_examples(tokenizer, tasks)
+    for domain, n in turns_over_budget(tasks, examples, cfg.max_new_tokens).items():
+        log.warning(f"domain {domain!r}: reference turns of up to {n} tokens, but max_new_tokens="
+                    f"{cfg.max_new_tokens}; rollouts that follow them are cut off and score 0")
     seq_len = max(len(ids) for ids, _ in examples) - 1
     data = SFTData(examples, seq_len, tokenizer.eos_id, seed=cfg.seed)
     tcfg = TrainConfig(stage="sft", attention="dsa", steps=cfg.sft_steps, lr=cfg.sft_lr, warmup=min(20, cfg.sft_steps),

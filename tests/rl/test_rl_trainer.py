@@ -103,3 +103,27 @@ def test_a_trajectory_that_sampled_nothing_stays_out_of_the_forward(built, tmp_p
     live_only = trainer(built, tmp_path).minibatch_step(trajs[:2], torch.tensor([1.0, 0.5]), torch.zeros(2))
     assert live_only["loss"] == pytest.approx(-0.75, rel=1e-5)                # on-policy: -mean(A)
     assert with_dead["loss"] == pytest.approx(live_only["loss"] * 2 / 3, rel=1e-5)
+
+
+def test_reference_turns_longer_than_the_sampling_budget_are_named(built):
+    """A tool call in the V3.2 format is long: with too small a max_new_tokens every rollout of it
+    is cut off and scores 0, which the warm start warns about, per domain."""
+    import random
+
+    from dsv32.chat import encode_completion
+    from dsv32.rl.tasks import Domain, TaskMix
+    from dsv32.rl.trainer import task_examples, turns_over_budget
+
+    _, tok, _, _ = built
+    tasks = TaskMix([Domain.parse("arithmetic"), Domain.parse("arithmetic-tool")]).sample(random.Random(0), 20)
+    examples = task_examples(tok, tasks)
+    longest = {}  # by hand: each reference turn rendered and tokenized on its own
+    for t in tasks:
+        for m in t.solution:
+            if m["role"] == "assistant":
+                n = len(tok.encode(encode_completion(m, t.thinking_mode)))
+                longest[t.domain] = max(n, longest.get(t.domain, 0))
+    assert longest["arithmetic-tool"] > longest["arithmetic"]
+    budget = (longest["arithmetic"] + longest["arithmetic-tool"]) // 2
+    assert turns_over_budget(tasks, examples, budget) == {"arithmetic-tool": longest["arithmetic-tool"]}
+    assert turns_over_budget(tasks, examples, longest["arithmetic-tool"]) == {}
