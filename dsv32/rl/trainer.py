@@ -47,7 +47,7 @@ class RLConfig:
     prompts_per_step: int = 8
     group_size: int = 8                   # G
     minibatches: int = 2                  # optimizer steps per rollout batch
-    max_new_tokens: int = 48              # per turn
+    max_new_tokens: int = 96              # per turn (a V3.2 tool call alone takes ~60 tokens)
     max_turns: int = 3                    # tool round trips + 1
     max_len: int = 512                    # context of a trajectory in the engine
     temperature: float = 1.0
