@@ -12,6 +12,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def main():
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    _, tok, mix, _ = build(RLConfig(domains=["arithmetic"], tokenizer_vocab=1024, out="/tmp/bench_rollout"))
+    _, tok, mix, _ = build(RLConfig(domains=["arithmetic"], tokenizer_vocab=1024, out=tempfile.mkdtemp()))
     torch.manual_seed(0)
     model = Transformer(moe_config(tok, quick=False)).to(device).eval()
     params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True,

@@ -68,9 +68,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
     a row with its own generator (a seeded request) draws from it alone."""
     greedy = [p.temperature == 0 for p in params]
-    x, keep = processed_logits(logits, [1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                               [1.0 if g else p.top_p for p, g in zip(params, greedy)],
-                               [0 if g else p.top_k for p, g in zip(params, greedy)])
+    temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]     # greedy rows: no truncation
+    top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
+    top_k = [0 if g else p.top_k for p, g in zip(params, greedy)]
+    x, keep = processed_logits(logits, temperature, top_p, top_k)
     lp = x.log_softmax(-1)                                                          # [B, V]
     tok = lp.argmax(-1)
     free = [i for i, (g, gen) in enumerate(zip(greedy, generators)) if not g and gen is None]
@@ -86,8 +87,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         v, i = (t.tolist() for t in lp.topk(n_top))
         top = [list(zip(i[r][:p.logprobs], v[r][:p.logprobs])) if p.logprobs else None for r, p in enumerate(params)]
     kept = [None] * len(params)
-    rows = [r for r, p in enumerate(params) if p.return_rl_data and not greedy[r]
-            and ((0 < p.top_k < x.shape[-1]) or p.top_p < 1.0)]
+    rows = [r for r, p in enumerate(params) if p.return_rl_data and (0 < top_k[r] < x.shape[-1] or top_p[r] < 1.0)]
     if rows and keep is not None:
         sets = keep[rows]
         ids = sets.nonzero()[:, 1].to("cpu", torch.int32)
