@@ -17,6 +17,7 @@ from dsv32.engine.cache import BlockManager, PagedCache
 from dsv32.engine.sampler import Sample, SamplingParams, sample
 from dsv32.engine.scheduler import Scheduler, Sequence, Status
 from dsv32.model import ContextLengthError, Transformer
+from dsv32.model.indexer import pack_selection
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class RequestOutput:
     top_logprobs: list = field(default_factory=list)
     kept: list = field(default_factory=list)         # per token: kept ids (None = all), RL only
     experts: torch.Tensor | None = None              # [positions, n_moe_layers, k], RL only
+    selection: torch.Tensor | None = None            # [positions - index_topk, layers, index_topk]
+                                                     # packed key sets of positions index_topk.., RL only
     num_cached_tokens: int = 0
     error: str | None = None
 
@@ -124,8 +127,8 @@ class Engine:
             pos = torch.arange(a, b, device=self.device).repeat(len(seqs), 1)
             self.cache.prepare([s.block_table for s in seqs], pos)
             out = self.model(ids, cache=self.cache, positions=pos, sparse=True,
-                             mode="mha" if b <= self.mha_below else "mqa")
-            self._record_experts(seqs, out.expert_ids, [a] * len(seqs), n=b - a)
+                             mode="mha" if b <= self.mha_below else "mqa", return_topk=_rl(seqs))
+            self._record(seqs, out, [a] * len(seqs), n=b - a)
             for seq in seqs:
                 self.scheduler.computed(seq, b - a)
             done = [i for i, s in enumerate(seqs) if b == len(s.tokens)]
@@ -139,8 +142,8 @@ class Engine:
             ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
             pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
             self.cache.prepare([s.block_table for s in seqs], pos)
-            out = self.model(ids, cache=self.cache, positions=pos, sparse=True, mode="mqa")
-            self._record_experts(seqs, out.expert_ids, [len(s.tokens) - 1 for s in seqs], n=1)
+            out = self.model(ids, cache=self.cache, positions=pos, sparse=True, mode="mqa", return_topk=_rl(seqs))
+            self._record(seqs, out, [len(s.tokens) - 1 for s in seqs], n=1)
             samples = sample(out.logits[:, -1], [s.params for s in seqs], [s.generator for s in seqs])
             for seq, s in zip(seqs, samples):
                 self.scheduler.computed(seq, 1)
@@ -151,16 +154,29 @@ class Engine:
                 self.seqs.pop(seq.request_id, None)
         return touched
 
-    def _record_experts(self, seqs: list[Sequence], expert_ids: list, starts: list[int], n: int) -> None:
-        """expert_ids: per MoE layer [len(seqs) * n, k], the fed tokens row-major; seqs[i] fed the
-        n positions from starts[i]. One copy to the host per forward."""
-        if not expert_ids or not any(s.params.return_rl_data for s in seqs):
+    def _record(self, seqs: list[Sequence], out, starts: list[int], n: int) -> None:
+        """What RL replays of a forward where seqs[i] fed the n positions from starts[i]: the
+        expert ids of every position (out.expert_ids: per MoE layer [len(seqs) * n, k], row-major)
+        and the selected keys of every position with more causal keys than index_topk
+        (out.topk_indices: per layer [len(seqs), n, k]; the others select all of theirs). One
+        copy to the host per forward and kind."""
+        if not _rl(seqs):
             return
-        e = torch.stack(expert_ids, 1).to("cpu", torch.int16).view(len(seqs), n, len(expert_ids), -1)
-        for seq, a, rows in zip(seqs, starts, e):       # rows: [n, layers, k]
+        if out.expert_ids:
+            e = torch.stack(out.expert_ids, 1).to("cpu", torch.int16).view(len(seqs), n, len(out.expert_ids), -1)
+            for seq, a, rows in zip(seqs, starts, e):       # rows: [n, layers, k]
+                if seq.params.return_rl_data:
+                    for j in range(n):
+                        seq.experts[a + j] = rows[j]
+        k = getattr(self.model.cfg, "index_topk", None)
+        topk = out.topk_indices
+        if not topk or any(t is None for t in topk) or max(starts) + n <= k:
+            return
+        packed = pack_selection(torch.stack(topk, 2)).cpu()                      # [len(seqs), n, layers, k]
+        for seq, a, rows in zip(seqs, starts, packed):
             if seq.params.return_rl_data:
-                for j in range(n):
-                    seq.experts[a + j] = rows[j]
+                for j in range(max(0, k - a), n):
+                    seq.selection[a + j] = rows[j]
 
     def _append(self, seq: Sequence, s: Sample) -> None:
         p = seq.params
@@ -191,11 +207,21 @@ class Engine:
             if seq.finish_reason == "stop" and seq.params.stop:
                 cut = [text.find(s) for s in seq.params.stop if s in text]
                 text = text[:min(cut)] if cut else text
-        experts = None
+        experts = selection = None
         if seq.params.return_rl_data and seq.experts:
             experts = torch.stack([seq.experts[p] for p in sorted(seq.experts)])
+        if seq.params.return_rl_data and seq.selection:
+            rows = [seq.selection[p] for p in sorted(seq.selection)]
+            wide = any(r.dtype != torch.uint16 for r in rows)  # a gap of 65536 keys or more somewhere
+            selection = torch.stack([r.int() if wide else r for r in rows])
         return RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_tokens, seq.finish_reason,
-                             text, seq.logprobs, seq.top_logprobs, seq.kept, experts, seq.num_cached, seq.error)
+                             text, seq.logprobs, seq.top_logprobs, seq.kept, experts, selection,
+                             seq.num_cached, seq.error)
+
+
+def _rl(seqs: list[Sequence]) -> bool:
+    """Whether any of a forward's sequences records what RL replays."""
+    return any(s.params.return_rl_data for s in seqs)
 
 
 class LLM:

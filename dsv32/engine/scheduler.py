@@ -46,6 +46,8 @@ class Sequence:
     kept: list = field(default_factory=list)
     # per position (prompt and generated): expert ids [n_moe_layers, k], when return_rl_data
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    # per position past index_topk: the selected key set of every layer [layers, k], packed
+    selection: dict[int, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
     def __post_init__(self):

@@ -4,7 +4,9 @@ scores [.., H, T] never exist:
     logits[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t] * q_scale[b, s, h] * k_scale[b, t])
 
 `indexer_logits` is the prefill op: every query of a sequence against all of its keys, -inf at
-keys t >= k_end[b, s] (causality). `indexer_logits_paged` is the decode op: n in {1, 2} new
+keys t >= k_end[b, s] (causality); it is differentiable in q, k and w (stage 1 and 2 train the
+indexer through it), with a backward that recomputes the per-head dots a query chunk at a time
+instead of storing them. `indexer_logits_paged` is the decode op: n in {1, 2} new
 queries per sequence against the paged indexer cache of dsv32/engine/cache.py, either bf16 rows
 [num_slots, D] (slot = block * PAGE + offset) or FP8 pages [num_blocks, PAGE * (D + 4)] uint8,
 DeepGEMM's and vLLM's layout: a page's PAGE keys of D e4m3 bytes each, then their PAGE fp32
@@ -53,6 +55,32 @@ def indexer_logits_ref(q, k, w, q_scale=None, k_scale=None, k_end=None) -> torch
     if k_end is not None:
         out.masked_fill_(torch.arange(t, device=q.device) >= k_end[..., None], NEG)
     return out
+
+
+def indexer_logits_bwd_ref(q, k, w, k_end, grad) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of indexer_logits (no scales): q: [B, S, H, D], k: [B, T, D], w: [B, S, H],
+    k_end: [B, S] or None, grad: [B, S, T] -> (dq, dk, dw) in the dtypes of q, k, w. With
+    d = q[s, h] . k[t] and g = grad (0 at masked keys):
+        dw[s, h] = sum_t g[s, t] relu(d),   dq[s, h] = sum_t g w[s, h] 1[d > 0] k[t],
+        dk[t] = sum_{s, h} g w[s, h] 1[d > 0] q[s, h].
+    Recomputes d one query chunk at a time, so only q, k, w are kept for the backward."""
+    b, s, h, _ = q.shape
+    t = k.shape[1]
+    qf, kf, wf = q.float(), k.float(), w.float()
+    g = grad.float()
+    if k_end is not None:  # -inf logits carry no gradient
+        g = g.masked_fill(torch.arange(t, device=q.device) >= k_end[..., None], 0.0)
+    dq, dw = torch.empty_like(qf), torch.empty_like(wf)
+    dk = torch.zeros_like(kf)
+    chunk = max(1, LOGIT_CHUNK // max(1, b * h * t))
+    for i in range(0, s, chunk):
+        d = torch.einsum("bshd,btd->bsht", qf[:, i:i + chunk], kf)             # [B, c, H, T]
+        gi = g[:, i:i + chunk, None]                                            # [B, c, 1, T]
+        dw[:, i:i + chunk] = (d.relu() * gi).sum(-1)
+        dd = (d > 0) * gi * wf[:, i:i + chunk, :, None]                          # [B, c, H, T]
+        dq[:, i:i + chunk] = torch.einsum("bsht,btd->bshd", dd, kf)
+        dk += torch.einsum("bsht,bshd->btd", dd, qf[:, i:i + chunk])
+    return dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype)
 
 
 def fp8_pages(cache, d: int, block_size: int = 64):
@@ -115,7 +143,29 @@ def indexer_logits(q, k, w, q_scale=None, k_scale=None, k_end=None) -> torch.Ten
     _check("k_end", k_end, (b, s), (torch.int32, torch.int64))
     if (q.dtype == FP8) != (q_scale is not None) or (k.dtype == FP8) != (k_scale is not None):
         raise ValueError("q_scale / k_scale go with float8_e4m3fn q / k, and only with them")
-    return (indexer_logits_triton if use_triton(q) else indexer_logits_ref)(q, k, w, q_scale, k_scale, k_end)
+    fn = indexer_logits_triton if use_triton(q) else indexer_logits_ref
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, w)):
+        if q_scale is not None or k_scale is not None:
+            raise ValueError("indexer_logits is differentiable only in bf16/fp16/fp32 q and k "
+                             "(FP8 inputs with scales are for inference)")
+        return _IndexerLogits.apply(q, k, w, k_end, fn)
+    return fn(q, k, w, q_scale, k_scale, k_end)
+
+
+class _IndexerLogits(torch.autograd.Function):
+    """The prefill op with a gradient (training the indexer): the forward is the Triton kernel or
+    the reference, the backward indexer_logits_bwd_ref, recomputing the per-head dots."""
+
+    @staticmethod
+    def forward(ctx, q, k, w, k_end, fn):
+        ctx.save_for_backward(q, k, w, k_end)
+        return fn(q, k, w, None, None, k_end)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, w, k_end = ctx.saved_tensors
+        dq, dk, dw = indexer_logits_bwd_ref(q, k, w, k_end, grad)
+        return dq, dk, dw, None, None
 
 
 def indexer_logits_paged(q, w, cache, block_table, seq_lens, q_scale=None, block_size=64) -> torch.Tensor:

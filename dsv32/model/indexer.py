@@ -32,6 +32,55 @@ def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
     return topk(scores.reshape(b * s, t).float(), min(k, t)).view(b, s, -1).long()
 
 
+def pack_selection(idx: torch.Tensor) -> torch.Tensor:
+    """Top-k key sets idx [..., k] (positions, -1 = none, any order) -> the same sets as gaps
+    between their sorted positions [..., k]: uint16 when every gap fits (2 bytes a key), else
+    int32. The -1s sort first and become 0; each key is stored as 1 + its distance to the one before."""
+    x = idx.long().sort(-1).values
+    gaps = torch.diff(x, dim=-1, prepend=torch.full_like(x[..., :1], -1))
+    return gaps.to(torch.uint16) if gaps.numel() == 0 or int(gaps.max()) < 1 << 16 else gaps.int()
+
+
+def unpack_selection(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_selection: [..., k] gaps -> sorted positions [..., k] int64, -1 first."""
+    return packed.long().cumsum(-1) - 1
+
+
+def all_keys_selection(positions: torch.Tensor, k: int) -> torch.Tensor:
+    """The packed selection a query at each position makes when it has at most k causal keys:
+    all of them. positions: [...] -> [..., k] uint16 (keys 0..min(p, k - 1))."""
+    n_keys = (positions.long() + 1).clamp(max=k)[..., None]
+    return (torch.arange(k, device=positions.device) >= k - n_keys).to(torch.uint16)
+
+
+def forced_selection(forced: torch.Tensor, layer: int, mask: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s replayed key sets: forced [B, S, L, k] packed (pack_selection), mask [B, S, T]
+    -> idx [B, S, k] int64, checked against the forward's shape and context."""
+    b, s, end = mask.shape
+    if forced.dim() != 4 or tuple(forced.shape[:2]) != (b, s) or layer >= forced.shape[2]:
+        raise ValueError(f"forced_topk must be [B={b}, S={s}, layers, k] covering layer {layer}, "
+                         f"got {tuple(forced.shape)}")
+    idx = unpack_selection(forced[:, :, layer].to(mask.device))              # [B, S, k]
+    if idx.numel() and int(idx.max()) >= end:
+        raise ValueError(f"forced_topk of layer {layer} selects key {int(idx.max())}, beyond the "
+                         f"{end} keys of this forward")
+    return idx
+
+
+def select_keys(indexer: "Indexer", step, x, qr, k, cos, sin):
+    """One attention layer's index scores (when the step needs them) and selected keys: the
+    indexer's top-k, or the step's forced selection (RL replay). x, qr: the indexer's inputs;
+    k: [B, T, head_dim] keys -> (scores [B, S, T] fp32 or None, idx [B, S, k] or None)."""
+    scores = idx = None
+    if step.return_aux or (step.sparse and step.forced_topk is None):
+        scores = indexer(x, qr, k, cos, sin, step.mask, step.indexer_fp8)
+    if step.forced_topk is not None:
+        idx = forced_selection(step.forced_topk, step.layer_id, step.mask)
+    elif scores is not None:
+        idx = topk_select(scores.detach(), indexer.cfg.index_topk)
+    return scores, idx
+
+
 def selected_mask(idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The sparse attention mask: idx [B, S, k] (-1 = no key) within mask [B, S, T] -> [B, S, T]."""
     end = mask.shape[-1]

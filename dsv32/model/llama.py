@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsv32.config import ConfigError
-from dsv32.model.indexer import Indexer, selected_mask, topk_select
+from dsv32.model.indexer import Indexer, select_keys, selected_mask
 from dsv32.model.mla import AttnOut, RMSNorm, summed_probs
 from dsv32.model.moe import MLP
 from dsv32.model.rope import apply_rope_half, rope_cos_sin
@@ -147,10 +147,7 @@ class Attention(nn.Module):
             k, v, ik = step.cache.update(step.layer_id, k, v, ik, step.positions)
         t = k.shape[1]
         mask = step.mask                                                  # [B, S, T]
-        scores = idx = None
-        if step.sparse or step.return_aux:
-            scores = self.indexer(ix_in, ix_in, ik, cos, sin, mask, step.indexer_fp8)
-            idx = topk_select(scores.detach(), cfg.index_topk)            # [B, S, k]
+        scores, idx = select_keys(self.indexer, step, ix_in, ix_in, ik, cos, sin)  # [B, S, T], [B, S, k]
         if step.sparse:  # no latent to absorb: both modes mask the keys outside the selected set
             mask = selected_mask(idx, mask)
 
@@ -176,11 +173,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, step: Step, out: ModelOutput):
         step.layer_id = self.layer_id
         a = self.self_attn(self.input_layernorm(x), cos, sin, step)
-        if step.return_aux:
-            out.index_scores.append(a.index_scores)
-            out.topk_indices.append(a.topk_indices)
-        if step.return_attn_probs:
-            out.attn_probs.append(a.attn_probs)
+        out.add_attention(a, step)
         x = x + a.out
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -222,7 +215,8 @@ class LlamaDSA(nn.Module):
         """input_ids: [B, S] -> ModelOutput with logits [B, S, vocab]; as `Transformer.forward`.
 
         options are `Step` fields: sparse (DSA top-k, default on; False = dense), mode (accepted,
-        both modes compute the same), indexer_fp8, detach_indexer, return_aux, return_attn_probs.
+        both modes compute the same), indexer_fp8, detach_indexer, return_aux, return_attn_probs,
+        return_topk, forced_topk.
         There is no MoE and no MTP: expert_ids, router_scores and mtp_logits stay empty.
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)

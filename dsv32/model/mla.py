@@ -21,7 +21,7 @@ from dsv32.config import ModelConfig
 from dsv32.kernels.indexer import indexer_logits_paged
 from dsv32.kernels.sparse_mla import sparse_mla
 from dsv32.kernels.sparse_mla_decode import sparse_mla_decode
-from dsv32.model.indexer import Indexer, selected_mask, topk_select
+from dsv32.model.indexer import Indexer, select_keys, selected_mask, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
 PROB_CHUNK = 1 << 27  # fp32 elements of [B, H, queries, T] scores held at once for attn_probs
@@ -61,8 +61,9 @@ class AttnOut:
 
 def paged_view(step):
     """This layer's paged cache view when the step is a sparse absorbed-MQA decode that returns no
-    auxiliary outputs and the cache offers one (see KVCache); else None."""
-    if not (step.sparse and step.mode == "mqa") or step.return_aux or step.return_attn_probs:
+    auxiliary outputs, forces no selection, and the cache offers one (see KVCache); else None."""
+    if not (step.sparse and step.mode == "mqa") or step.return_aux or step.return_attn_probs \
+            or step.forced_topk is not None:
         return None
     view = getattr(step.cache, "paged_view", None)
     return view(step.layer_id) if view is not None else None
@@ -100,16 +101,13 @@ class MLA(nn.Module):
         view = paged_view(step)
         if view is not None:  # decode: write the new entries, read the cache in place
             step.cache.write(step.layer_id, kv, k_pe, ik)
-            o = self._paged_decode(ix_in, qr_in, q_nope, q_pe, cos, sin, step, view)
-            return AttnOut(self.o_proj(o.reshape(b, s, h * cfg.v_head_dim)), None, None, None)
+            o, idx = self._paged_decode(ix_in, qr_in, q_nope, q_pe, cos, sin, step, view)
+            return AttnOut(self.o_proj(o.reshape(b, s, h * cfg.v_head_dim)), None, idx, None)
         if step.cache is not None:  # write this chunk at its positions, read each sequence so far
             kv, k_pe, ik = step.cache.update(step.layer_id, kv, k_pe, ik, step.positions)
         end = kv.shape[1]                                                 # T
         mask = step.mask                                                  # [B, S, T]
-        scores = idx = None
-        if step.sparse or step.return_aux:
-            scores = self.indexer(ix_in, qr_in, ik, cos, sin, mask, step.indexer_fp8)
-            idx = topk_select(scores.detach(), cfg.index_topk)            # [B, S, k]
+        scores, idx = select_keys(self.indexer, step, ix_in, qr_in, ik, cos, sin)  # [B, S, T], [B, S, k]
         if step.sparse and step.mode == "mha":  # keys outside the selected set are masked
             mask = selected_mask(idx, mask)
 
@@ -147,7 +145,8 @@ class MLA(nn.Module):
     def _paged_decode(self, x, qr, q_nope, q_pe, cos, sin, step, view):
         """Sparse absorbed-MQA decode over one layer of the paged cache (`view`): indexer logits
         straight from the cached keys, the step's mask, top-k, then sparse MLA over the selected
-        slots. The arithmetic of the gathered path, without the [B, T] copies. -> [B, S, H, Dv]."""
+        slots. The arithmetic of the gathered path, without the [B, T] copies. -> ([B, S, H, Dv],
+        the selected positions [B, S, k])."""
         cfg, mask = self.cfg, step.mask                                   # mask: [B, S, T]
         iq, iw = self.indexer.query(x, qr, cos, sin, step.indexer_fp8)    # [B, S, Hi, Di], [B, S, Hi]
         logits = indexer_logits_paged(iq, iw, view.ik, view.block_table, view.seq_lens,
@@ -159,7 +158,7 @@ class MLA(nn.Module):
         q_lat, w_uv = self._absorbed(q_nope)
         qc = torch.cat([q_lat, q_pe.float()], -1).to(torch.bfloat16)      # [B, S, H, C + R], as the rows
         o_lat, _ = sparse_mla_decode(qc, view.kv, slots, cfg.softmax_scale, cfg.kv_lora_rank)
-        return torch.einsum("bshc,hdc->bshd", o_lat.float(), w_uv).to(q_nope.dtype)
+        return torch.einsum("bshc,hdc->bshd", o_lat.float(), w_uv).to(q_nope.dtype), idx
 
     def _mqa(self, q_nope, q_pe, kv, k_pe, mask, idx, want_probs):
         """kv_b_proj absorbed: scores and outputs live in the latent space. With idx, only the

@@ -76,6 +76,8 @@ class Step:
     return_attn_probs: bool = False            # main attention probs summed over heads per layer
     return_router_scores: bool = False         # gate sigmoid scores per MoE layer (balance loss)
     forced_experts: list | None = None         # per MoE layer [B*S, k] ids to replay
+    return_topk: bool = False                  # selected key positions per layer (no scores)
+    forced_topk: torch.Tensor | None = None    # [B, S, L, k] packed key sets to replay (pack_selection)
     layer_id: int = 0
 
 
@@ -89,6 +91,15 @@ class ModelOutput:
     attn_probs: list = field(default_factory=list)          # per layer [B, S, T]
     expert_ids: list = field(default_factory=list)          # per MoE layer [B*S, k]
     router_scores: list = field(default_factory=list)       # per MoE layer [B*S, E] fp32
+
+    def add_attention(self, a, step: Step) -> None:
+        """Keep what the step asked for of one attention layer's output (an AttnOut)."""
+        if step.return_aux:
+            self.index_scores.append(a.index_scores)
+        if step.return_aux or step.return_topk:
+            self.topk_indices.append(a.topk_indices)
+        if step.return_attn_probs:
+            self.attn_probs.append(a.attn_probs)
 
 
 def positions_and_mask(input_ids: torch.Tensor, start_pos: int, cache, positions: torch.Tensor | None,
@@ -129,11 +140,7 @@ class Block(nn.Module):
         step.layer_id = self.layer_id
         a = self.self_attn(self.input_layernorm(x), cos, sin, step)
         x = x + a.out
-        if step.return_aux:
-            out.index_scores.append(a.index_scores)
-            out.topk_indices.append(a.topk_indices)
-        if step.return_attn_probs:
-            out.attn_probs.append(a.attn_probs)
+        out.add_attention(a, step)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             forced = step.forced_experts[len(out.expert_ids)] if step.forced_experts else None
@@ -212,8 +219,8 @@ class Transformer(nn.Module):
         Tokens sit at start_pos.. (or at explicit per-sequence `positions` [B, S], for batched
         decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
-        return_attn_probs, return_router_scores, forced_experts. mtp=True also runs the MTP
-        modules (training).
+        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk.
+        mtp=True also runs the MTP modules (training).
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)
         step = Step(positions=positions, mask=mask, cache=cache, **options)

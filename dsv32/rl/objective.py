@@ -11,6 +11,8 @@ with A_i = R_i - mean(R) over the group (no std division), KL the importance-wei
 estimate (eq. 7), and M_i the off-policy sequence mask (eqs. 8-9), which never touches the KL.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -27,31 +29,47 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tenso
     return (r - (sums / counts)[idx]).to(rewards.dtype)
 
 
-def kept_mask(kept: list, vocab: int, device=None) -> torch.Tensor:
-    """kept: per position the engine's kept token ids (None = whole vocabulary) -> [N, V] bool."""
-    mask = torch.ones(len(kept), vocab, dtype=torch.bool, device=device)
-    rows = [i for i, ids in enumerate(kept) if ids is not None]
-    if rows:
-        ids = [kept[i].to(torch.long) for i in rows]
-        r = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(x) for x in ids]))
-        mask[rows] = False
-        mask[r.to(device), torch.cat(ids).to(device)] = True
-    return mask
+@dataclass
+class KeptSets:
+    """The sampler's kept sets of N positions, stored sparse (spec §2.6: never a [N, V] mask):
+    token ids[j] is kept at position rows[j]; a position with no entry kept the whole vocabulary."""
+    n: int
+    rows: torch.Tensor        # [M] int64, non-decreasing
+    ids: torch.Tensor         # [M] int64
+    truncated: torch.Tensor   # [N] bool: the position kept only its listed ids
+
+
+def kept_sets(kept: list, device=None) -> KeptSets:
+    """kept: per position the engine's kept token ids (None = whole vocabulary) -> KeptSets."""
+    ids = [torch.as_tensor(x, dtype=torch.long).flatten() for x in kept if x is not None]
+    truncated = torch.tensor([x is not None for x in kept], dtype=torch.bool)
+    rows = torch.repeat_interleave(truncated.nonzero()[:, 0], torch.tensor([len(x) for x in ids], dtype=torch.long))
+    flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+    return KeptSets(len(kept), rows.to(device), flat.to(device), truncated.to(device))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   keep: torch.Tensor | None = None) -> torch.Tensor:
-    """logits: [..., V]; targets: [...] -> log-prob of each target under the sampler's processed
-    distribution: tempered, and with Keep Sampling Mask (keep [..., V] bool, the rollout's kept
-    set) every logit outside the kept set is -inf before the log-softmax (spec §2.6)."""
+                   keep: KeptSets | None = None) -> torch.Tensor:
+    """logits: [N, V]; targets: [N] -> log-prob of each target under the sampler's processed
+    distribution: tempered, and with Keep Sampling Mask (`keep`, the rollout's kept sets) the
+    normaliser runs over the kept ids only, as if every other logit were -inf (spec §2.6); a
+    target outside its kept set gets -inf."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for RL (log-probs of a sampled policy), got {temperature}")
     x = logits.float() / temperature
-    if keep is not None:
-        if keep.shape != x.shape:
-            raise ValueError(f"keep mask {tuple(keep.shape)} does not match logits {tuple(x.shape)}")
-        x = x.masked_fill(~keep, float("-inf"))
-    return x.log_softmax(-1).gather(-1, targets[..., None].long())[..., 0]
+    picked = x.gather(-1, targets[..., None].long())[..., 0]                # [N]
+    if keep is None:
+        return picked - x.logsumexp(-1)
+    if x.dim() != 2 or keep.n != x.shape[0]:
+        raise ValueError(f"kept sets of {keep.n} positions do not match logits {tuple(x.shape)}")
+    vals = x[keep.rows, keep.ids]                                           # [M]
+    top = torch.full_like(picked, float("-inf")).scatter_reduce(0, keep.rows, vals.detach(), "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = torch.zeros_like(picked).index_add(0, keep.rows, (vals - top[keep.rows]).exp())
+    norm = torch.where(keep.truncated, top + sums.log(), x.logsumexp(-1))   # [N]
+    hits = (keep.ids == targets[keep.rows].long()).long()
+    inside = torch.zeros(keep.n, dtype=torch.long, device=x.device).index_add(0, keep.rows, hits) > 0
+    return torch.where(keep.truncated & ~inside, float("-inf"), picked - norm)
 
 
 def sequence_mean(x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Rollouts through the dsv32 engine, and their replay in the trainer.
 
 A rollout records, per sampled token, the engine's log-prob under the processed distribution
-(pi_old) and the kept top-p/top-k set, and per position the expert ids every MoE layer used.
+(pi_old) and the kept top-p/top-k set, per position the expert ids every MoE layer used, and per
+position past index_topk the keys every layer's DSA selected (packed, 2 bytes a key).
 Multi-turn tool use runs in the token space: a turn's sampled tokens stay as they are, the tool
 results are appended as the chat format renders them, and the next turn continues the same
 token stream, so reasoning survives tool calls (the V3.2 rule until a new user message).
@@ -9,11 +10,13 @@ token stream, so reasoning survives tool calls (the V3.2 rule until a new user m
 Each turn is a new engine request, which prefills the whole context again. The routes a
 trajectory keeps are the ones the engine used when it first computed each position, i.e. when it
 sampled from there; a re-prefill's routes for earlier positions are compared to them
-(`route_drift`) but never replace them, so no turn's routes are dropped.
+(`route_drift`) but never replace them, so no turn's routes are dropped. Key selections follow
+the same rule (`selection_drift`).
 
 `pack` turns trajectories into padded tensors; `replay_logprobs` runs the model over them as the
-trainer sees them: forced to the recorded routes (Keep Routing) and masked to the recorded kept
-sets (Keep Sampling Mask), giving pi_theta at each sampled token.
+trainer sees them: forced to the recorded routes (Keep Routing) and key selections (Keep
+Selection: the trainer's indexer may rank keys differently, as its router may pick other experts)
+and masked to the recorded kept sets (Keep Sampling Mask), giving pi_theta at each sampled token.
 """
 
 from dataclasses import dataclass, field, replace
@@ -22,7 +25,8 @@ import torch
 
 from dsv32.chat import ChatFormatError, encode_messages, parse_completion
 from dsv32.engine import Engine, SamplingParams
-from dsv32.rl.objective import kept_mask, token_logprobs
+from dsv32.model.indexer import all_keys_selection
+from dsv32.rl.objective import KeptSets, kept_sets, token_logprobs
 from dsv32.rl.tasks import Task, run_tool
 
 
@@ -35,6 +39,8 @@ class Trajectory:
     logprobs: list[float]                   # per token: the engine's log-prob (0 where not sampled)
     kept: list                              # per token: kept ids [n] int32, or None (whole vocab / not sampled)
     experts: torch.Tensor | None = None     # [len(tokens) - 1, n_moe_layers, k]: routes of each fed position
+    selection: torch.Tensor | None = None   # [len(tokens) - 1 - index_topk, layers, index_topk]: packed
+                                            # key sets of fed positions index_topk.. (pack_selection)
     messages: list[dict] = field(default_factory=list)  # the conversation so far (prompt + turns)
     turns: int = 0
     turn_spans: list = field(default_factory=list)      # (start, end) token range each turn sampled
@@ -42,6 +48,7 @@ class Trajectory:
     answer: str = ""                        # the final message's content ("" if it does not parse)
     text: str = ""                          # all the policy wrote, every turn
     route_drift: list = field(default_factory=list)     # per later turn: share of re-prefilled routes that changed
+    selection_drift: list = field(default_factory=list) # per later turn: share of re-prefilled key sets that changed
 
     @property
     def n_sampled(self) -> int:
@@ -96,16 +103,17 @@ def _parse(tokenizer, task: Task, ids: list[int], finish: str) -> tuple[dict | N
         return None, text
 
 
-def _merge_routes(t: Trajectory, experts: torch.Tensor | None) -> None:
-    """Keep the first record of every position; append the positions this turn computed first."""
-    if experts is None:
-        return
-    if t.experts is None:
-        t.experts = experts
-        return
-    old = len(t.experts)
-    t.route_drift.append(float((experts[:old] != t.experts).any(-1).float().mean()))
-    t.experts = torch.cat([t.experts, experts[old:]])
+def _merged(first: torch.Tensor | None, new: torch.Tensor | None, drift: list) -> torch.Tensor | None:
+    """Per-position records [positions, layers, k] of a trajectory and of its newest turn: keep the
+    first record of every position, append the positions this turn computed first, and log the
+    share of re-computed positions whose record changed."""
+    if new is None or first is None:
+        return first if new is None else new
+    if new.dtype != first.dtype:  # packed key sets: uint16, or int32 where a gap is wider
+        first, new = first.int(), new.int()
+    old = len(first)
+    drift.append(float((new[:old] != first).flatten(1).any(-1).float().mean()) if old else 0.0)
+    return torch.cat([first, new[old:]])
 
 
 def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams, max_turns: int = 1,
@@ -137,7 +145,8 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
         for i, seq in reqs:
             t, out = trajs[i], engine.output(seq)
             start = len(t.tokens)
-            _merge_routes(t, out.experts)
+            t.experts = _merged(t.experts, out.experts, t.route_drift)
+            t.selection = _merged(t.selection, out.selection, t.selection_drift)
             t.tokens += out.token_ids
             t.action += [True] * len(out.token_ids)
             t.logprobs += out.logprobs
@@ -172,8 +181,9 @@ class Batch:
     targets: torch.Tensor         # [B, S]
     action: torch.Tensor          # [B, S] bool: the target was sampled by the policy
     logp_old: torch.Tensor        # [B, S] fp32: the engine's log-prob of the target
-    keep: torch.Tensor | None     # [N_action, V] bool: kept sets of the sampled targets (row-major order)
+    keep: KeptSets                # kept sets of the N_action sampled targets (row-major order)
     experts: list | None          # per MoE layer [B*S, k]: the recorded routes of each input position
+    selection: torch.Tensor | None = None  # [B, S, layers, index_topk] packed key sets of each input position
 
 
 def pack(trajs: list[Trajectory], vocab: int, pad_id: int = 0, device=None) -> Batch:
@@ -206,17 +216,42 @@ def pack(trajs: list[Trajectory], vocab: int, pad_id: int = 0, device=None) -> B
                 e[i, :n] = t.experts[:n].long()
         experts = [e[:, :, layer].reshape(b * s, k).to(device) for layer in range(layers)]
     return Batch(tok[:, :-1].to(device), tok[:, 1:].to(device), action[:, 1:].to(device),
-                 logp_old[:, 1:].to(device), kept_mask(kept, vocab, device), experts)
+                 logp_old[:, 1:].to(device), kept_sets(kept, device), experts, _pack_selection(trajs, s, device))
+
+
+def _pack_selection(trajs: list[Trajectory], s: int, device) -> torch.Tensor | None:
+    """[B, S, layers, k] packed key sets of every input position: the recorded ones from position
+    k on, all causal keys before it (what any top-k of fewer than k keys selects) and at padding."""
+    recorded = [t.selection for t in trajs if t.selection is not None]
+    if not recorded:  # no position of any trajectory had more than index_topk keys
+        return None
+    layers, k = recorded[0].shape[1:]
+    for i, t in enumerate(trajs):
+        need = min(len(t.tokens) - 1, s) - k
+        have = 0 if t.selection is None else len(t.selection)
+        if any(t.action) and have < need:  # never drop Keep Selection silently
+            raise ValueError(f"trajectory {i} has recorded key selections for {have} of its {need} "
+                             f"positions past index_topk={k}")
+    wide = any(r.dtype != torch.uint16 for r in recorded)
+    sel = all_keys_selection(torch.arange(s), k)[:, None].expand(s, layers, k)          # [S, layers, k]
+    sel = sel.to(torch.int32 if wide else torch.uint16).expand(len(trajs), s, layers, k).clone()
+    for i, t in enumerate(trajs):
+        if t.selection is not None:
+            n = max(0, min(len(t.selection), s - k))
+            sel[i, k:k + n] = t.selection[:n].to(sel.dtype)
+    return sel.to(device)
 
 
 def replay_logprobs(model, batch: Batch, temperature: float, keep_routing: bool = True,
-                    keep_sampling_mask: bool = True, autocast=None) -> torch.Tensor:
+                    keep_sampling_mask: bool = True, keep_selection: bool = True, autocast=None) -> torch.Tensor:
     """log pi_theta of every target [B, S] (0 where not sampled), as the trainer computes it:
     the same model code as the engine, DSA on, routes forced to the rollout's (Keep Routing, gate
-    weights recomputed over them) and logits outside the kept sets at -inf (Keep Sampling Mask)."""
+    weights recomputed over them), each layer attending to the keys the engine's indexer selected
+    (Keep Selection) and logits outside the kept sets at -inf (Keep Sampling Mask)."""
     forced = batch.experts if keep_routing else None
+    keys = batch.selection if keep_selection else None
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-        logits = model(batch.inputs, sparse=True, mode="mha", forced_experts=forced).logits     # [B, S, V]
+        logits = model(batch.inputs, sparse=True, mode="mha", forced_experts=forced, forced_topk=keys).logits  # [B, S, V]
     sel = logits[batch.action]                                                                 # [N, V]
     lp = token_logprobs(sel, batch.targets[batch.action], temperature,
                         batch.keep if keep_sampling_mask else None)

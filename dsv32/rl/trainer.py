@@ -32,7 +32,7 @@ from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, spea
 from dsv32.rl.tasks import Domain, TaskMix, load_tasks
 
 log = logging.getLogger(__name__)
-STABILISERS = ("keep_routing", "keep_sampling_mask", "off_policy_masking", "unbiased_kl")
+STABILISERS = ("keep_routing", "keep_sampling_mask", "keep_selection", "off_policy_masking", "unbiased_kl")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class RLConfig:
     mask_delta: float = 0.1               # off-policy masking threshold delta (not published)
     keep_routing: bool = True
     keep_sampling_mask: bool = True
+    keep_selection: bool = True           # replay the engine's DSA key sets (positions past index_topk)
     off_policy_masking: bool = True
     unbiased_kl: bool = True              # False: plain K3, no importance weight
     length_buffer: int = 0                # soft overlong penalty ramp (tokens; 0 = off)
@@ -258,7 +259,8 @@ class RLTrainer:
         trajs, adv, beta = [trajs[i] for i in live], adv[live], beta[live]
         batch = pack(trajs, self.policy.cfg.vocab_size, self.tokenizer.eos_id, self.device)
         replay = dict(temperature=cfg.temperature, keep_routing=cfg.keep_routing,
-                      keep_sampling_mask=cfg.keep_sampling_mask, autocast=self.autocast)
+                      keep_sampling_mask=cfg.keep_sampling_mask, keep_selection=cfg.keep_selection,
+                      autocast=self.autocast)
         logp = replay_logprobs(self.policy, batch, **replay)
         with torch.no_grad():
             logp_ref = replay_logprobs(self.ref, batch, **replay)
@@ -282,9 +284,10 @@ class RLTrainer:
         m = {"reward": sum(s["reward"] for s in scores) / n, "accuracy": sum(s["outcome"] for s in scores) / n,
              "response_len": sum(t.n_sampled for t in trajs) / n, "turns": sum(t.turns for t in trajs) / n,
              "truncated": sum(t.finish_reason == "length" for t in trajs) / n}
-        drift = [d for t in trajs for d in t.route_drift]
-        if drift:
-            m["route_drift"] = sum(drift) / len(drift)
+        for name in ("route_drift", "selection_drift"):
+            drift = [d for t in trajs for d in getattr(t, name)]
+            if drift:
+                m[name] = sum(drift) / len(drift)
         for dom in sorted({t.task.domain for t in trajs}):
             rows = [s for t, s in zip(trajs, scores) if t.task.domain == dom]
             m[f"reward/{dom}"] = sum(s["reward"] for s in rows) / len(rows)

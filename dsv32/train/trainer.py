@@ -5,7 +5,9 @@ Stages (spec §1.3-1.4):
   dsa-warmup      stage 1: dense attention, every parameter but the indexers frozen, loss = KL of
                   the indexer to the head-summed main attention over all causal keys
   dsa-sparse      stage 2: top-k selection on, all parameters train; the indexer sees detached
-                  inputs and learns only from the KL on its selected set, the rest only from LM
+                  inputs and learns only from the KL on its selected set, the rest only from LM;
+                  the two groups' gradients are clipped separately
+The MTP layers run in every stage, so their indexers train in stages 1 and 2 like the others.
 MoE balance as in DeepSeek-V3: the auxiliary-loss-free bias update plus a small sequence-wise
 balance loss. Runs on CPU, one GPU, or many with `torchrun` (FSDP2 over each block).
 
@@ -179,8 +181,8 @@ class Trainer:
         cfg, mcfg = self.cfg, self.model.cfg
         stage = cfg.stage
         kl_stage = stage in ("dsa-warmup", "dsa-sparse")
-        with self.autocast:
-            out = self.model(x, sparse=cfg.sparse, mode="mha", mtp=stage in ("pretrain", "sft") and bool(self.model.mtp),
+        with self.autocast:  # the MTP layers run in every stage: their indexers train with the others
+            out = self.model(x, sparse=cfg.sparse, mode="mha", mtp=bool(getattr(self.model, "mtp", None)),
                              return_aux=kl_stage, return_attn_probs=kl_stage, detach_indexer=stage == "dsa-sparse",
                              return_router_scores=stage != "dsa-warmup" and cfg.balance_alpha > 0)
         metrics = {}
@@ -198,13 +200,12 @@ class Trainer:
                                    for s, i in zip(out.router_scores, out.expert_ids)]).mean()
                 total = total + cfg.balance_alpha * bal
                 metrics["balance"] = bal.item()
-        if kl_stage:
-            n = mcfg.num_hidden_layers
+        if kl_stage:  # every layer's indexer, the MTP layers' included
             if stage == "dsa-warmup":
-                kls = [losses.indexer_kl_dense(s, p) for s, p in zip(out.index_scores[:n], out.attn_probs[:n])]
+                kls = [losses.indexer_kl_dense(s, p) for s, p in zip(out.index_scores, out.attn_probs)]
             else:
                 kls = [losses.indexer_kl_sparse(s, p, i) for s, p, i in
-                       zip(out.index_scores[:n], out.attn_probs[:n], out.topk_indices[:n])]
+                       zip(out.index_scores, out.attn_probs, out.topk_indices)]
             kl = torch.stack(kls).mean()
             total = total + cfg.indexer_weight * kl
             metrics["indexer_kl"] = kl.item()
@@ -234,13 +235,7 @@ class Trainer:
             vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(vals)
             sums = dict(zip(keys, (vals / self.world).tolist()))
-        params = [p for _, p in self.named]
-        if self.distributed:  # FSDP shards and experts: each rank holds a distinct part
-            from dsv32.parallel.fsdp import clip_grad_norm
-
-            norm = clip_grad_norm(params, cfg.grad_clip)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norms = self.clip_gradients()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if cfg.stage != "dsa-warmup" and cfg.bias_update_rate > 0 and expert_ids:
@@ -251,7 +246,31 @@ class Trainer:
                     ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
                 losses.update_expert_bias(gate.e_score_correction_bias, ids, cfg.bias_update_rate)
         self.step += 1
-        return {"step": self.step, "lr": lr, "grad_norm": float(norm), **sums}
+        return {"step": self.step, "lr": lr, **norms, **sums}
+
+    def clip_groups(self) -> dict[str, list]:
+        """Parameters clipped together, by the name of their norm in the metrics. Stage 2 clips the
+        indexers apart from the rest: they learn from the KL alone, the rest from the LM loss alone,
+        and one joint norm would let either loss shrink the other's update (spec §1.4)."""
+        if self.cfg.stage != "dsa-sparse":
+            return {"grad_norm": self.named}
+        return {"grad_norm": [(n, p) for n, p in self.named if ".indexer." not in n],
+                "indexer_grad_norm": [(n, p) for n, p in self.named if ".indexer." in n]}
+
+    def clip_gradients(self) -> dict[str, float]:
+        """Clip each group of clip_groups() to grad_clip; return each group's norm before clipping."""
+        norms = {}
+        for name, group in self.clip_groups().items():
+            params = [p for _, p in group]
+            if not params:
+                continue
+            if self.distributed:  # FSDP shards and experts: each rank holds a distinct part
+                from dsv32.parallel.fsdp import clip_grad_norm
+
+                norms[name] = float(clip_grad_norm(params, self.cfg.grad_clip))
+            else:
+                norms[name] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        return norms
 
     def _moe_gates(self):
         return [b.mlp.gate for b in self.model.layers if isinstance(b.mlp, MoE)]

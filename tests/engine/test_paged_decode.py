@@ -101,7 +101,7 @@ def test_paged_decode_through_the_triton_kernels_under_the_interpreter():
 def test_engine_greedy_with_paged_decode_equals_the_gathered_path(tiny, kv):
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 23, 70, 131)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, return_rl_data=True)
     outs = {}
     for paged in (True, False):
         # block_size 16: decode steps grow the tables in turn, so blocks interleave across sequences
@@ -115,6 +115,10 @@ def test_engine_greedy_with_paged_decode_equals_the_gathered_path(tiny, kv):
         assert a.token_ids == b.token_ids
         lp_a, lp_b = torch.tensor(a.logprobs), torch.tensor(b.logprobs)
         torch.testing.assert_close(lp_a, lp_b, **({} if kv == "auto" else {"atol": 0.1, "rtol": 0}))
+        # the key sets RL replays: every position past index_topk, the paged decode steps' included
+        assert a.selection.shape == (len(a.prompt_token_ids) + 11 - 8, tiny.cfg.num_hidden_layers, 8)
+        if kv == "auto":
+            assert torch.equal(a.selection, b.selection)
 
 
 def test_paged_decode_stays_off_where_it_does_not_apply(tiny):

@@ -97,6 +97,34 @@ def test_prefill_kernel_mixed_dtypes():
     assert_logits_close(indexer_logits_triton(q, kb, w, qs, None), indexer_logits_ref(q, kb, w, qs, None))
 
 
+def grads_through(fn, q, k, w, end, g):
+    """(logits, dq, dk, dw) of sum(g * logits) over the finite logits, through fn(q, k, w, k_end)."""
+    q, k, w = (x.detach().clone().requires_grad_() for x in (q, k, w))
+    out = fn(q, k, w, end)
+    (torch.where(torch.isfinite(out), out, 0.0) * g).sum().backward()
+    return out.detach(), q.grad, k.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_gradient_equals_autograd_through_the_reference(backend, dtype):
+    """indexer_logits is differentiable on both paths (stages 1 and 2 train through it): its
+    backward, recomputing the dots, against autograd through the plain-torch einsums."""
+    b, s, t, h, d = 2, 40, 70, 3, 16
+    q, k, w = torch.randn(b, s, h, d, device=DEV), torch.randn(b, t, d, device=DEV), torch.randn(b, s, h, device=DEV)
+    q, k = q.to(dtype), k.to(dtype)
+    end = torch.randint(0, t + 1, (b, s), device=DEV)
+    g = torch.randn(b, s, t, device=DEV)
+    want = grads_through(lambda *a: indexer_logits_ref(a[0], a[1], a[2], k_end=a[3]), q, k, w, end, g)
+    with force(backend):
+        got = grads_through(lambda *a: indexer_logits(a[0], a[1], a[2], k_end=a[3]), q, k, w, end, g)
+    assert_logits_close(got[0], want[0])
+    for name, x, y in zip(("dq", "dk", "dw"), got[1:], want[1:]):
+        assert x.dtype == y.dtype and x.abs().sum() > 0, name
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-4, msg=name)
+
+
 def fp8_page_cache(keys, bs):
     """keys [num_slots, D] -> FP8 pages [num_slots / bs, bs * (D + 4)] uint8, laid out by hand:
     each page's bs rows of D e4m3 bytes, then their bs fp32 scales."""
@@ -211,6 +239,8 @@ def test_dispatch_and_errors():
         indexer_logits(q, k, w[:, :2])
     with pytest.raises(ValueError, match="q_scale"):
         indexer_logits(q.to(FP8), k, w)
+    with pytest.raises(ValueError, match="differentiable"):
+        indexer_logits(q.to(FP8), k.to(FP8), w.requires_grad_(), torch.ones(1, 4, 2), torch.ones(1, 8))
     pq, pw, cache, table, lens, qs, bs = paged_setup([3, 9])
     with pytest.raises(ValueError, match="cache must be"):
         indexer_logits_paged(pq, pw, cache[:, :-1], table, lens, None, bs)

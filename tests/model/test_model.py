@@ -5,7 +5,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.model import ContextLengthError, Transformer
-from dsv32.model.indexer import hadamard
+from dsv32.model.indexer import all_keys_selection, hadamard, pack_selection
 from dsv32.model.moe import Gate
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved, rope_cos_sin
 
@@ -84,6 +84,25 @@ def test_forced_routing_with_own_choice_equals_free_routing(tiny):
     gate = tiny.layers[1].mlp.gate.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
     tiny.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["mha", "mqa"])
+def test_forced_key_selection_with_own_choice_equals_free_selection(tiny, mode):
+    x = ids()
+    free = tiny(x, mode=mode, return_topk=True)
+    assert len(free.topk_indices) == tiny.cfg.num_hidden_layers and not free.index_scores
+    forced = pack_selection(torch.stack(free.topk_indices, 2))            # [B, S, layers, k]
+    out = tiny(x, mode=mode, forced_topk=forced)
+    torch.testing.assert_close(out.logits, free.logits, rtol=0, atol=1e-6)  # key order may differ: sums reorder
+    # other key sets change the output: here every query's first k keys
+    first = all_keys_selection(torch.arange(40).expand(2, 40), tiny.cfg.index_topk)[:, :, None]
+    other = first.expand(-1, -1, tiny.cfg.num_hidden_layers, -1)
+    assert (tiny(x, mode=mode, forced_topk=other).logits - free.logits).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="forced_topk must be"):
+        tiny(x[:, :10], forced_topk=forced)
+    with pytest.raises(ValueError, match="beyond the 40 keys"):
+        tiny(x, forced_topk=pack_selection(torch.full_like(torch.stack(free.topk_indices, 2), 45)))
 
 
 def test_gate_group_limited_selection_by_hand():

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsv32.rl.objective import (
-    group_advantages, grpo_loss, k3, kept_mask, kl_unbiased, off_policy_mask, sequence_mean, token_logprobs,
+    group_advantages, grpo_loss, k3, kept_sets, kl_unbiased, off_policy_mask, sequence_mean, token_logprobs,
 )
 
 
@@ -23,16 +25,50 @@ def test_advantage_is_reward_minus_group_mean_without_std():
 
 def test_token_logprobs_with_the_kept_set_and_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    keep = kept_mask([torch.tensor([0, 2], dtype=torch.int32)], 4)
-    assert keep.tolist() == [[True, False, True, False]]
+    keep = kept_sets([torch.tensor([0, 2], dtype=torch.int32)])
+    assert keep.rows.tolist() == [0, 0] and keep.ids.tolist() == [0, 2] and keep.truncated.tolist() == [True]
     lp = token_logprobs(logits, torch.tensor([2]), temperature=0.5, keep=keep)
     # tempered logits 4, 2, 0, -2; kept {0, 2}: log(e^0 / (e^4 + e^0))
     assert lp.item() == pytest.approx(-math.log1p(math.exp(4)), abs=1e-6)
     full = token_logprobs(logits, torch.tensor([2]), temperature=0.5)
     assert full.item() == pytest.approx(-math.log(math.exp(4) + math.exp(2) + 1 + math.exp(-2)), abs=1e-6)
-    assert kept_mask([None], 4).all()
+    assert token_logprobs(logits, torch.tensor([1]), keep=keep).item() == float("-inf")  # outside its set
+    whole = kept_sets([None])  # the sampler kept every token: the plain log-softmax
+    assert token_logprobs(logits, torch.tensor([1]), keep=whole).item() == pytest.approx(
+        1.0 - math.log(math.exp(2) + math.exp(1) + 1 + math.exp(-1)), abs=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(logits, torch.tensor([0]), temperature=0)
+    with pytest.raises(ValueError, match="kept sets of 2"):
+        token_logprobs(logits, torch.tensor([0]), keep=kept_sets([None, None]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_sparse_kept_sets_equal_a_dense_vocabulary_mask(seed):
+    """Value and gradient equal the -inf-masked log-softmax over a [N, V] mask (the oracle)."""
+    g = torch.Generator().manual_seed(seed)
+    n, v = 7, 50
+    logits = (3 * torch.randn(n, v, generator=g)).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    kept = []
+    for i in range(n):
+        if torch.rand(1, generator=g) < 0.3:
+            kept.append(None)
+        else:
+            ids = torch.randperm(v, generator=g)[:int(torch.randint(1, v, (1,), generator=g))]
+            kept.append(torch.cat([ids, targets[i:i + 1]]).unique().int())  # the sampled token was kept
+    mask = torch.ones(n, v, dtype=torch.bool)
+    for i, ids in enumerate(kept):
+        if ids is not None:
+            mask[i] = False
+            mask[i, ids.long()] = True
+    want = (logits / 0.7).masked_fill(~mask, float("-inf")).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    got = token_logprobs(logits, targets, 0.7, kept_sets(kept))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = torch.randn(n, generator=g)
+    (dw,) = torch.autograd.grad((want * w).sum(), logits)
+    (dg,) = torch.autograd.grad((got * w).sum(), logits)
+    torch.testing.assert_close(dg, dw, rtol=1e-5, atol=1e-6)
 
 
 def test_kl_terms_by_hand():

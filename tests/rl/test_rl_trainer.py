@@ -51,7 +51,9 @@ def test_a_mismatched_sampler_shows_in_the_first_minibatch(built, tmp_path):
         batch = pack(trajs, tr.policy.cfg.vocab_size, 0)
         with torch.no_grad():
             lp = replay_logprobs(tr.policy, batch, 1.0)
-        assert (lp - batch.logp_old).abs()[batch.action].mean() > 1e-3, kw
+        # against < 1e-5 with a matched fp32 sampler (test above); Keep Selection removes the part
+        # of the bf16 mismatch that came from the indexer ranking keys differently
+        assert (lp - batch.logp_old).abs()[batch.action].mean() > 1e-4, kw
 
 
 def test_train_step_metrics(built, tmp_path):

@@ -1,16 +1,21 @@
-"""Engine rollouts and their replay in the trainer: with Keep Routing and Keep Sampling Mask the
-trainer's log-probs equal the engine's (fp32, CPU), for single- and multi-turn trajectories."""
+"""Engine rollouts and their replay in the trainer: with Keep Routing, Keep Selection and Keep
+Sampling Mask the trainer's log-probs equal the engine's (fp32, CPU), for single- and multi-turn
+trajectories."""
 
 import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsv32.chat import EOS, encode_messages, render_tool_calls
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
+from dsv32.model.indexer import pack_selection, unpack_selection
 from dsv32.rl.rollout import pack, replay_logprobs, rollout, tool_env, tool_suffix
 from dsv32.rl.tasks import Task, arithmetic_task
 from dsv32.rl.trainer import task_examples
@@ -79,6 +84,75 @@ def test_replay_equals_engine_logprobs_only_with_both_stabilisers(model, tok):
         pack(broken, model.cfg.vocab_size)
 
 
+def moved_indexers(model):
+    """The trainer's copy with every indexer perturbed: it ranks keys differently from the
+    engine's, as after an update or under other numerics. Index scores choose the keys and never
+    enter the attention weights, so over the engine's key sets the log-probs stay the same."""
+    trainer = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in trainer.named_parameters():
+            if ".indexer." in name and p.dim() == 2:
+                p.add_(p.std() * torch.randn(p.shape, generator=g))
+    return trainer
+
+
+def test_dsa_replays_the_engine_key_selection_only_with_keep_selection(model, tok):
+    rng = random.Random(6)
+    tasks = [arithmetic_task(rng) for _ in range(2) for _ in range(2)]
+    params = replace(PARAMS, max_tokens=40, ignore_eos=True)       # well past index_topk=16 keys
+    trajs = rollout(engine(model), tok, tasks, params)
+    k, layers = model.cfg.index_topk, model.cfg.num_hidden_layers
+    for t in trajs:  # every fed position with more than k causal keys: k distinct causal keys per layer
+        n = len(t.tokens) - 1 - k
+        assert n > 40 and t.selection.shape == (n, layers, k) and t.selection.dtype == torch.uint16
+        keys = unpack_selection(t.selection)
+        pos = torch.arange(k, k + n)[:, None, None]
+        assert (keys >= 0).all() and (keys <= pos).all() and (keys.diff(dim=-1) > 0).all()
+    lp, old = replay(model, trajs)
+    assert (lp - old).abs().max() < 1e-5
+    trainer = moved_indexers(model)
+    lp, old = replay(trainer, trajs)
+    assert (lp - old).abs().max() < 1e-5                         # forced key sets: the indexer does not matter
+    lp, old = replay(trainer, trajs, keep_selection=False)
+    assert (lp - old).abs().mean() > 1e-3                        # its own top-k attends to other keys
+    broken = [copy.copy(trajs[0]), trajs[1]]
+    broken[0].selection = broken[0].selection[:-3]
+    with pytest.raises(ValueError, match="recorded key selections"):
+        pack(broken, model.cfg.vocab_size)
+
+
+@pytest.mark.gpu
+def test_dsa_selection_replay_on_cuda_with_the_kernels(model, tok):
+    """The same on CUDA, where the indexer and top-k run as Triton kernels in the engine and the
+    trainer (fp32: the equality is up to GPU reduction order)."""
+    gpu = copy.deepcopy(model).cuda()
+    eng = Engine(gpu, EngineConfig(num_blocks=64, prefill_chunk=24, max_num_seqs=8))
+    rng = random.Random(7)
+    trajs = rollout(eng, tok, [arithmetic_task(rng) for _ in range(4)], replace(PARAMS, max_tokens=40, ignore_eos=True))
+    assert all(t.selection is not None and len(t.selection) == len(t.tokens) - 1 - model.cfg.index_topk for t in trajs)
+    batch = pack(trajs, model.cfg.vocab_size, 0, device="cuda")
+    trainer = moved_indexers(model).cuda()
+    with torch.no_grad():
+        on = replay_logprobs(trainer, batch, PARAMS.temperature)[batch.action]
+        off = replay_logprobs(trainer, batch, PARAMS.temperature, keep_selection=False)[batch.action]
+    old = batch.logp_old[batch.action]
+    assert (on - old).abs().max() < 1e-4 and (off - old).abs().mean() > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 300_000), st.data())
+def test_packed_key_sets_round_trip(k, end, data):
+    """pack_selection is lossless for any set of distinct positions (and -1 padding), 2 bytes a key
+    unless two consecutive selected keys lie 65536 or more apart."""
+    keys = data.draw(st.lists(st.integers(0, end), min_size=0, max_size=k, unique=True))
+    row = torch.tensor(keys + [-1] * (k - len(keys)))[torch.randperm(k)]
+    packed = pack_selection(row[None])
+    assert torch.equal(unpack_selection(packed)[0], row.sort().values)
+    gaps = torch.tensor(sorted([-1] + keys)).diff()
+    assert packed.dtype == (torch.uint16 if len(keys) == 0 or gaps.max() < 65536 else torch.int32)
+
+
 class Recording(Engine):
     """The engine, keeping every request's output (to check each turn's routes)."""
 
@@ -99,6 +173,7 @@ def test_multi_turn_tool_rollout_keeps_every_turns_routes(model, tok):
     eng = Recording(model, EngineConfig(num_blocks=64, prefill_chunk=24))
     (t,) = rollout(eng, tok, [task], PARAMS, max_turns=3, env=scripted_env)
     assert t.turns == 3 and len(t.turn_spans) == 3 and len(eng.outputs) == 3
+    topk = model.cfg.index_topk
     assert t.experts.shape[0] == len(t.tokens) - 1
     for k, ((start, end), out) in enumerate(zip(t.turn_spans, eng.outputs)):
         # each request's prompt is the whole stream so far: earlier turns' samples, thinking included
@@ -106,11 +181,14 @@ def test_multi_turn_tool_rollout_keeps_every_turns_routes(model, tok):
         # positions this turn computed first keep this turn's routes
         first = t.turn_spans[k - 1][1] - 1 if k else 0
         assert torch.equal(t.experts[first:end - 1], out.experts[first:end - 1])
+        a, b = max(0, first - topk), end - 1 - topk            # and its key sets, rows from position topk
+        assert torch.equal(t.selection[a:b], out.selection[a:b])
     for (_, end), (nxt, _) in zip(t.turn_spans, t.turn_spans[1:]):
         suffix = tok.decode(t.tokens[end:nxt])
         assert suffix == "\n\n<function_results>\n<result>42</result>\n</function_results>\n\n<think>"
         assert not any(t.action[end:nxt])
     assert len(t.route_drift) == 2 and all(0 <= d <= 1 for d in t.route_drift)
+    assert t.selection.shape[0] == len(t.tokens) - 1 - topk and len(t.selection_drift) == 2
     # the trainer's single forward over all turns reproduces every turn's sampling log-probs
     lp, old = replay(model, [t])
     assert len(lp) == sum(e - s for s, e in t.turn_spans) and (lp - old).abs().max() < 1e-5
