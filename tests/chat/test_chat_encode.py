@@ -181,6 +181,23 @@ def test_developer_role_carries_tools_and_the_question():
     )
 
 
+def test_reasoning_before_a_later_developer_message_is_dropped():
+    """The drop point is the last user OR developer message (the official encoder's rule): an
+    answer's reasoning followed by a developer turn must not leak into the next prompt."""
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "reasoning_content": "SECRET-THOUGHT", "content": "Hello!"},
+        {"role": "developer", "content": "Now search."},
+    ]
+    text = encode_messages(messages)
+    assert "SECRET-THOUGHT" not in text
+    assert text == (f"{B}{U}Hi{A}</think>Hello!{E}{U}\n\n# The user's message is: Now search.{A}<think>")
+    # after the developer turn, the reasoning of a reply stays (reasoning survives tool round trips)
+    messages += [{"role": "assistant", "reasoning_content": "KEEP", "tool_calls": [call("get_weather", city="Lyon")]},
+                 {"role": "tool", "content": "sunny"}]
+    assert "KEEP" in encode_messages(messages) and "SECRET-THOUGHT" not in encode_messages(messages)
+
+
 def test_response_format():
     schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
     messages = [{"role": "system", "content": "Be terse.", "response_format": schema}, {"role": "user", "content": "2+2?"}]

@@ -157,12 +157,22 @@ def test_kernel_split_counts_agree():
     torch.testing.assert_close(three[0].float(), one[0].float(), rtol=1e-2, atol=1e-2)
 
 
-def test_dispatcher_runs_the_reference_on_cpu():
-    q, cache, idx = make_case(1, 1, 4, 8)
-    want = sparse_mla_decode_ref(q, cache, idx, SCALE)
+def test_dispatcher_on_cpu_equals_a_softmax_over_the_selected_rows():
+    """The automatic choice on CPU tensors, against attention written out per query: softmax of
+    q . row * scale over the selected rows (holes skipped), values = the rows' first 512 dims."""
+    q, cache, idx = make_case(1, 2, 4, 8)
     with force(None):
-        got = sparse_mla_decode(q, cache, idx, SCALE)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        o, lse = sparse_mla_decode(q, cache, idx, SCALE)
+    for s in range(2):
+        rows = cache[idx[0, s][idx[0, s] >= 0].long()].float()              # [n, 576]
+        for h in range(4):
+            if len(rows) == 0:
+                assert lse[0, s, h].item() == float("-inf")
+                continue
+            logits = rows @ q[0, s, h].float() * SCALE
+            p = logits.softmax(0)
+            torch.testing.assert_close(lse[0, s, h], logits.logsumexp(0), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(o[0, s, h].float(), p @ rows[:, :512], rtol=2e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("rows,k", [(1, 2048), (4, 2048), (64, 2048), (256, 2048), (2, 100)])

@@ -31,12 +31,17 @@ def assert_topk_set(scores: torch.Tensor, got: torch.Tensor, k: int):
         assert torch.equal(chosen, best), f"row {r}: chosen scores differ from the {n} largest"
 
 
-def test_ref_matches_model_topk_select():
+def test_ref_and_the_models_selection_are_top_k_sets():
+    """topk_ref against a full sort (assert_topk_set), and topk_select's layout for the model:
+    [B, S, min(k, T)] int64, a query with fewer than k allowed keys gets all of them, then -1."""
     x = torch.randn(3, 50)
     x[1, 10:] = NEG
-    want = topk_select(x[None], 20)[0]
-    assert torch.equal(topk_ref(x, 20).long(), want)
     assert_topk_set(x, topk_ref(x, 20), 20)
+    sel = topk_select(x[None], 20)[0]
+    assert sel.dtype == torch.int64 and sel.shape == (3, 20)
+    assert sorted(sel[1, :10].tolist()) == list(range(10)) and (sel[1, 10:] == -1).all()
+    assert set(sel[0].tolist()) == set(x[0].argsort(descending=True)[:20].tolist())
+    assert topk_select(x[None], 80).shape == (1, 3, 50)
 
 
 @pytest.mark.parametrize("r,n,k", [(3, 100, 10), (2, 5000, 300), (3, 20000, 64), (2, 20000, 1000)])

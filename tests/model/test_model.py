@@ -1,5 +1,7 @@
 """Properties of the model that hold by construction of the architecture."""
 
+import math
+
 import pytest
 import torch
 
@@ -190,6 +192,70 @@ def test_mtp_logits_shapes_and_gradient(tiny):
     out.mtp_logits[0].sum().backward()
     assert tiny.mtp[0].eh_proj.weight.grad.abs().sum() > 0
     tiny.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_mtp_input_is_eh_proj_of_normed_next_embedding_and_normed_hidden():
+    """DeepSeek-V3 eq. 21, by hand: h'_i = M [RMSNorm(Emb(t_{i+1})); RMSNorm(h_i)] with distinct
+    norm weights, then the MTP block and the shared head (lm_head after its own norm)."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny")).eval()
+    layer = m.mtp[0]
+    layer.enorm.weight.copy_(2.0 + torch.rand_like(layer.enorm.weight))
+    layer.hnorm.weight.copy_(0.1 + 0.1 * torch.rand_like(layer.hnorm.weight))
+    x = ids(s=12)
+    out = m(x, mtp=True)
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + m.cfg.rms_norm_eps) * w
+
+    n = x.shape[1] - 1
+    emb = m.embed_tokens.weight[x[:, 1:]]                                 # t_{i+1}, i = 0..n-1
+    pre = torch.cat([rms(emb, layer.enorm.weight), rms(out.hidden[:, :n], layer.hnorm.weight)], -1) @ layer.eh_proj.weight.t()
+    # the MTP block itself is an ordinary Block: run it on the hand-made input
+    from dsv32.model.rope import rope_cos_sin
+    from dsv32.model.transformer import Block, ModelOutput, Step, positions_and_mask
+
+    pos, mask = positions_and_mask(x[:, :n], 0, None, None, m.cfg)
+    cos, sin = rope_cos_sin(m.cfg, pos)
+    h = Block.forward(layer, pre, cos, sin, Step(positions=pos, mask=mask), ModelOutput(None, None))
+    want = m.lm_head(rms(h, layer.shared_head.norm.weight))
+    torch.testing.assert_close(out.mtp_logits[0], want, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_mtp_logits_at_i_see_token_i_plus_1_and_nothing_later():
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny")).eval()
+    x = ids(b=1, s=16)
+    base = m(x, mtp=True).mtp_logits[0]                                   # [1, 15, V]: predicts t_{i+2}
+    i = 6
+    nxt, later = x.clone(), x.clone()
+    nxt[0, i + 1] = (x[0, i + 1] + 1) % 512
+    later[0, i + 2] = (x[0, i + 2] + 1) % 512
+    assert (m(nxt, mtp=True).mtp_logits[0][0, i] - base[0, i]).abs().max() > 1e-4
+    assert torch.equal(m(later, mtp=True).mtp_logits[0][0, :i + 1], base[0, :i + 1])
+
+
+def test_gate_without_topk_renormalisation_by_hand():
+    """norm_topk_prob=False: the chosen experts' weights are their raw sigmoid scores times
+    routed_scaling_factor (DeepSeek-V3's gate before V3's renormalisation)."""
+    cfg = preset("tiny").replace(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2,
+                                 norm_topk_prob=False, routed_scaling_factor=2.5)
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[3, 0], gate.weight[5, 0], gate.weight[1, 0] = 2.0, 1.0, 0.5   # logits 2, 1, 0.5, 0 ...
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    w, ids_, _ = gate(x)
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    assert ids_[0].tolist() == [3, 5]
+    torch.testing.assert_close(w[0], torch.tensor([2.5 * sig(2.0), 2.5 * sig(1.0)]))
+    normed = Gate(cfg.replace(norm_topk_prob=True))
+    normed.load_state_dict(gate.state_dict())
+    total = sig(2.0) + sig(1.0)
+    torch.testing.assert_close(normed(x)[0][0], torch.tensor([2.5 * sig(2.0) / total, 2.5 * sig(1.0) / total]))
 
 
 def test_detached_indexer_gets_no_lm_gradient(tiny):

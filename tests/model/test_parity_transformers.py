@@ -6,10 +6,9 @@ index_topk < sequence) is saved by transformers and loaded by dsv32; fp32 logits
 
 import pytest
 import torch
+import transformers  # a dev dependency: missing, this file must fail, not skip (it catches most model bugs)
 
-transformers = pytest.importorskip("transformers")
-
-from dsv32 import load_model  # noqa: E402
+from dsv32 import load_model
 
 HF_KW = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -23,9 +22,9 @@ HF_KW = dict(
 )
 
 
-def _hf_model(tmp_path, index_topk):
+def _hf_model(tmp_path, index_topk, **overrides):
     torch.manual_seed(1)
-    cfg = transformers.DeepseekV32Config(index_topk=index_topk, **HF_KW)
+    cfg = transformers.DeepseekV32Config(index_topk=index_topk, **{**HF_KW, **overrides})
     cfg._attn_implementation = "eager"
     ref = transformers.DeepseekV32ForCausalLM(cfg).eval()
     with torch.no_grad():  # random router bias and norms, so those paths are exercised too
@@ -38,9 +37,10 @@ def _hf_model(tmp_path, index_topk):
     return ref
 
 
-@pytest.mark.parametrize("index_topk,seq", [(64, 24), (8, 40)], ids=["dense", "dsa"])
-def test_logits_match_transformers(tmp_path, index_topk, seq):
-    ref = _hf_model(tmp_path, index_topk)
+@pytest.mark.parametrize("index_topk,seq,norm_topk_prob", [(64, 24, True), (8, 40, True), (8, 40, False)],
+                         ids=["dense", "dsa", "dsa-unnormalised-gate"])
+def test_logits_match_transformers(tmp_path, index_topk, seq, norm_topk_prob):
+    ref = _hf_model(tmp_path, index_topk, norm_topk_prob=norm_topk_prob)
     ours = load_model(tmp_path, dtype=torch.float32)
     ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -52,6 +52,46 @@ def test_logits_match_transformers(tmp_path, index_topk, seq):
     if index_topk < seq:  # DSA really selected: dense attention gives something else
         dense = ours(ids, sparse=False).logits
         assert (dense - want).abs().max() > 1e-3
+
+
+def test_index_scores_match_transformers_indexer(tmp_path):
+    """The indexer's scores themselves, not only the keys they select: their scale enters the
+    stage-1/2 KL, which top-k alone cannot see. transformers' indexer returns only indices, so its
+    scores are read where it calls topk on them."""
+    ref = _hf_model(tmp_path, index_topk=8)
+    ours = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(4))
+    seen, topk = [], torch.Tensor.topk
+
+    def spy(t, *args, **kwargs):
+        seen.append(t.detach().clone())
+        return topk(t, *args, **kwargs)
+
+    def on(module, args, kwargs):
+        torch.Tensor.topk = spy
+
+    def off(module, args, kwargs, output):
+        torch.Tensor.topk = topk
+
+    hooks = [m.register_forward_pre_hook(on, with_kwargs=True) for m in ref.modules()
+             if type(m).__name__ == "DeepseekV32Indexer"]
+    hooks += [m.register_forward_hook(off, with_kwargs=True) for m in ref.modules()
+              if type(m).__name__ == "DeepseekV32Indexer"]
+    try:
+        with torch.no_grad():
+            ref(ids)
+    finally:
+        torch.Tensor.topk = topk
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        got = ours(ids, return_aux=True).index_scores
+    assert len(seen) == len(got) == HF_KW["num_hidden_layers"]
+    causal = torch.ones(30, 30, dtype=torch.bool).tril()
+    for layer, (want, mine) in enumerate(zip(seen, got)):
+        want, mine = want[:, causal], mine[:, causal]
+        assert torch.isfinite(mine).all() and mine.abs().max() > 1e-3, layer
+        torch.testing.assert_close(mine, want.float(), rtol=1e-4, atol=1e-5, msg=f"layer {layer}")
 
 
 def test_decode_with_cache_matches_transformers_full_forward(tmp_path):
