@@ -125,3 +125,17 @@ def test_tied_embeddings_survive_loading(tmp_path):
     x = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
         assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_a_model_served_from_stacked_experts_still_saves(tmp_path):
+    """The engine makes each expert's weights views into two stacks (grouped GEMMs); the model
+    still saves as separate, unshared tensors with the official names, and loads back equal."""
+    from dsv32.engine import Engine, EngineConfig
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    Engine(model, EngineConfig(num_blocks=4))
+    assert model.layers[1].mlp.stacked is not None
+    save_model(model, tmp_path)
+    back = load_model(tmp_path, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))

@@ -18,6 +18,7 @@ from dsv32.engine.sampler import Sample, SamplingParams, sample
 from dsv32.engine.scheduler import Scheduler, Sequence, Status
 from dsv32.model import ContextLengthError, Transformer
 from dsv32.model.indexer import pack_selection
+from dsv32.model.moe import MoE
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig | None = None, tokenizer=None):
         self.model, self.config, self.tokenizer = model.eval(), config or EngineConfig(), tokenizer
+        for m in model.modules():  # routed experts as grouped GEMMs: no host sync per MoE layer
+            if type(m) is MoE:
+                m.stack_experts()
         cfg, ec = model.cfg, self.config
         self.max_model_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.mha_below = ec.mha_prefill_below or cfg.index_topk

@@ -60,6 +60,25 @@ class Gate(nn.Module):
         return weights * cfg.routed_scaling_factor, ids, scores
 
 
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor) -> torch.Tensor:
+    """The routed experts as two grouped GEMMs over expert-sorted rows, without a host sync (the
+    per-expert row counts stay on the device, as group offsets): sum_j weights[t, j] *
+    expert_{ids[t, j]}(x[t]). x: [T, D]; weights, ids: [T, k]; w13: [E, 2I, D] (each expert's
+    gate rows, then its up rows); w2: [E, D, I] -> [T, D]."""
+    t, k = ids.shape
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)                               # [T*k] (token, slot) pairs by expert
+    tok = order // k
+    counts = torch.zeros(w13.shape[0], dtype=torch.long, device=x.device)
+    ends = counts.scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)  # [E]
+    h = torch._grouped_mm(x[tok], w13.transpose(1, 2), offs=ends)  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)      # [T*k, D]
+    y = y.float() * weights.flatten()[order, None]
+    return torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,19 +88,55 @@ class MoE(nn.Module):
                                      for _ in range(cfg.n_routed_experts))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None   # (w13, w2), see stack_experts
+
+    @torch.no_grad()
+    def stack_experts(self) -> bool:
+        """For serving: move the routed experts' weights into two stacked tensors, w13 [E, 2I, D]
+        and w2 [E, D, I], and make each expert's parameters views of them, so inference runs the
+        experts as grouped GEMMs (no host sync, CUDA-graph safe) with no second copy of the
+        weights; loading or copying into the parameters writes the stacks. Returns False (and
+        changes nothing) where the experts are not plain dense linears on one device."""
+        linears = [lin for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj)]
+        w = linears[0].weight
+        if any(type(lin) is not nn.Linear or lin.weight.device != w.device or lin.weight.dtype != w.dtype
+               or lin.weight.device.type == "meta" for lin in linears):
+            return False
+        w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+        w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        inter = self.cfg.moe_intermediate_size
+        for i, e in enumerate(self.experts):
+            e.gate_proj.weight.data, e.up_proj.weight.data = w13[i, :inter], w13[i, inter:]
+            e.down_proj.weight.data = w2[i]
+        self.stacked = (w13, w2)
+        return True
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the stacked experts: inference, stacks still backing the
+        parameters (a .to() or a re-sharding replaces them), and an input dtype the device's
+        grouped GEMM takes (bf16 on CUDA; any on CPU)."""
+        if self.stacked is None or torch.is_grad_enabled():
+            return False
+        w13, w2 = self.stacked
+        e = self.experts[-1]
+        return (e.gate_proj.weight.data_ptr() == w13[-1].data_ptr() and e.down_proj.weight.data_ptr() == w2[-1].data_ptr()
+                and x.dtype == w13.dtype and (x.device.type == "cpu" or x.dtype == torch.bfloat16))
 
     def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None):
         """x: [B, S, D] -> (y [B, S, D], expert ids [B*S, k], gate scores [B*S, E])."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                    # [T, D]
         weights, ids, scores = self.gate(x, forced_ids)
-        y = torch.zeros_like(x)
-        counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).tolist()
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok, slot = torch.where(ids == e)
-            y.index_add_(0, tok, (self.experts[e](x[tok]) * weights[tok, slot, None]).to(x.dtype))
+        if self._grouped(x):
+            y = grouped_experts(x, weights, ids, *self.stacked)
+        else:  # one expert at a time (training; its autograd is torch's)
+            y = torch.zeros_like(x)
+            counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).tolist()
+            for e, n in enumerate(counts):
+                if n == 0:
+                    continue
+                tok, slot = torch.where(ids == e)
+                y.index_add_(0, tok, (self.experts[e](x[tok]) * weights[tok, slot, None]).to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape), ids, scores

@@ -8,7 +8,7 @@ import torch
 from dsv32.config import preset
 from dsv32.model import ContextLengthError, Transformer
 from dsv32.model.indexer import all_keys_selection, hadamard, pack_selection
-from dsv32.model.moe import Gate
+from dsv32.model.moe import Gate, MoE
 from dsv32.model.rope import apply_rope_half, apply_rope_interleaved, rope_cos_sin
 
 
@@ -105,6 +105,33 @@ def test_forced_key_selection_with_own_choice_equals_free_selection(tiny, mode):
         tiny(x[:, :10], forced_topk=forced)
     with pytest.raises(ValueError, match="beyond the 40 keys"):
         tiny(x, forced_topk=pack_selection(torch.full_like(torch.stack(free.topk_indices, 2), 45)))
+
+
+@torch.no_grad()
+def test_stacked_experts_as_grouped_gemms_equal_one_expert_at_a_time():
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1)
+    moe = MoE(cfg).eval()
+    x = torch.randn(2, 7, cfg.hidden_size)
+    forced = torch.tensor([[0, 1, 2]] * 10 + [[2, 5, 7]] * 4)           # experts 3, 4 and 6 get nothing
+    want, want_forced = moe(x)[0], moe(x, forced)[0]
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    assert moe.stack_experts()
+    w13, w2 = moe.stacked
+    assert moe.experts[5].up_proj.weight.data_ptr() == w13[5, cfg.moe_intermediate_size:].data_ptr()
+    assert all(torch.equal(v, state[k]) for k, v in moe.state_dict().items())   # same values, same names
+    assert moe._grouped(x.view(-1, cfg.hidden_size))
+    torch.testing.assert_close(moe(x)[0], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x, forced)[0], want_forced, rtol=1e-5, atol=1e-6)
+    # loading new weights into the parameters is loading them into the stacks
+    other = MoE(cfg).eval()
+    moe.load_state_dict(other.state_dict())
+    torch.testing.assert_close(moe(x)[0], other(x)[0], rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():
+        assert not moe._grouped(x.view(-1, cfg.hidden_size))             # training: one expert at a time
+    moe.to(torch.float64)                                                # new storage: the stacks no longer back it
+    assert not moe._grouped(x.double().view(-1, cfg.hidden_size))
+    torch.testing.assert_close(moe(x.double())[0].float(), other(x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_gate_group_limited_selection_by_hand():
