@@ -264,6 +264,25 @@ def test_mtp_logits_at_i_see_token_i_plus_1_and_nothing_later():
     assert torch.equal(m(later, mtp=True).mtp_logits[0][0, :i + 1], base[0, :i + 1])
 
 
+@torch.no_grad()
+def test_two_mtp_depths_each_predict_one_token_further():
+    """Depth k's logits [B, S-k, V] at position i see tokens up to t_{i+k} and nothing later."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny").replace(num_nextn_predict_layers=2)).eval()
+    x = ids(b=1, s=16)
+    base = m(x, mtp=True).mtp_logits
+    assert [t.shape[1] for t in base] == [15, 14]
+    i = 5
+    for k in (1, 2):
+        at, after = x.clone(), x.clone()
+        at[0, i + k] = (x[0, i + k] + 1) % 512
+        after[0, i + k + 1] = (x[0, i + k + 1] + 1) % 512
+        assert (m(at, mtp=True).mtp_logits[k - 1][0, i] - base[k - 1][0, i]).abs().max() > 1e-4, k
+        # (equal up to rounding: a changed later token regroups the MoE's rows per expert)
+        torch.testing.assert_close(m(after, mtp=True).mtp_logits[k - 1][0, :i + 1], base[k - 1][0, :i + 1],
+                                   rtol=0, atol=1e-5)
+
+
 def test_gate_without_topk_renormalisation_by_hand():
     """norm_topk_prob=False: the chosen experts' weights are their raw sigmoid scores times
     routed_scaling_factor (DeepSeek-V3's gate before V3's renormalisation)."""

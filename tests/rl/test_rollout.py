@@ -153,6 +153,22 @@ def test_packed_key_sets_round_trip(k, end, data):
     assert packed.dtype == (torch.uint16 if len(keys) == 0 or gaps.max() < 65536 else torch.int32)
 
 
+def test_a_later_turn_never_replaces_the_records_the_earlier_turns_sampled_with():
+    """Routes and key sets merged over turns (rollout._merged): each position keeps the record of
+    the turn that computed it first; a re-prefill's differing records only count as drift.
+    (On a CPU in fp32 a re-prefill recomputes the same routes, so the drift is made by hand.)"""
+    from dsv32.rl.rollout import _merged
+
+    first = torch.tensor([[[1, 2]], [[3, 4]]])                           # turn 1: positions 0, 1
+    later = torch.tensor([[[1, 2]], [[5, 6]], [[7, 8]], [[9, 9]]])       # turn 2 re-prefilled 0, 1; then 2, 3
+    drift = []
+    merged = _merged(first, later, drift)
+    assert merged.tolist() == [[[1, 2]], [[3, 4]], [[7, 8]], [[9, 9]]] and drift == [0.5]
+    assert _merged(None, later, drift) is later and _merged(first, None, drift) is first
+    wide = _merged(first.to(torch.uint16), later.int(), [])              # packed key sets: uint16 meets int32
+    assert wide.dtype == torch.int32 and wide.tolist() == merged.tolist()
+
+
 class Recording(Engine):
     """The engine, keeping every request's output (to check each turn's routes)."""
 
