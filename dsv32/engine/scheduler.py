@@ -2,9 +2,9 @@
 
 Each engine step is one plan: some prefill chunks (at most `prefill_chunk` tokens of one sequence
 each, within a token budget) and one batch of decodes (every running sequence whose prompt is
-done). A sequence that cannot get a block for its next token preempts the youngest running one,
-whose blocks are freed and whose tokens are recomputed later (their prefix blocks usually still
-sit in the prefix cache).
+done). A sequence that cannot get a block for its next token preempts the youngest running one
+(itself, if it is the youngest: it then skips this step's decode), whose blocks are freed and whose
+tokens are recomputed later (their prefix blocks usually still sit in the prefix cache).
 """
 
 import itertools
@@ -35,7 +35,8 @@ class Sequence:
     status: Status = Status.WAITING
     prompt_len: int = 0
     num_computed: int = 0               # tokens whose cache entries are written
-    num_cached: int = 0                 # prompt tokens served from the prefix cache
+    num_cached: int = 0                 # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0            # times preempted (its tokens recomputed on re-admission)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
@@ -92,14 +93,14 @@ class Scheduler:
             if seq.status is not Status.RUNNING or not seq.prefill_done:
                 continue
             while not self.blocks.append_slot(seq.block_table, len(seq.tokens)):
-                victim = self._youngest_other(seq)
-                if victim is None:  # alone and out of blocks: the cache is too small for it
-                    self.finish(seq, "length")
+                if -(-len(seq.tokens) // self.blocks.block_size) > len(self.blocks.ref):
+                    self.finish(seq, "length")  # the whole cache is too small for it
                     break
+                victim = self._youngest()  # seq or younger: never a sequence already planned
                 self.preempt(victim)
                 plan.preempted.append(victim)
-                if victim in plan.decodes:
-                    plan.decodes.remove(victim)
+                if victim is seq:
+                    break
             if seq.status is Status.RUNNING:
                 plan.decodes.append(seq)
         budget = self.budget - len(plan.decodes)
@@ -124,7 +125,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.block_table = self.blocks.allocate(len(seq.tokens), cached)
             seq.block_hashes = hashes
-            seq.num_computed = seq.num_cached = len(cached) * self.blocks.block_size
+            seq.num_computed = len(cached) * self.blocks.block_size
+            if not seq.num_preemptions:  # a recompute's hits (its own blocks) are no prompt cache hits
+                seq.num_cached = seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(self.chunk, budget, len(seq.tokens) - seq.num_computed)
@@ -151,15 +154,17 @@ class Scheduler:
             seq.block_hashes.append(self._hash_at(seq, i))
             self.blocks.register(seq.block_table[i], seq.block_hashes[i])
 
-    def _youngest_other(self, seq: Sequence) -> Sequence | None:
+    def _youngest(self) -> Sequence:
+        """The running sequence admitted last: the preemption victim."""
         for other in reversed(self.running):
-            if other is not seq and other.status is Status.RUNNING:
+            if other.status is Status.RUNNING:
                 return other
-        return None
+        raise RuntimeError("no running sequence to preempt")
 
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks; it re-enters the queue first and recomputes its tokens."""
         self.num_preemptions += 1
+        seq.num_preemptions += 1
         self.blocks.release(seq.block_table)
         seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
         seq.status = Status.WAITING
