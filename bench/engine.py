@@ -5,7 +5,8 @@ shape (the shape of DeepSeek's Figure 3, spec §1.6).
     python bench/engine.py [--quick]
 
 Writes bench/results/engine-<gpu>.json, .md and .png. The model runs through the dsv32.kernels
-dispatchers (Triton on CUDA), no CUDA graphs. DSA decode steps read the paged cache in place with the
+dispatchers (Triton on CUDA); the decode sweep runs eagerly and with CUDA graphs (EngineConfig.cuda_graphs),
+the layer sweep eagerly. DSA decode steps read the paged cache in place with the
 paged kernels (indexer logits over the cache bytes, top-k, sparse MLA decode); prefill chunks and
 dense attention gather each sequence's cache. The position sweep also times DSA decode on the
 gathering path (`dsa_gathered`), which is what the paged kernels replace.
@@ -49,13 +50,14 @@ def copy_bandwidth() -> float:
 WARMUP_STEPS = 8
 
 
-def decode_sweep(model, batches, contexts, steps):
+def decode_sweep(model, batches, contexts, steps, cuda_graphs=False):
     """Steady-state decode: B sequences prefilled to ctx tokens, then `steps` engine steps."""
     rows = []
     for ctx in contexts:
         for b in batches:
             eng = Engine(model, EngineConfig(max_num_seqs=b, num_blocks=b * (ctx // 64 + (steps + WARMUP_STEPS) // 64 + 4),
-                                             max_num_batched_tokens=max(8192, ctx), prefill_chunk=4096))
+                                             max_num_batched_tokens=max(8192, ctx), prefill_chunk=4096,
+                                             max_model_len=ctx + steps + WARMUP_STEPS + 64, cuda_graphs=cuda_graphs))
             g = torch.Generator().manual_seed(0)
             params = SamplingParams(temperature=0.0, max_tokens=steps + WARMUP_STEPS + 8, ignore_eos=True)
             for _ in range(b):
@@ -70,7 +72,8 @@ def decode_sweep(model, batches, contexts, steps):
                 eng.step()
             sync()
             dt = (time.perf_counter() - t0) / steps
-            rows.append({"context": ctx, "batch": b, "step_ms": round(dt * 1e3, 2), "tok_s": round(b / dt, 1)})
+            rows.append({"context": ctx, "batch": b, "cuda_graphs": cuda_graphs, "step_ms": round(dt * 1e3, 2),
+                         "tok_s": round(b / dt, 1)})
             print(rows[-1], flush=True)
             del eng
             torch.cuda.empty_cache()
@@ -171,8 +174,9 @@ def main():
     contexts = [1024, 4096] if args.quick else [1024, 4096, 16384 - 512]
     batches = [1, 8, 32] if args.quick else [1, 8, 32, 64]
     decode = decode_sweep(model, batches, contexts, steps=16)
+    decode += decode_sweep(model, batches, contexts, steps=16, cuda_graphs=True)
     wbytes = active_weight_bytes(model)
-    b1 = min(r["step_ms"] for r in decode if r["batch"] == 1) / 1e3
+    b1 = min(r["step_ms"] for r in decode if r["batch"] == 1) / 1e3  # the faster of eager and graphs
     roofline = {"active_weight_bytes": wbytes, "copy_bandwidth_TBps": round(bw / 1e12, 2),
                 "batch1_step_ms": round(b1 * 1e3, 2), "roofline_step_ms": round(wbytes / bw * 1e3, 3),
                 "fraction_of_roofline": round(wbytes / bw / b1, 4)}
@@ -189,10 +193,12 @@ def main():
     (out / f"{tag}.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(position, out / f"{tag}.png")
     md = [f"# Engine benchmark on {gpu}", "",
-          "dsv32 kernels (Triton), no CUDA graphs; DSA decode reads the paged cache with the paged indexer "
+          "dsv32 kernels (Triton); decode sweep eager and with CUDA graphs, layer sweep eager; DSA decode reads the paged cache with the paged indexer "
           "and sparse MLA decode kernels. Model: `small` preset, bf16, random weights.", "",
-          "## Decode throughput (engine steps, greedy)", "", "| context | batch | step ms | tokens/s |", "|---|---|---|---|"]
-    md += [f"| {r['context']} | {r['batch']} | {r['step_ms']} | {r['tok_s']} |" for r in decode]
+          "## Decode throughput (engine steps, greedy)", "", "| context | batch | CUDA graphs | step ms | tokens/s |",
+          "|---|---|---|---|---|"]
+    md += [f"| {r['context']} | {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['step_ms']} | {r['tok_s']} |"
+           for r in decode]
     md += ["", "## Batch-1 decode against the HBM roofline", "",
            f"Active weight bytes per step {wbytes / 1e6:.0f} MB; device-to-device copy {bw / 1e12:.2f} TB/s "
            f"(read + write, same run) -> roofline {wbytes / bw * 1e3:.3f} ms/step; measured {b1 * 1e3:.2f} ms: "

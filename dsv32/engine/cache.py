@@ -79,6 +79,7 @@ class PagedCache:
             self.kv.dtype in (torch.bfloat16, torch.uint8)
         self.slots = self.gather = self.table = self.seq_lens = None
         self.decode_shaped = False
+        self.context_len: int | None = None  # set while bound to static decode inputs (bind)
 
     def bytes_per_token(self) -> int:
         """Of one layer: 656 + 132 for V3.2 in FP8."""
@@ -89,7 +90,7 @@ class PagedCache:
         """Map this step's tokens (positions [B, S]) to slots, and each sequence's positions
         0..T-1 to the slots to read (T = one past the largest position; beyond a sequence's own
         length the read is padding, which the causal mask never lets through)."""
-        dev = self.kv.device
+        dev, self.context_len = self.kv.device, None
         width = max(len(t) for t in block_tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev)  # [B, nb]
         bs = self.block_size
@@ -103,6 +104,13 @@ class PagedCache:
         # 1 or 2 consecutive new tokens per sequence: what the paged decode kernels serve
         s = positions.shape[1]
         self.decode_shaped = s == 1 or (s == 2 and bool((positions[:, 1] == positions[:, 0] + 1).all()))
+
+    def bind(self, slots: torch.Tensor, gather: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Read and write through the given tensors instead of prepare's (decode with static
+        shapes: a CUDA graph captures these tensors, and each replay refills them). slots [B, 1],
+        gather [B, T] with T = table width * block_size, table [B, nb] int32, seq_lens [B] int32."""
+        self.slots, self.gather, self.table, self.seq_lens = slots, gather, table, seq_lens
+        self.decode_shaped, self.context_len = True, gather.shape[1]
 
     def write(self, layer: int, kv, pe, ik) -> None:
         """Write this step's entries kv, pe, ik [B, S, ...] at the prepared slots."""

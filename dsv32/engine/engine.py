@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dsv32.engine.cache import BlockManager, PagedCache
+from dsv32.engine.graphs import DecodeGraphs
 from dsv32.engine.sampler import Sample, SamplingParams, sample
 from dsv32.engine.scheduler import Scheduler, Sequence, Status
 from dsv32.model import ContextLengthError, Transformer
@@ -37,6 +38,8 @@ class EngineConfig:
     max_model_len: int | None = None         # default: max_position_embeddings
     paged_decode: bool = True                # decode reads the paged cache with the DSA kernels;
                                              # False: gather each sequence's cache (the reference)
+    cuda_graphs: bool = False                # decode with static inputs, replayed as CUDA graphs on
+                                             # CUDA (eagerly elsewhere); RL steps stay eager (graphs.py)
 
     def __post_init__(self):
         if self.kv_cache_dtype not in ("auto", "fp8"):
@@ -73,9 +76,12 @@ class Engine:
         self.device, self.dtype = w.device, w.dtype
         probe = PagedCache(cfg, 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, "meta")
         num_blocks = ec.num_blocks or self._auto_blocks(probe.bytes_per_token() * cfg.num_hidden_layers * ec.block_size)
-        self.cache = PagedCache(cfg, num_blocks, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, self.device,
-                                ec.paged_decode)
+        # one block more than the scheduler hands out: the scratch block padded graph rows use
+        self.cache = PagedCache(cfg, num_blocks + 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype,
+                                self.device, ec.paged_decode)
         self.cache.max_len = self.max_model_len
+        self.graphs = (DecodeGraphs(model, self.cache, ec.max_num_seqs, self.max_model_len, scratch_block=num_blocks)
+                       if ec.cuda_graphs else None)
         self.scheduler = Scheduler(BlockManager(num_blocks, ec.block_size), ec.max_num_seqs,
                                    ec.max_num_batched_tokens, ec.prefill_chunk, ec.prefix_caching)
         self.seqs: dict[str, Sequence] = {}
@@ -143,12 +149,17 @@ class Engine:
                     touched.append(seqs[i])
         if plan.decodes:
             seqs = plan.decodes
-            ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-            pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
-            self.cache.prepare([s.block_table for s in seqs], pos)
-            out = self.model(ids, cache=self.cache, positions=pos, sparse=True, mode="mqa", return_topk=_rl(seqs))
-            self._record(seqs, out, [len(s.tokens) - 1 for s in seqs], n=1)
-            samples = sample(out.logits[:, -1], [s.params for s in seqs], [s.generator for s in seqs])
+            last, pos = [s.tokens[-1] for s in seqs], [len(s.tokens) - 1 for s in seqs]
+            if self.graphs is not None and not _rl(seqs) and self.graphs.fits(len(seqs)):
+                logits = self.graphs.run(last, pos, [s.block_table for s in seqs])     # [B, V]
+            else:
+                positions = torch.tensor(pos, device=self.device)[:, None]
+                self.cache.prepare([s.block_table for s in seqs], positions)
+                out = self.model(torch.tensor(last, device=self.device)[:, None], cache=self.cache,
+                                 positions=positions, sparse=True, mode="mqa", return_topk=_rl(seqs))
+                self._record(seqs, out, pos, n=1)
+                logits = out.logits[:, -1]
+            samples = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             for seq, s in zip(seqs, samples):
                 self.scheduler.computed(seq, 1)
                 self._append(seq, s)

@@ -12,10 +12,11 @@ import torch
 from dsv32.config import ModelConfig, yarn_mscale
 
 
-def inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [rope_dim/2], YaRN-blended between interpolation and extrapolation."""
+def inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies [rope_dim/2], YaRN-blended between interpolation and extrapolation;
+    computed on `device` (no host-to-device copy: decode steps run inside CUDA graphs)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     if not cfg.rope_scaling:
         return freqs
     rs = cfg.rope_scaling
@@ -29,13 +30,13 @@ def inv_freq(cfg: ModelConfig) -> torch.Tensor:
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     return freqs / factor * ramp + freqs * (1 - ramp)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [..., rope_dim/2] fp32 for integer positions [...]."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq(cfg).to(positions.device)
+    angles = positions.to(torch.float32)[..., None] * inv_freq(cfg, positions.device)
     m = 1.0
     if cfg.rope_scaling:  # YaRN attention factor (1.0 for DeepSeek, where mscale == mscale_all_dim)
         rs = cfg.rope_scaling

@@ -114,6 +114,10 @@ def positions_and_mask(input_ids: torch.Tensor, start_pos: int, cache, positions
         positions = torch.arange(start_pos, start_pos + s, device=input_ids.device).expand(b, s)
     elif positions.shape != input_ids.shape:
         raise ValueError(f"positions {tuple(positions.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    static = getattr(cache, "context_len", None)  # a cache bound to static decode inputs fixes T
+    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+        # inside a CUDA graph nothing may wait for the GPU: no value checks (the engine made the inputs)
+        return positions, torch.arange(static, device=input_ids.device) <= positions[..., None]
     end = int(positions.max()) + 1 if positions.numel() else 0
     limit = cache.max_len if cache is not None else cfg.max_position_embeddings
     if end > limit:
@@ -124,7 +128,7 @@ def positions_and_mask(input_ids: torch.Tensor, start_pos: int, cache, positions
     if (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size) if input_ids.numel() else False:
         raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got "
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-    return positions, torch.arange(end, device=input_ids.device) <= positions[..., None]
+    return positions, torch.arange(static or end, device=input_ids.device) <= positions[..., None]
 
 
 class Block(nn.Module):

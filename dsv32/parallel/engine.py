@@ -6,6 +6,8 @@ forward with their shard of the model, so the collectives inside it line up. Onl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -40,7 +42,7 @@ def _send(obj) -> object:
 def distributed_engine(model, config: EngineConfig | None = None, tokenizer=None) -> Engine:
     """An Engine on every rank with one cache size for all (the smallest any rank can hold);
     rank 0's calls its model through a `Leader`."""
-    config = config or EngineConfig()
+    config = replace(config or EngineConfig(), cuda_graphs=False)  # every forward goes through the Leader
     engine = Engine(model, config, tokenizer)
     n = torch.tensor(engine.cache.num_blocks, device=engine.device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
