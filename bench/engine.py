@@ -163,6 +163,7 @@ def plot(rows, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="skip the 671B-shape layer sweep")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/engine.py needs a GPU"
@@ -184,14 +185,15 @@ def main():
     del model
     torch.cuda.empty_cache()
     pos_ctx = [8192, 32768, 131072] if args.quick else [8192, 16384, 32768, 65536, 98304, 131072]
-    position = position_cost(pos_ctx)
+    position = [] if args.decode_only else position_cost(pos_ctx)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "engine-" + gpu.replace(" ", "_")
     res = {"bench": "engine", "device_name": gpu, "torch": torch.__version__, "preset": "small",
            "decode": decode, "roofline": roofline, "position_cost_671b_layer": position}
     (out / f"{tag}.json").write_text(json.dumps(res, indent=2) + "\n")
-    plot(position, out / f"{tag}.png")
+    if position:
+        plot(position, out / f"{tag}.png")
     md = [f"# Engine benchmark on {gpu}", "",
           "dsv32 kernels (Triton); decode sweep eager and with CUDA graphs, layer sweep eager; DSA decode reads the paged cache with the paged indexer "
           "and sparse MLA decode kernels. Model: `small` preset, bf16, random weights.", "",
