@@ -164,6 +164,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="skip the 671B-shape layer sweep")
+    ap.add_argument("--batches", type=int, nargs="+", help="decode batch sizes (default by --quick)")
+    ap.add_argument("--contexts", type=int, nargs="+", help="decode context lengths (default by --quick)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/engine.py needs a GPU"
@@ -172,8 +174,8 @@ def main():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(preset("small")).to(torch.bfloat16).eval()
-    contexts = [1024, 4096] if args.quick else [1024, 4096, 16384 - 512]
-    batches = [1, 8, 32] if args.quick else [1, 8, 32, 64]
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384 - 512])
+    batches = args.batches or ([1, 8, 32] if args.quick else [1, 8, 32, 64])
     decode = decode_sweep(model, batches, contexts, steps=16)
     decode += decode_sweep(model, batches, contexts, steps=16, cuda_graphs=True)
     wbytes = active_weight_bytes(model)
