@@ -30,7 +30,8 @@ from dsv32.model import Transformer
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth() -> float:
@@ -77,6 +78,67 @@ def decode_sweep(model, batches, contexts, steps, cuda_graphs=False):
             print(rows[-1], flush=True)
             del eng
             torch.cuda.empty_cache()
+    return rows
+
+
+def generate_peer(model, batches, prompt_len=128, new_tokens=128, device="cuda"):
+    """Greedy generation end to end (prefill + decode), B prompts of prompt_len random tokens,
+    new_tokens each: dsv32's engine eager and with CUDA graphs, and the peer, Hugging Face
+    transformers' `generate` on the same weights (written by save_model, read by from_pretrained).
+    -> rows {system, batch, seconds, tok_s}."""
+    import tempfile
+
+    import transformers
+
+    from dsv32.checkpoint import save_model
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def timed(fn):
+        fn(8)  # warm-up: kernels compiled, graphs captured, allocator grown
+        sync()
+        t0 = time.perf_counter()
+        fn(new_tokens)
+        sync()
+        return time.perf_counter() - t0
+
+    for b in batches:
+        prompts = torch.randint(0, model.cfg.vocab_size, (b, prompt_len), generator=g)
+        for graphs in (False, True):
+            eng = Engine(model, EngineConfig(max_num_seqs=b, num_blocks=b * (-(-(prompt_len + new_tokens) // 64) + 1),
+                                             max_model_len=prompt_len + new_tokens + 64, cuda_graphs=graphs))
+
+            def run(n, eng=eng):
+                for p in prompts.tolist():
+                    eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+                while eng.has_work():
+                    eng.step()
+            dt = timed(run)
+            rows.append({"system": f"dsv32 engine{' + CUDA graphs' if graphs else ''}", "batch": b,
+                         "seconds": round(dt, 3), "tok_s": round(b * new_tokens / dt, 1)})
+            print(rows[-1], flush=True)
+            del eng
+    name = f"transformers {transformers.__version__} generate"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tmp)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=model.embed_tokens.weight.dtype).to(device)
+    except Exception as e:  # a transformers without DeepSeek-V3.2: say so in the results
+        return rows + [{"system": name, "error": f"{type(e).__name__}: {e}"[:300]}]
+    hf.eval()
+    for b in batches:
+        ids = torch.randint(0, model.cfg.vocab_size, (b, prompt_len), generator=g).to(device)
+
+        def run(n):
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+        dt = timed(run)
+        rows.append({"system": name, "batch": b,
+                     "seconds": round(dt, 3), "tok_s": round(b * new_tokens / dt, 1)})
+        print(rows[-1], flush=True)
+    del hf
     return rows
 
 
@@ -164,6 +226,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="skip the 671B-shape layer sweep")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers' generate on the same weights")
     ap.add_argument("--batches", type=int, nargs="+", help="decode batch sizes (default by --quick)")
     ap.add_argument("--contexts", type=int, nargs="+", help="decode context lengths (default by --quick)")
     ap.add_argument("--out", default="bench/results")
@@ -178,6 +241,7 @@ def main():
     batches = args.batches or ([1, 8, 32] if args.quick else [1, 8, 32, 64])
     decode = decode_sweep(model, batches, contexts, steps=16)
     decode += decode_sweep(model, batches, contexts, steps=16, cuda_graphs=True)
+    peer = [] if args.no_peer else generate_peer(model, [1, 8])
     wbytes = active_weight_bytes(model)
     b1 = min(r["step_ms"] for r in decode if r["batch"] == 1) / 1e3  # the faster of eager and graphs
     roofline = {"active_weight_bytes": wbytes, "copy_bandwidth_TBps": round(bw / 1e12, 2),
@@ -192,7 +256,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     tag = "engine-" + gpu.replace(" ", "_")
     res = {"bench": "engine", "device_name": gpu, "torch": torch.__version__, "preset": "small",
-           "decode": decode, "roofline": roofline, "position_cost_671b_layer": position}
+           "decode": decode, "generate_vs_transformers": peer, "roofline": roofline,
+           "position_cost_671b_layer": position}
     (out / f"{tag}.json").write_text(json.dumps(res, indent=2) + "\n")
     if position:
         plot(position, out / f"{tag}.png")
@@ -203,6 +268,11 @@ def main():
           "|---|---|---|---|---|"]
     md += [f"| {r['context']} | {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['step_ms']} | {r['tok_s']} |"
            for r in decode]
+    if peer:
+        md += ["", "## Generation against transformers (same weights, greedy, 128-token prompts, 128 new tokens)", "",
+               "| system | batch | seconds | tokens/s |", "|---|---|---|---|"]
+        md += [f"| {r['system']} | {r.get('batch', '')} | {r.get('seconds', '')} | {r.get('tok_s', r.get('error', ''))} |"
+               for r in peer]
     md += ["", "## Batch-1 decode against the HBM roofline", "",
            f"Active weight bytes per step {wbytes / 1e6:.0f} MB; device-to-device copy {bw / 1e12:.2f} TB/s "
            f"(read + write, same run) -> roofline {wbytes / bw * 1e3:.3f} ms/step; measured {b1 * 1e3:.2f} ms: "
