@@ -107,11 +107,18 @@ def test_forced_key_selection_with_own_choice_equals_free_selection(tiny, mode):
         tiny(x, forced_topk=pack_selection(torch.full_like(torch.stack(free.topk_indices, 2), 45)))
 
 
+def random_moe(cfg):
+    """A MoE on its own (the Transformer initialises the gate, whose weight starts uninitialised)."""
+    moe = MoE(cfg).eval()
+    moe.gate.weight.normal_(0.0, 0.1)
+    return moe
+
+
 @torch.no_grad()
 def test_stacked_experts_as_grouped_gemms_equal_one_expert_at_a_time():
     torch.manual_seed(0)
     cfg = preset("tiny").replace(n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1)
-    moe = MoE(cfg).eval()
+    moe = random_moe(cfg)
     x = torch.randn(2, 7, cfg.hidden_size)
     forced = torch.tensor([[0, 1, 2]] * 10 + [[2, 5, 7]] * 4)           # experts 3, 4 and 6 get nothing
     want, want_forced = moe(x)[0], moe(x, forced)[0]
@@ -124,7 +131,7 @@ def test_stacked_experts_as_grouped_gemms_equal_one_expert_at_a_time():
     torch.testing.assert_close(moe(x)[0], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(moe(x, forced)[0], want_forced, rtol=1e-5, atol=1e-6)
     # loading new weights into the parameters is loading them into the stacks
-    other = MoE(cfg).eval()
+    other = random_moe(cfg)
     moe.load_state_dict(other.state_dict())
     torch.testing.assert_close(moe(x)[0], other(x)[0], rtol=1e-5, atol=1e-6)
     with torch.enable_grad():
