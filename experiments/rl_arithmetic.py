@@ -171,7 +171,7 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
         cfg = replace(base, engine_dtype="bfloat16", dtype=trainer_dtype, sampler_noise=0.0, steps=1)
         tr = RLTrainer(cfg, copy.deepcopy(model), tok, mix)
         trajs, _, _ = tr.collect()
-        batch = pack(trajs, model.cfg.vocab_size, tok.eos_id, tr.device)
+        batch = pack(trajs, tok.eos_id, tr.device)
         for routing in (True, False):
             for mask in (True, False):
                 lp = replay_logprobs(tr.policy, batch, cfg.temperature, routing, mask, tr.autocast)

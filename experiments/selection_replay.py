@@ -61,7 +61,7 @@ def main():
         eng = Engine(model, EngineConfig(num_blocks=256, prefill_chunk=24, max_num_seqs=args.samples))
         torch.manual_seed(args.seed)
         trajs = rollout(eng, tok, prompts, params)
-        batch = pack(trajs, cfg.vocab_size, 0, device=args.device)
+        batch = pack(trajs, 0, device=args.device)
         old = batch.logp_old[batch.action]
         row = {"lengths": [len(t.tokens) for t in trajs]}
         for switch in (False, True):

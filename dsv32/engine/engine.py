@@ -18,7 +18,7 @@ from dsv32.engine.graphs import DecodeGraphs
 from dsv32.engine.sampler import Sample, SamplingParams, sample
 from dsv32.engine.scheduler import Scheduler, Sequence, Status
 from dsv32.model import ContextLengthError, Transformer
-from dsv32.model.indexer import pack_selection
+from dsv32.model.indexer import pack_selection, packed_dtype
 from dsv32.model.moe import MoE
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,10 @@ class Engine:
             return
         if out.expert_ids:
             e = torch.stack(out.expert_ids, 1).to("cpu", torch.int16).view(len(seqs), n, len(out.expert_ids), -1)
-            for seq, a, rows in zip(seqs, starts, e):       # rows: [n, layers, k]
-                if seq.params.return_rl_data:
-                    for j in range(n):
-                        seq.experts[a + j] = rows[j]
-        k = getattr(self.model.cfg, "index_topk", None)
-        topk = out.topk_indices
-        if not topk or any(t is None for t in topk) or max(starts) + n <= k:
-            return
-        packed = pack_selection(torch.stack(topk, 2)).cpu()                      # [len(seqs), n, layers, k]
-        for seq, a, rows in zip(seqs, starts, packed):
-            if seq.params.return_rl_data:
-                for j in range(max(0, k - a), n):
-                    seq.selection[a + j] = rows[j]
+            _file(seqs, starts, e, "experts")
+        k, topk = self.model.cfg.index_topk, out.topk_indices
+        if topk and all(t is not None for t in topk) and max(starts) + n > k:
+            _file(seqs, starts, pack_selection(torch.stack(topk, 2)).cpu(), "selection", first=k)
 
     def _append(self, seq: Sequence, s: Sample) -> None:
         p = seq.params
@@ -227,11 +218,19 @@ class Engine:
             experts = torch.stack([seq.experts[p] for p in sorted(seq.experts)])
         if seq.params.return_rl_data and seq.selection:
             rows = [seq.selection[p] for p in sorted(seq.selection)]
-            wide = any(r.dtype != torch.uint16 for r in rows)  # a gap of 65536 keys or more somewhere
-            selection = torch.stack([r.int() if wide else r for r in rows])
+            selection = torch.stack([r.to(packed_dtype(rows)) for r in rows])
         return RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_tokens, seq.finish_reason,
                              text, seq.logprobs, seq.top_logprobs, seq.kept, experts, selection,
                              seq.num_cached, seq.error)
+
+
+def _file(seqs: list[Sequence], starts: list[int], rows: torch.Tensor, field: str, first: int = 0) -> None:
+    """rows[i]: [n, ...] records of the n positions seqs[i] fed from starts[i]; those from position
+    `first` on go into seqs[i].<field> (a dict by position) of each RL request."""
+    for seq, a, per_seq in zip(seqs, starts, rows):
+        if seq.params.return_rl_data:
+            for j in range(max(0, first - a), len(per_seq)):
+                getattr(seq, field)[a + j] = per_seq[j]
 
 
 def _rl(seqs: list[Sequence]) -> bool:

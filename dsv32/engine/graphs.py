@@ -37,7 +37,8 @@ class DecodeGraphs:
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
         self.table = torch.full((n, self.nb), scratch_block, dtype=torch.int32, device=dev)
-        self.j = torch.arange(self.nb * bs, device=dev)                             # [T]
+        j = torch.arange(self.nb * bs, device=dev)                                  # [T] positions
+        self.j_block, self.j_off = j // bs, j % bs                                  # their block column, offset
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.capture = dev.type == "cuda"
@@ -49,7 +50,7 @@ class DecodeGraphs:
         """The step over the first b rows of the buffers -> logits [b, V]."""
         bs, table, pos = self.cache.block_size, self.table[:b], self.pos[:b]
         slots = table.gather(1, pos // bs).long() * bs + pos % bs                  # [b, 1]
-        gather = table[:, self.j // bs].long() * bs + self.j % bs                  # [b, T]
+        gather = table[:, self.j_block].long() * bs + self.j_off                    # [b, T]
         self.cache.bind(slots, gather, table, (pos[:, 0] + 1).int())
         out = self.model(self.ids[:b], cache=self.cache, positions=pos, sparse=True, mode="mqa")
         return out.logits[:, -1]

@@ -41,6 +41,11 @@ def pack_selection(idx: torch.Tensor) -> torch.Tensor:
     return gaps.to(torch.uint16) if gaps.numel() == 0 or int(gaps.max()) < 1 << 16 else gaps.int()
 
 
+def packed_dtype(records: list[torch.Tensor]) -> torch.dtype:
+    """The dtype that holds every one of several pack_selection outputs joined together."""
+    return torch.uint16 if all(r.dtype == torch.uint16 for r in records) else torch.int32
+
+
 def unpack_selection(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_selection: [..., k] gaps -> sorted positions [..., k] int64, -1 first."""
     return packed.long().cumsum(-1) - 1

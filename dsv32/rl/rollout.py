@@ -25,7 +25,7 @@ import torch
 
 from dsv32.chat import ChatFormatError, encode_messages, parse_completion
 from dsv32.engine import Engine, SamplingParams
-from dsv32.model.indexer import all_keys_selection
+from dsv32.model.indexer import all_keys_selection, packed_dtype
 from dsv32.rl.objective import KeptSets, kept_sets, token_logprobs
 from dsv32.rl.tasks import Task, run_tool
 
@@ -110,7 +110,8 @@ def _merged(first: torch.Tensor | None, new: torch.Tensor | None, drift: list) -
     if new is None or first is None:
         return first if new is None else new
     if new.dtype != first.dtype:  # packed key sets: uint16, or int32 where a gap is wider
-        first, new = first.int(), new.int()
+        dtype = packed_dtype([first, new])
+        first, new = first.to(dtype), new.to(dtype)
     old = len(first)
     drift.append(float((new[:old] != first).flatten(1).any(-1).float().mean()) if old else 0.0)
     return torch.cat([first, new[old:]])
@@ -186,7 +187,7 @@ class Batch:
     selection: torch.Tensor | None = None  # [B, S, layers, index_topk] packed key sets of each input position
 
 
-def pack(trajs: list[Trajectory], vocab: int, pad_id: int = 0, device=None) -> Batch:
+def pack(trajs: list[Trajectory], pad_id: int = 0, device=None) -> Batch:
     """Pad right (causal attention and per-token routing keep padding out of every real position)."""
     s = max(len(t.tokens) for t in trajs) - 1
     b = len(trajs)
@@ -232,9 +233,8 @@ def _pack_selection(trajs: list[Trajectory], s: int, device) -> torch.Tensor | N
         if any(t.action) and have < need:  # never drop Keep Selection silently
             raise ValueError(f"trajectory {i} has recorded key selections for {have} of its {need} "
                              f"positions past index_topk={k}")
-    wide = any(r.dtype != torch.uint16 for r in recorded)
     sel = all_keys_selection(torch.arange(s), k)[:, None].expand(s, layers, k)          # [S, layers, k]
-    sel = sel.to(torch.int32 if wide else torch.uint16).expand(len(trajs), s, layers, k).clone()
+    sel = sel.to(packed_dtype(recorded)).expand(len(trajs), s, layers, k).clone()
     for i, t in enumerate(trajs):
         if t.selection is not None:
             n = max(0, min(len(t.selection), s - k))

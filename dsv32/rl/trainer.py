@@ -257,7 +257,7 @@ class RLTrainer:
             return {"loss": 0.0, "skipped": 1.0}
         share = len(live) / len(trajs)
         trajs, adv, beta = [trajs[i] for i in live], adv[live], beta[live]
-        batch = pack(trajs, self.policy.cfg.vocab_size, self.tokenizer.eos_id, self.device)
+        batch = pack(trajs, self.tokenizer.eos_id, self.device)
         replay = dict(temperature=cfg.temperature, keep_routing=cfg.keep_routing,
                       keep_sampling_mask=cfg.keep_sampling_mask, keep_selection=cfg.keep_selection,
                       autocast=self.autocast)

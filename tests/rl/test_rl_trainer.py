@@ -48,7 +48,7 @@ def test_a_mismatched_sampler_shows_in_the_first_minibatch(built, tmp_path):
     for kw in (dict(sampler_noise=0.05), dict(engine_dtype="bfloat16")):
         tr = trainer(built, tmp_path, **kw)
         trajs, _, _ = tr.collect()
-        batch = pack(trajs, tr.policy.cfg.vocab_size, 0)
+        batch = pack(trajs, 0)
         with torch.no_grad():
             lp = replay_logprobs(tr.policy, batch, 1.0)
         # against < 1e-5 with a matched fp32 sampler (test above); Keep Selection removes the part

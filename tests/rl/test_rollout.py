@@ -56,7 +56,7 @@ def moved_selection_bias(model):
 
 
 def replay(model, trajs, **switches):
-    batch = pack(trajs, model.cfg.vocab_size, 0)
+    batch = pack(trajs, 0)
     with torch.no_grad():
         lp = replay_logprobs(model, batch, PARAMS.temperature, **switches)
     return lp[batch.action], batch.logp_old[batch.action]
@@ -81,7 +81,7 @@ def test_replay_equals_engine_logprobs_only_with_both_stabilisers(model, tok):
     broken = [copy.copy(trajs[0]), trajs[1]]
     broken[0].experts = None
     with pytest.raises(ValueError, match="no recorded expert routes"):
-        pack(broken, model.cfg.vocab_size)
+        pack(broken)
 
 
 def moved_indexers(model):
@@ -119,7 +119,7 @@ def test_dsa_replays_the_engine_key_selection_only_with_keep_selection(model, to
     broken = [copy.copy(trajs[0]), trajs[1]]
     broken[0].selection = broken[0].selection[:-3]
     with pytest.raises(ValueError, match="recorded key selections"):
-        pack(broken, model.cfg.vocab_size)
+        pack(broken)
 
 
 @pytest.mark.gpu
@@ -131,7 +131,7 @@ def test_dsa_selection_replay_on_cuda_with_the_kernels(model, tok):
     rng = random.Random(7)
     trajs = rollout(eng, tok, [arithmetic_task(rng) for _ in range(4)], replace(PARAMS, max_tokens=40, ignore_eos=True))
     assert all(t.selection is not None and len(t.selection) == len(t.tokens) - 1 - model.cfg.index_topk for t in trajs)
-    batch = pack(trajs, model.cfg.vocab_size, 0, device="cuda")
+    batch = pack(trajs, 0, device="cuda")
     trainer = moved_indexers(model).cuda()
     with torch.no_grad():
         on = replay_logprobs(trainer, batch, PARAMS.temperature)[batch.action]
@@ -278,4 +278,4 @@ def test_a_prompt_longer_than_the_context_samples_nothing_and_still_packs(model,
     assert trajs[1].experts is None and trajs[1].turns == 0 and trajs[1].finish_reason == "length"
     got, want = replay(model, trajs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)          # the sampled one replays exactly
-    assert not pack(trajs, model.cfg.vocab_size, 0).action[1].any()
+    assert not pack(trajs, 0).action[1].any()
