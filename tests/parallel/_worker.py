@@ -4,6 +4,7 @@ OUT/result-<world>.json; the test asserts on them."""
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -147,3 +148,9 @@ def main(out, checks):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].split(","))
+    # the results are written: leave without running C++ static destructors, where a gloo
+    # thread still joinable at exit aborts the process now and then ("terminate called without
+    # an active exception", seen on 2 of 6 runs on a loaded 2-core machine)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
