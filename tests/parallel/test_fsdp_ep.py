@@ -2,6 +2,7 @@
 batches as micro-batches, through a checkpoint and resume, in pretraining and the DSA stages."""
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ STAGES = ("pretrain", "dsa-warmup", "dsa-sparse")
 
 
 def test_fsdp2_with_expert_parallelism_matches_one_process(torchrun, tmp_path):
-    r = torchrun(2, "_fsdp_ep_worker.py", tmp_path, ",".join(STAGES), port=29543)
+    r = torchrun(2, Path(__file__).parent / "_fsdp_ep_worker.py", tmp_path, ",".join(STAGES), port=29543)
     assert r.returncode == 0, r.stderr[-4000:]
     for stage in STAGES:
         torch.manual_seed(0)

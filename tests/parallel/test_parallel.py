@@ -2,6 +2,7 @@
 the sharded loader against the full tensors; the shard plan and FP8 slicing by hand."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from dsv32.parallel.plan import shard_index
 
 
 def run_worker(torchrun, tmp_path, n, checks, port):
-    r = torchrun(n, "_worker.py", tmp_path, ",".join(checks), port=port)
+    r = torchrun(n, Path(__file__).parent / "_worker.py", tmp_path, ",".join(checks), port=port)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((tmp_path / f"result-{n}.json").read_text())
 

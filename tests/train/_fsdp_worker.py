@@ -34,3 +34,6 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as tests/parallel/_worker.py: no C++ static destructors racing a gloo thread

@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -165,12 +163,9 @@ def test_pretraining_lowers_the_loss_and_balances(tmp_path):
     assert bias.abs().sum() > 0  # the aux-loss-free update moved the selection bias
 
 
-def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path):
+def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, torchrun):
     """2 ranks x 1 micro-batch see the same batches as 1 rank x 2 micro-batches."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                        str(Path(__file__).parent / "_fsdp_worker.py"), str(tmp_path / "fsdp")],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = torchrun(2, Path(__file__).parent / "_fsdp_worker.py", tmp_path / "fsdp", port=29533)
     assert r.returncode == 0, r.stderr[-3000:]
     torch.manual_seed(0)
     cfg = TrainConfig(stage="pretrain", steps=4, batch_size=2, seq_len=32, out=str(tmp_path / "one"), warmup=1,
