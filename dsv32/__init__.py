@@ -7,6 +7,8 @@ free of torch and other third-party imports.
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load": "dsv32.loader",
+    "save": "dsv32.loader",
     "load_model": "dsv32.checkpoint",
     "save_model": "dsv32.checkpoint",
     "ModelConfig": "dsv32.config",

@@ -24,8 +24,6 @@ from safetensors.torch import save_file
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
 from dsv32.model.fp8 import FP8, to_fp8_linears, weight_dequant, weight_quant
-from dsv32.model.llama import MODEL_TYPE as MODEL_TYPE_LLAMA
-from dsv32.model.llama import LlamaConfig, LlamaDSA
 
 INDEX = "model.safetensors.index.json"
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -89,20 +87,19 @@ def _shard_files(path: Path) -> list[Path]:
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                cfg: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
     """Build the model of `path/config.json` on `device` and fill it from the safetensors shards,
-    one tensor at a time (the full model is never held twice). A converted Llama-family
-    directory (model_type llama_dsa) gives a `LlamaDSA`. keep_fp8 (FP8 checkpoints only): the
-    FP8 projections (but kv_b_proj) stay e4m3 + scales in FP8Linear layers, not dequantised."""
+    one tensor at a time (the full model is never held twice). keep_fp8 (FP8 checkpoints only):
+    the FP8 projections (but kv_b_proj) stay e4m3 + scales in FP8Linear layers, not dequantised.
+    Any model family: `dsv32.load`."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    if cfg is None and _model_type(path) == MODEL_TYPE_LLAMA:
-        return load_llama(path, dtype, device)
-    return _load(Transformer, cfg or ModelConfig.load(path), path, dtype, device, keep_fp8)
+    return load_weights(Transformer, cfg or ModelConfig.load(path), path, dtype, device, keep_fp8)
 
 
-def _load(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
+def load_weights(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
     """Empty `cls(cfg)` on device, then every tensor of the shards copied in (FP8 dequantised
-    unless kept), with errors naming the unexpected, misshapen or missing ones."""
+    unless kept), with errors naming the unexpected, misshapen or missing ones, and a file that is
+    not safetensors (a truncated download, say). Any model class whose names `hf_name` maps."""
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)
@@ -124,7 +121,7 @@ def _load(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
 
     loaded, unexpected = set(), []
     for file in _shard_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open(file) as f:
             keys = set(f.keys())
             for key in sorted(keys):
                 if key.endswith("weight_scale_inv"):
@@ -163,6 +160,16 @@ def _load(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
     if missing:
         raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}")
     return model.eval()
+
+
+def _open(file: Path):
+    """safe_open, with a file that is not safetensors named as such."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (no public base class)
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file} is not a readable safetensors file ({size:,} bytes; a truncated "
+                              f"or interrupted download?): {e}") from None
 
 
 def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor):
@@ -281,40 +288,9 @@ def save_random(cfg: ModelConfig, path: str | Path, fp8: bool = True, seed: int 
     return total
 
 
-# ---- Llama-family models with DSA (dsv32/model/llama.py): one file, Hugging Face llama names ----
-
-def _model_type(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError):
-        return None  # ModelConfig.load reports it
-
-
-def save_llama(model: LlamaDSA, path: str | Path, tokenizer=None) -> None:
-    """Write config.json (model_type llama_dsa), model.safetensors and, given a `tokenizers`
-    Tokenizer, tokenizer.json. A tied head is stored once, as the embedding."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tied = model.cfg.tie_word_embeddings
-    tensors = {hf_name(n, model.cfg): t.detach().cpu().contiguous() for n, t in model.state_dict().items()
-               if not (tied and n == "lm_head.weight")}
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    model.cfg.save(path)
-    if tokenizer is not None:
-        tokenizer.save(str(path / "tokenizer.json"))
-
-
-def load_llama(path: str | Path, dtype: torch.dtype = torch.bfloat16,
-               device: str | torch.device = "cpu") -> LlamaDSA:
-    """The `LlamaDSA` saved by `save_llama` in directory `path`."""
-    path = Path(path)
-    return _load(LlamaDSA, LlamaConfig.load(path), path, dtype, device)
-
-
-
 # ---- an indexer alone: what DSA adds to a model pretrained dense, small enough to ship ----
 
-def save_indexer(model: Transformer | LlamaDSA, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_indexer(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write every layer's indexer tensors (official names) to one safetensors file: the
     projections (wq_b, wk) in FP8 e4m3 with a `weight_scale_inv` per 128x128 block, the small ones
     (weights_proj, k_norm) in fp32. SmolLM2's 30 indexers take 11 MB so, against 22 in bf16."""
@@ -337,7 +313,7 @@ def save_indexer(model: Transformer | LlamaDSA, path: str | Path, metadata: dict
 
 
 @torch.no_grad()
-def load_indexer(model: Transformer | LlamaDSA, path: str | Path) -> dict[str, str]:
+def load_indexer(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
     """Fill every indexer of `model` from a `save_indexer` file (FP8 dequantised); the rest of the
     model is untouched. Returns the file's metadata. Errors name the missing, unexpected or
     misshapen tensor."""

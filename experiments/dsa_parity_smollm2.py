@@ -11,7 +11,7 @@ trained for as many steps, since stage 2 is also more training.
         [--save-indexer dsv32/assets/smollm2_indexer.safetensors]
 
 `--save-indexer` writes the stage-1 indexer (FP8, `dsv32.checkpoint.save_indexer`), the asset that
-`dsv32.gguf_import.smollm2_dsa` ships, and reads it back, so "after stage 1" measures what ships.
+`dsv32.llama.gguf.smollm2_dsa` ships, and reads it back, so "after stage 1" measures what ships.
 """
 
 import argparse
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from dsv32.checkpoint import load_indexer, save_indexer
-from dsv32.gguf_import import SMOLLM2_FILE, load_gguf
-from dsv32.tokenizer import PlainTokenizer
+from dsv32.llama.gguf import SMOLLM2_FILE, load_gguf
+from dsv32.llama.tokenizer import PlainTokenizer
 from dsv32.train.data import PackedData
 from experiments.dsa_parity_moe import evaluate, run_stage
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dsv32.checkpoint import load_indexer, save_indexer
-from dsv32.gguf_import import SMOLLM2_FILE
+from dsv32.llama.gguf import SMOLLM2_FILE
 from experiments.dsa_parity_moe import evaluate, run_stage
 from experiments.dsa_parity_smollm2 import setup
 

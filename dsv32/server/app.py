@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from dsv32.chat import ChatFormatError, stream_parser
+from dsv32.chat import ChatFormatError
 from dsv32.engine import SamplingParams
 from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
 
@@ -228,7 +228,7 @@ class ChatReply(Reply):
 
     def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool):
         super().__init__(tokenizer, stop, logprobs)
-        self.mode, self.parser, self.calls = mode, stream_parser(tokenizer.chat_format, mode, lenient=True), []
+        self.mode, self.parser, self.calls = mode, tokenizer.stream_parser(mode, lenient=True), []
 
     def feed(self, d: Delta) -> list[dict]:
         events = self.parser.feed(self.track(d))

@@ -8,7 +8,6 @@ end of input) quits, Ctrl-C cuts a reply short.
 import argparse
 import sys
 
-from dsv32.chat import stream_parser
 from dsv32.server.runner import Detokenizer
 
 DIM, TOOL, PLAIN = "\033[2m", "\033[36m", "\033[0m"
@@ -20,7 +19,7 @@ def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sy
     from dsv32.engine.scheduler import Status
 
     seq = engine.add_request(prompt, params)
-    detok, parser = Detokenizer(tokenizer, params.stop), stream_parser(tokenizer.chat_format, mode, lenient=True)
+    detok, parser = Detokenizer(tokenizer, params.stop), tokenizer.stream_parser(mode, lenient=True)
     style, sent, done = None, 0, False
     while not done:
         try:

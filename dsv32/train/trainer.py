@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from dsv32.config import ModelConfig, preset
+from dsv32.config import ModelConfig
 from dsv32.model import Transformer
 from dsv32.model.moe import MoE
 from dsv32.train import losses
@@ -156,12 +156,10 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
                          if self.device.type == "cuda" and cfg.dtype != "float32" else nullcontext())
 
-    def _build_model(self) -> Transformer:
-        if self.cfg.model:
-            from dsv32.checkpoint import load_model
+    def _build_model(self) -> torch.nn.Module:
+        from dsv32.loader import load
 
-            return load_model(self.cfg.model, dtype=torch.float32, device="cpu")
-        return Transformer(preset(self.cfg.preset))
+        return load(self.cfg.model or self.cfg.preset, dtype=torch.float32, device="cpu", seed=None)[0]
 
     def _checkpoint_blocks(self):
         from torch.utils.checkpoint import checkpoint
@@ -447,29 +445,22 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
 def run(cfg: TrainConfig) -> Path | None:
     """The `dsv32 train` job: tokenizer, data, model, fit, then export the model in Hugging Face
     format (config.json + safetensors + tokenizer.json) to `out/model` (returned on rank 0).
-    `--model` may be one of ours or a converted Llama-family model (`dsv32 convert`)."""
-    from dsv32.checkpoint import load_model, save_llama, save_model
-    from dsv32.model.llama import LlamaDSA
-    from dsv32.tokenizer import PlainTokenizer, Tokenizer
+    `--model` is anything `dsv32.load` reads (ours, a converted Llama-family model, a GGUF);
+    without it, `--preset` sized to `--tokenizer`'s vocabulary."""
+    from dsv32.loader import load, save
     from dsv32.train.data import PackedData, SFTData, read_documents
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    tok_path = cfg.tokenizer or (cfg.model if cfg.model and (Path(cfg.model) / "tokenizer.json").exists() else None)
-    if tok_path is None:
+    if cfg.model is None and cfg.tokenizer is None:
         raise ValueError("training needs a tokenizer: --tokenizer DIR (make one with `dsv32 tokenizer train`)")
-    model = load_model(cfg.model, dtype=torch.float32) if cfg.model else None
-    if isinstance(model, LlamaDSA):  # its vocabulary has no V3.2 chat tokens
-        tok = PlainTokenizer.from_file(tok_path, model.cfg.bos_token_id, model.cfg.eos_token_id)
-    else:
-        tok = Tokenizer.from_file(tok_path)
+    model, tok = load(cfg.model or cfg.preset, dtype=torch.float32, device="cpu", tokenizer=cfg.tokenizer,
+                      seed=cfg.seed)
+    if tok is None:
+        raise ValueError(f"{cfg.model} has no tokenizer.json: pass --tokenizer DIR")
     docs = read_documents(cfg.data)
     data = (SFTData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed) if cfg.stage == "sft"
             else PackedData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed))
-    if model is None:
-        mcfg = preset(cfg.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-        torch.manual_seed(cfg.seed)
-        model = Transformer(mcfg)
     trainer = Trainer(cfg, model, data)
     trainer.fit()
     out = Path(cfg.out) / "model"
@@ -480,7 +471,6 @@ def run(cfg: TrainConfig) -> Path | None:
             full = type(trainer.model)(trainer.model.cfg)
             full.load_state_dict(state)
     if trainer.rank == 0:
-        (save_llama if isinstance(full, LlamaDSA) else save_model)(full, out)
-        shutil.copy(Path(tok_path) / "tokenizer.json" if Path(tok_path).is_dir() else tok_path, out / "tokenizer.json")
+        save(full, out, tokenizer=tok)
         return out
     return None

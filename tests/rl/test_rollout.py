@@ -238,7 +238,7 @@ def test_warm_start_examples_have_the_rollout_token_layout(tok):
 
 def test_plain_vocabulary_prompts(tok):
     from dsv32.rl.rollout import encode_prompt
-    from dsv32.tokenizer import PlainTokenizer
+    from dsv32.llama.tokenizer import PlainTokenizer
 
     plain = PlainTokenizer(tok.tok, tok.bos_id, tok.eos_id)
     task = Task("arithmetic", [{"role": "user", "content": "What is 2+2?"}], answer="4")
@@ -251,8 +251,8 @@ def test_a_converted_llama_family_model_rolls_out_and_replays(tok):
     """No experts (Keep Routing has nothing to force), the plain prompt format, same equality.
     (8 indexer heads: with 2, ReLU'd index scores of a random model tie at exactly 0, and top-k
     breaks those ties differently for a prefix and for the whole sequence.)"""
-    from dsv32.model.llama import LlamaConfig, LlamaDSA
-    from dsv32.tokenizer import PlainTokenizer
+    from dsv32.llama.model import LlamaConfig, LlamaDSA
+    from dsv32.llama.tokenizer import PlainTokenizer
 
     torch.manual_seed(0)
     llama = LlamaDSA(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -18,11 +18,11 @@ from test_server import ScriptedEngine, Server, engine_args, served, stream_chat
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dsv32.chat import encode_chatml
-from dsv32.checkpoint import save_llama
 from dsv32.engine import SamplingParams
-from dsv32.model.llama import LlamaConfig, LlamaDSA
+from dsv32.llama.chatml import encode_chatml
+from dsv32.llama.model import LlamaConfig, LlamaDSA
 from dsv32.server import load_engine
+from dsv32.loader import save
 from dsv32.server.terminal import stream_reply
 
 MODEL = "tiny-test"
@@ -43,7 +43,7 @@ def chatml_dir(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                       index_n_heads=2, index_head_dim=32, index_topk=16, bos_token_id=1, eos_token_id=0)
-    save_llama(LlamaDSA(cfg), path, tok)
+    save(LlamaDSA(cfg), path, tok)
     return path
 
 

@@ -206,15 +206,15 @@ def test_cli_trains_a_converted_smollm2(tmp_path):
     pytest.importorskip("gguf")
     import textwrap
 
-    from dsv32.checkpoint import load_model
+    from dsv32 import load
     from dsv32.cli import main
-    from dsv32.model.llama import LlamaDSA
+    from dsv32.llama.model import LlamaDSA
 
     assert main(["convert", "smollm2", "--out", str(tmp_path / "smol")]) == 0
     assert main(["train", "dsa-warmup", "--model", str(tmp_path / "smol"), "--data", textwrap.__file__,
                  "--steps", "2", "--seq-len", "48", "--batch-size", "1", "--index-topk", "16",
                  "--device", "cpu", "--out", str(tmp_path / "s1")]) == 0
-    before, after = load_model(tmp_path / "smol", torch.float32), load_model(tmp_path / "s1" / "model", torch.float32)
+    (before, _), (after, _) = load(tmp_path / "smol", dtype="float32"), load(tmp_path / "s1" / "model", dtype="float32")
     assert isinstance(after, LlamaDSA)
     changed = {n for (n, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()) if not torch.equal(a, b)}
     assert changed and all(".indexer." in n for n in changed)  # stage 1 moved the indexers only

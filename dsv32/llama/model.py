@@ -1,5 +1,5 @@
 """A Llama-family model (GQA, half-split RoPE, SwiGLU, RMSNorm) with a lightning indexer in each
-layer: DSA for a model pretrained dense, e.g. SmolLM2 imported by `dsv32.gguf_import`.
+layer: DSA for a model pretrained dense, e.g. SmolLM2 imported by `dsv32.llama.gguf`.
 
 The indexer is V3.2's (dsv32/model/indexer.py) with one change forced by the architecture: there
 is no query latent, so its queries come from the layer's normed hidden state, like its weights and
