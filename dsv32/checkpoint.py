@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
@@ -120,7 +121,8 @@ def load_weights(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
     params.update(model.named_buffers())
 
     loaded, unexpected = set(), []
-    for file in _shard_files(path):
+    files = _shard_files(path)
+    for file in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) < 2):
         with _open(file) as f:
             keys = set(f.keys())
             for key in sorted(keys):
