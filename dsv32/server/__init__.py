@@ -32,7 +32,8 @@ def load_engine(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
                           max_model_len=args.max_model_len, num_blocks=args.num_blocks)
-    if args.model is not None and Path(args.model).is_dir() and not (Path(args.model) / "tokenizer.json").exists():
+    model_dir = Path(args.model or "")
+    if (model_dir / "config.json").is_file() and not (model_dir / "tokenizer.json").is_file():  # before the weights load
         raise FileNotFoundError(f"{args.model} has no tokenizer.json, which serving needs")
     parallel = None
     if _distributed(args):
