@@ -283,6 +283,12 @@ class ServerState:
     def __init__(self, runner: EngineRunner, tokenizer, model_name: str):
         self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
         self.max_model_len = runner.engine.max_model_len
+        fmt = tokenizer.chat_format
+        # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
+        # DSA selects keys (past index_topk of them; None: dense), what the chat format can do
+        self.card = {"max_model_len": self.max_model_len,
+                     "index_topk": getattr(runner.engine.model.cfg, "index_topk", None), "chat_format": fmt,
+                     "supports_thinking": fmt == "v32", "supports_tools": fmt == "v32"}
 
     def check(self, req: Sampling) -> None:
         if req.model != self.model_name:
@@ -454,8 +460,7 @@ async def completions(req: CompletionRequest, request: Request):
 @router.get("/v1/models")
 async def models(request: Request):
     state: ServerState = request.app.state.server
-    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32",
-            "max_model_len": state.max_model_len}
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32", **state.card}
     return {"object": "list", "data": [card]}
 
 

@@ -83,6 +83,10 @@ def stream_chat(client, **kw):
 # ---- the real model ----
 def test_models_health_metrics(real):
     assert [m.id for m in real.client.models.list().data] == [MODEL]
+    [card] = httpx.get(real.url + "/v1/models").json()["data"]  # vLLM-style extras the web page reads
+    assert card["max_model_len"] == real.engine.model.cfg.max_position_embeddings == 1024
+    assert card["index_topk"] == real.engine.model.cfg.index_topk == 16
+    assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("v32", True, True)
     assert httpx.get(real.url + "/health").json() == {"status": "ok"}
     m = real.metrics()
     for name in ("requests_total", "requests_running", "requests_waiting", "generation_tokens_total",

@@ -50,6 +50,9 @@ def scripted(chatml_dir):
 
 def test_a_converted_dir_loads_with_its_chatml_tokenizer(real, chatml_dir):
     assert type(real.engine.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
+    [card] = httpx.get(real.url + "/v1/models").json()["data"]
+    assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("chatml", False, False)
+    assert (card["max_model_len"], card["index_topk"]) == (512, 16)
     r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
     hf = HFTokenizer.from_file(str(chatml_dir / "tokenizer.json"))
     assert r.usage.prompt_tokens == len(hf.encode(encode_chatml(HELLO), add_special_tokens=False).ids)
