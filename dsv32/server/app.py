@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health,
-/metrics.
+/metrics; and the web chat page at / (web.py).
 
 A chat request is rendered in the model's chat format (the tokenizer's `chat_format`: V3.2's, or
 ChatML for a converted SmolLM2, which has no tools and no thinking: asking for them is a 400) and
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from dsv32.chat import ChatFormatError, stream_parser
 from dsv32.engine import SamplingParams
 from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
+from dsv32.server.web import add_web_page
 
 log = logging.getLogger(__name__)
 
@@ -526,6 +527,7 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64) -> FastA
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(EngineMetrics(runner))
     app.include_router(router)
+    add_web_page(app)
     app.add_exception_handler(APIError, lambda request, e: error_response(e))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -95,6 +95,18 @@ def test_models_health_metrics(real):
     assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"] > 0
 
 
+def test_the_web_page_is_served_and_names_no_other_host(real):
+    page = httpx.get(real.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for name, kind in (("chat.js", "javascript"), ("chat.css", "text/css")):
+        assert f'"static/{name}"' in page.text
+        r = httpx.get(f"{real.url}/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+        assert "http://" not in r.text and "https://" not in r.text  # it works offline: no CDN, no fonts
+    assert "http://" not in page.text and "https://" not in page.text
+    assert httpx.get(real.url + "/static/nothing.js").status_code == 404
+
+
 def test_chat_stream_equals_non_stream(real):
     for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 7, "top_p": 0.9, "extra_body": {"top_k": 50}}):
         r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24, **kw)
