@@ -45,11 +45,13 @@ class ScriptedEngine(Engine):
         super()._append(seq, dataclasses.replace(s, token=token, logprob=0.0))
 
 
-def tiny_v32_dir(path):
-    """A random tiny V3.2 checkpoint (DSA with index_topk=16) with a BPE tokenizer trained here."""
+def tiny_v32_dir(path, **changes):
+    """A random tiny V3.2 checkpoint (DSA with index_topk=16; `changes` to its config) with a BPE
+    tokenizer trained here."""
     torch.manual_seed(0)
     tok = train_tokenizer([json.decoder.__file__, textwrap.__file__], 512, path)
-    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
+                                 **changes)
     save_model(Transformer(cfg), path)
     return path
 
