@@ -216,10 +216,11 @@ function view(m, i) {  // the element of conv[i]
       // open while it is the latest turn's, closed once dropped, unless the reader chose (a click
       // on the summary; "toggle" events also fire when we set `open` here, so they cannot tell)
       think.open = m._open ?? (keep || m === conv.at(-1));
-      const why = !thinkingOn() ? "thinking is off, so no reasoning is rendered"
-        : "the chat format drops an earlier turn's reasoning at the next user message";
       const tag = el("span", "tag", keep ? "in context" : "not in context");
-      if (!keep) tag.title = why;
+      if (!keep) {
+        tag.title = thinkingOn() ? "the chat format drops a turn's reasoning at the next user message"
+          : "thinking is off: no reasoning is rendered";
+      }
       const summary = el("summary", "", "Thinking ");
       summary.append(tag);
       summary.onclick = () => { m._open = !think.open; };
@@ -227,10 +228,12 @@ function view(m, i) {  // the element of conv[i]
       box.append(think);
     }
     if (m.content) box.append(el("div", "text content", m.content));
-    else if (!m.reasoning_content && !m.tool_calls) box.append(el("div", "text empty", busy && last ? "…" : "(no text)"));
+    else if (!m.reasoning_content && !m.tool_calls) {
+      box.append(el("div", "text empty", busy && last ? "…" : "(no text)"));
+    }
     for (const call of m.tool_calls || []) {
       const c = el("div", "call");
-      c.append(el("div", "name", `${call.function.name}`), el("pre", "args", pretty(call.function.arguments)));
+      c.append(el("div", "name", call.function.name), el("pre", "args", pretty(call.function.arguments)));
       box.append(c);
     }
     if (last && m.tool_calls && m._finish && !busy) box.append(resultForm(m));
