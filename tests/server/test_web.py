@@ -85,7 +85,7 @@ class Chat:
     """The page at a server's URL, and the JSON bodies of the chat requests it sent."""
 
     def __init__(self, browser, server):
-        self.server, self.bodies, self.urls = server, [], []
+        self.bodies, self.urls = [], []
         self.context = browser.new_context(viewport=VIEWPORT)
         self.page = self.context.new_page()
         self.page.on("request", self._seen)
@@ -120,7 +120,7 @@ class Chat:
 
 @pytest.fixture
 def chat(browser, v32):
-    v32.engine.delay = 0.0
+    v32.engine.delay, v32.engine.fail = 0.0, False
     c = Chat(browser, v32)
     yield c
     c.context.close()
