@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health,
-/metrics.
+/metrics; and the web chat page at / (web.py).
 
 A chat request is rendered in the model's chat format (the tokenizer's `chat_format`: V3.2's, or
 ChatML for a converted SmolLM2, which has no tools and no thinking: asking for them is a 400) and
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from dsv32.chat import ChatFormatError
 from dsv32.engine import SamplingParams
 from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
+from dsv32.server.web import add_web_page
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,12 @@ class ServerState:
     def __init__(self, runner: EngineRunner, tokenizer, model_name: str):
         self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
         self.max_model_len = runner.engine.max_model_len
+        fmt = tokenizer.chat_format
+        # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
+        # DSA selects keys (past index_topk of them; None: dense), what the chat format can do
+        self.card = {"max_model_len": self.max_model_len,
+                     "index_topk": getattr(runner.engine.model.cfg, "index_topk", None), "chat_format": fmt,
+                     "supports_thinking": fmt == "v32", "supports_tools": fmt == "v32"}
 
     def check(self, req: Sampling) -> None:
         if req.model != self.model_name:
@@ -454,8 +461,7 @@ async def completions(req: CompletionRequest, request: Request):
 @router.get("/v1/models")
 async def models(request: Request):
     state: ServerState = request.app.state.server
-    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32",
-            "max_model_len": state.max_model_len}
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32", **state.card}
     return {"object": "list", "data": [card]}
 
 
@@ -521,6 +527,7 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64) -> FastA
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(EngineMetrics(runner))
     app.include_router(router)
+    add_web_page(app)
     app.add_exception_handler(APIError, lambda request, e: error_response(e))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

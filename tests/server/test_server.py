@@ -2,44 +2,34 @@
 uvicorn on a loopback port.
 
 Two servers run: one with the real (random) tiny model, and one whose engine is the real engine
-with the sampled token replaced by a script (ScriptedEngine), so that tool calls and reasoning are
+with the sampled token replaced by a script (ScriptedEngine, in scripted.py), so that tool calls and reasoning are
 produced on purpose; everything after the sample (scheduler, detokenizer, parser, SSE)
 is the code under test.
 """
 
-import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import socket
 import subprocess
 import sys
-import textwrap
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scripted import MODEL, Server, engine_args, script, scripted_engine, tiny_v32_dir
 
 from dsv32.chat import EOS, encode_completion
-from dsv32.checkpoint import load_model, save_model
-from dsv32.config import preset
-from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.model import Transformer
+from dsv32.engine import SamplingParams
 from dsv32.server import load_engine
-from dsv32.server.app import create_app
 from dsv32.server.runner import Detokenizer
 from dsv32.server.terminal import stream_reply
-from dsv32.tokenizer import Tokenizer, train_tokenizer
+from dsv32.tokenizer import Tokenizer
 
-MODEL = "tiny-test"
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
                                            "parameters": {"type": "object", "properties": {
@@ -48,74 +38,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
 
 
-class ScriptedEngine(Engine):
-    """The real engine, except that it samples the next token of `script` (then EOS), with log-prob 0.
-    `fail` makes the next step raise, as a crashing model would; `delay` slows every token down."""
-
-    script: list[int] = []
-    fail = False
-    delay = 0.0
-
-    def _append(self, seq, s):
-        time.sleep(self.delay)
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("scripted failure")
-        n = len(seq.output_tokens)
-        token = self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id
-        super()._append(seq, dataclasses.replace(s, token=token, logprob=0.0))
-
-
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-test")
-    tok = train_tokenizer([json.decoder.__file__, textwrap.__file__], 512, path)
-    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    save_model(Transformer(cfg), path)
-    return path
-
-
-def engine_args(model_dir, **kw):
-    return argparse.Namespace(**{"model": model_dir, "dtype": "auto", "device": "cpu", "kv_cache_dtype": "auto",
-                                 "max_num_seqs": 32, "max_model_len": None, "num_blocks": None, **kw})
-
-
-class Server:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, engine, tokenizer, max_queue=64):
-        self.engine, self.tok = engine, tokenizer
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, MODEL, max_queue),
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line.startswith("dsv32_"))}
-
-    def wait_idle(self, timeout=10.0) -> dict[str, float]:
-        """Metrics once nothing runs or waits and every cache block is free (or the deadline)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            idle = m["dsv32_requests_running"] == m["dsv32_requests_waiting"] == 0
-            if (idle and m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]) or time.monotonic() > deadline:
-                return m
-            time.sleep(0.05)
+    return tiny_v32_dir(tmp_path_factory.mktemp("tiny-test"))
 
 
 @pytest.fixture(scope="module")
@@ -126,21 +51,12 @@ def real(model_dir):
     server.stop()
 
 
-def scripted_engine(model_dir, **config) -> ScriptedEngine:
-    tok = Tokenizer.from_file(model_dir)
-    return ScriptedEngine(load_model(model_dir, torch.float32), EngineConfig(**config), tok)
-
-
 @pytest.fixture(scope="module")
 def scripted(model_dir):
     engine = scripted_engine(model_dir, max_num_seqs=1)
     server = Server(engine, engine.tokenizer, max_queue=1)
     yield server
     server.stop()
-
-
-def script(server, text: str) -> None:
-    server.engine.script = server.tok.encode(text)
 
 
 def stream_chat(client, **kw):
@@ -167,12 +83,28 @@ def stream_chat(client, **kw):
 # ---- the real model ----
 def test_models_health_metrics(real):
     assert [m.id for m in real.client.models.list().data] == [MODEL]
+    [card] = httpx.get(real.url + "/v1/models").json()["data"]  # vLLM-style extras the web page reads
+    assert card["max_model_len"] == real.engine.model.cfg.max_position_embeddings == 1024
+    assert card["index_topk"] == real.engine.model.cfg.index_topk == 16
+    assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("v32", True, True)
     assert httpx.get(real.url + "/health").json() == {"status": "ok"}
     m = real.metrics()
     for name in ("requests_total", "requests_running", "requests_waiting", "generation_tokens_total",
                  "preemptions_total", "cache_blocks_free", "cache_blocks_total"):
         assert f"dsv32_{name}" in m
     assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"] > 0
+
+
+def test_the_web_page_is_served_and_names_no_other_host(real):
+    page = httpx.get(real.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for name, kind in (("chat.js", "javascript"), ("chat.css", "text/css")):
+        assert f'"static/{name}"' in page.text
+        r = httpx.get(f"{real.url}/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+        assert "http://" not in r.text and "https://" not in r.text  # it works offline: no CDN, no fonts
+    assert "http://" not in page.text and "https://" not in page.text
+    assert httpx.get(real.url + "/static/nothing.js").status_code == 404
 
 
 def test_chat_stream_equals_non_stream(real):

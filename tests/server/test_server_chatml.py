@@ -1,28 +1,24 @@
 """Serving a converted Llama-family model that speaks ChatML (SmolLM2's format), with the real
 `openai` client: a small random LlamaDSA saved as a `llama_dsa` directory with a ChatML tokenizer,
-run by the real engine (and by the scripted one of test_server.py, to produce chosen replies).
+run by the real engine (and by the scripted one of scripted.py, to produce chosen replies).
 
 Its config's EOS is `<|endoftext|>`, so a reply ended by `<|im_end|>` shows that the server stops
 on the format's own end token. The last test serves the real default model, SmolLM2-DSA.
 """
 
 import io
-import json
 import sys
 
 import httpx
 import openai
 import pytest
-import torch
-from test_server import ScriptedEngine, Server, engine_args, served, stream_chat
+from scripted import ScriptedEngine, Server, engine_args, script, tiny_chatml_dir
+from test_server import served, stream_chat
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.engine import SamplingParams
 from dsv32.llama.chatml import encode_chatml
-from dsv32.llama.model import LlamaConfig, LlamaDSA
 from dsv32.server import load_engine
-from dsv32.loader import save
 from dsv32.server.terminal import stream_reply
 
 MODEL = "tiny-test"
@@ -32,19 +28,7 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters"
 
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chatml")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([json.decoder.__file__], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      index_n_heads=2, index_head_dim=32, index_topk=16, bos_token_id=1, eos_token_id=0)
-    save(LlamaDSA(cfg), path, tok)
-    return path
+    return tiny_chatml_dir(tmp_path_factory.mktemp("chatml"))
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +48,11 @@ def scripted(chatml_dir):
     server.stop()
 
 
-def script(server, text: str) -> None:
-    server.engine.script = server.tok.encode(text)
-
-
 def test_a_converted_dir_loads_with_its_chatml_tokenizer(real, chatml_dir):
     assert type(real.engine.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
+    [card] = httpx.get(real.url + "/v1/models").json()["data"]
+    assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("chatml", False, False)
+    assert (card["max_model_len"], card["index_topk"]) == (512, 16)
     r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
     hf = HFTokenizer.from_file(str(chatml_dir / "tokenizer.json"))
     assert r.usage.prompt_tokens == len(hf.encode(encode_chatml(HELLO), add_special_tokens=False).ids)
