@@ -193,3 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus.save(args.out)
     print(f"{len(corpus)} documents indexed into {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
