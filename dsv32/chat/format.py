@@ -26,7 +26,11 @@ PARAM_END = f"/{DSML}parameter"
 
 THINKING_MODES = ("thinking", "chat")
 
+# The tools section as DeepSeek's encoder writes it today, blank lines between its paragraphs: the
+# official encoding fixtures (search-agent trajectories included) render it so. Copies of the
+# encoder taken in its first days (vLLM's, SGLang's) have the same text without the blank lines.
 TOOLS_SECTION = """## Tools
+
 You have access to a set of tools you can use to answer the user's question.
 You can invoke functions by writing a "<｜DSML｜function_calls>" block like the following as part of your reply to the user:
 <｜DSML｜function_calls>
@@ -38,15 +42,21 @@ You can invoke functions by writing a "<｜DSML｜function_calls>" block like th
 ...
 </｜DSML｜invoke>
 </｜DSML｜function_calls>
+
 String and scalar parameters should be specified as is without any escaping or quotes, while lists and objects should use JSON format. The "string" attribute should be set to "true" for string type parameters and "false" for other types (numbers, booleans, arrays, objects).
+
 If the thinking_mode is enabled, then after function results you should strongly consider outputting a thinking block. Here is an example:
+
 <｜DSML｜function_calls>
 ...
 </｜DSML｜function_calls>
+
 <function_results>
 ...
 </function_results>
+
 <think>...thinking about results</think>
+
 Here are the functions available in JSONSchema format:
 <functions>
 {schemas}

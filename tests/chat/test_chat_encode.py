@@ -22,8 +22,9 @@ CONVERT = {
     "function": {"name": "to_fahrenheit", "parameters": {"type": "object", "properties": {"celsius": {"type": "number"}}}},
 }
 
-# The tools section, typed out from the official template.
+# The tools section, typed out from the official template (blank lines as in DeepSeek's fixtures).
 TOOLS_TEXT = """## Tools
+
 You have access to a set of tools you can use to answer the user's question.
 You can invoke functions by writing a "<｜DSML｜function_calls>" block like the following as part of your reply to the user:
 <｜DSML｜function_calls>
@@ -35,15 +36,21 @@ You can invoke functions by writing a "<｜DSML｜function_calls>" block like th
 ...
 </｜DSML｜invoke>
 </｜DSML｜function_calls>
+
 String and scalar parameters should be specified as is without any escaping or quotes, while lists and objects should use JSON format. The "string" attribute should be set to "true" for string type parameters and "false" for other types (numbers, booleans, arrays, objects).
+
 If the thinking_mode is enabled, then after function results you should strongly consider outputting a thinking block. Here is an example:
+
 <｜DSML｜function_calls>
 ...
 </｜DSML｜function_calls>
+
 <function_results>
 ...
 </function_results>
+
 <think>...thinking about results</think>
+
 Here are the functions available in JSONSchema format:
 <functions>
 {"name": "get_weather", "description": "Current weather for a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
