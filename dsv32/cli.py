@@ -100,6 +100,10 @@ def _passthrough(name: str, argv: list[str]) -> int:
         from dsv32.server import chat
 
         return chat(argv)
+    if name == "corpus":
+        from dsv32.agent.corpus import main as corpus_main
+
+        return corpus_main(argv)
     if name == "convert":
         from dsv32.registry import CONVERT, resolve
 
@@ -114,6 +118,7 @@ def _passthrough(name: str, argv: list[str]) -> int:
 PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR] [--port ...]",
                "chat": "chat with a model in the terminal: dsv32 chat [--model DIR] [--thinking]",
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
+               "corpus": "local documents for the agent's browser: dsv32 corpus build --out DIR [--from stdlib|DIR|F.jsonl]",
                "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "
                           "(adds fresh indexers; --help names the packaged ones)"}
 
