@@ -57,6 +57,7 @@ SAMPLER = ("tests/engine/test_simple.py::test_sampling_truncation_by_hand",
            "tests/engine/test_simple.py::test_batched_sampling_matches_each_row_alone",
            "tests/engine/test_simple.py::test_generation_limits") + ENGINE
 CHAT = ("tests/chat",)
+TOKENIZER = ("tests/test_tokenizer.py",)
 RL = ("tests/rl",)
 MODEL = ("tests/model/test_model.py", "tests/model/test_parity_transformers.py")
 MTP = MODEL + ("tests/train/test_losses.py",)
@@ -82,6 +83,7 @@ class Mutant:
 
 
 E, C, S, SM = "dsv32/engine/cache.py", "dsv32/engine/scheduler.py", "dsv32/engine/sampler.py", "dsv32/engine/engine.py"
+TOK = "dsv32/tokenizer.py"
 ENC, PAR = "dsv32/chat/encode.py", "dsv32/chat/parse.py"
 OBJ, ROL = "dsv32/rl/objective.py", "dsv32/rl/rollout.py"
 MLA, MOE, TR, IDX = "dsv32/model/mla.py", "dsv32/model/moe.py", "dsv32/model/transformer.py", "dsv32/model/indexer.py"
@@ -174,6 +176,19 @@ MUTANTS: list[Mutant] = [
            "seq.experts[a + j] = rows[j]",
            "seq.experts[j] = rows[j]",
            ENGINE, "expert ids of a later chunk or decode step are recorded from position 0, overwriting the first"),
+    # ---- tokenizer.py: the Detokenizer ----
+    Mutant("detok-stop-earliest-start", TOK,
+           "hits = [(i + len(s), -len(s), i)",
+           "hits = [(i, -len(s), i)",
+           TOKENIZER, "the text ends at the stop string that begins first, not the one completed first"),
+    Mutant("detok-no-utf8-holdback", TOK,
+           'if not text.endswith("\\ufffd") or final:',
+           "if True:",
+           TOKENIZER, "a token ending inside a UTF-8 character releases a replacement character"),
+    Mutant("detok-holdback-one-short", TOK,
+           "max(map(len, self.stop)) - 1",
+           "max(map(len, self.stop)) - 2",
+           TOKENIZER, "the start of a stop string split across feeds is released before the stop string completes"),
     # ---- chat/encode.py: the thinking-context rule, tool blocks, arguments ----
     Mutant("chat-drop-at-last-user-only", ENC,
            'm["role"] in ("user", "developer")), default=-1)',

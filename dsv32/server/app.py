@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException
 
 from dsv32.chat import ChatFormatError
 from dsv32.engine import SamplingParams
-from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
+from dsv32.server.runner import Delta, EngineRunner, Overloaded
+from dsv32.tokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
 

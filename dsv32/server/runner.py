@@ -1,4 +1,4 @@
-"""The engine thread, and token ids -> text deltas for streaming.
+"""The engine thread (text is made on the event loop's side, app.py, by tokenizer.Detokenizer).
 
 One thread owns the `Engine` and loops `step()`; nothing else touches it. The event loop hands it
 requests and aborts through a thread-safe inbox; each request gets its new tokens on its own
@@ -176,42 +176,3 @@ class EngineRunner:
         self.stats.update(running=len(sched.running), waiting=len(sched.waiting),
                           preemptions_total=sched.num_preemptions, cache_blocks_free=sched.blocks.num_free)
 
-
-class Detokenizer:
-    """Token ids -> the text they add, once it can no longer change.
-
-    An incomplete UTF-8 character (a byte-level token ending mid-character) is held back until its
-    last byte arrives, and so is text that may be the start of a stop string; at a stop string the
-    text ends. Special tokens are single ids and decode whole; markup spread over several tokens
-    (the tool-call block) is held back by the chat StreamParser, not here. Decoding works on a
-    short window of ids (as vLLM does), so a long reply costs no quadratic decode.
-    """
-
-    def __init__(self, tokenizer, stop: list[str] = ()):
-        self.tok, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.prefix = self.read = 0      # window start, and end of the ids whose text is final
-        self.pending = ""                # final text held back for the stop strings
-        self.stopped = False
-
-    def feed(self, ids: list[int], final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        self.ids += ids
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        text = self.tok.decode(self.ids[self.prefix:])
-        if not text.endswith("\ufffd") or final:
-            self.pending += text[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-        return self._release(final)
-
-    def _release(self, final: bool) -> str:
-        hits = [i for s in self.stop if (i := self.pending.find(s)) != -1]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[:min(hits)], ""
-            return out
-        keep = 0 if final or not self.stop else max(map(len, self.stop)) - 1
-        cut = max(0, len(self.pending) - keep)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out

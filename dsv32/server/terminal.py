@@ -8,7 +8,7 @@ end of input) quits, Ctrl-C cuts a reply short.
 import argparse
 import sys
 
-from dsv32.server.runner import Detokenizer
+from dsv32.tokenizer import Detokenizer
 
 DIM, TOOL, PLAIN = "\033[2m", "\033[36m", "\033[0m"
 

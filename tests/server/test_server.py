@@ -25,8 +25,6 @@ import openai
 import pytest
 import torch
 import uvicorn
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from dsv32.chat import EOS, encode_completion
 from dsv32.checkpoint import load_model, save_model
@@ -35,7 +33,6 @@ from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
 from dsv32.server import load_engine
 from dsv32.server.app import create_app
-from dsv32.server.runner import Detokenizer
 from dsv32.server.terminal import stream_reply
 from dsv32.tokenizer import Tokenizer, train_tokenizer
 
@@ -395,25 +392,6 @@ def test_terminal_reply_streams_reasoning_and_tool_calls(model_dir):
     text = out.getvalue()
     assert "\033[2mHmm." in text and "Sure." in text and "[tool call] get_weather(" in text
     assert engine.scheduler.blocks.num_free == 32
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return Tokenizer.from_file(model_dir)
-
-
-@settings(max_examples=60, deadline=None)
-@given(text=st.text(max_size=40), cuts=st.lists(st.integers(0, 60), max_size=6),
-       stop=st.sampled_from([[], ["ab"], ["é!", "\n\n"], ["x"]]))
-def test_detokenizer_deltas_add_up(tok, text, cuts, stop):
-    ids = tok.encode(text)
-    detok, out, last = Detokenizer(tok, stop), [], 0
-    for c in sorted(c for c in set(cuts) if c < len(ids)) + [len(ids)]:
-        out.append(detok.feed(ids[last:c], final=c == len(ids)))
-        last = c
-    hits = [i for s in stop if (i := text.find(s)) != -1]
-    assert "".join(out) == (text[:min(hits)] if hits else text)
-    assert "\ufffd" in text or not any("\ufffd" in piece for piece in out)
 
 
 # ---- the command-line entry points, as the CLI will call them ----
