@@ -58,6 +58,7 @@ SAMPLER = ("tests/engine/test_simple.py::test_sampling_truncation_by_hand",
            "tests/engine/test_simple.py::test_generation_limits") + ENGINE
 CHAT = ("tests/chat",)
 TOKENIZER = ("tests/test_tokenizer.py",)
+LLM = ("tests/engine/test_llm.py",)
 RL = ("tests/rl",)
 MODEL = ("tests/model/test_model.py", "tests/model/test_parity_transformers.py")
 MTP = MODEL + ("tests/train/test_losses.py",)
@@ -83,7 +84,7 @@ class Mutant:
 
 
 E, C, S, SM = "dsv32/engine/cache.py", "dsv32/engine/scheduler.py", "dsv32/engine/sampler.py", "dsv32/engine/engine.py"
-TOK = "dsv32/tokenizer.py"
+LL, TOK = "dsv32/engine/llm.py", "dsv32/tokenizer.py"
 ENC, PAR = "dsv32/chat/encode.py", "dsv32/chat/parse.py"
 OBJ, ROL = "dsv32/rl/objective.py", "dsv32/rl/rollout.py"
 MLA, MOE, TR, IDX = "dsv32/model/mla.py", "dsv32/model/moe.py", "dsv32/model/transformer.py", "dsv32/model/indexer.py"
@@ -176,6 +177,14 @@ MUTANTS: list[Mutant] = [
            "seq.experts[a + j] = rows[j]",
            "seq.experts[j] = rows[j]",
            ENGINE, "expert ids of a later chunk or decode step are recorded from position 0, overwriting the first"),
+    Mutant("engine-step-resends", SM,
+           "        seq.num_emitted = b\n",
+           "",
+           ENGINE, "each StepOutput repeats every token of the request so far, not only the new ones"),
+    Mutant("llm-stop-string-not-aborted", LL,
+           "                            self.engine.abort(rid)\n",
+           "",
+           LLM, "a stop string cuts the text but the request runs on to max_tokens"),
     # ---- tokenizer.py: the Detokenizer ----
     Mutant("detok-stop-earliest-start", TOK,
            "hits = [(i + len(s), -len(s), i)",

@@ -41,6 +41,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    num_emitted: int = 0                # output tokens the engine's steps have returned
     # per generated token
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)

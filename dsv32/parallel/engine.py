@@ -39,17 +39,16 @@ def _send(obj) -> object:
     return box[0]
 
 
-def distributed_engine(model, config: EngineConfig | None = None, tokenizer=None) -> Engine:
+def distributed_engine(model, config: EngineConfig | None = None) -> Engine:
     """An Engine on every rank with one cache size for all (the smallest any rank can hold);
     rank 0's calls its model through a `Leader`."""
     config = replace(config or EngineConfig(), cuda_graphs=False)  # every forward goes through the Leader
-    engine = Engine(model, config, tokenizer)
+    engine = Engine(model, config)
     n = torch.tensor(engine.cache.num_blocks, device=engine.device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     if int(n) != engine.cache.num_blocks:
         del engine
-        config = EngineConfig(**{**vars(config), "num_blocks": int(n)})
-        engine = Engine(model, config, tokenizer)
+        engine = Engine(model, replace(config, num_blocks=int(n)))
     if dist.get_rank() == 0:
         engine.model = Leader(engine.model, engine.device)
     return engine

@@ -49,8 +49,8 @@ def load_engine(args):
     if parallel is not None:
         from dsv32.parallel.engine import distributed_engine
 
-        return distributed_engine(model, config, tokenizer), tokenizer
-    return Engine(model, config, tokenizer), tokenizer
+        return distributed_engine(model, config), tokenizer
+    return Engine(model, config), tokenizer
 
 
 def _distributed(args) -> bool:

@@ -127,6 +127,39 @@ def test_fp8_cache_byte_layout_of_the_real_model():
     assert c.bytes_per_token() == 656 + 132                          # as DeepSeek serves
 
 
+def test_step_outputs_add_up_to_each_requests_output(tiny):
+    """What step() returns for a request, concatenated in order, is its whole output: token ids,
+    log-probs and top log-probs, with the finish reason (and error) on its last StepOutput only;
+    through preemption in a small cache, seeded sampling, and a request the cache refuses. The
+    greedy tokens are the plain model's."""
+    ps = prompts([30, 30, 29, 8, 200], seed=5)  # three of 2 blocks each, growing into a third: preemption
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+              SamplingParams(max_tokens=4)]
+    eng = Engine(tiny, EngineConfig(num_blocks=6, block_size=16, prefill_chunk=16, prefix_caching=False))
+    seqs = [eng.add_request(p, sp) for p, sp in zip(ps, params)]
+    got = {s.request_id: [] for s in seqs}
+    while eng.has_work():
+        for out in eng.step():
+            assert not got[out.request_id] or got[out.request_id][-1].finish_reason is None  # nothing after the last
+            got[out.request_id].append(out)
+    assert eng.scheduler.num_preemptions > 0
+    for s, sp in zip(seqs, params):
+        whole, deltas = eng.output(s), got[s.request_id]
+        assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+        assert [lp for d in deltas for lp in d.logprobs] == whole.logprobs
+        assert [top for d in deltas for top in d.top_logprobs] == whole.top_logprobs
+        assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + [whole.finish_reason]
+        assert deltas[-1].error == whole.error and deltas[-1].num_cached_tokens == whole.num_cached_tokens
+        if sp.temperature == 0:
+            assert whole.token_ids == reference(tiny, s.tokens[:s.prompt_len], sp.max_tokens)
+    assert [eng.output(s).finish_reason for s in seqs] == ["length"] * 4 + ["error"]
+    assert len(eng.output(seqs[0]).top_logprobs[0]) == 2
+    assert no_leak(eng)
+
+
 def test_abort_frees_blocks(tiny):
     eng = Engine(tiny, EngineConfig(num_blocks=16))
     s = eng.add_request(prompts([100])[0], SamplingParams(max_tokens=50))
@@ -142,6 +175,9 @@ def test_stop_tokens_and_bad_requests(tiny):
     first = reference(tiny, p, 3)
     out = run(eng, [p], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[first[2]]))[0]
     assert out.token_ids == first and out.finish_reason == "stop"
+    # stop strings are text: the engine, which speaks token ids, leaves them to the edge (LLM, server)
+    out = run(eng, [p], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, stop=["a", " ", "e"]))[0]
+    assert out.token_ids == reference(tiny, p, 5) and out.finish_reason == "length" and out.text is None
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([])
     with pytest.raises(ValueError, match="token ids"):

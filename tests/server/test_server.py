@@ -124,14 +124,13 @@ def real(model_dir):
 
 
 def scripted_engine(model_dir, **config) -> ScriptedEngine:
-    tok = Tokenizer.from_file(model_dir)
-    return ScriptedEngine(load_model(model_dir, torch.float32), EngineConfig(**config), tok)
+    return ScriptedEngine(load_model(model_dir, torch.float32), EngineConfig(**config))
 
 
 @pytest.fixture(scope="module")
 def scripted(model_dir):
     engine = scripted_engine(model_dir, max_num_seqs=1)
-    server = Server(engine, engine.tokenizer, max_queue=1)
+    server = Server(engine, Tokenizer.from_file(model_dir), max_queue=1)
     yield server
     server.stop()
 
@@ -337,6 +336,10 @@ def test_utf8_and_stop_strings_stream_cleanly(scripted):
     r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100, stop=["STOP"])
     assert r.choices[0].message.content == "héllo wörld 世界 🎉 and more "
     assert r.choices[0].finish_reason == "stop"
+    # the reply ends at the token that completes the stop string, and the engine drops the request
+    assert r.usage.completion_tokens == len(scripted.tok.encode("héllo wörld 世界 🎉 and more STOP"))
+    m = scripted.wait_idle()
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"] and not scripted.engine.seqs
     chunks = [c.choices[0].delta.content or "" for c in scripted.client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=100, stop=["STOP"], stream=True) if c.choices]
     assert "".join(chunks) == r.choices[0].message.content and not any("\ufffd" in c for c in chunks)
@@ -383,7 +386,7 @@ def test_disconnect_overload_and_engine_failure(scripted):
 # ---- pieces ----
 def test_terminal_reply_streams_reasoning_and_tool_calls(model_dir):
     engine = scripted_engine(model_dir, num_blocks=32)
-    tok = engine.tokenizer
+    tok = Tokenizer.from_file(model_dir)
     engine.script = tok.encode(encode_completion({"reasoning_content": "Hmm.", "content": "Sure.",
                                                   "tool_calls": [CALL]}, "thinking"))
     out = io.StringIO()
