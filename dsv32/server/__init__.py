@@ -97,7 +97,7 @@ def serve(argv: list[str] | None = None) -> int:
             return 0
     uvicorn.run(create_app(engine, tokenizer, model_name(args), args.max_queue), host=args.host, port=args.port)
     if _distributed(args):
-        engine.model.stop()
+        engine.runner.stop()
         dist.destroy_process_group()
     return 0
 

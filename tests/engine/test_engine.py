@@ -5,6 +5,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.model import Transformer
 
@@ -99,12 +100,12 @@ def test_fp8_cache_stays_close_to_bf16(tiny):
     def run(fp8):
         c = PagedCache(tiny.cfg, 4, 32, fp8, torch.float32)
         pos = torch.arange(60)[None]
-        c.prepare([[0, 1, 2]], pos)
-        out = [tiny(x[:, :60], cache=c, positions=pos).logits[0, -1]]
+        step = c.bind(Batch.build(x[:, :60], pos, [[0, 1, 2]], 32))
+        out = [tiny(x[:, :60], cache=step, positions=pos).logits[0, -1]]
         for t in range(60, 79):
             p = torch.tensor([[t]])
-            c.prepare([[0, 1, 2]], p)
-            out.append(tiny(x[:, t:t + 1], cache=c, positions=p, mode="mqa").logits[0, -1])
+            step = c.bind(Batch.build(x[:, t:t + 1], p, [[0, 1, 2]], 32))
+            out.append(tiny(x[:, t:t + 1], cache=step, positions=p, mode="mqa").logits[0, -1])
         return torch.stack(out).log_softmax(-1)
 
     exact, fp8 = run(False), run(True)
@@ -113,7 +114,8 @@ def test_fp8_cache_stays_close_to_bf16(tiny):
     assert 0 < kl.max() < 0.01
     # and the engine serves with it
     eng = Engine(tiny, EngineConfig(num_blocks=32, kv_cache_dtype="fp8"))
-    assert eng.cache.kv.shape[-1] == 32 + 4 * 1 + 2 * 8 and eng.cache.ik.shape[-1] == 64 * (16 + 4)
+    cache = eng.runner.cache
+    assert cache.kv.shape[-1] == 32 + 4 * 1 + 2 * 8 and cache.ik.shape[-1] == 64 * (16 + 4)
     assert len(run_engine_once(eng, seq)) == 6
 
 
@@ -241,7 +243,7 @@ def test_buckets_cover_every_batch_size():
 
 
 def test_graph_shaped_decode_equals_the_model(tiny):
-    """cuda_graphs=True: decode steps read static inputs (a bucket's rows, padded with rows on the
+    """cuda_graphs=True: decode steps read a bucket's static Batch (its rows padded with rows on the
     scratch block; the mask over all max_model_len positions). Off CUDA they run eagerly, so this
     checks the layout: greedy tokens equal the plain model for batches that pad (3 -> 4) and that
     do not, with sequences finishing at different steps, and the scratch block never belongs to a
@@ -251,15 +253,16 @@ def test_graph_shaped_decode_equals_the_model(tiny):
     want = [reference(tiny, p, n) for p, n in zip(ps, lengths)]
     eng = Engine(tiny, EngineConfig(num_blocks=8, block_size=32, prefill_chunk=32, max_model_len=256,
                                     max_num_seqs=5, cuda_graphs=True))
-    assert eng.graphs is not None and eng.graphs.sizes == [1, 2, 4, 5]
+    graphs = eng.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 5]
     seen = []
-    run_graphs = eng.graphs.run
-    eng.graphs.run = lambda *a: seen.append(len(a[0])) or run_graphs(*a)
+    load = graphs.load
+    graphs.load = lambda *a: seen.append(len(a[0])) or load(*a)
     seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
             for p, n in zip(ps, lengths)]
     while eng.has_work():
         eng.step()
-        assert all(eng.graphs.scratch not in s.block_table for s in seqs)
+        assert all(graphs.scratch not in s.block_table for s in seqs)
     assert [eng.output(s).token_ids for s in seqs] == want
     assert {1, 2, 3} <= set(seen)
     assert no_leak(eng)

@@ -2,9 +2,9 @@
 uvicorn on a loopback port.
 
 Two servers run: one with the real (random) tiny model, and one whose engine is the real engine
-with the sampled token replaced by a script (ScriptedEngine), so that tool calls and reasoning are
-produced on purpose; everything after the sample (scheduler, detokenizer, parser, SSE)
-is the code under test.
+with the sampled token replaced by a script (its runner a ScriptedRunner), so that tool calls and
+reasoning are produced on purpose; everything after the sample (scheduler, detokenizer, parser,
+SSE) is the code under test.
 """
 
 import argparse
@@ -30,6 +30,7 @@ from dsv32.chat import EOS, encode_completion
 from dsv32.checkpoint import load_model, save_model
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.runner import ModelRunner
 from dsv32.model import Transformer
 from dsv32.server import load_engine
 from dsv32.server.app import create_app
@@ -45,22 +46,25 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
 
 
-class ScriptedEngine(Engine):
-    """The real engine, except that it samples the next token of `script` (then EOS), with log-prob 0.
+class ScriptedRunner(ModelRunner):
+    """The real runner, except that it samples the next token of `script` (then EOS), with log-prob 0.
     `fail` makes the next step raise, as a crashing model would; `delay` slows every token down."""
 
     script: list[int] = []
     fail = False
     delay = 0.0
 
-    def _append(self, seq, s):
-        time.sleep(self.delay)
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("scripted failure")
-        n = len(seq.output_tokens)
-        token = self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id
-        super()._append(seq, dataclasses.replace(s, token=token, logprob=0.0))
+    def sample(self, logits, seqs):
+        out = []
+        for seq, s in zip(seqs, super().sample(logits, seqs)):
+            time.sleep(self.delay)
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("scripted failure")
+            n = len(seq.output_tokens)
+            token = self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id
+            out.append(dataclasses.replace(s, token=token, logprob=0.0))
+        return out
 
 
 @pytest.fixture(scope="session")
@@ -123,8 +127,8 @@ def real(model_dir):
     server.stop()
 
 
-def scripted_engine(model_dir, **config) -> ScriptedEngine:
-    return ScriptedEngine(load_model(model_dir, torch.float32), EngineConfig(**config))
+def scripted_engine(model_dir, **config) -> Engine:
+    return Engine(load_model(model_dir, torch.float32), EngineConfig(**config), runner_class=ScriptedRunner)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +140,7 @@ def scripted(model_dir):
 
 
 def script(server, text: str) -> None:
-    server.engine.script = server.tok.encode(text)
+    server.engine.runner.script = server.tok.encode(text)
 
 
 def stream_chat(client, **kw):
@@ -347,7 +351,7 @@ def test_utf8_and_stop_strings_stream_cleanly(scripted):
 
 def test_disconnect_overload_and_engine_failure(scripted):
     script(scripted, "word " * 400)
-    scripted.engine.delay = 0.01  # 800 tokens would take 8 s
+    scripted.engine.runner.delay = 0.01  # 800 tokens would take 8 s
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 800, "stream": True}
     url = scripted.url + "/v1/chat/completions"
     before = scripted.metrics()["dsv32_generation_tokens_total"]
@@ -373,9 +377,9 @@ def test_disconnect_overload_and_engine_failure(scripted):
     m = scripted.wait_idle()
     assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
     assert m["dsv32_generation_tokens_total"] - before < 600
-    scripted.engine.delay = 0.0
+    scripted.engine.runner.delay = 0.0
     assert not scripted.engine.seqs
-    scripted.engine.fail = True
+    scripted.engine.runner.fail = True
     r = httpx.post(url, json={**body, "stream": False, "max_tokens": 5})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     script(scripted, "fine" + EOS)
@@ -387,8 +391,8 @@ def test_disconnect_overload_and_engine_failure(scripted):
 def test_terminal_reply_streams_reasoning_and_tool_calls(model_dir):
     engine = scripted_engine(model_dir, num_blocks=32)
     tok = Tokenizer.from_file(model_dir)
-    engine.script = tok.encode(encode_completion({"reasoning_content": "Hmm.", "content": "Sure.",
-                                                  "tool_calls": [CALL]}, "thinking"))
+    engine.runner.script = tok.encode(encode_completion({"reasoning_content": "Hmm.", "content": "Sure.",
+                                                         "tool_calls": [CALL]}, "thinking"))
     out = io.StringIO()
     msg = stream_reply(engine, tok, tok.apply_chat_template(HELLO), SamplingParams(max_tokens=200), "thinking", out)
     assert (msg["reasoning_content"], msg["content"]) == ("Hmm.", "Sure.")

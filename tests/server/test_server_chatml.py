@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import torch
-from test_server import ScriptedEngine, Server, engine_args, served, stream_chat
+from test_server import ScriptedRunner, Server, engine_args, served, stream_chat
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -58,18 +58,18 @@ def real(chatml_dir):
 @pytest.fixture(scope="module")
 def scripted(chatml_dir):
     engine, tok = load_engine(engine_args(chatml_dir, max_num_seqs=1))
-    engine.__class__ = ScriptedEngine  # the same engine, the model's choice replaced by a script
+    engine.runner.__class__ = ScriptedRunner  # the same engine, the model's choice replaced by a script
     server = Server(engine, tok)
     yield server
     server.stop()
 
 
 def script(server, text: str) -> None:
-    server.engine.script = server.tok.encode(text)
+    server.engine.runner.script = server.tok.encode(text)
 
 
 def test_a_converted_dir_loads_with_its_chatml_tokenizer(real, chatml_dir):
-    assert type(real.engine.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
+    assert type(real.engine.runner.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
     r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
     hf = HFTokenizer.from_file(str(chatml_dir / "tokenizer.json"))
     assert r.usage.prompt_tokens == len(hf.encode(encode_chatml(HELLO), add_special_tokens=False).ids)
@@ -112,8 +112,8 @@ def test_tools_and_thinking_are_clear_400s(scripted):
 
 def test_terminal_reply_in_chatml(chatml_dir):
     engine, tok = load_engine(engine_args(chatml_dir, num_blocks=16))
-    engine.__class__ = ScriptedEngine
-    engine.script = tok.encode("Sure.<|im_end|>")
+    engine.runner.__class__ = ScriptedRunner
+    engine.runner.script = tok.encode("Sure.<|im_end|>")
     out = io.StringIO()
     msg = stream_reply(engine, tok, tok.apply_chat_template(HELLO),
                        SamplingParams(max_tokens=50, stop_token_ids=list(tok.stop_ids)), "chat", out)
