@@ -41,8 +41,8 @@ class ModelRunner:
         self.device, self.dtype = w.device, w.dtype
         probe = PagedCache(cfg, 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, "meta")
         bytes_per_block = probe.bytes_per_token() * cfg.num_hidden_layers * ec.block_size
-        self.num_blocks = ec.num_blocks or self._auto_blocks(bytes_per_block, max_model_len)  # the scheduler's
-        # one block more than the scheduler hands out: the scratch block padded graph rows use
+        self.num_blocks = ec.num_blocks or self._auto_blocks(bytes_per_block, max_model_len)  # what the scheduler
+        # hands out; the cache has one block more: the scratch block padded graph rows use
         self.cache = PagedCache(cfg, self.num_blocks + 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype,
                                 self.device, ec.paged_decode, max_model_len)
         self.graphs = (DecodeGraphs(self._call_model, self.device, ec.block_size, ec.max_num_seqs, max_model_len,
