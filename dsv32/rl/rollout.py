@@ -140,11 +140,14 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
                 t.finish_reason = "length"
                 continue
             reqs.append((i, engine.add_request(t.tokens, replace(params, max_tokens=min(params.max_tokens, room)))))
+        mine, outs = {seq.request_id: seq for _, seq in reqs}, {}
         while engine.has_work():
-            engine.step()
+            for o in engine.step():
+                if o.finish_reason is not None and o.request_id in mine:  # its records are final now
+                    outs[o.request_id] = engine.output(mine[o.request_id])
         active = []
         for i, seq in reqs:
-            t, out = trajs[i], engine.output(seq)
+            t, out = trajs[i], outs[seq.request_id]
             start = len(t.tokens)
             t.experts = _merged(t.experts, out.experts, t.route_drift)
             t.selection = _merged(t.selection, out.selection, t.selection_drift)
