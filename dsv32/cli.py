@@ -105,6 +105,10 @@ def _passthrough(name: str, argv: list[str]) -> int:
         from dsv32.agent.corpus import main as corpus_main
 
         return corpus_main(argv)
+    if name == "eval":
+        from dsv32.eval.cli import main as eval_main
+
+        return eval_main(argv)
     if name == "convert":
         from dsv32.registry import CONVERT, resolve
 
@@ -120,6 +124,8 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                "chat": "chat with a model in the terminal: dsv32 chat [--model DIR] [--thinking]",
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
                "corpus": "local documents for the agent's browser: dsv32 corpus build --out DIR [--from stdlib|DIR|F.jsonl]",
+               "eval": "pass@k on tasks: dsv32 eval --tasks F.jsonl|rg:NAME[:N] --model SRC|--base-url URL "
+                       "-n 16 -k 1,4,16 [--thinking] --out DIR",
                "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "
                           "(adds fresh indexers; --help names the packaged ones)"}
 
