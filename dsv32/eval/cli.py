@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     if args.base_url:
         sampler, what = EndpointSampler(args.base_url, args.api_model, args.api_key, args.concurrency), args.base_url
     else:
-        from dsv32.engine import LLM, EngineConfig  # torch only for in-process sampling
-        from dsv32.loader import load
+        from dsv32.engine import LLM, EngineConfig
+        from dsv32.loader import load  # the composition root, a layer above eval (as in engine/llm.py)
 
         model, tok = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
         sampler, what = EngineSampler(LLM(model, EngineConfig(num_blocks=args.num_blocks), tokenizer=tok)), args.model

@@ -138,7 +138,8 @@ class GradingWorker:
 
     def close(self) -> None:
         if self.proc is not None:
-            self.conn.send(None)
+            if self.proc.is_alive():
+                self.conn.send(None)
             self.proc.join(timeout=5)
             if self.proc.is_alive():
                 self._kill()
