@@ -186,10 +186,13 @@ def spy(monkeypatch):
     ["serve", "--model", "SRC"],
     ["train", "pretrain", "--model", "SRC", "--data", "x.txt"],
     ["rl", "--model", "SRC"],
+    ["eval", "--tasks", "TASKS", "--model", "SRC", "--out", "OUT"],
 ])
-def test_every_cli_command_loads_its_model_through_dsv32_load(spy, argv):
+def test_every_cli_command_loads_its_model_through_dsv32_load(spy, argv, tmp_path):
     from dsv32.cli import main
 
+    (tmp_path / "tasks.jsonl").write_text('{"id": "t", "prompt": "1+1?", "answer": "2"}\n')
+    argv = [str(tmp_path / "tasks.jsonl") if a == "TASKS" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     with pytest.raises(Loaded, match="SRC"):
         main(argv)
 
