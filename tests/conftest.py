@@ -1,5 +1,6 @@
 import os
 import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,13 @@ def pytest_collection_modifyitems(config, items):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (a fixed one collides with parallel test runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def torchrun():
     """torchrun(n, script, *args, port=...) runs a test worker script on n CPU processes (gloo).
@@ -39,11 +47,11 @@ def torchrun():
                                "--master-port", str(port), str(script), *map(str, args)],
                               capture_output=True, text=True, timeout=300, env=env)
 
-    def run(n: int, script, *args, port: int) -> subprocess.CompletedProcess:
-        r = launch(n, script, args, port)
+    def run(n: int, script, *args, port: int | None = None) -> subprocess.CompletedProcess:
+        r = launch(n, script, args, port or free_port())
         if r.returncode != 0 and re.search(r"exitcode\s*:\s*-(11|6) ", r.stderr):  # SIGSEGV, SIGABRT
             warnings.warn(f"a rank of {Path(script).name} died of a signal; launching it once more:\n{r.stderr[-1500:]}")
-            r = launch(n, script, args, port + 1)
+            r = launch(n, script, args, free_port())
         return r
 
     return run

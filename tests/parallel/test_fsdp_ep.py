@@ -16,7 +16,7 @@ STAGES = ("pretrain", "dsa-warmup", "dsa-sparse")
 
 
 def test_fsdp2_with_expert_parallelism_matches_one_process(torchrun, tmp_path):
-    r = torchrun(2, Path(__file__).parent / "_fsdp_ep_worker.py", tmp_path, ",".join(STAGES), port=29543)
+    r = torchrun(2, Path(__file__).parent / "_fsdp_ep_worker.py", tmp_path, ",".join(STAGES))
     assert r.returncode == 0, r.stderr[-4000:]
     for stage in STAGES:
         torch.manual_seed(0)

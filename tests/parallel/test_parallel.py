@@ -15,8 +15,8 @@ from dsv32.parallel.mesh import make_parallel
 from dsv32.parallel.plan import shard_index
 
 
-def run_worker(torchrun, tmp_path, n, checks, port):
-    r = torchrun(n, Path(__file__).parent / "_worker.py", tmp_path, ",".join(checks), port=port)
+def run_worker(torchrun, tmp_path, n, checks):
+    r = torchrun(n, Path(__file__).parent / "_worker.py", tmp_path, ",".join(checks))
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((tmp_path / f"result-{n}.json").read_text())
 
@@ -44,14 +44,14 @@ def assert_loaded_shards(ranks, world, n_experts):
 
 
 def test_two_ranks_logits_loading_and_engine(torchrun, tmp_path):
-    ranks = run_worker(torchrun, tmp_path, 2, ["logits", "load", "engine"], port=29541)
+    ranks = run_worker(torchrun, tmp_path, 2, ["logits", "load", "engine"])
     assert_logits_match(ranks)
     assert_loaded_shards(ranks, 2, 16)
     assert ranks[0]["engine"] == {"equal": True, "tokens": 36}
 
 
 def test_four_ranks_logits_and_loading(torchrun, tmp_path):
-    ranks = run_worker(torchrun, tmp_path, 4, ["logits", "load"], port=29542)
+    ranks = run_worker(torchrun, tmp_path, 4, ["logits", "load"])
     assert_logits_match(ranks)
     assert_loaded_shards(ranks, 4, 16)
 

@@ -165,7 +165,7 @@ def test_pretraining_lowers_the_loss_and_balances(tmp_path):
 
 def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, torchrun):
     """2 ranks x 1 micro-batch see the same batches as 1 rank x 2 micro-batches."""
-    r = torchrun(2, Path(__file__).parent / "_fsdp_worker.py", tmp_path / "fsdp", port=29533)
+    r = torchrun(2, Path(__file__).parent / "_fsdp_worker.py", tmp_path / "fsdp")
     assert r.returncode == 0, r.stderr[-3000:]
     torch.manual_seed(0)
     cfg = TrainConfig(stage="pretrain", steps=4, batch_size=2, seq_len=32, out=str(tmp_path / "one"), warmup=1,
