@@ -25,7 +25,8 @@ from dsv32.agent.tool import Tool
 from dsv32.engine import SamplingParams
 from dsv32.rl.rollout import Trajectory
 
-END_REASONS = ("answer", "max_steps", "max_tokens", "max_tool_calls", "context", "length", "bad_reply", "policy_error")
+END_REASONS = ("answer", "max_steps", "max_tokens", "max_tool_calls", "context", "length", "bad_reply", "policy_error",
+               "tool_setup")
 MANAGED = ("summary", "discard-75", "discard-all")   # strategies that act at the trigger
 LIMITS = {"length": "max_tokens per call", "context": "the end of the context window", "max_tokens": "the token budget"}
 
@@ -115,10 +116,15 @@ class AgentLoop:
         return chosen
 
     def _episode(self, messages: list[dict]) -> Episode:
-        tools = self.tools() if callable(self.tools) else self.tools
         ep = Episode(list(messages))
         try:
-            self._loop(ep, {t.name: t for t in tools})
+            tools = self.tools() if callable(self.tools) else self.tools
+        except Exception as e:  # e.g. a sandbox that cannot start
+            self._end(ep, "tool_setup", f"{type(e).__name__}: {e}")
+            tools = []
+        try:
+            if ep.end is None:
+                self._loop(ep, {t.name: t for t in tools})
         finally:
             if callable(self.tools):
                 for t in tools:

@@ -113,3 +113,12 @@ def test_reasoning_is_kept_across_tool_results_and_dropped_at_a_new_user_message
     assert 'name="echo"' in seen and "<result>found it</result>" in seen and "It is found." in seen
     assert second.end == "answer" and second.answer == "Still found."
     assert first.log == second.log[:len(first.log)]
+
+
+def test_tools_that_cannot_be_made_end_the_episode_with_a_reason():
+    def tools():
+        raise OSError("bubblewrap could not start a sandbox")
+
+    policy = ScriptedPolicy([turn("never", "called")])
+    ep = AgentLoop(policy, tools).run("Go.")
+    assert ep.end == "tool_setup" and ep.error == "OSError: bubblewrap could not start a sandbox" and not policy.seen
