@@ -109,6 +109,10 @@ def _passthrough(name: str, argv: list[str]) -> int:
 
         resolve(CONVERT)(argv)
         return 0
+    if name == "agent":
+        from dsv32.agent.cli import main as agent_main
+
+        return agent_main(argv)
     from dsv32.tokenizer import main as tokenizer_main
 
     tokenizer_main(argv)
@@ -119,6 +123,7 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                "chat": "chat with a model in the terminal: dsv32 chat [--model DIR] [--thinking]",
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
                "corpus": "local documents for the agent's browser: dsv32 corpus build --out DIR [--from stdlib|DIR|F.jsonl]",
+               "agent": "run a task with tools: dsv32 agent \"TASK\" --model DIR|--base-url URL [--tools python,bash,search]",
                "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "
                           "(adds fresh indexers; --help names the packaged ones)"}
 
