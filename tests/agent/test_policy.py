@@ -94,14 +94,21 @@ def test_an_engine_rollout_through_the_loop_replays_the_engines_logprobs_on_ever
         assert (lp[0, s - 1:e - 1] - batch.logp_old[0, s - 1:e - 1]).abs().max() < 1e-5
     assert (unmasked - lp)[0, [p - 1 for p in free]].max() < -0.05   # top-p mattered at the free tokens
 
-    # a new user message: a new token stream, rendered without the earlier reasoning
+    # a new user message: a new token stream, rendered without the earlier reasoning (its sampled
+    # positions lie past the first stream's, so one steering serves both)
     follow = ep.log + [{"role": "user", "content": "And twice that?"}]
-    m.steer(tok, layout(tok, prompt_ids(tok, follow, schemas), [(3, THINK_END + "94." + EOS, [])]))
+    m.steer(tok, {**script, **layout(tok, prompt_ids(tok, follow, schemas), [(3, THINK_END + "94." + EOS, [])])})
     ep2 = agent.run(follow)
     assert ep2.end == "answer" and ep2.answer == "94." and len(ep2.segments) == 1 and ep2.segments[0] is not seg
     seen = tok.decode(eng.outputs[-1].prompt_token_ids)
     assert seen == encode_messages(follow, "thinking", tools=schemas)
     assert ep.log[1]["reasoning_content"] not in seen and "<result>47</result>" in seen
+    # both streams in one batch, as the trainer would take them
+    batch = pack(ep.segments + ep2.segments)
+    with torch.no_grad():
+        lp = replay_logprobs(m, batch, PARAMS.temperature)
+    assert batch.action.sum() == seg.n_sampled + ep2.segments[0].n_sampled
+    assert (lp - batch.logp_old)[batch.action].abs().max() < 1e-5
 
 
 def test_the_engine_policy_needs_the_v32_chat_format(tiny):
