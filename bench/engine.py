@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.kernel_cases import kernel_times
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.model import Transformer
 
@@ -169,12 +170,12 @@ def position_cost(contexts, batch=1, reps=5):
         for name, q_len in (("decode", 1), ("prefill64", 64)):
             ids = torch.randint(0, 1024, (batch, q_len), device="cuda")
             pos = torch.arange(ctx - q_len, ctx, device="cuda").expand(batch, q_len)
-            cache.prepare(tables, pos)
+            step = cache.bind(Batch.build(ids, pos, tables, 64))
             variants = [("dense", False, True), ("dsa", True, True)] + \
                 ([("dsa_gathered", True, False)] if name == "decode" else [])
             for mode, sparse, paged in variants:
                 cache.paged_decode = paged  # decode reads the paged cache in place, or gathers it
-                run = lambda: layer(ids, cache=cache, positions=pos, sparse=sparse, mode="mqa")  # noqa: E731
+                run = lambda: layer(ids, cache=step, positions=pos, sparse=sparse, mode="mqa")  # noqa: E731
                 run()
                 sync()
                 t0 = time.perf_counter()

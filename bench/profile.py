@@ -78,6 +78,7 @@ def topk():
 def layer_decode():
     """One 671B-shape layer (bench/engine.py's position sweep) decoding one token at 32K, dense and DSA."""
     from dsv32.config import preset
+    from dsv32.engine.batch import Batch
     from dsv32.engine.cache import PagedCache
     from dsv32.model import Transformer
 
@@ -89,11 +90,11 @@ def layer_decode():
     cache = PagedCache(cfg, ctx // 64 + 2, 64, False, torch.bfloat16, "cuda")
     ids = torch.randint(0, 1024, (1, 1), device="cuda")
     pos = torch.tensor([[ctx - 1]], device="cuda")
-    cache.prepare([list(range(ctx // 64 + 2))], pos)
+    step = cache.bind(Batch.build(ids, pos, [list(range(ctx // 64 + 2))], 64))
 
     def run(sparse):
         with torch.inference_mode():
-            return layer(ids, cache=cache, positions=pos, sparse=sparse, mode="mqa")
+            return layer(ids, cache=step, positions=pos, sparse=sparse, mode="mqa")
     return {"dense": lambda: run(False), "dsa": lambda: run(True)}
 
 

@@ -169,7 +169,7 @@ def run(args) -> None:
         for b in batches:
             result["decode_tokens_per_s"][b] = decode_rate(engine, b, context, steps, cfg.vocab_size)
             print(f"decode batch {b}: {result['decode_tokens_per_s'][b]:.2f} tok/s", flush=True)
-        engine.model.stop()
+        engine.runner.stop()
     peaks = [None] * world
     dist.all_gather_object(peaks, {"load_s": load_s, "weights_gib": weights_gib, "peak_gib": peak_memory(device)})
     if rank == 0:

@@ -5,19 +5,23 @@ import sys
 import time
 
 
-def _bytes_codec():
-    """(encode, decode) for a model without a tokenizer: raw UTF-8 bytes as ids."""
-    def decode(ids):  # ids beyond a byte have no text: show them as [id]
+class _Bytes:
+    """The codec of a model without a tokenizer: raw UTF-8 bytes as ids."""
+
+    @staticmethod
+    def encode(text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:  # ids beyond a byte have no text: show them as [id]
         runs, out = [], []
-        for i in ids + [None]:
+        for i in list(ids) + [None]:
             if i is not None and i < 256:
                 out.append(i)
                 continue
             runs.append(bytes(out).decode("utf-8", errors="replace") + (f"[{i}]" if i is not None else ""))
             out = []
         return "".join(runs)
-
-    return (lambda s: list(s.encode("utf-8"))), decode
 
 
 def _load_for_generate(args, device):
@@ -40,6 +44,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from dsv32.engine import generate
+    from dsv32.tokenizer import Detokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -57,8 +62,7 @@ def cmd_generate(args) -> int:
             return 2
         prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], thinking_mode="chat")
     else:
-        prompt = tok.encode(args.prompt) if tok else _bytes_codec()[0](args.prompt)
-    decode = tok.decode if tok else _bytes_codec()[1]
+        prompt = (tok or _Bytes).encode(args.prompt)
     stop = tuple(tok.stop_ids) if tok else ()
     if max(prompt, default=0) >= cfg.vocab_size:
         print(f"error: the prompt has token ids beyond the model's vocab_size {cfg.vocab_size}", file=sys.stderr)
@@ -72,7 +76,7 @@ def cmd_generate(args) -> int:
           f"{time.perf_counter() - t0:.1f}s on {device}; prompt {len(prompt)} tokens"
           f"{' (chat template)' if chat else ''}",
           file=sys.stderr)
-    t0, out, printed = time.perf_counter(), [], ""
+    t0, out, detok = time.perf_counter(), [], Detokenizer(tok or _Bytes)
     if not chat:
         sys.stdout.write(args.prompt)
     for t in generate(model, prompt, limit, temperature, top_p, args.top_k,
@@ -80,11 +84,8 @@ def cmd_generate(args) -> int:
         out.append(t)
         if t in stop:  # the end of the reply is not part of its text
             break
-        text = decode(out)
-        if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
+        sys.stdout.write(detok.feed([t]))  # incomplete UTF-8 characters are held back
+        sys.stdout.flush()
     dt = time.perf_counter() - t0
     print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
     return 0
@@ -104,6 +105,10 @@ def _passthrough(name: str, argv: list[str]) -> int:
         from dsv32.agent.corpus import main as corpus_main
 
         return corpus_main(argv)
+    if name == "eval":
+        from dsv32.eval.cli import main as eval_main
+
+        return eval_main(argv)
     if name == "convert":
         from dsv32.registry import CONVERT, resolve
 
@@ -124,6 +129,8 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
                "corpus": "local documents for the agent's browser: dsv32 corpus build --out DIR [--from stdlib|DIR|F.jsonl]",
                "agent": "run a task with tools: dsv32 agent \"TASK\" --model DIR|--base-url URL [--tools python,bash,search]",
+               "eval": "pass@k on tasks: dsv32 eval --tasks F.jsonl|rg:NAME[:N] --model SRC|--base-url URL "
+                       "-n 16 -k 1,4,16 [--thinking] --out DIR",
                "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "
                           "(adds fresh indexers; --help names the packaged ones)"}
 

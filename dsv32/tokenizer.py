@@ -1,4 +1,5 @@
-"""Text <-> token ids through a Hugging Face `tokenizer.json` and the `tokenizers` library.
+"""Text <-> token ids through a Hugging Face `tokenizer.json` and the `tokenizers` library, and
+generated ids -> streamed text (`Detokenizer`).
 
 The official checkpoint ships its tokenizer.json (byte-level BPE). For the small models we train
 ourselves, `train_tokenizer` (CLI: `dsv32 tokenizer train`) makes a byte-level BPE from local text
@@ -63,6 +64,51 @@ class Tokenizer:
     def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False) -> StreamParser:
         """The parser of a reply in this vocabulary's chat format, fed decoded text as it streams."""
         return StreamParser(thinking_mode, lenient=lenient)
+
+
+class Detokenizer:
+    """Token ids -> the text they add, once it can no longer change: the one place that turns a
+    stream of generated ids into text (`LLM`, the server, the terminal chat, `dsv32 generate`).
+
+    An incomplete UTF-8 character (a byte-level token ending mid-character) is held back until its
+    last byte arrives, and so is text that may be the start of a stop string. The text ends before
+    the first stop string to be completed (of two completed by the same character, the longer);
+    `stopped` then says so, and the caller aborts the request. Special tokens are single ids and
+    decode whole; markup spread over several tokens (the tool-call block) is held back by the chat
+    StreamParser, not here. Decoding works on a short window of ids (as vLLM does), so a long reply
+    costs no quadratic decode. tokenizer: anything with decode(ids) -> str.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] = ()):
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.prefix = self.read = 0      # window start, and end of the ids whose text is final
+        self.pending = ""                # final text held back for the stop strings
+        self.stopped = False
+
+    def feed(self, ids: list[int], final: bool = False) -> str:
+        """The text ids add (final: the last ids of the stream; release everything held back)."""
+        if self.stopped:
+            return ""
+        self.ids += ids
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if not text.endswith("\ufffd") or final:
+            self.pending += text[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final)
+
+    def _release(self, final: bool) -> str:
+        # the held-back text has no stop string yet, and holds the start of any completed since
+        hits = [(i + len(s), -len(s), i) for s in self.stop if (i := self.pending.find(s)) != -1]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)[2]], ""
+            return out
+        keep = 0 if final or not self.stop else max(map(len, self.stop)) - 1
+        cut = max(0, len(self.pending) - keep)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
 
 
 def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path) -> Tokenizer:

@@ -51,12 +51,16 @@ WORK = ROOT  # the tree mutated and tested: ROOT, or a scratch copy of it with -
 DEFAULT_TIMEOUT = 300.0
 
 # ---- test subsets: small enough that one mutant runs in well under a minute on a CPU ----
-ENGINE = ("tests/engine/test_engine_invariants.py", "tests/engine/test_engine.py", "tests/rl/test_rollout.py")
+ENGINE = ("tests/engine/test_engine_invariants.py", "tests/engine/test_engine.py", "tests/engine/test_runner.py",
+          "tests/rl/test_rollout.py")
 SAMPLER = ("tests/engine/test_simple.py::test_sampling_truncation_by_hand",
            "tests/engine/test_simple.py::test_seeded_sampling_is_reproducible",
            "tests/engine/test_simple.py::test_batched_sampling_matches_each_row_alone",
            "tests/engine/test_simple.py::test_generation_limits") + ENGINE
 CHAT = ("tests/chat",)
+TOKENIZER = ("tests/test_tokenizer.py",)
+LLM = ("tests/engine/test_llm.py",)
+GRAPHS = ("tests/engine/test_engine.py::test_graph_shaped_decode_equals_the_model",)
 RL = ("tests/rl",)
 MODEL = ("tests/model/test_model.py", "tests/model/test_parity_transformers.py")
 MTP = MODEL + ("tests/train/test_losses.py",)
@@ -82,6 +86,8 @@ class Mutant:
 
 
 E, C, S, SM = "dsv32/engine/cache.py", "dsv32/engine/scheduler.py", "dsv32/engine/sampler.py", "dsv32/engine/engine.py"
+RUN, BAT, GR, LL = "dsv32/engine/runner.py", "dsv32/engine/batch.py", "dsv32/engine/graphs.py", "dsv32/engine/llm.py"
+TOK = "dsv32/tokenizer.py"
 ENC, PAR = "dsv32/chat/encode.py", "dsv32/chat/parse.py"
 OBJ, ROL = "dsv32/rl/objective.py", "dsv32/rl/rollout.py"
 MLA, MOE, TR, IDX = "dsv32/model/mla.py", "dsv32/model/moe.py", "dsv32/model/transformer.py", "dsv32/model/indexer.py"
@@ -157,23 +163,62 @@ MUTANTS: list[Mutant] = [
            "tokens, logprobs = tok.tolist(), lp.gather(1, tok[:, None]).squeeze(1).tolist()",
            "tokens, logprobs = tok.tolist(), logits.float().log_softmax(-1).gather(1, tok[:, None]).squeeze(1).tolist()",
            SAMPLER, "the sampled token's log-prob is taken under the raw softmax, not the processed distribution"),
-    # ---- engine/engine.py: stopping, RL records ----
-    Mutant("engine-max-tokens-plus-one", SM,
+    # ---- engine/scheduler.py (postprocess): the finish rules; engine/engine.py: step outputs ----
+    Mutant("engine-max-tokens-plus-one", C,
            "n_out >= p.max_tokens",
            "n_out > p.max_tokens",
            SAMPLER, "a request generates max_tokens + 1 tokens"),
-    Mutant("engine-context-plus-one", SM,
+    Mutant("engine-context-plus-one", C,
            "len(seq.tokens) >= self.max_model_len",
            "len(seq.tokens) > self.max_model_len",
            ENGINE, "a sequence may grow to max_model_len + 1 tokens"),
-    Mutant("engine-ignore-eos-ignored", SM,
-           "(s.token == self.model.cfg.eos_token_id and not p.ignore_eos)",
-           "(s.token == self.model.cfg.eos_token_id)",
+    Mutant("engine-ignore-eos-ignored", C,
+           "(s.token == self.eos_token_id and not p.ignore_eos)",
+           "(s.token == self.eos_token_id)",
            SAMPLER, "ignore_eos=True still stops at the end-of-sentence token"),
-    Mutant("engine-expert-position", SM,
-           "seq.experts[a + j] = rows[j]",
-           "seq.experts[j] = rows[j]",
+    Mutant("sched-decode-not-computed", C,
+           "            self.computed(seq, 1)",
+           "            self.computed(seq, 0)",
+           ENGINE, "decode steps never count their token as computed: blocks filled by generated tokens are "
+                   "never registered for reuse (and the next decode rewrites the same slot)"),
+    Mutant("engine-step-resends", SM,
+           "        seq.num_emitted = b\n",
+           "",
+           ENGINE, "each StepOutput repeats every token of the request so far, not only the new ones"),
+    # ---- engine/runner.py, batch.py, graphs.py: a step's forwards and their inputs; RL records ----
+    Mutant("engine-expert-position", RUN,
+           "getattr(seq, field)[a + j] = per_seq[j]",
+           "getattr(seq, field)[j] = per_seq[j]",
            ENGINE, "expert ids of a later chunk or decode step are recorded from position 0, overwriting the first"),
+    Mutant("runner-chunk-sampled", RUN,
+           "sample_rows=tuple(i for i, s in enumerate(seqs) if b == len(s.tokens)),",
+           "sample_rows=tuple(range(len(seqs))),",
+           ENGINE, "every prefill chunk samples a token, also one that ends before the prompt does"),
+    Mutant("batch-decode-shape-unchecked", BAT,
+           "(s == 2 and bool((positions[:, 1] == positions[:, 0] + 1).all()))",
+           "s == 2",
+           ENGINE, "two new tokens at positions that are not consecutive count as a decode step for the paged kernels"),
+    Mutant("graphs-padding-on-block-0", GR,
+           "rows += [[self.scratch] * self.nb] * (b - n)",
+           "rows += [[0] * self.nb] * (b - n)",
+           GRAPHS, "padded graph rows write their (garbage) entries into block 0, which a sequence may hold"),
+    Mutant("llm-stop-string-not-aborted", LL,
+           "                            self.engine.abort(rid)\n",
+           "",
+           LLM, "a stop string cuts the text but the request runs on to max_tokens"),
+    # ---- tokenizer.py: the Detokenizer ----
+    Mutant("detok-stop-earliest-start", TOK,
+           "hits = [(i + len(s), -len(s), i)",
+           "hits = [(i, -len(s), i)",
+           TOKENIZER, "the text ends at the stop string that begins first, not the one completed first"),
+    Mutant("detok-no-utf8-holdback", TOK,
+           'if not text.endswith("\\ufffd") or final:',
+           "if True:",
+           TOKENIZER, "a token ending inside a UTF-8 character releases a replacement character"),
+    Mutant("detok-holdback-one-short", TOK,
+           "max(map(len, self.stop)) - 1",
+           "max(map(len, self.stop)) - 2",
+           TOKENIZER, "the start of a stop string split across feeds is released before the stop string completes"),
     # ---- chat/encode.py: the thinking-context rule, tool blocks, arguments ----
     Mutant("chat-drop-at-last-user-only", ENC,
            'm["role"] in ("user", "developer")), default=-1)',

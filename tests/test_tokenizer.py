@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from dsv32.chat import SPECIAL_TOKENS, ChatFormatError, encode_messages, parse_completion
 from dsv32.llama.chatml import encode_chatml
 from dsv32.llama.tokenizer import PlainTokenizer
-from dsv32.tokenizer import Tokenizer, main, train_tokenizer
+from dsv32.tokenizer import Detokenizer, Tokenizer, main, train_tokenizer
 
 CORPUS = [json.decoder.__file__, textwrap.__file__]
 
@@ -67,6 +67,59 @@ def test_load_from_dir_or_file_and_cli(tmp_path, tok):
     for loaded in (Tokenizer.from_file(path), Tokenizer.from_file(path.parent)):
         assert loaded.vocab_size == tok.vocab_size == 800
         assert loaded.encode(sample) == tok.encode(sample)
+
+
+# ---- Detokenizer: streamed ids -> text ----
+
+def cut_at_first_stop(text: str, stop: list[str]) -> str:
+    """By hand: text before the stop string that is completed first, i.e. the shortest prefix of
+    text ending in one (of those ending there, the longest goes)."""
+    for end in range(len(text) + 1):
+        ending = [s for s in stop if s and text[:end].endswith(s)]
+        if ending:
+            return text[:end - max(map(len, ending))]
+    return text
+
+
+# multi-byte characters (a byte-level token may end inside one), the corpus's own words, newlines
+TEXT = st.lists(st.sampled_from(list("ab x\n") + ["é", "世", "🎉", "def", "return", "é!"]), max_size=20).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=TEXT, data=st.data())
+def test_detokenizer_feeds_add_up_to_the_text_cut_at_the_first_stop_string(tok, text, data):
+    """However a text's ids are split into feeds, the pieces add up to the decoded text cut before
+    its first stop string, `stopped` says whether one came, and no piece holds part of a UTF-8
+    character (the text has no U+FFFD of its own, so any would be one)."""
+    ids = tok.encode(text)
+    decoded = tok.decode(ids)
+    cuts = data.draw(st.lists(st.integers(0, len(ids)), max_size=8), "cuts")
+    pieces = st.text(st.sampled_from(list("ab x\né!世")), min_size=1, max_size=3)
+    inside = st.builds(lambda a, n: decoded[a:a + n], st.integers(0, max(0, len(decoded) - 1)), st.integers(1, 4))
+    stop = data.draw(st.lists(inside | inside | pieces, max_size=3), "stop")
+    detok, out, last = Detokenizer(tok, stop), [], 0
+    for c in sorted(set(cuts) - {len(ids)}) + [len(ids)]:
+        out.append(detok.feed(ids[last:c], final=c == len(ids)))
+        last = c
+    assert "".join(out) == cut_at_first_stop(decoded, stop)
+    assert detok.stopped == any(s and s in decoded for s in stop)
+    assert not any("\ufffd" in piece for piece in out)
+
+
+def test_detokenizer_by_hand(tok):
+    """A character split across feeds comes out whole once complete; the last len(longest stop
+    string) - 1 characters wait until more come or the stream ends; the stop string completed first
+    wins, even where another began earlier, and nothing comes after it."""
+    ids = tok.encode("é")
+    assert len(ids) == 2  # two bytes, two byte-level tokens
+    d = Detokenizer(tok)
+    assert (d.feed(ids[:1]), d.feed(ids[1:])) == ("", "é")
+    d = Detokenizer(tok, ["abc"])
+    assert [d.feed(tok.encode(t)) for t in ("xa", "b", "d")] + [d.feed([], final=True)] == ["", "x", "a", "bd"]
+    d = Detokenizer(tok, ["abcd", "bc"])
+    assert [d.feed(tok.encode(t)) for t in ("xab", "cd", "more")] == ["", "xa", ""] and d.stopped
+    d = Detokenizer(tok, ["x!"])
+    assert d.feed(tok.encode("ax"), final=True) == "ax" and not d.stopped
 
 
 # ---- PlainTokenizer (converted Llama-family models) and its chat format ----

@@ -134,7 +134,7 @@ def make_policy(args, thinking_mode: str):
     if args.base_url:
         return OpenAIPolicy(args.base_url, args.served_model, args.api_key, thinking_mode, args.context_window)
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=args.context_window), tok)
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=args.context_window))
     return EnginePolicy(engine, tok, thinking_mode, record=False)
 
 

@@ -1,8 +1,10 @@
-"""Running models: the paged engine (scheduler, paged cache, sampler), the offline `LLM` API, and
-a simple contiguous-cache generator for watching a model run."""
+"""Running models: the paged engine (scheduler, model runner over the paged cache, sampler), the
+offline `LLM` API, and a simple contiguous-cache generator for watching a model run."""
 
-from dsv32.engine.engine import LLM, Engine, EngineConfig, RequestOutput
+from dsv32.engine.config import EngineConfig
+from dsv32.engine.engine import Engine, RequestOutput, StepOutput
+from dsv32.engine.llm import LLM
 from dsv32.engine.sampler import SamplingParams
 from dsv32.engine.simple import generate
 
-__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams", "generate"]
+__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams", "StepOutput", "generate"]

@@ -10,7 +10,10 @@ Two layouts [kernel-anchors §2.1, §2.2, §3]:
 Reads dequantise to the model's dtype (the plain-torch path). Decode steps of a V3.2 model read
 the bytes directly instead: `paged_view` hands one layer's raw rows and the block tables to the
 paged DSA kernels (indexer logits, sparse MLA decode), so no [B, T] copy of the cache is made.
+Where a forward writes and what it reads is its Batch's (batch.py), never state of the cache.
 """
+
+from __future__ import annotations
 
 import hashlib
 from collections import deque
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv32.config import ModelConfig
+from dsv32.engine.batch import Batch
 from dsv32.kernels.indexer import fp8_pages
 from dsv32.model.fp8 import FP8, FP8_MAX
 
@@ -54,12 +58,12 @@ class PagedView:
 
 class PagedCache:
     """Per-layer block storage, rows [num_blocks * block_size, bytes-or-dims] (FP8 indexer keys:
-    pages [num_blocks, block_size * (Di + 4)] bytes), used by the model through
-    `update` (or `write` + `paged_view` in decode steps) after `prepare` has mapped this step's
-    tokens to slots. paged_decode=False keeps every step on the gathering path (the reference)."""
+    pages [num_blocks, block_size * (Di + 4)] bytes). It holds no per-step state: a forward reads and
+    writes it through `bind(batch)`, its Batch saying where. paged_decode=False keeps every step on
+    the gathering path (the reference). max_len: the longest sequence it serves."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64, fp8: bool = False,
-                 dtype=torch.bfloat16, device="cpu", paged_decode: bool = True):
+                 dtype=torch.bfloat16, device="cpu", paged_decode: bool = True, max_len: int | None = None):
         self.cfg, self.num_blocks, self.block_size, self.fp8, self.dtype = cfg, num_blocks, block_size, fp8, dtype
         c, r, di = cfg.cache_widths
         self.kv_group = min(128, c)
@@ -73,49 +77,24 @@ class PagedCache:
         else:
             self.kv = torch.zeros(layers, n, c + r, dtype=dtype, device=device)
             self.ik = torch.zeros(layers, n, di, dtype=dtype, device=device)
-        self.max_len = cfg.max_position_embeddings
+        self.max_len = max_len or cfg.max_position_embeddings
         # the sparse MLA decode kernel's layouts: MLA latents in groups of 128, bf16 or FP8 rows
         self.paged_decode = paged_decode and hasattr(cfg, "kv_lora_rank") and c % 128 == 0 and \
             self.kv.dtype in (torch.bfloat16, torch.uint8)
-        self.slots = self.gather = self.table = self.seq_lens = None
-        self.decode_shaped = False
-        self.context_len: int | None = None  # set while bound to static decode inputs (bind)
 
     def bytes_per_token(self) -> int:
         """Of one layer: 656 + 132 for V3.2 in FP8."""
         return (self.kv[0].numel() * self.kv.element_size() + self.ik[0].numel() * self.ik.element_size()) \
             // (self.num_blocks * self.block_size)
 
-    def prepare(self, block_tables: list[list[int]], positions: torch.Tensor) -> None:
-        """Map this step's tokens (positions [B, S]) to slots, and each sequence's positions
-        0..T-1 to the slots to read (T = one past the largest position; beyond a sequence's own
-        length the read is padding, which the causal mask never lets through)."""
-        dev, self.context_len = self.kv.device, None
-        width = max(len(t) for t in block_tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev)  # [B, nb]
-        bs = self.block_size
-        positions = positions.to(dev)
-        self.slots = table.gather(1, positions // bs) * bs + positions % bs             # [B, S]
-        t = int(positions.max()) + 1
-        j = torch.arange(t, device=dev)
-        self.gather = table[:, (j // bs).clamp(max=width - 1)] * bs + j % bs            # [B, T]
-        self.table = table.int()
-        self.seq_lens = (positions.amax(1) + 1).int()                                   # [B]
-        # 1 or 2 consecutive new tokens per sequence: what the paged decode kernels serve
-        s = positions.shape[1]
-        self.decode_shaped = s == 1 or (s == 2 and bool((positions[:, 1] == positions[:, 0] + 1).all()))
+    def bind(self, batch: Batch) -> BoundCache:
+        """The cache as the forward of `batch` sees it: the model's `cache` argument."""
+        return BoundCache(self, batch)
 
-    def bind(self, slots: torch.Tensor, gather: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Read and write through the given tensors instead of prepare's (decode with static
-        shapes: a CUDA graph captures these tensors, and each replay refills them). slots [B, 1],
-        gather [B, T] with T = table width * block_size, table [B, nb] int32, seq_lens [B] int32."""
-        self.slots, self.gather, self.table, self.seq_lens = slots, gather, table, seq_lens
-        self.decode_shaped, self.context_len = True, gather.shape[1]
-
-    def write(self, layer: int, kv, pe, ik) -> None:
-        """Write this step's entries kv, pe, ik [B, S, ...] at the prepared slots."""
+    def write(self, layer: int, kv, pe, ik, slots: torch.Tensor) -> None:
+        """Write entries kv, pe, ik [B, S, ...] at slots [B, S]."""
         c = self.cfg.cache_widths[0]
-        slots = self.slots.flatten()
+        slots = slots.flatten()
         if self.fp8:
             pe_bytes = pe.reshape(-1, pe.shape[-1]).to(torch.bfloat16).contiguous().view(torch.uint8)
             self.kv[layer][slots] = torch.cat([_quant_rows(kv.reshape(-1, c), self.kv_group), pe_bytes], -1)
@@ -129,29 +108,57 @@ class PagedCache:
             self.kv[layer][slots] = torch.cat([kv, pe], -1).reshape(len(slots), -1).to(self.dtype)
             self.ik[layer][slots] = ik.reshape(len(slots), -1).to(self.dtype)
 
-    def paged_view(self, layer: int) -> PagedView | None:
-        """The raw rows of one layer and this step's block tables for the paged decode kernels, or
-        None where they do not apply (a prefill chunk, a layout they do not read, paged_decode off)."""
-        if not (self.paged_decode and self.decode_shaped):
-            return None
-        return PagedView(self.kv[layer], self.ik[layer], self.table, self.seq_lens, self.gather, self.block_size)
-
-    def update(self, layer: int, kv, pe, ik, positions):
-        """The model's cache hook: write [B, S, ...] entries at the prepared slots, return every
-        sequence's entries [B, T, ...] in the model's dtype."""
-        c = self.cfg.cache_widths[0]
-        self.write(layer, kv, pe, ik)
+    def read(self, layer: int, gather: torch.Tensor):
+        """The entries at slots gather [B, T], in the model's dtype: kv, pe, ik [B, T, ...]."""
+        c, di = self.cfg.cache_widths[0], self.cfg.cache_widths[2]
         if self.fp8:
-            rows = self.kv[layer][self.gather]                                          # [B, T, bytes]
+            rows = self.kv[layer][gather]                                               # [B, T, bytes]
             split = c + 4 * (c // self.kv_group)
             kv_all = _dequant_rows(rows[..., :split], c, self.kv_group, self.dtype)
             pe_all = rows[..., split:].contiguous().view(torch.bfloat16).to(self.dtype)
-            keys, scales = fp8_pages(self.ik[layer], ik.shape[-1], self.block_size)
-            block, off = self.gather // self.block_size, self.gather % self.block_size    # [B, T]
+            keys, scales = fp8_pages(self.ik[layer], di, self.block_size)
+            block, off = gather // self.block_size, gather % self.block_size              # [B, T]
             ik_all = (keys[block, off].view(FP8).float() * scales[block, off][..., None]).to(self.dtype)
             return kv_all, pe_all, ik_all
-        both = self.kv[layer][self.gather]
-        return both[..., :c], both[..., c:], self.ik[layer][self.gather]
+        both = self.kv[layer][gather]
+        return both[..., :c], both[..., c:], self.ik[layer][gather]
+
+
+@dataclass(frozen=True)
+class BoundCache:
+    """The paged cache for one forward: the storage, and the Batch saying where this forward's
+    entries go (slots) and what each sequence reads (gather). It offers the model's cache hooks
+    (see KVCache): `update`, and for decode steps `write` + `paged_view`."""
+    cache: PagedCache
+    batch: Batch
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def context_len(self) -> int | None:
+        """T when fixed by static decode inputs (a CUDA graph's), else None."""
+        return self.batch.context_len
+
+    def write(self, layer: int, kv, pe, ik) -> None:
+        """Write this forward's entries kv, pe, ik [B, S, ...] at its slots."""
+        self.cache.write(layer, kv, pe, ik, self.batch.slots)
+
+    def update(self, layer: int, kv, pe, ik, positions):
+        """The model's cache hook: write [B, S, ...] entries at this forward's slots, return every
+        sequence's entries [B, T, ...] in the model's dtype."""
+        self.write(layer, kv, pe, ik)
+        return self.cache.read(layer, self.batch.gather)
+
+    def paged_view(self, layer: int) -> PagedView | None:
+        """The raw rows of one layer and this forward's block tables for the paged decode kernels,
+        or None where they do not apply (a prefill chunk, a layout they do not read, paged_decode off)."""
+        if not (self.cache.paged_decode and self.batch.decode_shaped):
+            return None
+        b = self.batch
+        return PagedView(self.cache.kv[layer], self.cache.ik[layer], b.block_table, b.seq_lens, b.gather,
+                         self.cache.block_size)
 
 
 def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:

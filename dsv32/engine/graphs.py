@@ -1,24 +1,28 @@
-"""Decode steps with static shapes, captured as CUDA graphs.
+"""Decode steps with static shapes, captured as CUDA graphs (the ModelRunner owns one DecodeGraphs).
 
 An eager decode step launches hundreds of small kernels from Python; a CUDA graph replays them
 all in one launch. A graph fixes every shape and address, so a step's inputs live in static
 buffers, one set per batch-size bucket (1, 2, 4, 8, then every 16 up to max_num_seqs): token ids
-and positions [Bb, 1] and the block table [Bb, nb], nb = ceil(max_model_len / block_size).
-Inside the graph the cache's slots, its gather map [Bb, T] (T = nb * block_size) and the
-sequence lengths are computed from those, and the mask spans all T positions (PagedCache.bind).
-A step of B sequences pads to the next bucket with rows that read and write only the cache's
-scratch block, refills the buffers, replays, and returns the logits of its B rows; sampling runs
-after the graph. Each bucket is captured at its first use, after two warm-up runs (Triton
-compiles and autotunes its kernels there, outside the capture).
+and positions [Bb, 1] and the block table [Bb, nb], nb = ceil(max_model_len / block_size). Each
+bucket's buffers make one static Batch (batch.py); inside the graph its slots, its gather map
+[Bb, T] (T = nb * block_size) and the sequence lengths are computed from them, and the mask spans
+all T positions. A step of B sequences refills the buffers (`load`, padding to the bucket with rows
+that read and write only the cache's scratch block), replays (`replay`), and samples the logits of
+its B rows after the graph. Each bucket is captured at its first replay, after two warm-up runs
+(Triton compiles and autotunes its kernels there, outside the capture).
 
 Off CUDA the same static inputs run eagerly: that is how the CPU tests check the layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import torch
 
-from dsv32.engine.cache import PagedCache
+from dsv32.engine.batch import Batch
+from dsv32.model import ModelOutput
 
 
 def buckets(max_num_seqs: int) -> list[int]:
@@ -29,33 +33,75 @@ def buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache: PagedCache, max_num_seqs: int, max_model_len: int, scratch_block: int):
-        self.model, self.cache, self.scratch = model, cache, scratch_block
+    """forward(batch) -> ModelOutput: the eager forward each graph captures."""
+
+    def __init__(self, forward: Callable[[Batch], ModelOutput], device: torch.device, block_size: int,
+                 max_num_seqs: int, max_model_len: int, scratch_block: int):
+        self.forward, self.block_size, self.scratch = forward, block_size, scratch_block
         self.sizes = buckets(max_num_seqs)
-        dev, n, bs = cache.kv.device, self.sizes[-1], cache.block_size
+        n, bs = self.sizes[-1], block_size
         self.nb = -(-max_model_len // bs)
-        self.ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        self.table = torch.full((n, self.nb), scratch_block, dtype=torch.int32, device=dev)
-        j = torch.arange(self.nb * bs, device=dev)                                  # [T] positions
+        t = self.nb * bs
+        self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.table = torch.full((n, self.nb), scratch_block, dtype=torch.int32, device=device)
+        # computed inside the graph from the three above
+        self.slots = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.gather = torch.zeros(n, t, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        j = torch.arange(t, device=device)                                          # [T] positions
         self.j_block, self.j_off = j // bs, j % bs                                  # their block column, offset
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.batches = {b: Batch(self.ids[:b], self.pos[:b], self.slots[:b], self.gather[:b], self.table[:b],
+                                 self.seq_lens[:b], "mqa", decode_shaped=True, context_len=t, static=True)
+                        for b in self.sizes}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ModelOutput]] = {}
         self.pool = None
-        self.capture = dev.type == "cuda"
+        self.capture = device.type == "cuda"
 
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
-    def _forward(self, b: int) -> torch.Tensor:
-        """The step over the first b rows of the buffers -> logits [b, V]."""
-        bs, table, pos = self.cache.block_size, self.table[:b], self.pos[:b]
-        slots = table.gather(1, pos // bs).long() * bs + pos % bs                  # [b, 1]
-        gather = table[:, self.j_block].long() * bs + self.j_off                    # [b, T]
-        self.cache.bind(slots, gather, table, (pos[:, 0] + 1).int())
-        out = self.model(self.ids[:b], cache=self.cache, positions=pos, sparse=True, mode="mqa")
-        return out.logits[:, -1]
+    def load(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> Batch:
+        """Fill the smallest bucket holding these B sequences (their last token, its position, their
+        block tables) -> its static Batch, the first B rows sampled."""
+        n = len(tokens)
+        b = next(size for size in self.sizes if size >= n)
+        rows = [t + [self.scratch] * (self.nb - len(t)) for t in block_tables]
+        rows += [[self.scratch] * self.nb] * (b - n)                                # padding rows
+        pad = [0] * (b - n)
+        self.ids[:b, 0].copy_(torch.tensor(tokens + pad), non_blocking=True)
+        self.pos[:b, 0].copy_(torch.tensor(positions + pad), non_blocking=True)
+        self.table[:b].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        return replace(self.batches[b], sample_rows=tuple(range(n)))
+
+    def replay(self, batch: Batch) -> ModelOutput:
+        """The forward of a loaded bucket: its graph replayed on CUDA (captured now if this is the
+        bucket's first step), run eagerly elsewhere."""
+        b = batch.input_ids.shape[0]
+        if not self.capture:
+            return self._forward(b)
+        if b not in self.graphs:
+            self._capture(b)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out
+
+    def _forward(self, b: int) -> ModelOutput:
+        """The step over the first b rows of the buffers: slots, gather and lengths from the table
+        and positions, then the model."""
+        bs, table, pos = self.block_size, self.table[:b], self.pos[:b]
+        torch.add(table.gather(1, pos // bs).long() * bs, pos % bs, out=self.slots[:b])      # [b, 1]
+        torch.add(table[:, self.j_block].long() * bs, self.j_off, out=self.gather[:b])       # [b, T]
+        self.seq_lens[:b].copy_(pos[:, 0] + 1)
+        return self.forward(self.batches[b])
 
     def _capture(self, b: int) -> None:
+        """Capture bucket b's graph; the captures' own runs touch only the scratch block, and the
+        step's inputs loaded before are put back after."""
+        step = [t[:b].clone() for t in (self.ids, self.pos, self.table)]
+        self.ids[:b].zero_()
+        self.pos[:b].zero_()
+        self.table[:b].fill_(self.scratch)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes here
@@ -64,29 +110,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(b)
+            out = self._forward(b)
         self.pool = graph.pool()
-        self.graphs[b] = (graph, logits)
-
-    def run(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of B sequences (their last token, its position, their block tables)
-        -> logits [B, V]."""
-        n = len(tokens)
-        b = next(size for size in self.sizes if size >= n)
-        if self.capture and b not in self.graphs:
-            self.ids[:b].zero_()
-            self.pos[:b].zero_()
-            self.table[:b].fill_(self.scratch)  # the captures' own runs touch only the scratch block
-            self._capture(b)
-        rows = [t + [self.scratch] * (self.nb - len(t)) for t in block_tables]
-        rows += [[self.scratch] * self.nb] * (b - n)                                # padding rows
-        pad = [0] * (b - n)
-        self.ids[:b, 0].copy_(torch.tensor(tokens + pad), non_blocking=True)
-        self.pos[:b, 0].copy_(torch.tensor(positions + pad), non_blocking=True)
-        self.table[:b].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        if self.capture:
-            graph, logits = self.graphs[b]
-            graph.replay()
-        else:
-            logits = self._forward(b)
-        return logits[:n]
+        self.graphs[b] = (graph, out)
+        for buf, saved in zip((self.ids, self.pos, self.table), step):
+            buf[:b].copy_(saved)

@@ -1,10 +1,14 @@
-"""Sequences and the scheduler: continuous batching, chunked prefill, prefix caching, preemption.
+"""Sequences and the scheduler: continuous batching, chunked prefill, prefix caching, preemption,
+and the rules that finish a sequence.
 
 Each engine step is one plan: some prefill chunks (at most `prefill_chunk` tokens of one sequence
 each, within a token budget) and one batch of decodes (every running sequence whose prompt is
 done). A sequence that cannot get a block for its next token preempts the youngest running one
 (itself, if it is the youngest: it then skips this step's decode), whose blocks are freed and whose
-tokens are recomputed later (their prefix blocks usually still sit in the prefix cache).
+tokens are recomputed later (their prefix blocks usually still sit in the prefix cache). After the
+step's forwards, `postprocess` appends the sampled tokens and finishes the sequences that reached
+the end-of-sentence token, one of their stop token ids, max_tokens or the context length. Stop
+strings are text: the edge that decodes the tokens checks them (tokenizer.Detokenizer).
 """
 
 import itertools
@@ -15,7 +19,7 @@ from enum import Enum
 import torch
 
 from dsv32.engine.cache import BlockManager, block_hash
-from dsv32.engine.sampler import SamplingParams
+from dsv32.engine.sampler import Sample, SamplingParams
 
 
 class Status(Enum):
@@ -41,6 +45,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    num_emitted: int = 0                # output tokens the engine's steps have returned
     # per generated token
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
@@ -68,13 +73,15 @@ class Plan:
     prefills: list[tuple[Sequence, int, int]]   # (seq, start, end) token ranges to compute
     decodes: list[Sequence]
     preempted: list[Sequence]
+    finished: list[Sequence] = field(default_factory=list)  # refused while scheduling (too large for the cache)
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int, prefix_caching: bool = True):
+                 prefill_chunk: int, max_model_len: int, eos_token_id: int | None, prefix_caching: bool = True):
         self.blocks = blocks
         self.max_num_seqs, self.budget, self.chunk = max_num_seqs, max_num_batched_tokens, prefill_chunk
+        self.max_model_len, self.eos_token_id = max_model_len, eos_token_id
         self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -95,6 +102,7 @@ class Scheduler:
             while not self.blocks.append_slot(seq.block_table, len(seq.tokens)):
                 if -(-len(seq.tokens) // self.blocks.block_size) > len(self.blocks.ref):
                     self.finish(seq, "length")  # the whole cache is too small for it
+                    plan.finished.append(seq)
                     break
                 victim = self._youngest()  # seq or younger: never a sequence already planned
                 self.preempt(victim)
@@ -120,6 +128,7 @@ class Scheduler:
                     self.waiting.popleft()
                     self.finish(seq, "error", f"the sequence needs {-(-len(seq.tokens) // self.blocks.block_size)} "
                                 f"cache blocks, the cache has {len(self.blocks.ref)}")
+                    plan.finished.append(seq)
                     continue
                 break
             self.waiting.popleft()
@@ -134,6 +143,32 @@ class Scheduler:
             plan.prefills.append((seq, seq.num_computed, seq.num_computed + n))
             budget -= n
         return plan
+
+    def postprocess(self, plan: Plan, sampled: list[tuple[Sequence, Sample]]) -> list[Sequence]:
+        """After the plan's forwards: count the tokens they computed, append each sampled token
+        (in sampling order) and finish the sequences it ends. Returns the sequences that got a
+        token or finished in this step, each once."""
+        for seq, a, b in plan.prefills:
+            self.computed(seq, b - a)
+        for seq in plan.decodes:
+            self.computed(seq, 1)
+        for seq, s in sampled:
+            self._append(seq, s)
+        return plan.finished + [seq for seq, _ in sampled]
+
+    def _append(self, seq: Sequence, s: Sample) -> None:
+        p = seq.params
+        seq.tokens.append(s.token)
+        seq.logprobs.append(s.logprob)
+        if p.logprobs:
+            seq.top_logprobs.append(s.top)
+        if p.return_rl_data:
+            seq.kept.append(s.kept)
+        n_out = len(seq.tokens) - seq.prompt_len
+        if (s.token == self.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids:
+            self.finish(seq, "stop")
+        elif n_out >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            self.finish(seq, "length")
 
     def _may_share(self, seq: Sequence) -> bool:
         # RL requests record expert ids for every position: reused blocks would have none

@@ -136,11 +136,15 @@ def parse_turn(tokenizer, ids: list[int], finish: str | None, thinking_mode: str
 
 
 def complete(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
-    """Run (prompt ids, params) requests to their end, batched, and return their outputs."""
+    """Run (prompt ids, params) requests to their end, batched, and return their outputs, each taken
+    at the step its request finishes (its records are final then)."""
     seqs = [engine.add_request(ids, params) for ids, params in requests]
+    mine, outs = {seq.request_id: seq for seq in seqs}, {}
     while engine.has_work():
-        engine.step()
-    return [engine.output(seq) for seq in seqs]
+        for o in engine.step():
+            if o.finish_reason is not None and o.request_id in mine:
+                outs[o.request_id] = engine.output(mine[o.request_id])
+    return [outs[seq.request_id] for seq in seqs]
 
 
 def _merged(first: torch.Tensor | None, new: torch.Tensor | None, drift: list) -> torch.Tensor | None:

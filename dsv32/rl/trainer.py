@@ -181,8 +181,7 @@ class RLTrainer:
         blocks = n_seqs * -(-cfg.max_len // 64) + 1
         self.engine = Engine(self.engine_model, EngineConfig(max_num_seqs=n_seqs, num_blocks=blocks,
                                                              max_model_len=cfg.max_len,
-                                                             max_num_batched_tokens=max(8192, 4 * cfg.max_len)),
-                             tokenizer)
+                                                             max_num_batched_tokens=max(8192, 4 * cfg.max_len)))
         decay = [p for p in self.policy.parameters() if p.dim() >= 2]
         rest = [p for p in self.policy.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

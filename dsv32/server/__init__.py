@@ -50,8 +50,8 @@ def load_engine(args):
     if parallel is not None:
         from dsv32.parallel.engine import distributed_engine
 
-        return distributed_engine(model, config, tokenizer), tokenizer
-    return Engine(model, config, tokenizer), tokenizer
+        return distributed_engine(model, config), tokenizer
+    return Engine(model, config), tokenizer
 
 
 def _distributed(args) -> bool:
@@ -98,7 +98,7 @@ def serve(argv: list[str] | None = None) -> int:
             return 0
     uvicorn.run(create_app(engine, tokenizer, model_name(args), args.max_queue), host=args.host, port=args.port)
     if _distributed(args):
-        engine.model.stop()
+        engine.runner.stop()
         dist.destroy_process_group()
     return 0
 

@@ -27,8 +27,9 @@ from starlette.exceptions import HTTPException
 
 from dsv32.chat import ChatFormatError
 from dsv32.engine import SamplingParams
-from dsv32.server.runner import Delta, Detokenizer, EngineRunner, Overloaded
+from dsv32.server.runner import Delta, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
+from dsv32.tokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,10 @@ class Reply:
             self.logprobs += zip(d.token_ids, d.logprobs, tops)
         self.finish_reason = d.finish_reason
         text_ids = [t for t in d.token_ids if t not in self.hidden]
-        return self.detok.feed(text_ids, final=d.finish_reason is not None)
+        text = self.detok.feed(text_ids, final=d.finish_reason is not None)
+        if self.detok.stopped:  # a stop string ended the text: the request is aborted (ServerState.generate)
+            self.finish_reason = "stop"
+        return text
 
     def take_logprobs(self) -> list[tuple]:
         new, self.taken = self.logprobs[self.taken:], len(self.logprobs)
@@ -233,7 +237,7 @@ class ChatReply(Reply):
 
     def feed(self, d: Delta) -> list[dict]:
         events = self.parser.feed(self.track(d))
-        if d.finish_reason is not None:
+        if self.finish_reason is not None:
             events += self.parser.finish()
         deltas = []
         for kind, value in events:
@@ -288,7 +292,7 @@ class ServerState:
         # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
         # DSA selects keys (past index_topk of them; None: dense), what the chat format can do
         self.card = {"max_model_len": self.max_model_len,
-                     "index_topk": getattr(runner.engine.model.cfg, "index_topk", None), "chat_format": fmt,
+                     "index_topk": getattr(runner.engine.runner.model.cfg, "index_topk", None), "chat_format": fmt,
                      "supports_thinking": fmt == "v32", "supports_tools": fmt == "v32"}
 
     def check(self, req: Sampling) -> None:
@@ -301,9 +305,10 @@ class ServerState:
     def default_max_tokens(self, prompt: list[int]) -> int:
         return max(1, self.max_model_len - len(prompt))
 
-    async def generate(self, prompt: list[int], params: SamplingParams):
-        """The engine's deltas for one request, errors as APIError; aborted if left unfinished
-        (a client that went away: its blocks are freed)."""
+    async def generate(self, prompt: list[int], params: SamplingParams, reply: Reply):
+        """The engine's deltas for one request, errors as APIError, until it or the reply they
+        feed (a stop string) finishes; aborted if left unfinished (a client that went away, a stop
+        string: its blocks are freed)."""
         try:
             stream = self.runner.submit(prompt, params)
         except Overloaded as e:
@@ -318,13 +323,15 @@ class ServerState:
                     raise APIError(400 if e.client_error else 500, str(e),
                                    "invalid_request_error" if e.client_error else "server_error", code=e.code)
                 yield d
+                if reply.finish_reason is not None:
+                    break
         finally:
             if not done:
                 self.runner.abort(stream.request_id)
 
-    async def start(self, prompt: list[int], params: SamplingParams):
+    async def start(self, prompt: list[int], params: SamplingParams, reply: Reply):
         """Submit and wait for the first delta, so that errors before any token get their status."""
-        deltas = self.generate(prompt, params)
+        deltas = self.generate(prompt, params, reply)
         first = await anext(deltas)
 
         async def all_deltas():
@@ -392,7 +399,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     params.stop_token_ids = list(tok.stop_ids)  # ChatML: <|im_end|> ends the reply
     reply = ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs))
-    deltas = await state.start(prompt, params)
+    deltas = await state.start(prompt, params, reply)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
 
@@ -433,7 +440,7 @@ async def completions(req: CompletionRequest, request: Request):
     params = req.sampling_params(req.max_tokens or state.default_max_tokens(ids), req.logprobs)
     # the end-of-sentence token ends the text but is not part of it
     reply = TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
-    deltas = await state.start(ids, params)
+    deltas = await state.start(ids, params, reply)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
@@ -448,8 +455,8 @@ async def completions(req: CompletionRequest, request: Request):
     async def chunks():
         async for d in deltas:
             text = reply.track(d)
-            if text or d.finish_reason:
-                choice = {"index": 0, "text": text, "finish_reason": d.finish_reason,
+            if text or reply.finish_reason:
+                choice = {"index": 0, "text": text, "finish_reason": reply.finish_reason,
                           "logprobs": reply.format_logprobs(reply.take_logprobs())}
                 yield {**head, "choices": [choice]}
         if req.stream_options and req.stream_options.include_usage:

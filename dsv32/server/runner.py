@@ -1,9 +1,11 @@
-"""The engine thread, and token ids -> text deltas for streaming.
+"""The engine thread.
 
 One thread owns the `Engine` and loops `step()`; nothing else touches it. The event loop hands it
-requests and aborts through a thread-safe inbox; each request gets its new tokens on its own
-asyncio queue (fed with `call_soon_threadsafe`). A step that raises fails the requests it was
-running, not the process.
+requests and aborts through a thread-safe inbox; each request gets what each step gave it (the
+engine's StepOutput, as a Delta) on its own asyncio queue (fed with `call_soon_threadsafe`). Text
+is made on the event loop's side (app.py, through tokenizer.Detokenizer), which aborts a request
+once a stop string ends its text. A step that raises fails the requests it was running, not the
+process.
 """
 
 import asyncio
@@ -13,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from dsv32.engine.scheduler import Sequence, Status
+from dsv32.engine import StepOutput
 from dsv32.model import ContextLengthError
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,8 @@ class Stream:
     """A request's handle on the event-loop side."""
     request_id: str
     loop: asyncio.AbstractEventLoop
+    prompt_len: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    sent: int = 0                          # output tokens already delivered (engine thread only)
 
     def put(self, delta: Delta) -> None:
         try:
@@ -95,7 +97,7 @@ class EngineRunner:
             if self.active >= self.max_active:
                 raise Overloaded(f"{self.active} requests in flight; try again later")
             self.active += 1
-        stream = Stream(f"req-{uuid.uuid4().hex}", asyncio.get_running_loop())
+        stream = Stream(f"req-{uuid.uuid4().hex}", asyncio.get_running_loop(), len(prompt))
         self.inbox.put(("add", stream, prompt, params))
         return stream
 
@@ -115,8 +117,8 @@ class EngineRunner:
                 if msg is not None:
                     self._handle(msg)
                     continue  # take everything queued before stepping
-                for seq in self.engine.step():
-                    self._publish(seq)
+                for out in self.engine.step():
+                    self._publish(out)
                 self._update_stats()
             except Exception as e:
                 log.exception("engine step failed; failing the requests it was running")
@@ -141,21 +143,18 @@ class EngineRunner:
                 self._release()
         self._update_stats()
 
-    def _publish(self, seq: Sequence) -> None:
-        stream = self.streams.get(seq.request_id)
+    def _publish(self, out: StepOutput) -> None:
+        stream = self.streams.get(out.request_id)
         if stream is None:
             return
-        n, done = len(seq.output_tokens), seq.status is Status.FINISHED
-        new = seq.output_tokens[stream.sent:]
         error = None
-        if seq.finish_reason == "error":  # the scheduler refused it: too large for the cache
-            error = RequestFailed(seq.error or "the request cannot be served", client_error=True)
-        stream.put(Delta(new, seq.logprobs[stream.sent:n], seq.top_logprobs[stream.sent:n],
-                         seq.finish_reason if done else None, seq.prompt_len, seq.num_cached, error))
-        stream.sent = n
-        self.stats["generation_tokens_total"] += len(new)
-        if done:
-            del self.streams[seq.request_id]
+        if out.finish_reason == "error":  # the scheduler refused it: too large for the cache
+            error = RequestFailed(out.error or "the request cannot be served", client_error=True)
+        stream.put(Delta(out.token_ids, out.logprobs, out.top_logprobs, out.finish_reason, stream.prompt_len,
+                         out.num_cached_tokens, error))
+        self.stats["generation_tokens_total"] += len(out.token_ids)
+        if out.finish_reason is not None:
+            del self.streams[out.request_id]
             self._release()
 
     def _fail_all(self, error: RequestFailed) -> None:
@@ -176,42 +175,3 @@ class EngineRunner:
         self.stats.update(running=len(sched.running), waiting=len(sched.waiting),
                           preemptions_total=sched.num_preemptions, cache_blocks_free=sched.blocks.num_free)
 
-
-class Detokenizer:
-    """Token ids -> the text they add, once it can no longer change.
-
-    An incomplete UTF-8 character (a byte-level token ending mid-character) is held back until its
-    last byte arrives, and so is text that may be the start of a stop string; at a stop string the
-    text ends. Special tokens are single ids and decode whole; markup spread over several tokens
-    (the tool-call block) is held back by the chat StreamParser, not here. Decoding works on a
-    short window of ids (as vLLM does), so a long reply costs no quadratic decode.
-    """
-
-    def __init__(self, tokenizer, stop: list[str] = ()):
-        self.tok, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.prefix = self.read = 0      # window start, and end of the ids whose text is final
-        self.pending = ""                # final text held back for the stop strings
-        self.stopped = False
-
-    def feed(self, ids: list[int], final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        self.ids += ids
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        text = self.tok.decode(self.ids[self.prefix:])
-        if not text.endswith("\ufffd") or final:
-            self.pending += text[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-        return self._release(final)
-
-    def _release(self, final: bool) -> str:
-        hits = [i for s in self.stop if (i := self.pending.find(s)) != -1]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[:min(hits)], ""
-            return out
-        keep = 0 if final or not self.stop else max(map(len, self.stop)) - 1
-        cut = max(0, len(self.pending) - keep)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out

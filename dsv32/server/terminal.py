@@ -8,28 +8,32 @@ end of input) quits, Ctrl-C cuts a reply short.
 import argparse
 import sys
 
-from dsv32.server.runner import Detokenizer
+from dsv32.tokenizer import Detokenizer
 
 DIM, TOOL, PLAIN = "\033[2m", "\033[36m", "\033[0m"
 
 
 def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sys.stdout) -> dict:
     """Generate one assistant turn alone on the engine, writing it to out as it arrives; return the
-    parsed message."""
-    from dsv32.engine.scheduler import Status
-
-    seq = engine.add_request(prompt, params)
+    parsed message. A stop string (the Detokenizer's) or Ctrl-C aborts the request."""
+    rid = engine.add_request(prompt, params).request_id
     detok, parser = Detokenizer(tokenizer, params.stop), tokenizer.stream_parser(mode, lenient=True)
-    style, sent, done = None, 0, False
-    while not done:
+    style, finish, error = None, None, None
+    while finish is None:
+        new = []
         try:
-            engine.step()
+            for o in engine.step():
+                if o.request_id == rid:
+                    new, finish, error = o.token_ids, o.finish_reason, o.error
         except KeyboardInterrupt:
-            engine.abort(seq.request_id)
-        done = seq.status is Status.FINISHED
-        new, sent = seq.output_tokens[sent:], len(seq.output_tokens)
-        events = parser.feed(detok.feed(new, final=done))
-        if done:
+            engine.abort(rid)
+            finish = "abort"
+        events = parser.feed(detok.feed(new, final=finish is not None))
+        if detok.stopped:  # a stop string ended the text
+            if finish is None:
+                engine.abort(rid)
+            finish = "stop"
+        if finish is not None:
             events += parser.finish()
         for kind, value in events:
             if kind != style:
@@ -41,8 +45,8 @@ def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sy
                 out.write(value)
         out.flush()
     out.write(f"{PLAIN}\n")
-    if seq.finish_reason in ("length", "abort", "error"):
-        out.write(f"{DIM}[{seq.finish_reason}{': ' + seq.error if seq.error else ''}]{PLAIN}\n")
+    if finish in ("length", "abort", "error"):
+        out.write(f"{DIM}[{finish}{': ' + error if error else ''}]{PLAIN}\n")
     return parser.message
 
 

@@ -1,7 +1,7 @@
 """A tiny random V3.2 model that writes a chosen script, for the agent tests that run the real engine.
 
 A random model never writes a tool call, so the engine is steered through the model itself (rather
-than by replacing what the engine samples, as tests/server/scripted.py's ScriptedEngine does, with
+than by replacing what the engine samples, as tests/server/scripted.py's ScriptedRunner does, with
 log-prob 0): a bias on the logits, a function of the position only. Where the script has a token,
 +BIAS on it, so the model writes it with probability 1 - 1e-9; where the script leaves the model
 free (None), -BIAS on every token but plain ASCII text without "<", so it writes random text of

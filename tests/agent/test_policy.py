@@ -21,7 +21,7 @@ from dsv32.rl.tasks import CALCULATOR, calculate
 from steered import layout, prompt_ids, steered, tiny_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the server tests' helpers
-from scripted import ScriptedEngine, Server  # noqa: E402
+from scripted import ScriptedRunner, Server  # noqa: E402
 
 PARAMS = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=128, seed=0)
 
@@ -122,18 +122,18 @@ def test_the_engine_policy_needs_the_v32_chat_format(tiny):
 def test_the_openai_policy_runs_one_tool_round_against_dsv32_serve(tiny):
     path, _, _ = tiny
     model, tok = load(path, dtype="float32", device="cpu")
-    eng = ScriptedEngine(model, EngineConfig(num_blocks=64, max_num_seqs=4), tok)
+    eng = Engine(model, EngineConfig(num_blocks=64, max_num_seqs=4), runner_class=ScriptedRunner)
     prompts, add_request = [], eng.add_request
     eng.add_request = lambda prompt, *args, **kw: (prompts.append(list(prompt)), add_request(prompt, *args, **kw))[1]
     server = Server(eng, tok)
 
     class Scripting(Calculator):  # the tool's run is where the engine's next reply is chosen
         def run(self, expression: str) -> str:
-            eng.script = tok.encode("The calculator says 42.</think>The answer is 42." + EOS)
+            eng.runner.script = tok.encode("The calculator says 42.</think>The answer is 42." + EOS)
             return super().run(expression)
 
     try:
-        eng.script = tok.encode("I compute.</think>" + render_tool_calls([calc("6*7")]) + EOS)
+        eng.runner.script = tok.encode("I compute.</think>" + render_tool_calls([calc("6*7")]) + EOS)
         policy = OpenAIPolicy(server.url + "/v1")
         assert policy.model == "tiny-test" and policy.context_window == eng.max_model_len
         tools = [Scripting()]

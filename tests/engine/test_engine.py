@@ -5,6 +5,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.model import Transformer
 
@@ -99,12 +100,12 @@ def test_fp8_cache_stays_close_to_bf16(tiny):
     def run(fp8):
         c = PagedCache(tiny.cfg, 4, 32, fp8, torch.float32)
         pos = torch.arange(60)[None]
-        c.prepare([[0, 1, 2]], pos)
-        out = [tiny(x[:, :60], cache=c, positions=pos).logits[0, -1]]
+        step = c.bind(Batch.build(x[:, :60], pos, [[0, 1, 2]], 32))
+        out = [tiny(x[:, :60], cache=step, positions=pos).logits[0, -1]]
         for t in range(60, 79):
             p = torch.tensor([[t]])
-            c.prepare([[0, 1, 2]], p)
-            out.append(tiny(x[:, t:t + 1], cache=c, positions=p, mode="mqa").logits[0, -1])
+            step = c.bind(Batch.build(x[:, t:t + 1], p, [[0, 1, 2]], 32))
+            out.append(tiny(x[:, t:t + 1], cache=step, positions=p, mode="mqa").logits[0, -1])
         return torch.stack(out).log_softmax(-1)
 
     exact, fp8 = run(False), run(True)
@@ -113,7 +114,8 @@ def test_fp8_cache_stays_close_to_bf16(tiny):
     assert 0 < kl.max() < 0.01
     # and the engine serves with it
     eng = Engine(tiny, EngineConfig(num_blocks=32, kv_cache_dtype="fp8"))
-    assert eng.cache.kv.shape[-1] == 32 + 4 * 1 + 2 * 8 and eng.cache.ik.shape[-1] == 64 * (16 + 4)
+    cache = eng.runner.cache
+    assert cache.kv.shape[-1] == 32 + 4 * 1 + 2 * 8 and cache.ik.shape[-1] == 64 * (16 + 4)
     assert len(run_engine_once(eng, seq)) == 6
 
 
@@ -125,6 +127,39 @@ def test_fp8_cache_byte_layout_of_the_real_model():
     c = PagedCache(preset("deepseek-v3.2").replace(num_hidden_layers=3), num_blocks=1, fp8=True, device="meta")
     assert c.kv.shape[-1] == 656 and c.ik.shape[-1] == 64 * 132  # per token and per 64-token page
     assert c.bytes_per_token() == 656 + 132                          # as DeepSeek serves
+
+
+def test_step_outputs_add_up_to_each_requests_output(tiny):
+    """What step() returns for a request, concatenated in order, is its whole output: token ids,
+    log-probs and top log-probs, with the finish reason (and error) on its last StepOutput only;
+    through preemption in a small cache, seeded sampling, and a request the cache refuses. The
+    greedy tokens are the plain model's."""
+    ps = prompts([30, 30, 29, 8, 200], seed=5)  # three of 2 blocks each, growing into a third: preemption
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+              SamplingParams(max_tokens=4)]
+    eng = Engine(tiny, EngineConfig(num_blocks=6, block_size=16, prefill_chunk=16, prefix_caching=False))
+    seqs = [eng.add_request(p, sp) for p, sp in zip(ps, params)]
+    got = {s.request_id: [] for s in seqs}
+    while eng.has_work():
+        for out in eng.step():
+            assert not got[out.request_id] or got[out.request_id][-1].finish_reason is None  # nothing after the last
+            got[out.request_id].append(out)
+    assert eng.scheduler.num_preemptions > 0
+    for s, sp in zip(seqs, params):
+        whole, deltas = eng.output(s), got[s.request_id]
+        assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+        assert [lp for d in deltas for lp in d.logprobs] == whole.logprobs
+        assert [top for d in deltas for top in d.top_logprobs] == whole.top_logprobs
+        assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + [whole.finish_reason]
+        assert deltas[-1].error == whole.error and deltas[-1].num_cached_tokens == whole.num_cached_tokens
+        if sp.temperature == 0:
+            assert whole.token_ids == reference(tiny, s.tokens[:s.prompt_len], sp.max_tokens)
+    assert [eng.output(s).finish_reason for s in seqs] == ["length"] * 4 + ["error"]
+    assert len(eng.output(seqs[0]).top_logprobs[0]) == 2
+    assert no_leak(eng)
 
 
 def test_abort_frees_blocks(tiny):
@@ -142,6 +177,9 @@ def test_stop_tokens_and_bad_requests(tiny):
     first = reference(tiny, p, 3)
     out = run(eng, [p], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[first[2]]))[0]
     assert out.token_ids == first and out.finish_reason == "stop"
+    # stop strings are text: the engine, which speaks token ids, leaves them to the edge (LLM, server)
+    out = run(eng, [p], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, stop=["a", " ", "e"]))[0]
+    assert out.token_ids == reference(tiny, p, 5) and out.finish_reason == "length" and out.text is None
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([])
     with pytest.raises(ValueError, match="token ids"):
@@ -205,7 +243,7 @@ def test_buckets_cover_every_batch_size():
 
 
 def test_graph_shaped_decode_equals_the_model(tiny):
-    """cuda_graphs=True: decode steps read static inputs (a bucket's rows, padded with rows on the
+    """cuda_graphs=True: decode steps read a bucket's static Batch (its rows padded with rows on the
     scratch block; the mask over all max_model_len positions). Off CUDA they run eagerly, so this
     checks the layout: greedy tokens equal the plain model for batches that pad (3 -> 4) and that
     do not, with sequences finishing at different steps, and the scratch block never belongs to a
@@ -215,15 +253,16 @@ def test_graph_shaped_decode_equals_the_model(tiny):
     want = [reference(tiny, p, n) for p, n in zip(ps, lengths)]
     eng = Engine(tiny, EngineConfig(num_blocks=8, block_size=32, prefill_chunk=32, max_model_len=256,
                                     max_num_seqs=5, cuda_graphs=True))
-    assert eng.graphs is not None and eng.graphs.sizes == [1, 2, 4, 5]
+    graphs = eng.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 5]
     seen = []
-    run_graphs = eng.graphs.run
-    eng.graphs.run = lambda *a: seen.append(len(a[0])) or run_graphs(*a)
+    load = graphs.load
+    graphs.load = lambda *a: seen.append(len(a[0])) or load(*a)
     seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
             for p, n in zip(ps, lengths)]
     while eng.has_work():
         eng.step()
-        assert all(eng.graphs.scratch not in s.block_table for s in seqs)
+        assert all(graphs.scratch not in s.block_table for s in seqs)
     assert [eng.output(s).token_ids for s in seqs] == want
     assert {1, 2, 3} <= set(seen)
     assert no_leak(eng)

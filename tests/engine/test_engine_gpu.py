@@ -63,12 +63,13 @@ def test_cuda_graph_decode_equals_eager_decode(kv):
             eng.step()
         outs[graphs] = [eng.output(s) for s in seqs]
         if graphs:
-            assert eng.graphs.graphs, "no decode step was captured"
-            b = next(iter(eng.graphs.graphs))
+            graphs = eng.runner.graphs
+            assert graphs.graphs, "no decode step was captured"
+            b = next(iter(graphs.graphs))
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                eng.graphs.graphs[b][0].replay()
+                graphs.graphs[b][0].replay()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(outs[False], outs[True]):

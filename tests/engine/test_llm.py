@@ -38,6 +38,8 @@ def test_llm_generates_from_strings_ids_and_conversations(model_dir):
 
 
 def test_llm_stop_strings_cut_the_text(model_dir):
+    """The text ends before the stop string, and the request at the token that completes it: the
+    first k greedy tokens, k the fewest whose text holds the stop string."""
     llm = LLM(str(model_dir), dtype=torch.float32, device="cpu", config=EngineConfig(num_blocks=64))
     free = llm.generate("x = ", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     stop = free.text[3:5]
@@ -45,6 +47,9 @@ def test_llm_stop_strings_cut_the_text(model_dir):
         pytest.skip("greedy text has no usable stop string")
     out = llm.generate("x = ", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.text == free.text[:free.text.find(stop)]
+    k = next(k for k in range(1, 13) if stop in llm.tokenizer.decode(free.token_ids[:k]))
+    assert k < 12 and out.token_ids == free.token_ids[:k]
+    assert not llm.engine.has_work() and not llm.engine.seqs
 
 
 def test_llm_rejects_text_without_tokenizer(tmp_path):

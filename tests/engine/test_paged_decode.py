@@ -9,6 +9,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.kernels import force
 from dsv32.model import Transformer
@@ -31,9 +32,9 @@ def block_tables(lengths, block_size, seed=0):
 
 
 def forbid_gather(cache):
-    def update(*args):
+    def read(*args):
         raise AssertionError("a decode step gathered the cache instead of reading it in place")
-    cache.update = update
+    cache.read = read
 
 
 @torch.no_grad()
@@ -52,8 +53,7 @@ def compare_steps(model, lengths, s_q, steps, fp8, block_size, device="cpu", bac
         for n, table in zip(lengths, tables):
             ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
             pos = torch.arange(n, device=device)[None]
-            cache.prepare([table], pos)
-            model(ids, cache=cache, positions=pos, mode="mha")
+            model(ids, cache=cache.bind(Batch.build(ids, pos, [table], block_size)), positions=pos, mode="mha")
     forbid_gather(caches[0])
     pairs, dense = [], None
     for i in range(steps):
@@ -61,11 +61,11 @@ def compare_steps(model, lengths, s_q, steps, fp8, block_size, device="cpu", bac
         pos = torch.tensor([[n + i * s_q + j for j in range(s_q)] for n in lengths], device=device)
         outs = []
         for cache in caches:
-            cache.prepare(tables, pos)
+            step = cache.bind(Batch.build(ids, pos, tables, block_size))
             with force(backend):
                 if i == 0 and cache is caches[1]:  # before the sparse step, which rewrites its entries
-                    dense = model(ids, cache=cache, positions=pos, mode="mqa", sparse=False).logits.float()
-                outs.append(model(ids, cache=cache, positions=pos, mode="mqa").logits.float())
+                    dense = model(ids, cache=step, positions=pos, mode="mqa", sparse=False).logits.float()
+                outs.append(model(ids, cache=step, positions=pos, mode="mqa").logits.float())
         pairs.append(outs)
     return pairs, dense
 
@@ -109,7 +109,7 @@ def test_engine_greedy_with_paged_decode_equals_the_gathered_path(tiny, kv):
     for paged in (True, False):
         # block_size 16: decode steps grow the tables in turn, so blocks interleave across sequences
         eng = Engine(tiny, EngineConfig(num_blocks=64, block_size=16, kv_cache_dtype=kv, paged_decode=paged))
-        assert eng.cache.paged_decode == paged
+        assert eng.runner.cache.paged_decode == paged
         seqs = [eng.add_request(p, params) for p in ps]
         while eng.has_work():
             eng.step()
@@ -129,12 +129,13 @@ def test_paged_decode_stays_off_where_it_does_not_apply(tiny):
     assert not PagedCache(preset("tiny"), 4, fp8=True).paged_decode        # latent groups of 32
     assert not PagedCache(cfg, 4, dtype=torch.float32).paged_decode        # fp32 rows
     cache = PagedCache(cfg, 4, 16)
-    cache.prepare([[0, 1], [2, 3]], torch.tensor([[3, 4, 5], [7, 8, 9]]))  # a prefill chunk
-    assert cache.paged_view(0) is None
-    cache.prepare([[0, 1], [2, 3]], torch.tensor([[3, 5], [7, 8]]))        # not consecutive
-    assert cache.paged_view(0) is None
-    cache.prepare([[0, 1], [3, 2]], torch.tensor([[4, 5], [17, 18]]))
-    view = cache.paged_view(1)
+
+    def bound(tables, pos):
+        return cache.bind(Batch.build(torch.zeros_like(pos), pos, tables, 16))
+
+    assert bound([[0, 1], [2, 3]], torch.tensor([[3, 4, 5], [7, 8, 9]])).paged_view(0) is None  # a prefill chunk
+    assert bound([[0, 1], [2, 3]], torch.tensor([[3, 5], [7, 8]])).paged_view(0) is None        # not consecutive
+    view = bound([[0, 1], [3, 2]], torch.tensor([[4, 5], [17, 18]])).paged_view(1)
     assert view.seq_lens.tolist() == [6, 19] and view.block_table.tolist() == [[0, 1], [3, 2]]
     assert view.gather[1, 17].item() == 2 * 16 + 1 and view.kv.data_ptr() == cache.kv[1].data_ptr()
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsv32.config import preset
+from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
 from dsv32.kernels.indexer import (FP8, _paged_args, _paged_configs, _paged_kernel, _prefill_configs, indexer_logits,
@@ -175,11 +176,11 @@ def test_paged_matches_the_engine_cache():
     for fp8 in (True, False):
         cache = PagedCache(cfg, num_blocks=8, block_size=16, fp8=fp8, dtype=torch.float32, device=DEV)
         tables, lens = [[5, 2, 7], [0, 3]], [40, 23]
-        pos = torch.arange(40).expand(2, 40)
-        cache.prepare(tables, pos)
+        pos = torch.arange(40, device=DEV).expand(2, 40)
+        step = cache.bind(Batch.build(torch.zeros_like(pos), pos, tables, 16))
         kv = torch.randn(2, 40, cfg.kv_lora_rank, device=DEV)
         pe = torch.randn(2, 40, cfg.qk_rope_head_dim, device=DEV)
-        _, _, ik_all = cache.update(0, kv, pe, torch.randn(2, 40, d, device=DEV), pos)  # [2, 40, d]
+        _, _, ik_all = step.update(0, kv, pe, torch.randn(2, 40, d, device=DEV), pos)  # [2, 40, d]
         q = torch.randn(2, 2, cfg.index_n_heads, d, device=DEV).bfloat16()
         w = torch.randn(2, 2, cfg.index_n_heads, device=DEV)
         table = torch.tensor([[5, 2, 7], [0, 3, 0]], dtype=torch.int32, device=DEV)
@@ -206,8 +207,8 @@ def test_fp8_pages_as_the_engine_cache_writes_them():
     for i, (table, n) in enumerate(zip(tables, lens)):
         ik = torch.randn(1, n, d)
         pos = torch.arange(n, device=DEV)[None]
-        cache.prepare([table], pos)
-        cache.write(0, torch.randn(1, n, c, device=DEV), torch.randn(1, n, r, device=DEV), ik.to(DEV))
+        step = cache.bind(Batch.build(torch.zeros_like(pos), pos, [table], bs))
+        step.write(0, torch.randn(1, n, c, device=DEV), torch.randn(1, n, r, device=DEV), ik.to(DEV))
         for p, key in enumerate(ik[0]):
             scale = key.abs().amax() / 448
             e4m3 = (key / scale).to(FP8)

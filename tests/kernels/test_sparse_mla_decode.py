@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsv32.config import preset
+from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
 from dsv32.kernels.sparse_mla_decode import (
@@ -65,9 +66,9 @@ def test_equals_model_mqa_over_the_paged_cache(fp8, backend):
     b, s, t, k, h, c = 2, 2, 100, 24, cfg.num_attention_heads, cfg.kv_lora_rank
     cache = PagedCache(cfg, num_blocks=8, fp8=fp8, dtype=torch.bfloat16)
     positions = torch.arange(t).expand(b, t)
-    cache.prepare([[5, 2], [7, 0]], positions)  # non-contiguous, interleaved blocks
+    batch = Batch.build(torch.zeros_like(positions), positions, [[5, 2], [7, 0]], 64)  # interleaved blocks
     kv, pe = torch.randn(b, t, c), torch.randn(b, t, 64)
-    kv_read, pe_read, _ = cache.update(0, kv, pe, torch.randn(b, t, 64), positions)
+    kv_read, pe_read, _ = cache.bind(batch).update(0, kv, pe, torch.randn(b, t, 64), positions)
 
     pos = torch.stack([torch.randperm(t)[:k] for _ in range(b * s)]).view(b, s, k)
     pos[torch.rand(b, s, k) < 0.25] = -1
@@ -78,7 +79,7 @@ def test_equals_model_mqa_over_the_paged_cache(fp8, backend):
         w = mla.kv_b_proj.weight.view(h, cfg.qk_nope_head_dim + cfg.v_head_dim, c)
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :cfg.qk_nope_head_dim])
         q = torch.cat([q_lat, q_pe], -1).to(torch.bfloat16)
-        slots = torch.where(pos >= 0, cache.gather[:, None, :].expand(b, s, t).gather(2, pos.clamp(min=0)), -1)
+        slots = torch.where(pos >= 0, batch.gather[:, None, :].expand(b, s, t).gather(2, pos.clamp(min=0)), -1)
         dev = DEVICE if backend == "triton" else "cpu"
         with force(backend):
             o_lat, lse = sparse_mla_decode(q.to(dev), cache.kv[0].to(dev), slots.to(dev, torch.int32),

@@ -115,7 +115,7 @@ def check_engine(world):
         follow(engine)
         return None
     got = _generate(engine, prompts, params)
-    engine.model.stop()
+    engine.runner.stop()
     want = _generate(Engine(ref, ec), prompts, params)
     return {"equal": got == want, "tokens": sum(map(len, got))}
 

@@ -18,6 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig
+from dsv32.engine.runner import ModelRunner
 from dsv32.model import Transformer
 from dsv32.llama.model import LlamaConfig, LlamaDSA
 from dsv32.loader import load, save
@@ -27,22 +28,25 @@ from dsv32.tokenizer import train_tokenizer
 MODEL = "tiny-test"
 
 
-class ScriptedEngine(Engine):
-    """The real engine, except that it samples the next token of `script` (then EOS), with log-prob 0.
+class ScriptedRunner(ModelRunner):
+    """The real runner, except that it samples the next token of `script` (then EOS), with log-prob 0.
     `fail` makes the next step raise, as a crashing model would; `delay` slows every token down."""
 
     script: list[int] = []
     fail = False
     delay = 0.0
 
-    def _append(self, seq, s):
-        time.sleep(self.delay)
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("scripted failure")
-        n = len(seq.output_tokens)
-        token = self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id
-        super()._append(seq, dataclasses.replace(s, token=token, logprob=0.0))
+    def sample(self, logits, seqs):
+        out = []
+        for seq, s in zip(seqs, super().sample(logits, seqs)):
+            time.sleep(self.delay)
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("scripted failure")
+            n = len(seq.output_tokens)
+            token = self.script[n] if n < len(self.script) else self.model.cfg.eos_token_id
+            out.append(dataclasses.replace(s, token=token, logprob=0.0))
+        return out
 
 
 def tiny_v32_dir(path, **changes):
@@ -78,9 +82,10 @@ def engine_args(model_dir, **kw):
                                  "max_num_seqs": 32, "max_model_len": None, "num_blocks": None, **kw})
 
 
-def scripted_engine(model_dir, **config) -> ScriptedEngine:
+def scripted_engine(model_dir, **config) -> tuple[Engine, object]:
+    """(an engine whose runner is a ScriptedRunner, the directory's tokenizer)."""
     model, tok = load(model_dir, dtype="float32", device="cpu")
-    return ScriptedEngine(model, EngineConfig(**config), tok)
+    return Engine(model, EngineConfig(**config), runner_class=ScriptedRunner), tok
 
 
 class Server:
@@ -121,4 +126,4 @@ class Server:
 
 
 def script(server, text: str) -> None:
-    server.engine.script = server.tok.encode(text)
+    server.engine.runner.script = server.tok.encode(text)

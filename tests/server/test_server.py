@@ -2,7 +2,7 @@
 uvicorn on a loopback port.
 
 Two servers run: one with the real (random) tiny model, and one whose engine is the real engine
-with the sampled token replaced by a script (ScriptedEngine, in scripted.py), so that tool calls and reasoning are
+with the sampled token replaced by a script (a ScriptedRunner, in scripted.py), so that tool calls and reasoning are
 produced on purpose; everything after the sample (scheduler, detokenizer, parser, SSE)
 is the code under test.
 """
@@ -19,16 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from scripted import MODEL, Server, engine_args, script, scripted_engine, tiny_v32_dir
 
 from dsv32.chat import EOS, encode_completion
 from dsv32.engine import SamplingParams
 from dsv32.server import load_engine
-from dsv32.server.runner import Detokenizer
 from dsv32.server.terminal import stream_reply
-from dsv32.tokenizer import Tokenizer
 
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
@@ -53,8 +49,8 @@ def real(model_dir):
 
 @pytest.fixture(scope="module")
 def scripted(model_dir):
-    engine = scripted_engine(model_dir, max_num_seqs=1)
-    server = Server(engine, engine.tokenizer, max_queue=1)
+    engine, tok = scripted_engine(model_dir, max_num_seqs=1)
+    server = Server(engine, tok, max_queue=1)
     yield server
     server.stop()
 
@@ -84,8 +80,8 @@ def stream_chat(client, **kw):
 def test_models_health_metrics(real):
     assert [m.id for m in real.client.models.list().data] == [MODEL]
     [card] = httpx.get(real.url + "/v1/models").json()["data"]  # vLLM-style extras the web page reads
-    assert card["max_model_len"] == real.engine.model.cfg.max_position_embeddings == 1024
-    assert card["index_topk"] == real.engine.model.cfg.index_topk == 16
+    assert card["max_model_len"] == real.engine.runner.model.cfg.max_position_embeddings == 1024
+    assert card["index_topk"] == real.engine.runner.model.cfg.index_topk == 16
     assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("v32", True, True)
     assert httpx.get(real.url + "/health").json() == {"status": "ok"}
     m = real.metrics()
@@ -272,6 +268,10 @@ def test_utf8_and_stop_strings_stream_cleanly(scripted):
     r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100, stop=["STOP"])
     assert r.choices[0].message.content == "héllo wörld 世界 🎉 and more "
     assert r.choices[0].finish_reason == "stop"
+    # the reply ends at the token that completes the stop string, and the engine drops the request
+    assert r.usage.completion_tokens == len(scripted.tok.encode("héllo wörld 世界 🎉 and more STOP"))
+    m = scripted.wait_idle()
+    assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"] and not scripted.engine.seqs
     chunks = [c.choices[0].delta.content or "" for c in scripted.client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=100, stop=["STOP"], stream=True) if c.choices]
     assert "".join(chunks) == r.choices[0].message.content and not any("\ufffd" in c for c in chunks)
@@ -279,7 +279,7 @@ def test_utf8_and_stop_strings_stream_cleanly(scripted):
 
 def test_disconnect_overload_and_engine_failure(scripted):
     script(scripted, "word " * 400)
-    scripted.engine.delay = 0.01  # 800 tokens would take 8 s
+    scripted.engine.runner.delay = 0.01  # 800 tokens would take 8 s
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 800, "stream": True}
     url = scripted.url + "/v1/chat/completions"
     before = scripted.metrics()["dsv32_generation_tokens_total"]
@@ -305,9 +305,9 @@ def test_disconnect_overload_and_engine_failure(scripted):
     m = scripted.wait_idle()
     assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
     assert m["dsv32_generation_tokens_total"] - before < 600
-    scripted.engine.delay = 0.0
+    scripted.engine.runner.delay = 0.0
     assert not scripted.engine.seqs
-    scripted.engine.fail = True
+    scripted.engine.runner.fail = True
     r = httpx.post(url, json={**body, "stream": False, "max_tokens": 5})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     script(scripted, "fine" + EOS)
@@ -317,9 +317,8 @@ def test_disconnect_overload_and_engine_failure(scripted):
 
 # ---- pieces ----
 def test_terminal_reply_streams_reasoning_and_tool_calls(model_dir):
-    engine = scripted_engine(model_dir, num_blocks=32)
-    tok = engine.tokenizer
-    engine.script = tok.encode(encode_completion({"reasoning_content": "Hmm.", "content": "Sure.",
+    engine, tok = scripted_engine(model_dir, num_blocks=32)
+    engine.runner.script = tok.encode(encode_completion({"reasoning_content": "Hmm.", "content": "Sure.",
                                                   "tool_calls": [CALL]}, "thinking"))
     out = io.StringIO()
     msg = stream_reply(engine, tok, tok.apply_chat_template(HELLO), SamplingParams(max_tokens=200), "thinking", out)
@@ -327,25 +326,6 @@ def test_terminal_reply_streams_reasoning_and_tool_calls(model_dir):
     text = out.getvalue()
     assert "\033[2mHmm." in text and "Sure." in text and "[tool call] get_weather(" in text
     assert engine.scheduler.blocks.num_free == 32
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return Tokenizer.from_file(model_dir)
-
-
-@settings(max_examples=60, deadline=None)
-@given(text=st.text(max_size=40), cuts=st.lists(st.integers(0, 60), max_size=6),
-       stop=st.sampled_from([[], ["ab"], ["é!", "\n\n"], ["x"]]))
-def test_detokenizer_deltas_add_up(tok, text, cuts, stop):
-    ids = tok.encode(text)
-    detok, out, last = Detokenizer(tok, stop), [], 0
-    for c in sorted(c for c in set(cuts) if c < len(ids)) + [len(ids)]:
-        out.append(detok.feed(ids[last:c], final=c == len(ids)))
-        last = c
-    hits = [i for s in stop if (i := text.find(s)) != -1]
-    assert "".join(out) == (text[:min(hits)] if hits else text)
-    assert "\ufffd" in text or not any("\ufffd" in piece for piece in out)
 
 
 # ---- the command-line entry points, as the CLI will call them ----

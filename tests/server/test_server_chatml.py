@@ -12,7 +12,7 @@ import sys
 import httpx
 import openai
 import pytest
-from scripted import ScriptedEngine, Server, engine_args, script, tiny_chatml_dir
+from scripted import ScriptedRunner, Server, engine_args, script, tiny_chatml_dir
 from test_server import served, stream_chat
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -42,14 +42,14 @@ def real(chatml_dir):
 @pytest.fixture(scope="module")
 def scripted(chatml_dir):
     engine, tok = load_engine(engine_args(chatml_dir, max_num_seqs=1))
-    engine.__class__ = ScriptedEngine  # the same engine, the model's choice replaced by a script
+    engine.runner.__class__ = ScriptedRunner  # the same engine, the model's choice replaced by a script
     server = Server(engine, tok)
     yield server
     server.stop()
 
 
 def test_a_converted_dir_loads_with_its_chatml_tokenizer(real, chatml_dir):
-    assert type(real.engine.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
+    assert type(real.engine.runner.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
     [card] = httpx.get(real.url + "/v1/models").json()["data"]
     assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("chatml", False, False)
     assert (card["max_model_len"], card["index_topk"]) == (512, 16)
@@ -95,8 +95,8 @@ def test_tools_and_thinking_are_clear_400s(scripted):
 
 def test_terminal_reply_in_chatml(chatml_dir):
     engine, tok = load_engine(engine_args(chatml_dir, num_blocks=16))
-    engine.__class__ = ScriptedEngine
-    engine.script = tok.encode("Sure.<|im_end|>")
+    engine.runner.__class__ = ScriptedRunner
+    engine.runner.script = tok.encode("Sure.<|im_end|>")
     out = io.StringIO()
     msg = stream_reply(engine, tok, tok.apply_chat_template(HELLO),
                        SamplingParams(max_tokens=50, stop_token_ids=list(tok.stop_ids)), "chat", out)

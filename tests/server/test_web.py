@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from scripted import MODEL, ScriptedEngine, Server, engine_args, script, scripted_engine, tiny_chatml_dir, tiny_v32_dir
+from scripted import MODEL, ScriptedRunner, Server, engine_args, script, scripted_engine, tiny_chatml_dir, tiny_v32_dir
 
 from dsv32.chat import EOS, encode_completion, encode_messages
 from dsv32.server import load_engine
@@ -51,8 +51,8 @@ def v32(tmp_path_factory):
     # a longer context than the tiny preset's 1024: with its 512-token vocabulary, the tools section
     # and a tool round trip take about 1100 tokens
     path = tiny_v32_dir(tmp_path_factory.mktemp("tiny-v32"), max_position_embeddings=4096)
-    engine = scripted_engine(path, max_num_seqs=1)
-    server = Server(engine, engine.tokenizer)
+    engine, tok = scripted_engine(path, max_num_seqs=1)
+    server = Server(engine, tok)
     yield server
     server.stop()
 
@@ -60,7 +60,7 @@ def v32(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chatml(tmp_path_factory):
     engine, tok = load_engine(engine_args(tiny_chatml_dir(tmp_path_factory.mktemp("chatml")), max_num_seqs=1))
-    engine.__class__ = ScriptedEngine  # the same engine, the model's choice replaced by a script
+    engine.runner.__class__ = ScriptedRunner  # the same engine, the model's choice replaced by a script
     server = Server(engine, tok)
     yield server
     server.stop()
@@ -120,7 +120,7 @@ class Chat:
 
 @pytest.fixture
 def chat(browser, v32):
-    v32.engine.delay, v32.engine.fail = 0.0, False
+    v32.engine.runner.delay, v32.engine.runner.fail = 0.0, False
     c = Chat(browser, v32)
     yield c
     c.context.close()
@@ -129,8 +129,8 @@ def chat(browser, v32):
 def say(server, text: str, delay: float = 0.0) -> list[int]:
     """Script the next answer; return its token ids."""
     script(server, text)
-    server.engine.delay = delay
-    return server.engine.script
+    server.engine.runner.delay = delay
+    return server.engine.runner.script
 
 
 def test_header_shows_the_model_card_and_the_page_stays_offline(chat, v32, shots):
@@ -322,7 +322,7 @@ def test_server_errors_are_shown_and_the_page_stays_usable(chat, v32, shots):
              "tokens, and each query attends to only the 2048 it ranks highest, " + "so " * 200, delay=0.02)
     chat.ask(lambda: chat.click("Save & send"), wait=False)
     page.wait_for_function("document.querySelector('.msg.assistant .content')?.textContent.length > 80")
-    v32.engine.fail = True
+    v32.engine.runner.fail = True
     chat.done()
     assert chat.texts(".msg.error .text") == ["engine error: scripted failure"]
     assert chat.texts(".msg.assistant .content")[0].startswith("V3.2 adds")

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, graders, sampling n answers per task, unbiased pass@k, reports."""

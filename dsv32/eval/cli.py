@@ -1,0 +1,73 @@
+"""`dsv32 eval`: pass@k of a model on tasks, sampled through our engine or an endpoint.
+
+    dsv32 eval --tasks aime.jsonl --model DIR -n 16 -k 1,4,16 --thinking --max-tokens 32768 --out runs/aime
+    dsv32 eval --tasks rg:basic_arithmetic:100 --base-url http://127.0.0.1:8000/v1 -n 4 -k 1,4 --out runs/rg
+
+Defaults follow the V3.2 evaluations: temperature 1.0, top-p 1.0, prompts in the math template.
+Rerunning with the same --out resumes: tasks already in its results.jsonl are not sampled again.
+"""
+
+import argparse
+import sys
+
+from dsv32.eval.run import run_eval
+from dsv32.eval.sample import EndpointSampler, EngineSampler, SamplingConfig
+from dsv32.eval.tasks import TEMPLATES, load_tasks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv32 eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", required=True, help="FILE.jsonl, or rg:NAME[:N] (N reasoning-gym problems, default 50)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model for dsv32.load: directory, .gguf or preset (with --tokenizer)")
+    src.add_argument("--base-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", default="default", help="the model name sent to the endpoint")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint")
+    p.add_argument("--tokenizer", help="a tokenizer.json (or its directory) for --model")
+    p.add_argument("-n", type=int, default=16, help="samples per task")
+    p.add_argument("-k", default="1", help="comma-separated k for pass@k, each at most n")
+    p.add_argument("--thinking", action="store_true", help="thinking mode (the answer is read after </think>)")
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string for the answer (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seeds, and reasoning-gym's generator")
+    p.add_argument("--template", choices=TEMPLATES, default="math", help="how a JSONL 'prompt' is wrapped")
+    p.add_argument("--grade-timeout", type=float, default=30.0, help="seconds per verdict")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-blocks", type=int, default=None, help="the engine's KV cache blocks (default: from memory)")
+    p.add_argument("--out", required=True, help="output folder: results.jsonl, summary.json, report.md")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ks = sorted({int(k) for k in args.k.split(",")})
+    except ValueError:
+        print(f"error: -k takes comma-separated integers, got {args.k!r}", file=sys.stderr)
+        return 2
+    if ks[0] < 1 or ks[-1] > args.n:  # before loading a model only to fail
+        print(f"error: pass@k needs 1 <= k <= n, got k={args.k} with n={args.n}", file=sys.stderr)
+        return 2
+    tasks = load_tasks(args.tasks, seed=args.seed, template=args.template)
+    cfg = SamplingConfig(n=args.n, thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
+                         max_tokens=args.max_tokens, stop=tuple(args.stop), seed=args.seed)
+    if args.base_url:
+        sampler, what = EndpointSampler(args.base_url, args.api_model, args.api_key, args.concurrency), args.base_url
+    else:
+        from dsv32.engine import LLM, EngineConfig
+        from dsv32.loader import load  # the composition root, a layer above eval (as in engine/llm.py)
+
+        model, tok = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+        sampler, what = EngineSampler(LLM(model, EngineConfig(num_blocks=args.num_blocks), tokenizer=tok)), args.model
+    mode = "thinking" if args.thinking else "chat"
+    summary = run_eval(tasks, sampler, cfg, args.out, ks, args.grade_timeout,
+                       title=f"{args.tasks} on {what} ({mode} mode, n={args.n}, temperature {args.temperature})")
+    for k, p in summary["pass_at_k"].items():
+        print(f"pass@{k} = {p['mean']:.4f} ± {p['stderr']:.4f} over {p['tasks']} tasks")
+    print(f"truncated samples: {summary['verdicts']['truncated']} of {summary['samples']}; report in {args.out}/report.md")
+    return 0

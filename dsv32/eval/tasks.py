@@ -1,0 +1,102 @@
+"""Tasks: a conversation to answer, the gold answer, and the grader that compares them.
+
+Sources (`load_tasks(spec)`):
+- a JSONL file, one task a line: `{"id": ..., "prompt": "..." | "messages": [...], "answer": "...",
+  "grader": "math"}`. `id` defaults to `FILE:LINE`, `grader` to math. A `prompt` becomes the user
+  message, wrapped in the V3.2 math template by default (`template="math"`, the paper's
+  "{question}\\nPlease reason step by step, and put your final answer within \\boxed{}."); a
+  `messages` conversation is used as written.
+- `rg:NAME[:N]`: N (default 50) generated problems of reasoning-gym's dataset NAME with a seed,
+  offline, each graded by reasoning-gym's own scorer on the answer's last `\\boxed{}`.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reasoning_gym import create_dataset
+
+from dsv32.chat import math_prompt
+
+GRADERS = ("math", "exact", "numeric")
+TEMPLATES = ("math", "none")
+
+
+class TaskError(ValueError):
+    """A task source that cannot be read: the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    messages: list[dict]
+    answer: str
+    grader: str = "math"
+    entry: dict | None = field(default=None, repr=False)  # reasoning-gym's entry, for its scorer
+
+
+def _task(obj, where: str, default_id: str, template: str) -> Task:
+    if not isinstance(obj, dict):
+        raise TaskError(f"{where}: a task is a JSON object, got {type(obj).__name__}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise TaskError(f"{where}: give exactly one of 'prompt' and 'messages'")
+    if "answer" not in obj or isinstance(obj["answer"], (dict, list)) or obj["answer"] is None:
+        raise TaskError(f"{where}: 'answer' is missing or not a string or number")
+    grader = obj.get("grader", "math")
+    if grader not in GRADERS:
+        raise TaskError(f"{where}: unknown grader {grader!r}; expected one of {', '.join(GRADERS)}")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise TaskError(f"{where}: 'prompt' is not a string")
+        text = math_prompt(obj["prompt"]) if template == "math" else obj["prompt"]
+        messages = [{"role": "user", "content": text}]
+    else:
+        messages = obj["messages"]
+        if not (isinstance(messages, list) and messages
+                and all(isinstance(m, dict) and "role" in m for m in messages)):
+            raise TaskError(f"{where}: 'messages' is not a non-empty list of {{'role': ..., 'content': ...}}")
+    return Task(str(obj.get("id", default_id)), messages, str(obj["answer"]), grader)
+
+
+def load_jsonl(path: str | Path, template: str = "math") -> list[Task]:
+    """The tasks of a JSONL file (blank lines skipped); ids must be unique."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    path = Path(path)
+    tasks, seen = [], set()
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        task = _task(obj, where, f"{path.stem}:{no}", template)
+        if task.id in seen:
+            raise TaskError(f"{where}: duplicate task id {task.id!r}")
+        seen.add(task.id)
+        tasks.append(task)
+    if not tasks:
+        raise TaskError(f"{path.name}: no tasks")
+    return tasks
+
+
+def reasoning_gym_tasks(name: str, size: int = 50, seed: int = 0) -> list[Task]:
+    """size problems of reasoning-gym's dataset `name`, generated offline from seed."""
+    try:
+        data = create_dataset(name, size=size, seed=seed)
+    except (KeyError, ValueError) as e:
+        raise TaskError(f"rg:{name}: not a reasoning-gym dataset ({e})") from None
+    return [Task(f"rg:{name}:{seed}:{i}", [{"role": "user", "content": math_prompt(entry["question"])}],
+                 str(entry["answer"]), f"rg:{name}", entry) for i, entry in enumerate(data)]
+
+
+def load_tasks(spec: str, seed: int = 0, template: str = "math") -> list[Task]:
+    """Tasks from `FILE.jsonl` or `rg:NAME[:N]`."""
+    if spec.startswith("rg:"):
+        name, _, size = spec[3:].partition(":")
+        if not size.isdigit() and size:
+            raise TaskError(f"{spec}: expected rg:NAME or rg:NAME:N with N a number of problems")
+        return reasoning_gym_tasks(name, int(size or 50), seed)
+    return load_jsonl(spec, template)
