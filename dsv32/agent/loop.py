@@ -68,6 +68,7 @@ class Episode:
     segments: list[Trajectory] = field(default_factory=list)  # EnginePolicy: the token record, one
                                                       # trajectory per contiguous token context
     attempts: list[Episode] = field(default_factory=list)     # parallel-fewest-step: all, this one included
+    sampling: SamplingParams | None = None            # what it sampled with (a seed: call k uses seed + k)
 
     def view(self) -> list[dict]:
         """What the model sees next: the log with its context events applied."""
@@ -83,9 +84,13 @@ class Episode:
         return sum(len(a.steps) for a in self.attempts) if self.attempts else len(self.steps)
 
     def to_json(self) -> dict:
-        return {"end": self.end, "answer": self.answer, "error": self.error, "tool_calls": self.tool_calls,
-                "steps": [asdict(s) for s in self.steps], "log": self.log,
-                "attempts": [a.to_json() for a in self.attempts if a is not self]}
+        """Everything but the token record (`segments`, tensors), as JSON-ready values."""
+        out = {"end": self.end, "answer": self.answer, "error": self.error, "tool_calls": self.tool_calls,
+               "steps": [asdict(s) for s in self.steps], "log": self.log,
+               "sampling": asdict(self.sampling) if self.sampling else None}
+        if self.attempts:  # the kept one stands for itself in the list
+            out["attempts"] = [{"kept": True} if a is self else a.to_json() for a in self.attempts]
+        return out
 
 
 class AgentLoop:
@@ -105,18 +110,19 @@ class AgentLoop:
         """One task (a user message, or a conversation ending in one) to its end."""
         messages = [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
         if self.config.context_strategy != "parallel-fewest-step":
-            return self._episode(messages)
-        attempts = []
+            return self._episode(messages, self.sampling)
+        attempts, seed = [], self.sampling.seed
         for i in range(self.config.attempts):  # independent attempts, one after another
             self.on_event("attempt", {"index": i})
-            attempts.append(self._episode(messages))
+            attempts.append(self._episode(messages, replace(self.sampling, seed=None if seed is None else
+                                                            seed + 100_003 * i)))
         best = fewest_steps([len(a.steps) for a in attempts], [a.end == "answer" for a in attempts])
         chosen = attempts[best if best is not None else 0]
         chosen.attempts = attempts
         return chosen
 
-    def _episode(self, messages: list[dict]) -> Episode:
-        ep = Episode(list(messages))
+    def _episode(self, messages: list[dict], sampling: SamplingParams) -> Episode:
+        ep = Episode(list(messages), sampling=sampling)
         try:
             tools = self.tools() if callable(self.tools) else self.tools
         except Exception as e:  # e.g. a sandbox that cannot start
@@ -161,13 +167,14 @@ class AgentLoop:
             return self._end(ep, "max_tokens")
         try:
             prompt = self.policy.count(messages, schemas)
-            limits = {"length": self.sampling.max_tokens, "context": window - prompt}
+            limits = {"length": ep.sampling.max_tokens, "context": window - prompt}
             if left is not None:
                 limits["max_tokens"] = left
             cut = min(limits, key=limits.get)   # the limit that ends a reply cut short
             if limits["context"] < 1:
                 return self._end(ep, "context", f"the prompt has {prompt} tokens; the context window is {window}")
-            reply = self.policy(messages, schemas, replace(self.sampling, max_tokens=limits[cut]))
+            seed = None if ep.sampling.seed is None else ep.sampling.seed + len(ep.steps)  # no call repeats another
+            reply = self.policy(messages, schemas, replace(ep.sampling, max_tokens=limits[cut], seed=seed))
         except Exception as e:  # a policy failure ends the run, recorded
             return self._end(ep, "policy_error", f"{type(e).__name__}: {e}")
         step = Step(kind, reply.prompt_tokens, reply.completion_tokens, reply.finish_reason, reply.text, reply.error)
@@ -189,10 +196,10 @@ class AgentLoop:
         except Exception as e:
             self._end(ep, "policy_error", f"{type(e).__name__}: {e}")
             return messages
-        if not triggered(prompt, self.sampling.max_tokens, window, self.config.trigger) or not split(messages)[1]:
+        if not triggered(prompt, ep.sampling.max_tokens, window, self.config.trigger) or not split(messages)[1]:
             return messages  # under the trigger, or no tool history to manage
         event = {"role": "context", "strategy": strategy, "step": len(ep.steps),
-                 "tokens": prompt + self.sampling.max_tokens}
+                 "tokens": prompt + ep.sampling.max_tokens}
         if strategy == "summary":  # a model call, so a step
             reply = self._call(ep, messages + [{"role": "user", "content": SUMMARY_REQUEST}], schemas, "summary")
             if reply is None:

@@ -20,6 +20,7 @@ messages in, a message with `reasoning_content` and `tool_calls` out.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -158,7 +159,11 @@ class OpenAIPolicy:
     def count(self, messages: list[dict], tools: list[dict]) -> int:
         if self._count is not None:
             return self._count(messages, tools)
-        return -(-len(encode_messages(messages, self.thinking_mode, tools=tools or None)) // 4)
+        try:
+            text = encode_messages(messages, self.thinking_mode, tools=tools or None)
+        except ChatFormatError:  # e.g. tool-call arguments that are not JSON: count their characters
+            text = json.dumps([messages, tools], ensure_ascii=False)
+        return -(-len(text) // 4)
 
     def __call__(self, messages: list[dict], tools: list[dict], sampling: SamplingParams) -> Reply:
         import openai  # see __init__

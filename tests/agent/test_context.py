@@ -143,9 +143,10 @@ def test_parallel_fewest_step_keeps_the_answered_attempt_with_the_fewest_steps()
         return made[-1]
 
     policy = ScriptedPolicy(replies)
-    ep = AgentLoop(policy, tools, SamplingParams(max_tokens=M), AgentConfig(context_strategy="parallel-fewest-step",
+    ep = AgentLoop(policy, tools, SamplingParams(max_tokens=M, seed=0), AgentConfig(context_strategy="parallel-fewest-step",
                                                                              attempts=3)).run("Go.")
     assert ep.answer == "C" and len(ep.steps) == 2 and ep.attempts.index(ep) == 2
     assert [a.end for a in ep.attempts] == ["answer", "bad_reply", "answer"] and ep.total_steps == 6
     assert len(made) == 3 and Echo.closed == closed + 3               # fresh tools per attempt, closed after
+    assert len({a.sampling.seed for a in ep.attempts}) == 3                 # and their own seeds (None: unseeded)
     assert fewest_steps([3, 1, 2], [True, False, True]) == 2 and fewest_steps([1], [False]) is None

@@ -122,3 +122,10 @@ def test_tools_that_cannot_be_made_end_the_episode_with_a_reason():
     policy = ScriptedPolicy([turn("never", "called")])
     ep = AgentLoop(policy, tools).run("Go.")
     assert ep.end == "tool_setup" and ep.error == "OSError: bubblewrap could not start a sandbox" and not policy.seen
+
+
+def test_each_call_gets_its_own_seed_so_a_reset_view_is_not_resampled_the_same():
+    agent, policy = loop([turn("a", calls=[call("echo", text="x")]), turn("b", "done")], SamplingParams(seed=7))
+    ep = agent.run("Go.")
+    assert [s[2].seed for s in policy.seen] == [7, 8] and ep.sampling.seed == 7
+    assert ep.to_json()["sampling"]["seed"] == 7 and ep.to_json()["log"] == ep.log

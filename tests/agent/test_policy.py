@@ -151,3 +151,14 @@ def test_the_openai_policy_runs_one_tool_round_against_dsv32_serve(tiny):
     schemas = [t.schema() for t in tools]
     assert tok.decode(prompts[1]) == encode_messages(ep.log[:3], "thinking", tools=schemas)
     assert ep.steps[0].prompt_tokens == len(prompts[0]) and ep.steps[1].prompt_tokens == len(prompts[1])
+
+
+def test_the_openai_policy_estimates_a_prompt_it_cannot_render():
+    """Without a tokenizer a prompt is a quarter of its V3.2 rendering's characters; an endpoint's
+    tool call whose arguments are not JSON does not render, and is counted by its characters."""
+    policy = OpenAIPolicy("http://unused/v1", model="m", context_window=1000, client=object())
+    messages = [{"role": "user", "content": "x" * 400}]
+    assert policy.count(messages, []) == -(-len(encode_messages(messages, "thinking")) // 4)
+    bad = {"role": "assistant", "content": "", "reasoning_content": "",
+           "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}
+    assert policy.count(messages + [bad, {"role": "tool", "tool_call_id": "1", "content": "r"}], []) > 100
