@@ -14,6 +14,7 @@ from dsv32.agent.policy import EnginePolicy, OpenAIPolicy
 from dsv32.agent.tool import Tool
 from dsv32.chat import EOS, THINK_END, encode_messages, render_tool_calls
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.llama.tokenizer import PlainTokenizer
 from dsv32.loader import load
 from dsv32.rl.rollout import pack, replay_logprobs
 from dsv32.rl.tasks import CALCULATOR, calculate
@@ -112,8 +113,6 @@ def test_an_engine_rollout_through_the_loop_replays_the_engines_logprobs_on_ever
 
 
 def test_the_engine_policy_needs_the_v32_chat_format(tiny):
-    from dsv32.llama.tokenizer import PlainTokenizer
-
     _, model, tok = tiny
     with pytest.raises(ValueError, match="V3.2 chat format"):
         EnginePolicy(Engine(model, EngineConfig(num_blocks=8)), PlainTokenizer(tok.tok, tok.bos_id, tok.eos_id))
