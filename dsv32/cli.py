@@ -114,6 +114,10 @@ def _passthrough(name: str, argv: list[str]) -> int:
 
         resolve(CONVERT)(argv)
         return 0
+    if name == "agent":
+        from dsv32.agent.cli import main as agent_main
+
+        return agent_main(argv)
     from dsv32.tokenizer import main as tokenizer_main
 
     tokenizer_main(argv)
@@ -124,6 +128,7 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                "chat": "chat with a model in the terminal: dsv32 chat [--model DIR] [--thinking]",
                "tokenizer": "tokenizer tools: dsv32 tokenizer train --files ... --vocab-size N --out DIR",
                "corpus": "local documents for the agent's browser: dsv32 corpus build --out DIR [--from stdlib|DIR|F.jsonl]",
+               "agent": "run a task with tools: dsv32 agent \"TASK\" --model DIR|--base-url URL [--tools python,bash,search]",
                "eval": "pass@k on tasks: dsv32 eval --tasks F.jsonl|rg:NAME[:N] --model SRC|--base-url URL "
                        "-n 16 -k 1,4,16 [--thinking] --out DIR",
                "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "

@@ -13,6 +13,11 @@ sampled from there; a re-prefill's routes for earlier positions are compared to 
 (`route_drift`) but never replace them, so no turn's routes are dropped. Key selections follow
 the same rule (`selection_drift`).
 
+The pieces are reusable one turn at a time (the agent loop's in-process policy runs on them):
+`new_trajectory` starts from a prompt, `complete` runs engine requests to their end,
+`Trajectory.add_sampled` appends a reply as sampled, `Trajectory.add_forced` what the
+environment wrote, `parse_turn` reads a reply, `tool_suffix` renders tool results.
+
 `pack` turns trajectories into padded tensors; `replay_logprobs` runs the model over them as the
 trainer sees them: forced to the recorded routes (Keep Routing) and key selections (Keep
 Selection: the trainer's indexer may rank keys differently, as its router may pick other experts)
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dsv32.chat import ChatFormatError, encode_messages, parse_completion
-from dsv32.engine import Engine, SamplingParams
+from dsv32.engine import Engine, RequestOutput, SamplingParams
 from dsv32.model.indexer import all_keys_selection, packed_dtype
 from dsv32.rl.objective import KeptSets, kept_sets, token_logprobs
 from dsv32.rl.tasks import Task, run_tool
@@ -53,6 +58,33 @@ class Trajectory:
     @property
     def n_sampled(self) -> int:
         return sum(self.action)
+
+    def add_sampled(self, out: RequestOutput) -> None:
+        """Append one engine request's reply as the policy sampled it: its tokens, log-probs and
+        kept sets, and the routes and key selections of the positions it computed first."""
+        start, n = len(self.tokens), len(out.token_ids)
+        self.experts = _merged(self.experts, out.experts, self.route_drift)
+        self.selection = _merged(self.selection, out.selection, self.selection_drift)
+        self.tokens += out.token_ids
+        self.action += [True] * n
+        self.logprobs += out.logprobs
+        self.kept += out.kept or [None] * n       # no kept sets without return_rl_data
+        self.turns, self.finish_reason = self.turns + 1, out.finish_reason
+        self.turn_spans.append((start, len(self.tokens)))
+
+    def add_forced(self, ids: list[int]) -> None:
+        """Append tokens the environment wrote (tool results and what the format puts around
+        them): no log-prob, no loss."""
+        self.tokens += ids
+        self.action += [False] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.kept += [None] * len(ids)
+
+
+def new_trajectory(task: Task, prompt: list[int]) -> Trajectory:
+    """A trajectory holding only its prompt (forced tokens)."""
+    n = len(prompt)
+    return Trajectory(task, list(prompt), n, [False] * n, [0.0] * n, [None] * n, messages=list(task.messages))
 
 
 def speaks_v32(tokenizer) -> bool:
@@ -91,16 +123,28 @@ def tool_env(task: Task, message: dict | None) -> tuple[dict, list[str]] | None:
     return message, [run_tool(call) for call in message["tool_calls"]]
 
 
-def _parse(tokenizer, task: Task, ids: list[int], finish: str) -> tuple[dict | None, str]:
+def parse_turn(tokenizer, ids: list[int], finish: str | None, thinking_mode: str) -> tuple[dict | None, str]:
     """(parsed assistant message or None, text) of one turn's sampled ids."""
     text = tokenizer.decode(ids)
     if not speaks_v32(tokenizer):
         return ({"role": "assistant", "content": text.removesuffix(tokenizer.decode([tokenizer.eos_id])),
                  "reasoning_content": "", "tool_calls": []} if finish == "stop" else None), text
     try:
-        return parse_completion(text, task.thinking_mode), text
+        return parse_completion(text, thinking_mode), text
     except ChatFormatError:
         return None, text
+
+
+def complete(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
+    """Run (prompt ids, params) requests to their end, batched, and return their outputs, each taken
+    at the step its request finishes (its records are final then)."""
+    seqs = [engine.add_request(ids, params) for ids, params in requests]
+    mine, outs = {seq.request_id: seq for seq in seqs}, {}
+    while engine.has_work():
+        for o in engine.step():
+            if o.finish_reason is not None and o.request_id in mine:
+                outs[o.request_id] = engine.output(mine[o.request_id])
+    return [outs[seq.request_id] for seq in seqs]
 
 
 def _merged(first: torch.Tensor | None, new: torch.Tensor | None, drift: list) -> torch.Tensor | None:
@@ -124,11 +168,7 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
     env(task, parsed message or None) -> (the assistant message with its tool calls, their results)
     to continue, or None when the turn is final. A final turn that does not parse has no answer."""
     params = replace(params, return_rl_data=True)
-    trajs = []
-    for task in tasks:
-        ids = encode_prompt(tokenizer, task)
-        trajs.append(Trajectory(task, list(ids), len(ids), [False] * len(ids), [0.0] * len(ids), [None] * len(ids),
-                                messages=list(task.messages)))
+    trajs = [new_trajectory(task, encode_prompt(tokenizer, task)) for task in tasks]
     active = list(range(len(trajs)))
     limit = engine.max_model_len
     for turn in range(max_turns):
@@ -139,25 +179,13 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
             if room < 1:
                 t.finish_reason = "length"
                 continue
-            reqs.append((i, engine.add_request(t.tokens, replace(params, max_tokens=min(params.max_tokens, room)))))
-        mine, outs = {seq.request_id: seq for _, seq in reqs}, {}
-        while engine.has_work():
-            for o in engine.step():
-                if o.finish_reason is not None and o.request_id in mine:  # its records are final now
-                    outs[o.request_id] = engine.output(mine[o.request_id])
+            reqs.append((i, (t.tokens, replace(params, max_tokens=min(params.max_tokens, room)))))
+        outs = complete(engine, [r for _, r in reqs])
         active = []
-        for i, seq in reqs:
-            t, out = trajs[i], outs[seq.request_id]
-            start = len(t.tokens)
-            t.experts = _merged(t.experts, out.experts, t.route_drift)
-            t.selection = _merged(t.selection, out.selection, t.selection_drift)
-            t.tokens += out.token_ids
-            t.action += [True] * len(out.token_ids)
-            t.logprobs += out.logprobs
-            t.kept += out.kept
-            t.turns, t.finish_reason = turn + 1, out.finish_reason
-            t.turn_spans.append((start, len(t.tokens)))
-            message, text = _parse(tokenizer, t.task, out.token_ids, out.finish_reason)
+        for (i, _), out in zip(reqs, outs):
+            t = trajs[i]
+            t.add_sampled(out)
+            message, text = parse_turn(tokenizer, out.token_ids, out.finish_reason, t.task.thinking_mode)
             t.text += text
             step = env(t.task, message)
             if step is None or turn + 1 == max_turns:
@@ -166,11 +194,7 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
             message, results = step
             suffix = tool_suffix(t.messages, message, results, t.task.thinking_mode)
             t.messages += [message] + [{"role": "tool", "content": r} for r in results]
-            ids = tokenizer.encode(suffix)
-            t.tokens += ids
-            t.action += [False] * len(ids)
-            t.logprobs += [0.0] * len(ids)
-            t.kept += [None] * len(ids)
+            t.add_forced(tokenizer.encode(suffix))
             active.append(i)
     return trajs
 
