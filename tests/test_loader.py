@@ -187,6 +187,7 @@ def spy(monkeypatch):
     ["train", "pretrain", "--model", "SRC", "--data", "x.txt"],
     ["rl", "--model", "SRC"],
     ["eval", "--tasks", "TASKS", "--model", "SRC", "--out", "OUT"],
+    ["agent", "say hi", "--model", "SRC", "--tools", "bash", "--unsafe-no-sandbox"],
 ])
 def test_every_cli_command_loads_its_model_through_dsv32_load(spy, argv, tmp_path):
     from dsv32.cli import main
