@@ -27,7 +27,7 @@ from dsv32.agent.python_tool import PythonTool
 from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.agent.tool import Tool
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.loader import load
+from dsv32 import loader
 
 TOOLS = ("python", "bash", "search")
 SHOWN_LINES = 20   # lines of each tool result printed (the model sees all of it)
@@ -133,7 +133,7 @@ class Printer:
 def make_policy(args, thinking_mode: str):
     if args.base_url:
         return OpenAIPolicy(args.base_url, args.served_model, args.api_key, thinking_mode, args.context_window)
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = loader.load(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=args.context_window))
     return EnginePolicy(engine, tok, thinking_mode, record=False)
 

@@ -42,7 +42,7 @@ def steer_cli(monkeypatch, tiny, isolated: bool):
         (3, THINK_END + render_tool_calls([call]) + EOS, [RESULT]),
         (3, THINK_END + "The file says hello." + EOS, [])]))
     loaded = []
-    monkeypatch.setattr(agent_cli, "load", lambda source, **kw: loaded.append(source) or (m, tok))
+    monkeypatch.setattr(agent_cli.loader, "load", lambda source, **kw: loaded.append(source) or (m, tok))
     return str(path), loaded
 
 
