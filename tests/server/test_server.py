@@ -363,7 +363,7 @@ def test_serve_entry_point(model_dir):
 
 
 def test_chat_entry_point(model_dir):
-    code = f"from dsv32.server import chat; chat(['--model', {str(model_dir)!r}, '--device', 'cpu', '--max-tokens', '8'])"
+    code = f"from dsv32.server import chat; chat(['--model', {str(model_dir)!r}, '--device', 'cpu', '--max-tokens', '8', '--temperature', '0'])"
     out = subprocess.run([sys.executable, "-c", code], input="hello\n/reset\nagain\n/exit\n", text=True,
                          capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
