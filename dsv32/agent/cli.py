@@ -134,6 +134,9 @@ def make_policy(args, thinking_mode: str):
     if args.base_url:
         return OpenAIPolicy(args.base_url, args.served_model, args.api_key, thinking_mode, args.context_window)
     model, tok = loader.load(args.model, dtype=args.dtype, device=args.device)
+    if tok is None:
+        raise ValueError(f"{args.model} comes without a tokenizer (a preset has none): pass a model directory "
+                         "with tokenizer.json")
     engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=args.context_window))
     return EnginePolicy(engine, tok, thinking_mode, record=False)
 
