@@ -8,7 +8,7 @@ import shutil
 import httpx
 import pytest
 from scripted import Server, scripted_engine, tiny_v32_dir
-from test_web import ARGS, CHROMIUM, VIEWPORT, Chat, say, sync_api
+from test_web import ARGS, CHROMIUM, Chat, say, shots, sync_api  # noqa: F401 (shots: a fixture)
 
 from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.chat import encode_completion
@@ -100,7 +100,7 @@ def browser():
         b.close()
 
 
-def test_the_page_runs_a_bash_call_and_sends_its_result(browser, servers, tmp_path):
+def test_the_page_runs_a_bash_call_and_sends_its_result(browser, servers, shots):
     server, _ = servers
     chat = Chat(browser, server)
     try:
@@ -122,6 +122,7 @@ def test_the_page_runs_a_bash_call_and_sends_its_result(browser, servers, tmp_pa
         chat.click("Run all")
         page.wait_for_function("document.querySelectorAll('.results textarea')[0].value !== '' && "
                                "[...document.querySelectorAll('.run button')].every((b) => !b.disabled)")
+        shots(page, "server-tools")
         box.fill(result + "\n(edited)")
         say(server, encode_completion({"content": "It printed sandboxed-42."}, "chat"))
         chat.ask(lambda: chat.click("Send results"))
