@@ -142,3 +142,18 @@ def test_the_page_runs_a_bash_call_and_sends_its_result(browser, servers, shots)
         assert alert.inner_text() == "Error HTTP 404: server tools are off"
     finally:
         chat.context.close()
+
+
+def test_idle_conversations_are_closed_and_their_directories_removed(tmp_path):
+    if problem := bwrap_problem(tmp_path):
+        pytest.skip(problem)
+    tools = AgentTools(["bash"], idle_s=0.0)
+    try:
+        tools.call("old", "bash", {"command": "echo x > f"})
+        old_dir = tools.conversations["old"].sandboxes[0].dir
+        assert old_dir.is_dir()
+        tools.call("new", "bash", {"command": "true"})  # any call sweeps the idle ones
+        assert set(tools.conversations) == {"new"} and not old_dir.exists()
+    finally:
+        tools.close()
+    assert not tools.root.exists()
