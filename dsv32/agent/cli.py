@@ -88,6 +88,36 @@ def tool_factory(names: list[str], root: Path, corpus: Corpus | None, unsafe: bo
     return make
 
 
+class ToolSetupError(ValueError):
+    """The tools asked for cannot be built: an unknown name, no corpus, no sandbox."""
+
+
+def check_tools(names: list[str], corpus_dir: str | None, root: Path, unsafe: bool) -> Corpus | None:
+    """Check that the tools `names` can be built (known names; a corpus for search; a bubblewrap
+    sandbox that starts under `root` for python and bash, unless `unsafe`) before anything heavy
+    loads; return the search tools' corpus, if asked for. Shared by `dsv32 agent` and `dsv32 serve
+    --agent-tools`. Raises ToolSetupError saying what is wrong; warns on stderr when unsafe."""
+    if unknown := [n for n in names if n not in TOOLS]:
+        raise ToolSetupError(f"unknown tool(s) {', '.join(unknown)}; choose from {', '.join(TOOLS)}")
+    corpus = None
+    if "search" in names:
+        if not corpus_dir:
+            raise ToolSetupError("the search tools need --corpus DIR (build one with `dsv32 corpus build --out DIR`)")
+        try:
+            corpus = Corpus.load(corpus_dir)
+        except CorpusError as e:
+            raise ToolSetupError(str(e)) from None
+    if "python" in names or "bash" in names:
+        try:
+            Sandbox(root, "probe", unsafe_no_sandbox=unsafe).remove()
+        except SandboxError as e:
+            raise ToolSetupError(str(e)) from None
+        if unsafe:
+            print("WARNING: --unsafe-no-sandbox: the model's code runs as you, with the network and your files",
+                  file=sys.stderr)
+    return corpus
+
+
 class Printer:
     """Prints each event of the loop as it happens."""
 
@@ -144,31 +174,13 @@ def make_policy(args, thinking_mode: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in TOOLS]:
-        print(f"error: unknown tool(s) {', '.join(unknown)}; choose from {', '.join(TOOLS)}", file=sys.stderr)
-        return 2
-    corpus = None
-    if "search" in names:
-        if not args.corpus:
-            print("error: the search tools need --corpus DIR (build one with `dsv32 corpus build --out DIR`)",
-                  file=sys.stderr)
-            return 2
-        try:
-            corpus = Corpus.load(args.corpus)
-        except CorpusError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     with tempfile.TemporaryDirectory(prefix="dsv32-agent-") as tmp:
         root = Path(args.workdir or tmp)
-        if "python" in names or "bash" in names:
-            try:  # refuse before loading a model: no bubblewrap, no code tools unless told otherwise
-                Sandbox(root, "probe", unsafe_no_sandbox=args.unsafe_no_sandbox).remove()
-            except SandboxError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            if args.unsafe_no_sandbox:
-                print("WARNING: --unsafe-no-sandbox: the model's code runs as you, with the network and your files",
-                      file=sys.stderr)
+        try:  # refuse before loading a model: no bubblewrap, no code tools unless told otherwise
+            corpus = check_tools(names, args.corpus, root, args.unsafe_no_sandbox)
+        except ToolSetupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         thinking_mode = "chat" if args.chat else "thinking"
         try:
             policy = make_policy(args, thinking_mode)

@@ -77,7 +77,31 @@ def serve(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (with --tp/--ep)")
+    p.add_argument("--agent-tools", default="", help="comma-separated, from python, bash, search: run the agent's "
+                   "tools for the web page (POST /v1/agent/tools/NAME), one sandbox per conversation; off by default")
+    p.add_argument("--corpus", help="the search tools' corpus directory (dsv32 corpus build --out DIR)")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", help="with --agent-tools: run python and bash "
+                   "WITHOUT isolation, as you, with the network and your files (trusted users only)")
+    p.add_argument("--agent-tools-idle", type=float, default=1800.0,
+                   help="seconds after which an idle conversation's tools are closed (default 1800)")
+    p.add_argument("--agent-tools-max", type=int, default=16, help="live tool conversations at most (default 16)")
     args = p.parse_args(argv)
+    tools = None
+    if args.agent_tools:
+        import tempfile
+
+        from dsv32.agent.cli import ToolSetupError, check_tools
+
+        names = [n.strip() for n in args.agent_tools.split(",") if n.strip()]
+        try:  # before the model loads: no bubblewrap, no code tools unless --unsafe-no-sandbox
+            with tempfile.TemporaryDirectory(prefix="dsv32-serve-") as tmp:
+                corpus = check_tools(names, args.corpus, Path(tmp), args.unsafe_no_sandbox)
+        except ToolSetupError as e:
+            p.error(str(e))
+        from dsv32.server.tools import AgentTools
+
+        tools = AgentTools(names, corpus, unsafe=args.unsafe_no_sandbox, idle_s=args.agent_tools_idle,
+                           max_conversations=args.agent_tools_max)
 
     import logging
 
@@ -96,7 +120,7 @@ def serve(argv: list[str] | None = None) -> int:
             follow(engine)
             dist.destroy_process_group()
             return 0
-    uvicorn.run(create_app(engine, tokenizer, model_name(args), args.max_queue), host=args.host, port=args.port)
+    uvicorn.run(create_app(engine, tokenizer, model_name(args), args.max_queue, tools), host=args.host, port=args.port)
     if _distributed(args):
         engine.runner.stop()
         dist.destroy_process_group()

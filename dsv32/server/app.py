@@ -519,8 +519,48 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(APIError(500, f"internal error: {exc}", "server_error"))
 
 
-def create_app(engine, tokenizer, model_name: str, max_queue: int = 64) -> FastAPI:
-    """The app around an engine; its thread starts and stops with the app's lifespan."""
+class ToolCallRequest(BaseModel):
+    conversation: str
+    arguments: dict | str = Field(default_factory=dict)
+
+
+def agent_tools(request: Request):
+    tools = request.app.state.agent_tools
+    if tools is None:
+        raise APIError(404, "server tools are off: start the server with `dsv32 serve --agent-tools python,bash`",
+                       code="tools_disabled")
+    return tools
+
+
+@router.get("/v1/agent/tools")
+async def list_agent_tools(request: Request):
+    """The server's tools (`--agent-tools`) in OpenAI's `tools` format."""
+    return {"object": "list", "data": agent_tools(request).schemas()}
+
+
+@router.post("/v1/agent/tools/{name}")
+async def call_agent_tool(name: str, req: ToolCallRequest, request: Request):
+    """Run one call of tool `name` in the conversation's own sandbox -> {"result": "..."}; the
+    tool's failures (bad arguments, a timeout) come back as a result starting with "error:", as the
+    agent loop gives them to the model."""
+    from dsv32.server.tools import CONVERSATION_ID, ToolsFull
+
+    tools = agent_tools(request)
+    if not tools.has(name):
+        raise APIError(404, f"no server tool {name!r}; the server has "
+                       f"{', '.join(s['function']['name'] for s in tools.schemas())}", code="tool_not_found")
+    if not CONVERSATION_ID.fullmatch(req.conversation):
+        raise APIError(400, "conversation: 1 to 64 letters, digits, '-' or '_'", param="conversation")
+    try:
+        result = await asyncio.to_thread(tools.call, req.conversation, name, req.arguments)
+    except ToolsFull as e:
+        raise APIError(429, str(e), "server_error", code="tools_busy") from None
+    return {"result": result}
+
+
+def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_tools=None) -> FastAPI:
+    """The app around an engine; its thread starts and stops with the app's lifespan. `agent_tools`:
+    a dsv32.server.tools.AgentTools to expose under /v1/agent/tools (closed at shutdown), or None."""
     runner = EngineRunner(engine, max_queue)
 
     @asynccontextmanager
@@ -528,9 +568,12 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64) -> FastA
         runner.start()
         yield
         runner.stop()
+        if agent_tools is not None:
+            await asyncio.to_thread(agent_tools.close)
 
     app = FastAPI(title="dsv32", lifespan=lifespan)
     app.state.server = ServerState(runner, tokenizer, model_name)
+    app.state.agent_tools = agent_tools
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(EngineMetrics(runner))
     app.include_router(router)

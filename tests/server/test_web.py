@@ -145,7 +145,8 @@ def test_header_shows_the_model_card_and_the_page_stays_offline(chat, v32, shots
     # every resource the page loaded came from this server: no CDN, no fonts from elsewhere
     paths = {u.removeprefix(v32.url) for u in chat.urls}
     assert all(u.startswith(v32.url) for u in chat.urls) and paths == {
-        "/", "/static/chat.css", "/static/chat.js", "/v1/models"}, chat.urls
+        "/", "/static/chat.css", "/static/chat.js", "/v1/models", "/v1/agent/tools"}, chat.urls
+    assert page.is_hidden("#server-tools-control")  # this server runs no tools (404)
     # a context within DSA's key budget, and a dense model, say so (the card as another server gives it)
     for change, text in (({"max_model_len": k}, f"DSA top-{k}: dense within this context"),
                          ({"index_topk": None}, "dense attention")):

@@ -11,6 +11,10 @@ const log = $("log"), input = $("input");
 const conv = [];
 let card = {};        // this server's /v1/models entry
 let busy = null;      // the AbortController of the request in flight
+let serverTools = []; // the server's own tools (dsv32 serve --agent-tools), from /v1/agent/tools
+// this page's conversation with the server's tools (its own sandbox there); a reload starts a new one
+const conversation = Array.from(crypto.getRandomValues(new Uint8Array(12)),
+  (b) => b.toString(16).padStart(2, "0")).join("");
 
 // ---- the conversation on the wire ----
 const wire = () => conv.filter((m) => m.role !== "error").map((m) =>
@@ -24,12 +28,18 @@ const lastUser = () => conv.findLastIndex((m) => m.role === "user");
 // survives tool round trips, not a new user turn); in chat mode no reasoning is rendered at all.
 const inContext = (i) => thinkingOn() && i > lastUser();
 
-function tools() {  // the settings panel's tool list, or null; throws on bad JSON
+const serverToolsOn = () => card.supports_tools && serverTools.length > 0 && $("server-tools").checked;
+const isServerTool = (name) => serverToolsOn() && serverTools.some((t) => t.function.name === name);
+
+function tools() {  // the settings panel's tool list and the server's tools if chosen, or null; throws on bad JSON
   const text = $("tools").value.trim();
-  if (!card.supports_tools || !text) return null;
-  let list;
-  try { list = JSON.parse(text); } catch (e) { throw new Error(`Tools: ${e.message}`); }
-  if (!Array.isArray(list)) throw new Error("Tools: expected a JSON list of {\"type\": \"function\", ...}");
+  if (!card.supports_tools) return null;
+  let list = [];
+  if (text) {
+    try { list = JSON.parse(text); } catch (e) { throw new Error(`Tools: ${e.message}`); }
+    if (!Array.isArray(list)) throw new Error("Tools: expected a JSON list of {\"type\": \"function\", ...}");
+  }
+  if (serverToolsOn()) list = list.concat(serverTools);
   return list.length ? list : null;
 }
 
@@ -246,17 +256,54 @@ function view(m, i) {  // the element of conv[i]
   return box;
 }
 
-function resultForm(m) {  // a result box per pending tool call
+async function runTool(call) {  // POST one call to the server's tool; its result, or throws
+  const response = await fetch(`v1/agent/tools/${encodeURIComponent(call.function.name)}`, {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ conversation, arguments: call.function.arguments || "{}" }),
+  });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return (await response.json()).result;
+}
+
+function resultForm(m) {  // a result box per pending tool call; Run for the server's tools
   const form = el("form", "results");
-  const boxes = m.tool_calls.map((call) => {
+  m._results ??= m.tool_calls.map(() => "");
+  const runs = [];
+  const boxes = m.tool_calls.map((call, k) => {
     const label = el("label", "", `Result of ${call.function.name}`);
     const box = el("textarea");
     box.rows = 2;
+    box.value = m._results[k];
+    box.oninput = () => { m._results[k] = box.value; };
     label.append(box);
     form.append(label);
+    if (isServerTool(call.function.name)) {
+      const row = el("div", "run"), status = el("span", "run-status");
+      const run = async () => {
+        b.disabled = true;
+        status.textContent = "running…";
+        status.removeAttribute("role");
+        try {
+          box.value = m._results[k] = await runTool(call);
+          status.textContent = "";
+        } catch (e) {
+          status.textContent = `Error ${e.message}`;
+          status.setAttribute("role", "alert");
+        }
+        b.disabled = false;
+      };
+      const b = button("Run", run);
+      b.title = `Run ${call.function.name} on the server, in this conversation's sandbox`;
+      row.append(b, status);
+      form.append(row);
+      runs.push(run);
+    }
     return box;
   });
-  form.append(button("Send results", () => sendResults(m, boxes)));
+  const buttons = el("div", "buttons");
+  if (runs.length > 1) buttons.append(button("Run all", () => Promise.all(runs.map((r) => r()))));
+  buttons.append(button("Send results", () => sendResults(m, boxes)));
+  form.append(buttons);
   return form;
 }
 
@@ -294,14 +341,19 @@ function describe(c) {  // the header: model, context, DSA, chat format
     ?? "no chat format: use /v1/completions";
   $("thinking-control").hidden = !c.supports_thinking;
   $("tools-control").hidden = !c.supports_tools;
+  $("server-tools-names").textContent = serverTools.map((t) => t.function.name).join(", ");
+  $("server-tools-control").hidden = !serverTools.length;
   input.disabled = $("send").disabled = !c.chat_format;
 }
 
 async function start() {
+  const listed = fetch("v1/agent/tools").then((r) => (r.ok ? r.json() : { data: [] }))  // 404 without --agent-tools
+    .then((j) => j.data, () => []);
   try {
     const response = await fetch("v1/models");
     if (!response.ok) throw new Error(await errorMessage(response));
     card = (await response.json()).data[0];
+    serverTools = card.supports_tools ? await listed : [];
     describe(card);
   } catch (e) {
     conv.push({ role: "error", content: `could not read v1/models: ${e.message}` });
@@ -312,6 +364,7 @@ async function start() {
 $("composer").onsubmit = (e) => { e.preventDefault(); send(); };
 $("stop").onclick = () => busy?.abort();
 $("thinking").onchange = render;  // what is in context depends on it
+$("server-tools").onchange = render;  // whether calls get a Run button
 input.onkeydown = (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
 };
