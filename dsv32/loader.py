@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dsv32.checkpoint import CheckpointError
 from dsv32.config import PRESETS, preset
 from dsv32.model import Transformer
 from dsv32.registry import DEFAULT_MODEL, GGUF, family, family_of, resolve
@@ -104,17 +103,22 @@ def _build_preset(name: str, dtype: torch.dtype, device: str, tokenizer, seed: i
     return model.to(dtype).eval(), tok
 
 
-def _tokenizer(make, tok, cfg):
-    if not isinstance(tok, (str, Path)):  # none, or one already built
-        return tok
-    if not Path(tok).exists():
-        raise FileNotFoundError(f"no tokenizer at {tok}")
+def _tokenizer(make, path, cfg):
+    """The family's tokenizer at `path` (or one already built), checked to fit the model's embedding."""
+    if not isinstance(path, (str, Path)):  # none, or one already built
+        return path
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no tokenizer at {path}")
     try:
-        return make(tok, cfg)
+        tok = make(path, cfg)
+    except ValueError:
+        raise
     except Exception as e:  # the tokenizers library raises its own error for a file it cannot parse
-        if isinstance(e, (ValueError, CheckpointError)):
-            raise
-        raise ValueError(f"{tok} is not a readable tokenizer.json: {e}") from None
+        raise ValueError(f"{path} is not a readable tokenizer.json: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer at {path} has {tok.vocab_size} tokens, more than the model's "
+                         f"vocab_size {cfg.vocab_size}: it belongs to another model")
+    return tok
 
 
 def _dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
