@@ -2,13 +2,12 @@
 tool call the model made. The sandboxed ones skip where bubblewrap cannot start a sandbox (the probe
 of tests/agent/conftest.py); the oracle for a tool's output is the command's own (`echo`)."""
 
-import json
 import shutil
 
 import httpx
 import pytest
 from scripted import Server, scripted_engine, tiny_v32_dir
-from test_web import ARGS, CHROMIUM, Chat, say, shots, sync_api  # noqa: F401 (shots: a fixture)
+from test_web import Chat, browser, say, shots  # noqa: F401 (browser, shots: fixtures)
 
 from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.chat import encode_completion
@@ -90,14 +89,6 @@ def test_bad_requests_get_openai_errors(servers):
     assert r.status_code == 400 and "error" in r.json()
     # a bad argument is the tool's result, as the model would read it
     assert call(server, "bash", "conv-a", cmd="x").json()["result"].startswith("error: bash needs")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def test_the_page_runs_a_bash_call_and_sends_its_result(browser, servers, shots):
