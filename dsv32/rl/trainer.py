@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ import torch
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.rl import objective
 from dsv32.rl.rewards import GenerativeRM, RewardConfig, reward
-from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, speaks_v32, tool_suffix
+from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, speaks_v32, tool_env, tool_suffix
 from dsv32.rl.tasks import Domain, TaskMix, load_tasks
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,12 @@ def warm_start(model, tokenizer, mix: TaskMix, cfg: RLConfig) -> dict:
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, model, tokenizer, mix: TaskMix, rm: GenerativeRM | None = None):
-        self.cfg, self.tokenizer, self.mix, self.rm = cfg, tokenizer, mix, rm
+    def __init__(self, cfg: RLConfig, model, tokenizer, mix: TaskMix, rm: GenerativeRM | None = None,
+                 env=tool_env):
+        """`env(task, message)` runs a turn's tool calls (`dsv32.rl.rollout.rollout`); each
+        trajectory gets its own copy of its task, so a stateful environment (a browser's page
+        stack) can keep its state per trajectory, keyed by the task object."""
+        self.cfg, self.tokenizer, self.mix, self.rm, self.env = cfg, tokenizer, mix, rm, env
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.policy = model.to(self.device, torch.float32).train()
         for p in self.policy.parameters():
@@ -210,8 +214,8 @@ class RLTrainer:
         """Sample the rollout batch and score it: (trajectories, reward dicts, advantages [N])."""
         cfg = self.cfg
         tasks = self.mix.sample(self.rng, cfg.prompts_per_step)
-        trajs = rollout(self.engine, self.tokenizer, [t for t in tasks for _ in range(cfg.group_size)], self.params,
-                        max_turns=cfg.max_turns)
+        trajs = rollout(self.engine, self.tokenizer, [replace(t) for t in tasks for _ in range(cfg.group_size)],
+                        self.params, max_turns=cfg.max_turns, env=self.env)
         scores = [reward(t.task, t.answer, t.text, t.n_sampled, cfg.max_new_tokens * cfg.max_turns, self.rcfg, self.rm)
                   for t in trajs]
         too_long = sum(t.turns == 0 for t in trajs)

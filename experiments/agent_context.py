@@ -1,0 +1,404 @@
+"""Context management for a search agent (spec §4), compared on a model of ours trained to use the
+browser: no management, Summary, Discard-75%, Discard-all and Parallel-fewest-step, at the same
+step budget.
+
+1. the task (dsv32.agent.multihop): a world of people whose pages hold one mentor line each,
+   indexed with our corpus builder (BM25); a question follows the mentor links `hops` times from
+   a start, so a chain of h hops needs h searches and up to 2h opens and finds, and its context
+   grows with h until management has to act;
+2. a byte-level BPE trained on the expert's trajectories, and a small V3.2-architecture MoE;
+3. SFT on the scripted expert's trajectories (ExpertPolicy), collected under every strategy, so
+   the model has seen views after a summary, after a discard and after a reset;
+4. GRPO with the V3.2 stabilisers (dsv32.rl.RLTrainer) on questions that fit the window, the
+   browser as the environment of each rollout;
+5. the five strategies on held-out questions of 1..max hops through the engine, the run's real
+   steps counted (a summary call is a step; parallel-fewest-step's attempts all count), and the
+   expert under the same strategies as the ceiling.
+
+    python experiments/agent_context.py --out runs/agent_context         # one H100, about 9 min
+    python experiments/agent_context.py --out runs/agent_quick --quick    # CPU smoke run, ~2 min
+
+Writes results.json, episodes.jsonl (every evaluated episode's end, steps and answer), sft and rl
+metrics, accuracy_by_hops.png and accuracy_vs_steps.png into --out; docs/agent-context.md reports
+a GPU run.
+"""
+
+import argparse
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dsv32.agent.browser import Browser
+from dsv32.agent.context import STRATEGIES
+from dsv32.agent.corpus import Corpus
+from dsv32.agent.loop import AgentConfig, AgentLoop, run_tool
+from dsv32.agent.multihop import ExpertPolicy, Question, World, grade
+from dsv32.agent.policy import EnginePolicy
+from dsv32.chat import encode_messages
+from dsv32.config import preset
+from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.loader import load, save
+from dsv32.rl.tasks import Domain, Task, TaskMix
+from dsv32.model import Transformer
+from dsv32.rl.trainer import RLConfig, RLTrainer, plot_rl, task_examples
+from dsv32.tokenizer import train_tokenizer
+from dsv32.train import TrainConfig, Trainer
+from dsv32.train.data import SFTData
+
+TRAINED_ON = ("none", "summary", "discard-75", "discard-all")  # parallel attempts are "none" runs
+
+
+@dataclass(frozen=True)
+class Setup:
+    window: int            # the context window the agent runs in (tokens)
+    max_new: int           # tokens per model call
+    view_tokens: int       # the browser's screen (approximate tokens per page view)
+    budget: int            # model calls per question, over all attempts
+    attempts: int          # parallel-fewest-step's N
+
+
+class Recorder:
+    """A policy that records each call's view and reply."""
+
+    def __init__(self, policy):
+        self.policy, self.calls = policy, []
+        self.context_window = policy.context_window
+
+    def count(self, messages, tools):
+        return self.policy.count(messages, tools)
+
+    def __call__(self, messages, tools, sampling):
+        reply = self.policy(messages, tools, sampling)
+        self.calls.append((list(messages), reply.message))
+        return reply
+
+
+def tools_for(corpus: Corpus, setup: Setup):
+    return lambda: Browser(corpus, view_tokens=setup.view_tokens).tools()
+
+
+def schemas(corpus: Corpus) -> list[dict]:
+    return [t.schema() for t in Browser(corpus).tools()]
+
+
+def agent_config(strategy: str, setup: Setup) -> AgentConfig:
+    """The same budget of model calls for every strategy: parallel-fewest-step splits it."""
+    per_run = setup.budget // setup.attempts if strategy == "parallel-fewest-step" else setup.budget
+    return AgentConfig(max_steps=per_run, context_strategy=strategy, attempts=setup.attempts)
+
+
+def segments(calls: list[tuple[list[dict], dict]]) -> list[tuple[list[dict], list[dict]]]:
+    """An episode's calls as (start view, the turns after it): a call continues the previous one's
+    segment when its view is that view plus the previous reply and its tool results (as the engine
+    continues a token context); anything else (a context event, a summary request) starts a new
+    one."""
+    out: list[tuple[list[dict], list[dict]]] = []
+    prev: list[dict] | None = None
+    for messages, reply in calls:
+        n = len(prev) if prev is not None else -1
+        cont = (prev is not None and out and out[-1][1][-1].get("tool_calls") and messages[:n] == prev
+                and len(messages) == n + 1 + len(out[-1][1][-1]["tool_calls"])
+                and all(m["role"] == "tool" for m in messages[n + 1:]))
+        if cont:
+            out[-1][1].extend(messages[n + 1:])
+            out[-1][1].append(reply)
+        else:
+            out.append((messages, [reply]))
+        prev = messages
+    return out
+
+
+def expert_runs(world: World, corpus: Corpus, questions: list[Question], strategies, setup: Setup, count,
+                progress: str = "") -> tuple[list[dict], list]:
+    """(one row per episode, the SFT segments of all of them) of the scripted expert."""
+    from tqdm import tqdm
+
+    rows, segs = [], []
+    for strategy in strategies:
+        for q in tqdm(questions, desc=f"{progress}expert {strategy}", leave=False):
+            rec = Recorder(ExpertPolicy(setup.window, count))
+            loop = AgentLoop(rec, tools_for(corpus, setup), SamplingParams(max_tokens=setup.max_new),
+                             agent_config(strategy, setup))
+            ep = loop.run(q.text)
+            rows.append(row(strategy, q, ep))
+            segs += segments(rec.calls)
+    return rows, segs
+
+
+def row(strategy: str, q: Question, ep) -> dict:
+    return {"strategy": strategy, "hops": q.hops, "correct": grade(ep.answer, q), "steps": ep.total_steps,
+            "end": ep.end, "answer": ep.answer, "expected": q.answer,
+            "context_events": sum(m["role"] == "context" for a in (ep.attempts or [ep]) for m in a.log)}
+
+
+def sft_examples(tok, tools: list[dict], segs) -> list[tuple[list[int], list[int]]]:
+    system = {"role": "system", "content": "", "tools": tools}
+    tasks = [Task("multihop", [system] + start, thinking_mode="thinking", solution=turns) for start, turns in segs]
+    return task_examples(tok, tasks)
+
+
+class BrowserEnv:
+    """The browser as the RL environment: one page stack per trajectory (keyed by its own task
+    object, which RLTrainer copies per trajectory)."""
+
+    def __init__(self, corpus: Corpus, setup: Setup):
+        self.corpus, self.setup, self.browsers = corpus, setup, {}
+
+    def __call__(self, task: Task, message: dict | None):
+        if message is None or not message["tool_calls"]:
+            return None
+        if len(self.browsers) > 8192:  # trajectories of earlier steps are done
+            self.browsers.clear()
+        key = id(task)
+        if key not in self.browsers or self.browsers[key][0] is not task:
+            self.browsers[key] = (task, {t.name: t for t in Browser(self.corpus,
+                                                                   view_tokens=self.setup.view_tokens).tools()})
+        tools = self.browsers[key][1]
+        return message, [run_tool(tools, call) for call in message["tool_calls"]]
+
+
+def model_config(tok, window: int, quick: bool):
+    """A small V3.2 MoE (MLA, DSA indexer, DeepSeekMoE). index_topk = the window: at this length
+    DSA keeps every key (the experiment is about context management, not sparse attention)."""
+    base = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                max_position_embeddings=window, index_topk=window, torch_dtype="float32")
+    if quick:
+        return preset("tiny").replace(**base)
+    return preset("small").replace(
+        **base, hidden_size=256, intermediate_size=768, moe_intermediate_size=192, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2,
+        index_n_heads=4, index_head_dim=32)
+
+
+def evaluate(model, tok, corpus: Corpus, questions: list[Question], strategy: str, setup: Setup, seed: int,
+             workers: int) -> list[dict]:
+    """The trained model under one strategy: one episode per question, sampled at temperature 1."""
+    engine = Engine(model, EngineConfig(max_num_seqs=max(1, workers), max_model_len=setup.window,
+                                        num_blocks=max(1, workers) * -(-setup.window // 64) + 8,
+                                        max_num_batched_tokens=max(8192, 2 * setup.window)))
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=setup.max_new, seed=seed)
+    loop = AgentLoop(EnginePolicy(engine, tok, record=False), tools_for(corpus, setup), sampling,
+                     agent_config(strategy, setup))
+    if hasattr(loop, "run_many"):
+        episodes = loop.run_many([q.text for q in questions], workers=workers)
+    else:
+        episodes = [loop.run(q.text) for q in questions]
+    return [row(strategy, q, ep) for q, ep in zip(questions, episodes)]
+
+
+def table(rows: list[dict], strategies, hops: list[int]) -> dict:
+    """Per strategy: accuracy overall and per hop count, mean real steps, and the runs that
+    management touched."""
+    out = {}
+    for s in strategies:
+        mine = [r for r in rows if r["strategy"] == s]
+        if not mine:
+            continue
+        n = len(mine)
+        acc = sum(r["correct"] for r in mine) / n
+        out[s] = {"n": n, "accuracy": acc, "stderr": (acc * (1 - acc) / n) ** 0.5,
+                  "steps": sum(r["steps"] for r in mine) / n,
+                  "managed": sum(r["context_events"] > 0 for r in mine) / n,
+                  "ends": {e: sum(r["end"] == e for r in mine) for e in sorted({r["end"] for r in mine})},
+                  "by_hops": {h: sum(r["correct"] for r in mine if r["hops"] == h) /
+                              max(1, sum(r["hops"] == h for r in mine)) for h in hops}}
+    return out
+
+
+def sft(model, data: SFTData, seq_len: int, args, out: Path, device: str) -> tuple[list[dict], int]:
+    """SFT with dsv32.train.Trainer. Its step count fits --sft-minutes, from the speed of a few
+    probe steps on a copy of the model (the schedule needs the count up front)."""
+    def config(steps: int, name: str) -> TrainConfig:
+        return TrainConfig(stage="sft", attention="dense", steps=steps, lr=2e-3, warmup=min(50, steps),
+                           batch_size=args.sft_batch, seq_len=seq_len, out=str(out / name), checkpoint_every=10**9,
+                           device=device, seed=args.seed, dtype="bfloat16")
+    steps = args.sft_steps
+    if args.sft_minutes:
+        probe = Trainer(config(6, "sft_probe"), copy.deepcopy(model), data)
+        probe.fit(resume=False)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            probe.train_step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_s = (time.perf_counter() - t0) / 4
+        steps = max(1, min(steps, int(60 * args.sft_minutes / step_s)))
+        print(f"[sft] {step_s:.3f} s a step: {steps} steps", flush=True)
+        del probe
+    history = Trainer(config(steps, "sft"), model, data).fit(resume=False)
+    return history, steps
+
+
+def rl(trainer: RLTrainer, deadline: float) -> list[dict]:
+    """RLTrainer's steps until its step count or the deadline, metrics to its out/metrics.jsonl."""
+    from tqdm import tqdm
+
+    out = Path(trainer.cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    history = []
+    with (out / "metrics.jsonl").open("w") as f, tqdm(total=trainer.cfg.steps, desc="grpo") as bar:
+        while trainer.step < trainer.cfg.steps and time.time() < deadline:
+            m = trainer.train_step()
+            history.append(m)
+            f.write(json.dumps(m) + "\n")
+            f.flush()
+            bar.update(1)
+            bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "turns") if k in m})
+    if history:
+        plot_rl(out / "metrics.jsonl", out / "metrics.png")
+    return history
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for who, style in (("model", "-o"), ("expert", ":x")):
+        for s, t in results.get(who, {}).items():
+            hops = sorted(int(h) for h in t["by_hops"])
+            axes[0].plot(hops, [t["by_hops"][h] if h in t["by_hops"] else t["by_hops"][str(h)] for h in hops],
+                         style, label=f"{who}: {s}", alpha=1.0 if who == "model" else 0.5)
+    axes[0].set(xlabel="hops in the question", ylabel="accuracy", title="accuracy by chain length", ylim=(-0.02, 1.02))
+    axes[0].legend(fontsize=7)
+    for s, t in results.get("model", {}).items():
+        axes[1].errorbar(t["steps"], t["accuracy"], yerr=t["stderr"], fmt="o", capsize=3, label=s)
+        axes[1].annotate(s, (t["steps"], t["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    axes[1].set(xlabel="real steps per question (mean)", ylabel="accuracy", title="accuracy against real steps (model)")
+    fig.tight_layout()
+    fig.savefig(out / "agent_context.png", dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a CPU smoke run: tiny model, few questions, few steps")
+    p.add_argument("--people", type=int, default=300)
+    p.add_argument("--window", type=int, default=3072)
+    p.add_argument("--max-new", type=int, default=160)
+    p.add_argument("--view-tokens", type=int, default=120)
+    p.add_argument("--budget", type=int, default=40, help="model calls per question, over all attempts")
+    p.add_argument("--attempts", type=int, default=4)
+    p.add_argument("--max-hops", type=int, default=8)
+    p.add_argument("--train-questions", type=int, default=400, help="per strategy the expert runs under")
+    p.add_argument("--eval-per-hop", type=int, default=16)
+    p.add_argument("--sft-steps", type=int, default=1200)
+    p.add_argument("--sft-batch", type=int, default=16)
+    p.add_argument("--sft-minutes", type=float, default=3.5, help="cap SFT's step count to fit this (0: no cap)")
+    p.add_argument("--rl-minutes", type=float, default=2.0, help="stop GRPO after this")
+    p.add_argument("--rl-steps", type=int, default=30)
+    p.add_argument("--rl-max-hops", type=int, default=3, help="GRPO questions: chains that fit the window")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=64, help="episodes run at once (engine batch)")
+    p.add_argument("--from-model", help="a trained model directory (skip SFT and RL)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.quick:
+        args.people, args.train_questions, args.eval_per_hop = 60, 6, 1
+        args.sft_steps, args.sft_batch, args.rl_steps, args.vocab, args.max_hops = 4, 2, 1, 1024, 3
+        args.window, args.max_new, args.budget, args.attempts, args.sft_minutes = 1536, 48, 4, 2, 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setup = Setup(args.window, args.max_new, args.view_tokens, args.budget, args.attempts)
+    results: dict = {"args": vars(args), "setup": asdict(setup), "device": torch.cuda.get_device_name()
+                     if device == "cuda" else "cpu", "stages": {}}
+    t_start = time.time()
+
+    def done(stage: str, t0: float, **extra):
+        results["stages"][stage] = {"wall_s": round(time.time() - t0, 1), **extra}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"[{stage}] {json.dumps(results['stages'][stage])}", flush=True)
+
+    # 1. the world, its corpus and the questions
+    t0 = time.time()
+    world = World(args.people, seed=args.seed)
+    corpus = Corpus.build(world.documents, sources=["multihop"], progress=False)
+    rng = random.Random(args.seed + 1)
+    hops = list(range(1, args.max_hops + 1))
+    train_q = [world.question(rng, rng.choice(hops)) for _ in range(args.train_questions)]
+    eval_q = [world.question(random.Random(args.seed + 10_000 + i), h)
+              for h in hops for i in range(args.eval_per_hop)]
+    (out / "eval_questions.jsonl").write_text("".join(json.dumps(q.to_json()) + "\n" for q in eval_q))
+    tools = schemas(corpus)
+    done("world", t0, people=args.people, documents=len(corpus), eval_questions=len(eval_q))
+
+    # 2. tokenizer: a BPE on the expert's trajectories (approximate counts until it exists)
+    t0 = time.time()
+    if args.from_model:
+        model, tok = load(args.from_model, dtype=torch.float32, device="cpu")
+    else:
+        _, segs = expert_runs(world, corpus, train_q[:max(4, len(train_q) // 8)], ("summary",), setup, None, "tokenizer ")
+        text = out / "tokenizer" / "corpus.txt"
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text("\n".join(encode_messages([{"role": "system", "content": "", "tools": tools}] + start + turns,
+                                                  "thinking") for start, turns in segs), encoding="utf-8")
+        tok = train_tokenizer([text], args.vocab, text.parent)
+    count = lambda s: len(tok.encode(s))  # noqa: E731
+    done("tokenizer", t0, vocab=tok.vocab_size)
+
+    # 3. the expert under each strategy: the SFT data and the ceiling
+    t0 = time.time()
+    ceiling, _ = expert_runs(world, corpus, eval_q, STRATEGIES, setup, count, "ceiling ")
+    results["expert"] = table(ceiling, STRATEGIES, hops)
+    done("expert", t0, accuracy={s: t["accuracy"] for s, t in results["expert"].items()})
+
+    if not args.from_model:
+        t0 = time.time()
+        _, segs = expert_runs(world, corpus, train_q, TRAINED_ON, setup, count, "sft data ")
+        examples = [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= args.window]
+        seq_len = max(len(ids) for ids, _ in examples) - 1
+        torch.manual_seed(args.seed)
+        model = Transformer(model_config(tok, args.window, args.quick))
+        history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
+        save(model, out / "sft_model", tokenizer=tok)
+        done("sft", t0, steps=steps, segments=len(segs), examples=len(examples), seq_len=seq_len,
+             params=sum(p.numel() for p in model.parameters()),
+             loss_first=history[0].get("lm") if history else None, loss_last=history[-1].get("lm") if history else None)
+
+        # 4. GRPO on questions that fit the window, the browser as environment
+        t0 = time.time()
+        rl_q = [world.question(rng, rng.randint(1, args.rl_max_hops)) for _ in range(512)]
+        system = {"role": "system", "content": "", "tools": tools}
+        pool = [Task("multihop", [system, {"role": "user", "content": q.text}], grader="exact", answer=q.answer,
+                     tools=tools, thinking_mode="thinking", language=None) for q in rl_q]
+        cfg = RLConfig(out=str(out / "rl"), domains=["multihop"], steps=args.rl_steps,
+                       prompts_per_step=2 if args.quick else 16, group_size=2 if args.quick else 8, minibatches=2,
+                       max_new_tokens=setup.max_new, max_turns=3 * args.rl_max_hops + 2, max_len=setup.window,
+                       lr=1e-5, device=device, seed=args.seed)
+        trainer = RLTrainer(cfg, model, tok, TaskMix([Domain("multihop")], {"multihop": pool}),
+                            env=BrowserEnv(corpus, setup))
+        rl_hist = rl(trainer, time.time() + 60 * args.rl_minutes)
+        model = trainer.policy
+        save(model, out / "model", tokenizer=tok)
+        done("rl", t0, steps=len(rl_hist), reward_first=rl_hist[0]["reward"] if rl_hist else None,
+             reward_last=rl_hist[-1]["reward"] if rl_hist else None,
+             reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])))
+        del trainer
+
+    # 5. the five strategies on held-out questions
+    model = model.to(device).eval()
+    rows = []
+    for i, strategy in enumerate(STRATEGIES):
+        t0 = time.time()
+        rows += evaluate(model, tok, corpus, eval_q, strategy, setup, args.seed + 7 * i, args.workers)
+        results["model"] = table(rows, STRATEGIES, hops)
+        done(f"eval {strategy}", t0, accuracy=results["model"][strategy]["accuracy"],
+             steps=results["model"][strategy]["steps"])
+    (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results["total_s"] = round(time.time() - t_start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out)
+    print(json.dumps({k: {s: round(t["accuracy"], 3) for s, t in results[k].items()} for k in ("expert", "model")}))
+
+
+if __name__ == "__main__":
+    main()
