@@ -38,6 +38,7 @@ class Grade:
     score: float = 0.0          # 1.0 correct; a scorer's partial credit otherwise (reasoning-gym)
     extracted: str | None = None  # what was compared with the gold answer
     detail: str = ""
+    tests: tuple[str, ...] = ()  # a code grade's verdict per test (eval/code.py)
 
     @property
     def correct(self) -> bool:
