@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsv32.agent.sandbox import Limits, Sandbox
-from dsv32.eval.grade import Grade, split_reply
+from dsv32.eval.grade import Grade
+from dsv32.eval.reply import split_reply
 
 VERDICTS = ("passed", "wrong_answer", "time_limit", "runtime_error", "output_limit")
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dsv32.eval.code import CaseFormatError, CodeJudge, check_tests, extract_program
-from dsv32.eval.grade import split_reply
 from dsv32.eval.protocols import Candidate, icpc_result, ioi_score, select_submissions
+from dsv32.eval.reply import split_reply
 from dsv32.eval.report import read_results
 from dsv32.eval.sample import Sample, SamplingConfig
 from dsv32.eval.tasks import Task, TaskError

@@ -13,7 +13,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dsv32.eval.code import CodeJudge, grade_code
-from dsv32.eval.grade import GradingWorker, grade, split_reply
+from dsv32.eval.grade import GradingWorker, grade
+from dsv32.eval.reply import split_reply
 from dsv32.eval.report import read_results, render, summarize
 from dsv32.eval.sample import SamplingConfig
 from dsv32.eval.tasks import Task
