@@ -22,6 +22,7 @@ with the same limits but no isolation.
 """
 
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -95,7 +96,10 @@ class CodeJudge:
 
     def _fresh(self) -> Path:
         for p in self.box.work.iterdir():  # nothing one test wrote may reach the next
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, onerror=_unlock)
+            else:
+                p.unlink()
         return self.box.work
 
     def run_case(self, program: str, stdin: str = "", expected: str | None = None,
@@ -149,6 +153,14 @@ class CodeJudge:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _unlock(func, path: str, exc_info) -> None:
+    """rmtree's retry for a directory the program made unreadable or unwritable (mode 000)."""
+    os.chmod(os.path.dirname(path), 0o700)
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.chmod(path, 0o700)
+    func(path)
 
 
 def _tail(path: Path, chars: int = 500) -> str:

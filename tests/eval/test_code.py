@@ -112,7 +112,8 @@ def test_a_connection_to_the_host_fails_inside_and_reaches_nothing(judge):
 
 
 def test_files_left_by_one_test_are_gone_for_the_next(judge):
-    program = "import os\nprint(int(os.path.exists('mark')))\nopen('mark', 'w').close()\n"
+    program = ("import os\nprint(int(os.path.exists('mark')))\nopen('mark', 'w').close()\n"
+               "os.makedirs('locked/inner')\nos.chmod('locked/inner', 0)\nos.chmod('locked', 0)\n")
     g = grade_code(judge, reply(program), [{"input": "", "output": "0"}] * 2)
     assert g.tests == ("passed", "passed")
 
