@@ -3,16 +3,25 @@
     dsv32 eval --tasks aime.jsonl --model DIR -n 16 -k 1,4,16 --thinking --max-tokens 32768 --out runs/aime
     dsv32 eval --tasks rg:basic_arithmetic:100 --base-url http://127.0.0.1:8000/v1 -n 4 -k 1,4 --out runs/rg
 
+    dsv32 eval --protocol ioi --tasks ioi.jsonl --base-url URL -n 500 --submissions 50 --thinking --out runs/ioi
+
 Defaults follow the V3.2 evaluations: temperature 1.0, top-p 1.0, prompts in the math template.
 Rerunning with the same --out resumes: tasks already in its results.jsonl are not sampled again.
+
+Code tasks (`"grader": "code"`) and the contest protocols (`--protocol ioi|icpc`, problems with
+sample tests and subtasks) run the model's programs in a bubblewrap sandbox; without bubblewrap
+they are refused unless --unsafe-no-sandbox (trusted code only).
 """
 
 import argparse
 import sys
 
+from dsv32.agent.sandbox import SandboxError
+from dsv32.eval.code import CodeJudge
+from dsv32.eval.contest import PROTOCOLS, load_problems, run_contest
 from dsv32.eval.run import run_eval
 from dsv32.eval.sample import EndpointSampler, EngineSampler, SamplingConfig
-from dsv32.eval.tasks import TEMPLATES, load_tasks
+from dsv32.eval.tasks import TEMPLATES, TaskError, load_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--num-blocks", type=int, default=None, help="the engine's KV cache blocks (default: from memory)")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="Speciale's contest protocol on --tasks problems "
+                   "(samples + subtasks): sample -n candidates, filter, submit the longest-thinking ones, score")
+    p.add_argument("--submissions", type=int, default=None, help="submissions per problem (default: 50 for ioi, "
+                   "every surviving candidate for icpc)")
+    p.add_argument("--time-limit", type=float, default=2.0, help="seconds per code test, unless the task sets one")
+    p.add_argument("--memory-mb", type=int, default=512, help="address space per code test, unless the task sets one")
+    p.add_argument("--workdir", help="where the code sandbox's directory goes (default: a temporary directory)")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", help="run model-written code WITHOUT isolation, as "
+                   "you, with the network and your files (trusted code only)")
     p.add_argument("--out", required=True, help="output folder: results.jsonl, summary.json, report.md")
     return p
 
@@ -53,7 +71,31 @@ def main(argv=None) -> int:
     if ks[0] < 1 or ks[-1] > args.n:  # before loading a model only to fail
         print(f"error: pass@k needs 1 <= k <= n, got k={args.k} with n={args.n}", file=sys.stderr)
         return 2
-    tasks = load_tasks(args.tasks, seed=args.seed, template=args.template)
+    try:
+        tasks = load_problems(args.tasks) if args.protocol else load_tasks(args.tasks, seed=args.seed,
+                                                                          template=args.template)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    judge = None
+    if args.protocol or any(t.grader == "code" for t in tasks):  # before loading a model only to fail
+        try:
+            judge = CodeJudge(args.workdir, time_limit=args.time_limit, memory_mb=args.memory_mb,
+                              unsafe_no_sandbox=args.unsafe_no_sandbox)
+        except SandboxError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.unsafe_no_sandbox:
+            print("WARNING: --unsafe-no-sandbox: the model's code runs as you, with the network and your files",
+                  file=sys.stderr)
+    try:
+        return _run(args, tasks, ks, judge)
+    finally:
+        if judge is not None:
+            judge.close()
+
+
+def _run(args, tasks, ks: list[int], judge: CodeJudge | None) -> int:
     cfg = SamplingConfig(n=args.n, thinking=args.thinking, temperature=args.temperature, top_p=args.top_p,
                          max_tokens=args.max_tokens, stop=tuple(args.stop), seed=args.seed)
     if args.base_url:
@@ -65,8 +107,16 @@ def main(argv=None) -> int:
         model, tok = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
         sampler, what = EngineSampler(LLM(model, EngineConfig(num_blocks=args.num_blocks), tokenizer=tok)), args.model
     mode = "thinking" if args.thinking else "chat"
-    summary = run_eval(tasks, sampler, cfg, args.out, ks, args.grade_timeout,
-                       title=f"{args.tasks} on {what} ({mode} mode, n={args.n}, temperature {args.temperature})")
+    title = f"{args.tasks} on {what} ({mode} mode, n={args.n}, temperature {args.temperature})"
+    if args.protocol:
+        measure = (lambda s: len(sampler.llm.tokenizer.encode(s))) if args.model else len  # tokens, else chars
+        summary = run_contest(tasks, sampler, cfg, args.out, args.protocol, judge, args.submissions, measure,
+                              title=f"{args.protocol.upper()} protocol: {title}")
+        print(f"IOI score {summary['score']:g} of {summary['max_score']:g}" if args.protocol == "ioi"
+              else f"ICPC: {summary['solved']} of {summary['problems']} problems solved")
+        print(f"{summary['submitted']} submitted of {summary['candidates']} candidates; report in {args.out}/report.md")
+        return 0
+    summary = run_eval(tasks, sampler, cfg, args.out, ks, args.grade_timeout, title=title, judge=judge)
     for k, p in summary["pass_at_k"].items():
         print(f"pass@{k} = {p['mean']:.4f} ± {p['stderr']:.4f} over {p['tasks']} tasks")
     print(f"truncated samples: {summary['verdicts']['truncated']} of {summary['samples']}; report in {args.out}/report.md")

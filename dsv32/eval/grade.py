@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from math_verify import parse, verify
 from reasoning_gym import get_score_answer_fn
 
-from dsv32.chat import EOS, THINK_END, extract_boxed
+from dsv32.chat import extract_boxed
+from dsv32.eval.reply import split_reply
 
 STATUSES = ("correct", "wrong", "truncated", "timeout", "error")
 
@@ -38,21 +39,11 @@ class Grade:
     score: float = 0.0          # 1.0 correct; a scorer's partial credit otherwise (reasoning-gym)
     extracted: str | None = None  # what was compared with the gold answer
     detail: str = ""
+    tests: tuple[str, ...] = ()  # a code grade's verdict per test (eval/code.py)
 
     @property
     def correct(self) -> bool:
         return self.status == "correct"
-
-
-def split_reply(text: str, thinking: bool) -> tuple[str, str | None]:
-    """(reasoning, answer) of a completion; the answer is None when the thinking never closed.
-    In chat mode the whole completion is the answer. A trailing end-of-sentence token is dropped."""
-    if text.endswith(EOS):
-        text = text[:-len(EOS)]
-    if not thinking:
-        return "", text
-    reasoning, sep, answer = text.partition(THINK_END)
-    return (reasoning, answer) if sep else (text, None)
 
 
 def final_answer(answer: str) -> str:

@@ -6,6 +6,11 @@ Sources (`load_tasks(spec)`):
   message, wrapped in the V3.2 math template by default (`template="math"`, the paper's
   "{question}\\nPlease reason step by step, and put your final answer within \\boxed{}."); a
   `messages` conversation is used as written.
+- a code task: `{"id", "prompt" | "messages", "grader": "code", "tests": ...}` with `tests` a
+  string of Python asserts or a list of `{"input", "output"}` stdin/stdout cases, and optionally
+  `time_limit` (seconds per test) and `memory_mb`. It needs no `answer`, and its `prompt` is used
+  as written (the math template asks for a boxed answer, not a program). It is run in the sandbox
+  by `eval/code.py`.
 - `rg:NAME[:N]`: N (default 50) generated problems of reasoning-gym's dataset NAME with a seed,
   offline, each graded by reasoning-gym's own scorer on the answer's last `\\boxed{}`.
 """
@@ -17,8 +22,9 @@ from pathlib import Path
 from reasoning_gym import create_dataset
 
 from dsv32.chat import math_prompt
+from dsv32.eval.code import CaseFormatError, check_tests
 
-GRADERS = ("math", "exact", "numeric")
+GRADERS = ("math", "exact", "numeric", "code")
 TEMPLATES = ("math", "none")
 
 
@@ -33,6 +39,9 @@ class Task:
     answer: str
     grader: str = "math"
     entry: dict | None = field(default=None, repr=False)  # reasoning-gym's entry, for its scorer
+    tests: str | list | None = field(default=None, repr=False)  # code: asserts or stdin/stdout cases
+    time_limit: float | None = None   # code: seconds per test (None: the judge's default)
+    memory_mb: int | None = None      # code: address-space limit (None: the judge's default)
 
 
 def _task(obj, where: str, default_id: str, template: str) -> Task:
@@ -40,22 +49,40 @@ def _task(obj, where: str, default_id: str, template: str) -> Task:
         raise TaskError(f"{where}: a task is a JSON object, got {type(obj).__name__}")
     if ("prompt" in obj) == ("messages" in obj):
         raise TaskError(f"{where}: give exactly one of 'prompt' and 'messages'")
-    if "answer" not in obj or isinstance(obj["answer"], (dict, list)) or obj["answer"] is None:
-        raise TaskError(f"{where}: 'answer' is missing or not a string or number")
     grader = obj.get("grader", "math")
     if grader not in GRADERS:
         raise TaskError(f"{where}: unknown grader {grader!r}; expected one of {', '.join(GRADERS)}")
+    code = {}
+    if grader == "code":
+        code = _code_fields(obj, where)
+    elif "answer" not in obj or isinstance(obj["answer"], (dict, list)) or obj["answer"] is None:
+        raise TaskError(f"{where}: 'answer' is missing or not a string or number")
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise TaskError(f"{where}: 'prompt' is not a string")
-        text = math_prompt(obj["prompt"]) if template == "math" else obj["prompt"]
+        text = math_prompt(obj["prompt"]) if template == "math" and grader != "code" else obj["prompt"]
         messages = [{"role": "user", "content": text}]
     else:
         messages = obj["messages"]
         if not (isinstance(messages, list) and messages
                 and all(isinstance(m, dict) and "role" in m for m in messages)):
             raise TaskError(f"{where}: 'messages' is not a non-empty list of {{'role': ..., 'content': ...}}")
-    return Task(str(obj.get("id", default_id)), messages, str(obj["answer"]), grader)
+    return Task(str(obj.get("id", default_id)), messages, str(obj.get("answer", "")), grader, **code)
+
+
+def _code_fields(obj: dict, where: str) -> dict:
+    """A code task's tests and limits, checked."""
+    if "tests" not in obj:
+        raise TaskError(f"{where}: a code task needs 'tests' (asserts, or a list of {{\"input\", \"output\"}})")
+    try:
+        check_tests(obj["tests"])
+    except CaseFormatError as e:
+        raise TaskError(f"{where}: 'tests': {e}") from None
+    for name, kind in (("time_limit", (int, float)), ("memory_mb", int)):
+        value = obj.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
+            raise TaskError(f"{where}: '{name}' must be a positive number, got {value!r}")
+    return {"tests": obj["tests"], "time_limit": obj.get("time_limit"), "memory_mb": obj.get("memory_mb")}
 
 
 def load_jsonl(path: str | Path, template: str = "math") -> list[Task]:

@@ -1,6 +1,7 @@
 """Rewards (spec §2.1): a rule-based outcome (exact answer, `\\boxed{}` math grading, unit tests
 run in a sandboxed subprocess), a length penalty and a language-consistency reward, combined per
-domain; and a generative reward model with per-prompt rubrics for tasks with no rule.
+domain; a generative reward model with per-prompt rubrics for tasks with no rule; and the
+self-verification reward of proofs (DeepSeekMath-V2, used by V3.2-Speciale; spec §6).
 
 The paper does not give the functional forms or weights of the penalty and consistency terms;
 ours are stated at each function.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from dsv32.chat import extract_boxed
+from dsv32.eval.proof import parse_score as parse_proof_score
+from dsv32.eval.proof import split_self_evaluation, verify_messages
 
 # ---- outcome rules ----
 
@@ -146,10 +149,13 @@ class GenerativeRM:
         self.client, self.model, self.temperature = client, model, temperature
 
     def __call__(self, prompt: str, response: str, rubric: str) -> float:
-        reply = self.client.chat.completions.create(
-            model=self.model, temperature=self.temperature,
-            messages=[{"role": "user", "content": self.PROMPT.format(rubric=rubric, prompt=prompt, response=response)}])
-        return parse_score(reply.choices[0].message.content or "")
+        return parse_score(self.chat([{"role": "user", "content": self.PROMPT.format(
+            rubric=rubric, prompt=prompt, response=response)}]))
+
+    def chat(self, messages: list[dict]) -> str:
+        """The judge's reply (its content, without reasoning) to a conversation."""
+        reply = self.client.chat.completions.create(model=self.model, temperature=self.temperature, messages=messages)
+        return reply.choices[0].message.content or ""
 
 
 def parse_score(text: str) -> float:
@@ -162,6 +168,37 @@ def parse_score(text: str) -> float:
         if isinstance(s, (int, float)):
             return min(1.0, max(0.0, s / 10))
     return 0.0
+
+
+# ---- the self-verification reward of proofs ----
+
+ALPHA, BETA = 0.76, 0.24   # DeepSeekMath-V2's weights of the proof and of the self-analysis
+
+
+def self_verification_reward(format_ok: bool, proof_score: float, self_score: float, meta: float = 1.0,
+                             alpha: float = ALPHA, beta: float = BETA) -> float:
+    """R = R_format(Y, Z) · (α·R_Y + β·R_Z), DeepSeekMath-V2's generator reward (spec §6), where
+    R_Y = s, the verifier's score of the proof Y; R_Z = R_score(s', s) · R_meta(Z), with
+    R_score(s', s) = 1 − |s' − s| rewarding a self-score s' that agrees with the verifier, and
+    R_meta in [0, 1] a meta-verifier's judgement that the issues Z names are real (1 without one);
+    R_format is 1 when the answer has both parts in the required form, else 0."""
+    for name, v in (("proof_score", proof_score), ("self_score", self_score), ("meta", meta)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    if not format_ok:
+        return 0.0
+    return alpha * proof_score + beta * (1.0 - abs(self_score - proof_score)) * meta
+
+
+def proof_outcome(problem: str, answer_text: str, verifier) -> float:
+    """The self-verification reward of a generator's answer (proof, `## Self-evaluation`, analysis
+    ending in \\boxed{s'}), with `verifier` (messages -> reply text) scoring the proof. No
+    meta-verifier: R_meta = 1. A verifier reply without a strict score counts as s = 0."""
+    proof, analysis, self_score = split_self_evaluation(answer_text)
+    if analysis is None or self_score is None:
+        return self_verification_reward(False, 0.0, 0.0)
+    s = parse_proof_score(verifier(verify_messages(problem, proof)))
+    return self_verification_reward(True, s or 0.0, self_score)
 
 
 # ---- combined per domain ----
@@ -187,6 +224,8 @@ def outcome(task, answer_text: str, rm: GenerativeRM | None = None) -> float:
     if rm is None:
         raise ValueError(f"task of domain {task.domain!r} needs a generative reward model (--rm-url)")
     prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")
+    if task.grader == "proof":  # the reward model is the proof verifier; the problem is the last user turn
+        return proof_outcome(prompt, answer_text, rm.chat)
     return rm(prompt, answer_text, task.rubric or "A helpful, correct and honest answer.")
 
 

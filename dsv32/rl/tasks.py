@@ -12,14 +12,14 @@ from pathlib import Path
 
 from dsv32.chat import math_prompt
 
-GRADERS = ("boxed", "exact", "code", "rm")
+GRADERS = ("boxed", "exact", "code", "rm", "proof")
 
 
 @dataclass
 class Task:
     domain: str
     messages: list[dict]                  # the prompt conversation
-    grader: str = "boxed"                 # boxed | exact | code | rm (generative reward model)
+    grader: str = "boxed"                 # boxed | exact | code | rm (generative reward model) | proof
     answer: str | None = None             # boxed / exact
     tests: str | None = None              # code: Python asserting the solution's behaviour
     rubric: str | None = None             # rm: what a good answer does

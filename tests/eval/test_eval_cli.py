@@ -40,3 +40,28 @@ def test_dsv32_eval_refuses_bad_k_and_k_beyond_n(tmp_path, tokenizer_dir, capsys
     base = ["eval", "--tasks", str(tasks), "--base-url", "http://127.0.0.1:9/v1", "-n", "2", "--out", str(tmp_path / "o")]
     assert main(base + ["-k", "one"]) == 2 and "comma-separated integers" in capsys.readouterr().err
     assert main(base + ["-k", "1,4"]) == 2 and "1 <= k <= n, got k=1,4 with n=2" in capsys.readouterr().err
+
+
+def test_dsv32_eval_runs_the_ioi_protocol_on_problems(tmp_path, tokenizer_dir, capsys):
+    """The random tiny model never closes its thinking: both candidates are over length, none is
+    submitted, and the problem scores 0 of its 100 points."""
+    problems = tmp_path / "ioi.jsonl"
+    problems.write_text(json.dumps({"id": "p", "prompt": "Print 1.", "samples": [{"input": "", "output": "1"}],
+                                    "subtasks": [{"points": 100, "tests": [{"input": "", "output": "1"}]}]}) + "\n")
+    out = tmp_path / "ioi"
+    argv = ["eval", "--protocol", "ioi", "--tasks", str(problems), "--model", "tiny", "--tokenizer", str(tokenizer_dir),
+            "--device", "cpu", "--dtype", "float32", "--num-blocks", "32", "-n", "2", "--max-tokens", "4",
+            "--thinking", "--out", str(out)]
+    assert main(argv) == 0
+    [record] = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [c["within_length"] for c in record["candidates"]] == [False, False] and record["submitted"] == []
+    assert record["score"] == 0.0 and "IOI score 0 of 100" in capsys.readouterr().out
+
+
+def test_dsv32_eval_refuses_code_tasks_without_bubblewrap_unless_unsafe(tmp_path, capsys, monkeypatch):
+    tasks = tmp_path / "code.jsonl"
+    tasks.write_text(json.dumps({"prompt": "Print 1.", "grader": "code", "tests": "assert True"}) + "\n")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    argv = ["eval", "--tasks", str(tasks), "--base-url", "http://127.0.0.1:9/v1", "-n", "1", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "bubblewrap ('bwrap') was not found" in capsys.readouterr().err

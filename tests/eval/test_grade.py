@@ -8,7 +8,8 @@ from math_verify import parse, verify
 from reasoning_gym import create_dataset
 
 from dsv32.chat import EOS
-from dsv32.eval.grade import GradingWorker, grade, split_reply
+from dsv32.eval.grade import GradingWorker, grade
+from dsv32.eval.reply import split_reply
 
 
 @pytest.fixture(scope="module")

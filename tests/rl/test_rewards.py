@@ -9,7 +9,7 @@ import pytest
 
 from dsv32.rl.rewards import (
     GenerativeRM, RewardConfig, boxed_math, exact_answer, extract_code, language_consistency, length_penalty,
-    parse_score, reward, unit_tests,
+    parse_score, reward, self_verification_reward, unit_tests,
 )
 from dsv32.rl.tasks import Domain, Task, TaskMix, arithmetic_steps, arithmetic_task, calculate, load_tasks, run_tool
 
@@ -135,3 +135,39 @@ def test_task_mix_and_jsonl(tmp_path):
         Domain.parse("a:b")
     with pytest.raises(ValueError, match="grader"):
         Task("x", [], grader="vibes")
+
+
+@pytest.mark.parametrize("fmt, s, s_self, meta, expected", [
+    (True, 1.0, 1.0, 1.0, 1.0),                  # 0.76·1 + 0.24·(1 − 0)·1
+    (True, 0.5, 1.0, 1.0, 0.5),                  # 0.76·0.5 + 0.24·(1 − 0.5) = 0.38 + 0.12
+    (True, 0.0, 0.0, 1.0, 0.24),                 # a wrong proof, honestly judged: 0 + 0.24·1
+    (True, 0.0, 1.0, 1.0, 0.0),                  # a wrong proof claimed perfect: 0 + 0.24·0
+    (True, 1.0, 0.5, 0.5, 0.82),                 # 0.76 + 0.24·0.5·0.5 = 0.76 + 0.06
+    (False, 1.0, 1.0, 1.0, 0.0),                 # R_format = 0
+])
+def test_the_self_verification_reward_by_hand(fmt, s, s_self, meta, expected):
+    assert self_verification_reward(fmt, s, s_self, meta) == pytest.approx(expected)
+
+
+def test_the_self_verification_reward_refuses_scores_outside_0_1():
+    with pytest.raises(ValueError, match="self_score must be in \\[0, 1\\], got 2"):
+        self_verification_reward(True, 1.0, 2)
+
+
+def test_a_proof_task_is_scored_by_the_reward_model_as_verifier():
+    import openai
+
+    seen = []
+    client = openai.OpenAI(base_url="http://judge/v1", api_key="x", http_client=httpx.Client(
+        transport=httpx.MockTransport(_judge(["a minor gap \\boxed{0.5}", "\\boxed{0.75}"], seen))))
+    rm = GenerativeRM("verifier", client=client)
+    task = Task("proof", [{"role": "user", "content": "Prove that 2 is prime."}], grader="proof")
+    text = "Its divisors are 1 and 2.\n## Self-evaluation\nComplete. \\boxed{1}"
+    # verifier s = 0.5, self-score s' = 1: 0.76·0.5 + 0.24·(1 − 0.5) = 0.5
+    assert reward(task, text, text, 10, 100, RewardConfig(), rm)["outcome"] == pytest.approx(0.5)
+    asked = seen[0]["messages"][0]["content"]
+    assert "Prove that 2 is prime." in asked and "Its divisors are 1 and 2." in asked and "Self-evaluation" not in asked
+    # an unparseable verdict is s = 0: 0 + 0.24·(1 − 1) = 0; no self-evaluation at all: R_format = 0
+    assert reward(task, text, text, 10, 100, RewardConfig(), rm)["outcome"] == 0.0
+    assert reward(task, "proof only", "proof only", 10, 100, RewardConfig(), rm)["outcome"] == 0.0
+    assert len(seen) == 2  # the last answer never reached the verifier
