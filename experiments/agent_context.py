@@ -42,6 +42,7 @@ from dsv32.agent.policy import EnginePolicy
 from dsv32.chat import encode_messages
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.shared import SharedEngine
 from dsv32.loader import load, save
 from dsv32.rl.tasks import Domain, Task, TaskMix
 from dsv32.model import Transformer
@@ -183,12 +184,10 @@ def evaluate(model, tok, corpus: Corpus, questions: list[Question], strategy: st
                                         num_blocks=max(1, workers) * -(-setup.window // 64) + 8,
                                         max_num_batched_tokens=max(8192, 2 * setup.window)))
     sampling = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=setup.max_new, seed=seed)
-    loop = AgentLoop(EnginePolicy(engine, tok, record=False), tools_for(corpus, setup), sampling,
-                     agent_config(strategy, setup))
-    if hasattr(loop, "run_many"):
+    with SharedEngine(engine) as shared:
+        loop = AgentLoop(EnginePolicy(shared, tok, record=False), tools_for(corpus, setup), sampling,
+                         agent_config(strategy, setup))
         episodes = loop.run_many([q.text for q in questions], workers=workers)
-    else:
-        episodes = [loop.run(q.text) for q in questions]
     return [row(strategy, q, ep) for q, ep in zip(questions, episodes)]
 
 
