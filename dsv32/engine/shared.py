@@ -30,6 +30,7 @@ from dsv32.engine.sampler import SamplingParams
 from dsv32.engine.scheduler import Sequence
 
 log = logging.getLogger(__name__)
+_STOP = object()   # close()'s message to the driver
 
 
 class EngineClosed(RuntimeError):
@@ -95,7 +96,7 @@ class SharedEngine:
             if self._closed:
                 return
             self._closed = True
-            self._inbox.put(None)
+            self._inbox.put(_STOP)
         self._thread.join()
 
     def __enter__(self) -> SharedEngine:
@@ -108,15 +109,15 @@ class SharedEngine:
     def _drive(self) -> None:
         while True:
             try:
-                job = self._inbox.get(block=not self.engine.has_work())
+                msg = self._inbox.get(block=not self.engine.has_work())
             except queue.Empty:
-                job = False
-            if job is None:
+                msg = None
+            if msg is _STOP:
                 self._fail_all("the shared engine was closed")
                 return
             try:
-                if job:
-                    self._admit(job)
+                if msg is not None:
+                    self._admit(msg)
                     continue  # take everything queued before stepping
                 self._step()
             except Exception as e:  # a step that raises: fail what it ran, keep serving

@@ -44,8 +44,9 @@ def model(tmp_path_factory):
     prompts = [prompt_ids(tok, [{"role": "user", "content": t}], schemas) for t in TASKS]
     assert len({len(p) for p in prompts}) == 1
     m = steered(model, tok)
-    m.steer(tok, layout(tok, prompts[0], [(5, THINK_END + render_tool_calls([calc("6*7"), calc("2+3")]) + EOS, ["42", "5"]),
-                                          (5, THINK_END + "The answer is 47." + EOS, [])]))
+    m.steer(tok, layout(tok, prompts[0], [
+        (5, THINK_END + render_tool_calls([calc("6*7"), calc("2+3")]) + EOS, ["42", "5"]),
+        (5, THINK_END + "The answer is 47." + EOS, [])]))
     return m, tok
 
 
