@@ -141,7 +141,7 @@ class AgentLoop:
             t, k = job
             policy = self.policy if workers == 1 else self.policy.fork()
             emit = partial(self._emit, t, k)
-            if len(attempts) > 1:
+            if self.config.context_strategy == "parallel-fewest-step":
                 emit("attempt", {"index": k})
             return self._episode(messages[t], attempts[k], policy, emit)
 
