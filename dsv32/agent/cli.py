@@ -119,10 +119,11 @@ def check_tools(names: list[str], corpus_dir: str | None, root: Path, unsafe: bo
 
 
 class Printer:
-    """Prints each event of the loop as it happens."""
+    """Prints each event of the loop as it happens (one episode at a time: the episode tags,
+    `task` and `attempt`, are left out)."""
 
     def __call__(self, kind: str, data: dict) -> None:
-        getattr(self, kind)(**data)
+        getattr(self, kind)(**{k: v for k, v in data.items() if k not in ("task", "attempt")})
         sys.stdout.flush()
 
     def attempt(self, index: int) -> None:

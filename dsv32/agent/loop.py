@@ -12,18 +12,28 @@ fits or a policy that fails end the run with that reason recorded (`Episode.end`
 
 The log (`Episode.log`) is everything that happened and is never edited; context management
 (`dsv32.agent.context`, spec §4) adds events to it, and the model's view is derived from it.
+
+Episodes can run side by side (`run_many`, and parallel-fewest-step's attempts): each in a worker
+thread with its own fork of the policy and its own tools. With an `EnginePolicy` over a
+`dsv32.engine.SharedEngine` their model calls join one running batch; a seeded episode samples
+the same tokens as it would alone.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 from dsv32.agent.context import STRATEGIES, SUMMARY_REQUEST, TRIGGER, apply, fewest_steps, split, triggered, view
 from dsv32.agent.policy import Policy, Reply
 from dsv32.agent.tool import Tool
 from dsv32.engine import SamplingParams
 from dsv32.rl.rollout import Trajectory
+
+log = logging.getLogger(__name__)
 
 END_REASONS = ("answer", "max_steps", "max_tokens", "max_tool_calls", "context", "length", "bad_reply", "policy_error",
                "tool_setup")
@@ -97,7 +107,8 @@ class AgentLoop:
     """Run tasks with a policy and tools. `tools` is a list, or a function making a fresh list per
     episode (independent attempts need their own sandbox and browser; those are closed after).
     `on_event(kind, data)` sees each "step", "tool_call", "tool_result", "context", "attempt" and
-    "end" as it happens."""
+    "end" as it happens, with the episode's "task" (its index in run_many) and "attempt" in data;
+    when episodes run side by side it is called from their worker threads."""
 
     def __init__(self, policy: Policy, tools: list[Tool] | Callable[[], list[Tool]],
                  sampling: SamplingParams | None = None, config: AgentConfig | None = None,
@@ -106,22 +117,65 @@ class AgentLoop:
         self.sampling, self.config = sampling or SamplingParams(max_tokens=4096), config or AgentConfig()
         self.on_event = on_event or (lambda kind, data: None)
 
-    def run(self, task: str | list[dict]) -> Episode:
-        """One task (a user message, or a conversation ending in one) to its end."""
-        messages = [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
+    def run(self, task: str | list[dict], workers: int = 1) -> Episode:
+        """One task (a user message, or a conversation ending in one) to its end; with
+        parallel-fewest-step, `workers` of its attempts run at once (see run_many)."""
+        return self.run_many([task], workers)[0]
+
+    def run_many(self, tasks: list[str | list[dict]], workers: int = 1) -> list[Episode]:
+        """Tasks to their ends, the episodes in task order. Up to `workers` episodes run at once
+        (each attempt of parallel-fewest-step is one), each in a worker thread with its own
+        `policy.fork()` (so workers > 1 needs a policy that has one) and, when `tools` is a
+        factory, its own tools; a list of tools is shared by the episodes running at once. Seeds
+        are per task and attempt as in `run`, so a seeded episode samples what it would alone."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers > 1 and not callable(getattr(self.policy, "fork", None)):
+            raise ValueError(f"running episodes side by side (workers > 1) needs a policy with fork(); "
+                             f"{type(self.policy).__name__} has none")
+        attempts = self._samplings()
+        jobs = [(t, k) for t in range(len(tasks)) for k in range(len(attempts))]
+        messages = [[{"role": "user", "content": task}] if isinstance(task, str) else list(task) for task in tasks]
+
+        def one(job: tuple[int, int]) -> Episode:
+            t, k = job
+            policy = self.policy if workers == 1 else self.policy.fork()
+            emit = partial(self._emit, t, k)
+            if self.config.context_strategy == "parallel-fewest-step":
+                emit("attempt", {"index": k})
+            return self._episode(messages[t], attempts[k], policy, emit)
+
+        if workers == 1:
+            episodes = [one(job) for job in jobs]
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="dsv32-agent") as pool:
+                episodes = list(pool.map(one, jobs))
         if self.config.context_strategy != "parallel-fewest-step":
-            return self._episode(messages, self.sampling)
-        attempts, seed = [], self.sampling.seed
-        for i in range(self.config.attempts):  # independent attempts, one after another
-            self.on_event("attempt", {"index": i})
-            attempts.append(self._episode(messages, replace(self.sampling, seed=None if seed is None else
-                                                            seed + 100_003 * i)))
+            return episodes
+        return [self._fewest(episodes[i:i + len(attempts)]) for i in range(0, len(episodes), len(attempts))]
+
+    def _emit(self, task: int, attempt: int, kind: str, data: dict) -> None:
+        self.on_event(kind, {**data, "task": task, "attempt": attempt})
+
+    def _samplings(self) -> list[SamplingParams]:
+        """What each episode of a task samples with: one, or one per independent attempt."""
+        if self.config.context_strategy != "parallel-fewest-step":
+            return [self.sampling]
+        seed = self.sampling.seed
+        return [replace(self.sampling, seed=None if seed is None else seed + 100_003 * i)
+                for i in range(self.config.attempts)]
+
+    @staticmethod
+    def _fewest(attempts: list[Episode]) -> Episode:
+        """§4 Parallel-fewest-step: the answered attempt with the fewest steps (else the first),
+        holding all of them."""
         best = fewest_steps([len(a.steps) for a in attempts], [a.end == "answer" for a in attempts])
         chosen = attempts[best if best is not None else 0]
         chosen.attempts = attempts
         return chosen
 
-    def _episode(self, messages: list[dict], sampling: SamplingParams) -> Episode:
+    def _episode(self, messages: list[dict], sampling: SamplingParams, policy: Policy,
+                 emit: Callable[[str, dict], None]) -> Episode:
         ep = Episode(list(messages), sampling=sampling)
         try:
             tools = self.tools() if callable(self.tools) else self.tools
@@ -130,23 +184,26 @@ class AgentLoop:
             tools = []
         try:
             if ep.end is None:
-                self._loop(ep, {t.name: t for t in tools})
+                self._loop(ep, {t.name: t for t in tools}, policy, emit)
         finally:
             if callable(self.tools):
                 for t in tools:
-                    t.close()
-        self.on_event("end", {"episode": ep})
+                    try:
+                        t.close()
+                    except Exception:  # the episode is over; its result stands
+                        log.exception("closing tool %s failed", t.name)
+        emit("end", {"episode": ep})
         return ep
 
-    def _loop(self, ep: Episode, tools: dict[str, Tool]) -> None:
+    def _loop(self, ep: Episode, tools: dict[str, Tool], policy: Policy, emit: Callable[[str, dict], None]) -> None:
         schemas = [t.schema() for t in tools.values()]
         while ep.end is None:
             messages = ep.view()
             if self.config.context_strategy in MANAGED:
-                messages = self._manage(ep, messages, schemas)
+                messages = self._manage(ep, messages, schemas, policy, emit)
                 if ep.end is not None:
                     return
-            reply = self._call(ep, messages, schemas, "model")
+            reply = self._call(ep, messages, schemas, "model", policy, emit)
             if reply is None:
                 return
             n = len(ep.steps)
@@ -155,18 +212,19 @@ class AgentLoop:
             if not calls:
                 ep.end, ep.answer = "answer", reply.message["content"]
                 return
-            self._run_tools(ep, calls, tools)
+            self._run_tools(ep, calls, tools, emit)
 
-    def _call(self, ep: Episode, messages: list[dict], schemas: list[dict], kind: str) -> Reply | None:
+    def _call(self, ep: Episode, messages: list[dict], schemas: list[dict], kind: str, policy: Policy,
+              emit: Callable[[str, dict], None]) -> Reply | None:
         """One model call within the budgets; None when the run ends instead (reason recorded)."""
-        cfg, window = self.config, self.policy.context_window
+        cfg, window = self.config, policy.context_window
         if len(ep.steps) >= cfg.max_steps:
             return self._end(ep, "max_steps")
         left = None if cfg.max_tokens is None else cfg.max_tokens - ep.completion_tokens
         if left is not None and left <= 0:
             return self._end(ep, "max_tokens")
         try:
-            prompt = self.policy.count(messages, schemas)
+            prompt = policy.count(messages, schemas)
             limits = {"length": ep.sampling.max_tokens, "context": window - prompt}
             if left is not None:
                 limits["max_tokens"] = left
@@ -174,25 +232,26 @@ class AgentLoop:
             if limits["context"] < 1:
                 return self._end(ep, "context", f"the prompt has {prompt} tokens; the context window is {window}")
             seed = None if ep.sampling.seed is None else ep.sampling.seed + len(ep.steps)  # no call repeats another
-            reply = self.policy(messages, schemas, replace(ep.sampling, max_tokens=limits[cut], seed=seed))
+            reply = policy(messages, schemas, replace(ep.sampling, max_tokens=limits[cut], seed=seed))
         except Exception as e:  # a policy failure ends the run, recorded
             return self._end(ep, "policy_error", f"{type(e).__name__}: {e}")
         step = Step(kind, reply.prompt_tokens, reply.completion_tokens, reply.finish_reason, reply.text, reply.error)
         ep.steps.append(step)
         if reply.segment is not None and all(s is not reply.segment for s in ep.segments):
             ep.segments.append(reply.segment)
-        self.on_event("step", {"index": len(ep.steps), "step": step, "message": reply.message})
+        emit("step", {"index": len(ep.steps), "step": step, "message": reply.message})
         if reply.finish_reason == "length":
             return self._end(ep, cut, f"the reply was cut at {limits[cut]} tokens ({LIMITS[cut]})")
         if reply.message is None:
             return self._end(ep, "bad_reply", reply.error)
         return reply
 
-    def _manage(self, ep: Episode, messages: list[dict], schemas: list[dict]) -> list[dict]:
+    def _manage(self, ep: Episode, messages: list[dict], schemas: list[dict], policy: Policy,
+                emit: Callable[[str, dict], None]) -> list[dict]:
         """Apply the context strategy when the next call would pass the trigger; the new view."""
-        strategy, window = self.config.context_strategy, self.policy.context_window
+        strategy, window = self.config.context_strategy, policy.context_window
         try:
-            prompt = self.policy.count(messages, schemas)
+            prompt = policy.count(messages, schemas)
         except Exception as e:
             self._end(ep, "policy_error", f"{type(e).__name__}: {e}")
             return messages
@@ -201,27 +260,29 @@ class AgentLoop:
         event = {"role": "context", "strategy": strategy, "step": len(ep.steps),
                  "tokens": prompt + ep.sampling.max_tokens}
         if strategy == "summary":  # a model call, so a step
-            reply = self._call(ep, messages + [{"role": "user", "content": SUMMARY_REQUEST}], schemas, "summary")
+            reply = self._call(ep, messages + [{"role": "user", "content": SUMMARY_REQUEST}], schemas, "summary",
+                               policy, emit)
             if reply is None:
                 return messages
             event["summary"] = reply.message["content"].strip() or reply.message["reasoning_content"].strip()
         ep.log.append(event)
-        self.on_event("context", {"event": event, "window": window})
+        emit("context", {"event": event, "window": window})
         return apply(event, messages)
 
-    def _run_tools(self, ep: Episode, calls: list[dict], tools: dict[str, Tool]) -> None:
+    def _run_tools(self, ep: Episode, calls: list[dict], tools: dict[str, Tool],
+                   emit: Callable[[str, dict], None]) -> None:
         """Each call in order, each result appended; past the tool-call budget the rest get an
         error result and the run ends."""
         limit, over = self.config.max_tool_calls, False
         for call in calls:
-            self.on_event("tool_call", {"call": call})
+            emit("tool_call", {"call": call})
             if limit is not None and ep.tool_calls >= limit:
                 result, over = f"error: the budget of {limit} tool calls is spent", True
             else:
                 result = run_tool(tools, call)
                 ep.tool_calls += 1
             ep.log.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-            self.on_event("tool_result", {"call": call, "result": result})
+            emit("tool_result", {"call": call, "result": result})
         if over:
             self._end(ep, "max_tool_calls")
 

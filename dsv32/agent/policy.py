@@ -12,7 +12,10 @@ kept token for token (spec §3.1: reasoning survives tool results). Any other me
 message, which drops the reasoning; a view that context management cut) start a new segment
 from the messages' rendering. Each segment is a `dsv32.rl.Trajectory`: per token, sampled by the
 model or forced by the environment, with the engine's log-probs, kept sets, expert ids and key
-selections (`return_rl_data`), ready for `pack` and `replay_logprobs`.
+selections (`return_rl_data`), ready for `pack` and `replay_logprobs`. That record is one
+episode's state, so an `EnginePolicy` serves one episode at a time; `fork()` makes another for
+an episode beside it. Over a `SharedEngine` forks in different threads batch their calls into
+the running batch; over a plain `Engine` their calls take turns (one lock per engine and its forks).
 
 `OpenAIPolicy` talks to any OpenAI-compatible endpoint (`dsv32 serve`, vLLM, DeepSeek's API):
 messages in, a message with `reasoning_content` and `tool_calls` out.
@@ -20,13 +23,15 @@ messages in, a message with `reasoning_content` and `tool_calls` out.
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from dsv32.chat import ChatFormatError, encode_messages, parse_completion
-from dsv32.engine import Engine, SamplingParams
+from dsv32.engine import Engine, RequestOutput, SamplingParams, SharedEngine
 from dsv32.rl.rollout import Trajectory, complete, new_trajectory, speaks_v32, tool_suffix
 from dsv32.rl.tasks import Task
 
@@ -49,6 +54,8 @@ class Reply:
 
 
 class Policy(Protocol):
+    """A policy that can serve episodes side by side also has `fork() -> Policy`: one more policy
+    on the same model, with no episode state, safe to call from another thread."""
     context_window: int
 
     def count(self, messages: list[dict], tools: list[dict]) -> int: ...
@@ -63,17 +70,33 @@ def _turn(message: dict) -> tuple:
 
 
 class EnginePolicy:
-    """Our engine in this process, in token space (see the module docstring). `record=False`
-    skips the RL data (kept sets, expert ids, key selections) that replay needs."""
+    """Our engine in this process, in token space (see the module docstring): an `Engine`, or a
+    `SharedEngine` to batch with other threads. One episode at a time; `fork()` for another.
+    `record=False` skips the RL data (kept sets, expert ids, key selections) that replay needs."""
 
-    def __init__(self, engine: Engine, tokenizer, thinking_mode: str = "thinking", record: bool = True):
+    def __init__(self, engine: Engine | SharedEngine, tokenizer, thinking_mode: str = "thinking",
+                 record: bool = True):
         if not speaks_v32(tokenizer):
             raise ValueError("the agent loop needs a model with the V3.2 chat format (tools, thinking); this "
                              f"tokenizer's format is {getattr(tokenizer, 'chat_format', None)!r}")
         self.engine, self.tokenizer, self.thinking_mode, self.record = engine, tokenizer, thinking_mode, record
         self.context_window = engine.max_model_len
+        self._turns = threading.Lock()           # a plain Engine serves one thread at a time (forks share it)
         self.segment: Trajectory | None = None   # the token context of the latest call
         self.reply: dict | None = None           # the message sampled there
+
+    def fork(self) -> EnginePolicy:
+        """A policy on the same engine and tokenizer with no episode state, for an episode that
+        runs beside this one's (in another thread)."""
+        other = copy.copy(self)
+        other.segment = other.reply = None
+        return other
+
+    def _complete(self, request: tuple[list[int], SamplingParams]) -> RequestOutput:
+        if isinstance(self.engine, SharedEngine):
+            return self.engine.complete([request])[0]
+        with self._turns:
+            return complete(self.engine, [request])[0]
 
     def _context(self, messages: list[dict], tools: list[dict]) -> tuple[Trajectory | None, list[int]]:
         """(the segment that `messages` continue, the forced tokens that continue it) when they are
@@ -99,7 +122,7 @@ class EnginePolicy:
         if room < 1:
             raise PolicyError(f"the prompt has {len(context)} tokens; the context window is {self.context_window}")
         params = replace(sampling, max_tokens=min(sampling.max_tokens, room), return_rl_data=self.record)
-        (out,) = complete(self.engine, [(context, params)])
+        out = self._complete((context, params))
         if out.error is not None:
             raise PolicyError(f"the engine failed: {out.error}")
         if seg is None:
@@ -155,6 +178,10 @@ class OpenAIPolicy:
             model = card.id
             context_window = context_window or (card.model_extra or {}).get("max_model_len") or DEFAULT_WINDOW
         self.model, self.context_window = model, context_window
+
+    def fork(self) -> OpenAIPolicy:
+        """This policy itself: it keeps no episode state, and its HTTP client serves many threads."""
+        return self
 
     def count(self, messages: list[dict], tools: list[dict]) -> int:
         if self._count is not None:

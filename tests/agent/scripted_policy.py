@@ -6,6 +6,7 @@ import json
 from dsv32.agent.policy import Reply
 from dsv32.agent.tool import Tool, ToolError
 from dsv32.chat import encode_completion, encode_messages
+from dsv32.rl.tasks import CALCULATOR, calculate
 
 
 def call(name: str, **arguments) -> dict:
@@ -78,3 +79,16 @@ class Fail(Tool):
 
     def run(self) -> str:
         raise ToolError("the disk is on fire")
+
+
+class Calculator(Tool):
+    name = "calculator"
+    description = CALCULATOR["function"]["description"]
+    parameters = CALCULATOR["function"]["parameters"]
+
+    def run(self, expression: str) -> str:
+        return calculate(expression)
+
+
+def calc(expression: str) -> dict:
+    return {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}

@@ -11,33 +11,20 @@ import torch
 
 from dsv32.agent.loop import AgentLoop
 from dsv32.agent.policy import EnginePolicy, OpenAIPolicy
-from dsv32.agent.tool import Tool
 from dsv32.chat import EOS, THINK_END, encode_messages, render_tool_calls
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.llama.tokenizer import PlainTokenizer
 from dsv32.loader import load
 from dsv32.rl.rollout import pack, replay_logprobs
-from dsv32.rl.tasks import CALCULATOR, calculate
+from dsv32.rl.tasks import CALCULATOR
 
+from scripted_policy import Calculator, calc
 from steered import layout, prompt_ids, steered, tiny_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the server tests' helpers
 from scripted import ScriptedRunner, Server  # noqa: E402
 
 PARAMS = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=128, seed=0)
-
-
-class Calculator(Tool):
-    name = "calculator"
-    description = CALCULATOR["function"]["description"]
-    parameters = CALCULATOR["function"]["parameters"]
-
-    def run(self, expression: str) -> str:
-        return calculate(expression)
-
-
-def calc(expression: str) -> dict:
-    return {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
 
 
 @pytest.fixture(scope="module")
