@@ -44,10 +44,10 @@ from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.shared import SharedEngine
 from dsv32.loader import load, save
-from dsv32.rl.tasks import Domain, Task, TaskMix
 from dsv32.model import Transformer
+from dsv32.rl.tasks import Domain, Task, TaskMix
 from dsv32.rl.trainer import RLConfig, RLTrainer, plot_rl, task_examples
-from dsv32.tokenizer import train_tokenizer
+from dsv32.tokenizer import Tokenizer, train_tokenizer
 from dsv32.train import TrainConfig, Trainer
 from dsv32.train.data import SFTData
 
@@ -166,8 +166,8 @@ class BrowserEnv:
 def model_config(tok, window: int, quick: bool):
     """A small V3.2 MoE (MLA, DSA indexer, DeepSeekMoE). index_topk = the window: at this length
     DSA keeps every key (the experiment is about context management, not sparse attention)."""
-    base = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                max_position_embeddings=window, index_topk=window, torch_dtype="float32")
+    base = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+            "max_position_embeddings": window, "index_topk": window, "torch_dtype": "float32"}
     if quick:
         return preset("tiny").replace(**base)
     return preset("small").replace(
@@ -254,6 +254,24 @@ def rl(trainer: RLTrainer, deadline: float) -> list[dict]:
     return history
 
 
+def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
+    """(ids, labels) pairs as flat int32 arrays with offsets (no pickle)."""
+    import numpy as np
+
+    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
+    np.savez_compressed(path, lengths=lengths, ids=np.concatenate([np.array(i, dtype=np.int32) for i, _ in examples]),
+                        labels=np.concatenate([np.array(lab, dtype=np.int32) for _, lab in examples]))
+
+
+def load_examples(path: Path) -> list[tuple[list[int], list[int]]]:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        ends = np.cumsum(z["lengths"])
+        ids, labels = z["ids"], z["labels"]
+    return [(ids[e - n:e].tolist(), labels[e - n:e].tolist()) for e, n in zip(ends, np.diff(np.r_[0, ends]))]
+
+
 def plot(results: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -267,10 +285,11 @@ def plot(results: dict, out: Path) -> None:
                          style, label=f"{who}: {s}", alpha=1.0 if who == "model" else 0.5)
     axes[0].set(xlabel="hops in the question", ylabel="accuracy", title="accuracy by chain length", ylim=(-0.02, 1.02))
     axes[0].legend(fontsize=7)
-    for s, t in results.get("model", {}).items():
+    who = "model" if results.get("model") else "expert"
+    for s, t in results.get(who, {}).items():
         axes[1].errorbar(t["steps"], t["accuracy"], yerr=t["stderr"], fmt="o", capsize=3, label=s)
         axes[1].annotate(s, (t["steps"], t["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    axes[1].set(xlabel="real steps per question (mean)", ylabel="accuracy", title="accuracy against real steps (model)")
+    axes[1].set(xlabel="real steps per question (mean)", ylabel="accuracy", title=f"accuracy against real steps ({who})")
     fig.tight_layout()
     fig.savefig(out / "agent_context.png", dpi=110)
     plt.close(fig)
@@ -298,6 +317,10 @@ def main():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--workers", type=int, default=128, help="episodes run at once (engine batch)")
     p.add_argument("--from-model", help="a trained model directory (skip SFT and RL)")
+    p.add_argument("--expert-only", action="store_true", help="only the scripted expert under each strategy (CPU)")
+    p.add_argument("--prepare", action="store_true", help="stop after the CPU work: tokenizer, expert runs, SFT "
+                   "data (in OUT/data), for a GPU run with --data")
+    p.add_argument("--data", help="a --prepare'd OUT/data directory: skip the CPU work (same world flags)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
@@ -330,37 +353,57 @@ def main():
     tools = schemas(corpus)
     done("world", t0, people=args.people, documents=len(corpus), eval_questions=len(eval_q))
 
-    # 2. tokenizer: a BPE on the expert's trajectories (approximate counts until it exists)
+    # 2-3. tokenizer, the expert under each strategy (the ceiling) and the SFT data: CPU work,
+    # done here or read from a --prepare'd directory (--data)
     t0 = time.time()
+    data = Path(args.data) if args.data else out / "data"
     if args.from_model:
         model, tok = load(args.from_model, dtype=torch.float32, device="cpu")
+    elif args.data:
+        tok = Tokenizer.from_file(data)
     else:
         _, segs = expert_runs(world, corpus, train_q[:max(4, len(train_q) // 8)], ("summary",), setup, None, "tokenizer ")
-        text = out / "tokenizer" / "corpus.txt"
-        text.parent.mkdir(parents=True, exist_ok=True)
+        text = data / "corpus.txt"
+        data.mkdir(parents=True, exist_ok=True)
         text.write_text("\n".join(encode_messages([{"role": "system", "content": "", "tools": tools}] + start + turns,
                                                   "thinking") for start, turns in segs), encoding="utf-8")
-        tok = train_tokenizer([text], args.vocab, text.parent)
-    count = lambda s: len(tok.encode(s))  # noqa: E731
+        tok = train_tokenizer([text], args.vocab, data)
+        text.unlink()
+    count = lambda s: len(tok.encode(s))
     done("tokenizer", t0, vocab=tok.vocab_size)
 
-    # 3. the expert under each strategy: the SFT data and the ceiling
     t0 = time.time()
-    ceiling, _ = expert_runs(world, corpus, eval_q, STRATEGIES, setup, count, "ceiling ")
-    results["expert"] = table(ceiling, STRATEGIES, hops)
+    if args.data:
+        results["expert"] = json.loads((data / "expert.json").read_text())
+    else:
+        ceiling, _ = expert_runs(world, corpus, eval_q, STRATEGIES, setup, count, "ceiling ")
+        results["expert"] = table(ceiling, STRATEGIES, hops)
+        (out / "expert_episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ceiling))
+        (data / "expert.json").write_text(json.dumps(results["expert"]))
     done("expert", t0, accuracy={s: t["accuracy"] for s, t in results["expert"].items()})
 
+    if args.expert_only:
+        plot(results, out)
+        return
     if not args.from_model:
         t0 = time.time()
-        _, segs = expert_runs(world, corpus, train_q, TRAINED_ON, setup, count, "sft data ")
-        examples = [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= args.window]
+        if args.data:
+            examples, n_segs = load_examples(data / "sft.npz"), None
+        else:
+            _, segs = expert_runs(world, corpus, train_q, TRAINED_ON, setup, count, "sft data ")
+            examples = [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= args.window]
+            save_examples(examples, data / "sft.npz")
+            n_segs = len(segs)
         seq_len = max(len(ids) for ids, _ in examples) - 1
+        done("sft data", t0, segments=n_segs, examples=len(examples), seq_len=seq_len)
+        if args.prepare:
+            return
+        t0 = time.time()
         torch.manual_seed(args.seed)
         model = Transformer(model_config(tok, args.window, args.quick))
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
-        done("sft", t0, steps=steps, segments=len(segs), examples=len(examples), seq_len=seq_len,
-             params=sum(p.numel() for p in model.parameters()),
+        done("sft", t0, steps=steps, params=sum(p.numel() for p in model.parameters()),
              loss_first=history[0].get("lm") if history else None, loss_last=history[-1].get("lm") if history else None)
 
         # 4. GRPO on questions that fit the window, the browser as environment
@@ -390,12 +433,12 @@ def main():
         t0 = time.time()
         rows += evaluate(model, tok, corpus, eval_q, strategy, setup, args.seed + 7 * i, args.workers)
         results["model"] = table(rows, STRATEGIES, hops)
+        (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot(results, out)
         done(f"eval {strategy}", t0, accuracy=results["model"][strategy]["accuracy"],
              steps=results["model"][strategy]["steps"])
-    (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results["total_s"] = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out)
     print(json.dumps({k: {s: round(t["accuracy"], 3) for s, t in results[k].items()} for k in ("expert", "model")}))
 
 
