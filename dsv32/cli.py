@@ -118,6 +118,10 @@ def _passthrough(name: str, argv: list[str]) -> int:
         from dsv32.agent.cli import main as agent_main
 
         return agent_main(argv)
+    if name == "synth":
+        from dsv32.synth.cli import main as synth_main
+
+        return synth_main(argv)
     from dsv32.tokenizer import main as tokenizer_main
 
     tokenizer_main(argv)
@@ -131,6 +135,7 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                "agent": "run a task with tools: dsv32 agent \"TASK\" --model DIR|--base-url URL [--tools python,bash,search]",
                "eval": "pass@k on tasks: dsv32 eval --tasks F.jsonl|rg:NAME[:N] --model SRC|--base-url URL "
                        "-n 16 -k 1,4,16 [--thinking] --out DIR",
+               "synth": "synthesize agentic tasks: dsv32 synth code|general|search ... (dsv32 synth KIND --help)",
                "convert": "import a model not born with DSA from a GGUF file: dsv32 convert FILE.gguf --out DIR "
                           "(adds fresh indexers; --help names the packaged ones)"}
 
