@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -137,6 +138,48 @@ def run_arm(arm: str, args, tasks: list[Task], ks: list[int]) -> dict:
     return timing
 
 
+def regrade(path: Path, tasks: dict[str, Task]) -> None:
+    """Grade the stored texts of a results file again with today's graders (dsv32.eval.grade), in
+    place: for results sampled before a grader changed. Sampling is not repeated."""
+    from dsv32.eval.grade import GradingWorker, grade, split_reply
+
+    records = read_results(path)
+    with GradingWorker() as worker:
+        for r in records:
+            t = tasks[r["id"]]
+            for s in r["samples"]:
+                g = grade(worker, s["text"], t.grader, t.answer, t.entry, thinking=False)
+                s.update(status=g.status, score=g.score, extracted=g.extracted, detail=g.detail,
+                         answer_chars=len(split_reply(s["text"], False)[1]))
+            r["correct"] = sum(s["status"] == "correct" for s in r["samples"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def lenient_correct(text: str, gold: str) -> bool:
+    """A looser reading than the protocol's, for a model that ignores the \\boxed{} instruction:
+    the last \\boxed{} of the answer, else its last number, equals the numeric gold answer."""
+    from dsv32.chat import extract_boxed
+    from dsv32.eval.grade import split_reply
+
+    answer = split_reply(text, False)[1]
+    box = extract_boxed(answer)
+    found = NUMBER.findall(box if box is not None else answer)
+    try:
+        return bool(found) and math.isclose(float(found[-1]), float(gold), abs_tol=1e-9)
+    except ValueError:
+        return False
+
+
+def _lenient_records(records: list[dict]) -> list[dict]:
+    return [{"id": r["id"], "n": r["n"], "correct": sum(lenient_correct(s["text"], r["answer"]) for s in r["samples"])}
+            for r in records]
+
+
 def _passk(records: list[dict], ks: list[int]) -> dict:
     return {k: vars(aggregate([(r["n"], r["correct"]) for r in records], k)) for k in ks} if records else {}
 
@@ -176,6 +219,9 @@ def summarize_suite(out: Path, arms, families, ks: list[int], task_ids: set[str]
             "index_topk": k_sel, "shipped_index_topk": timing["shipped_index_topk"],
             "tasks": len(recs), "samples": len(samples),
             "pass_at_k": _passk(recs, ks),
+            "lenient_pass_at_k": _passk(_lenient_records(recs), ks),
+            "lenient_per_family": {f: _passk(_lenient_records([r for r in recs if family_of(r["id"]) == f]), ks)
+                                   for f in families},
             "per_family": {f: _passk([r for r in recs if family_of(r["id"]) == f], ks) for f in families},
             "verdicts": {v: sum(s["status"] == v for _, s in samples)
                          for v in ("correct", "wrong", "truncated", "timeout", "error")},
@@ -196,6 +242,11 @@ def summarize_suite(out: Path, arms, families, ks: list[int], task_ids: set[str]
             "all": _paired(records["dense"], records["dsa"]),
             **{f: _paired([r for r in records["dense"] if family_of(r["id"]) == f],
                           [r for r in records["dsa"] if family_of(r["id"]) == f]) for f in families}}
+        dense, dsa = _lenient_records(records["dense"]), _lenient_records(records["dsa"])
+        res["lenient_dsa_minus_dense_pass1"] = {
+            "all": _paired(dense, dsa),
+            **{f: _paired([r for r in dense if family_of(r["id"]) == f], [r for r in dsa if family_of(r["id"]) == f])
+               for f in families}}
     return res
 
 
@@ -205,25 +256,34 @@ def render_suite(s: dict, command: str) -> str:
     lines = ["# Eval suite: dense vs DSA", "", f"`{command}`", "",
              f"{a0['tasks']} tasks ({', '.join(s['families'])}), {a0['samples'] // max(a0['tasks'], 1)} samples each, "
              "temperature 1.0, chat mode.", "",
-             "pass@1 per family (mean over tasks ± standard error):", "",
-             "| family | " + " | ".join(f"{a} (top-k {s['arms'][a]['index_topk']})" for a in arms)
-             + (" | DSA − dense (paired) |" if "dsa_minus_dense_pass1" in s else " |"),
-             "|---" * (len(arms) + 1 + ("dsa_minus_dense_pass1" in s)) + "|"]
-    for f in [*s["families"], "all"]:
-        cells = []
-        for a in arms:
-            p = (s["arms"][a]["pass_at_k"] if f == "all" else s["arms"][a]["per_family"][f]).get(1)
-            cells.append(f"{p['mean']:.3f} ± {p['stderr']:.3f}" if p else "–")
-        if "dsa_minus_dense_pass1" in s:
-            d = s["dsa_minus_dense_pass1"][f]
-            cells.append(f"{d['mean']:+.3f} ± {d['stderr']:.3f}")
-        lines.append(f"| {'**all**' if f == 'all' else f} | " + " | ".join(cells) + " |")
-    lines += ["", "pass@k over all tasks:", "", "| arm | " + " | ".join(f"pass@{k}" for k in ks) + " |",
-              "|---" * (len(ks) + 1) + "|"]
+             ]
+    for prefix, what in (("", "pass@1 per family, graded as `dsv32 eval` does (reasoning-gym's scorer on the "
+                               "last \\boxed{}, else the whole answer)"),
+                         ("lenient_", "lenient pass@1 per family (the last \\boxed{}, else the last number, "
+                                      "equals the answer)")):
+        diff = f"{prefix}dsa_minus_dense_pass1"
+        lines += [f"{what}, mean over tasks ± standard error:", "",
+                  "| family | " + " | ".join(f"{a} (top-k {s['arms'][a]['index_topk']})" for a in arms)
+                  + (" | DSA − dense (paired) |" if diff in s else " |"),
+                  "|---" * (len(arms) + 1 + (diff in s)) + "|"]
+        for f in [*s["families"], "all"]:
+            cells = []
+            for a in arms:
+                x = s["arms"][a]
+                p = (x[f"{prefix}pass_at_k"] if f == "all" else x[f"{prefix}per_family"][f]).get(1)
+                cells.append(f"{p['mean']:.3f} ± {p['stderr']:.3f}" if p else "–")
+            if diff in s:
+                d = s[diff][f]
+                cells.append(f"{d['mean']:+.3f} ± {d['stderr']:.3f}")
+            lines.append(f"| {'**all**' if f == 'all' else f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["pass@k over all tasks:", "", "| arm | grading | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+              "|---" * (len(ks) + 2) + "|"]
     for a in arms:
-        pk = s["arms"][a]["pass_at_k"]
-        lines.append(f"| {a} | " + " | ".join(f"{pk[k]['mean']:.3f} ± {pk[k]['stderr']:.3f}" if k in pk else "–"
-                                              for k in ks) + " |")
+        for prefix, grading in (("", "protocol"), ("lenient_", "lenient")):
+            pk = s["arms"][a][f"{prefix}pass_at_k"]
+            lines.append(f"| {a} | {grading} | " + " | ".join(
+                f"{pk[k]['mean']:.3f} ± {pk[k]['stderr']:.3f}" if k in pk else "–" for k in ks) + " |")
     lines += ["", "| arm | correct | wrong | cut at max tokens | completion tokens mean / max | answer chars mean "
               "| prompt tokens mean | decode steps with keys dropped | samples/s | tokens/s | device |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -247,17 +307,19 @@ def plot_suite(s: dict, path: Path) -> None:
     groups = [*s["families"], "all"]
     arms = list(s["arms"])
     width = 0.8 / len(arms)
-    fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 2, 3.6))
-    for j, a in enumerate(arms):
-        ps = [(s["arms"][a]["pass_at_k"] if g == "all" else s["arms"][a]["per_family"][g]).get(1) for g in groups]
-        xs = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [p["mean"] if p else 0 for p in ps], width, yerr=[p["stderr"] if p else 0 for p in ps],
-               capsize=3, label=f"{a} (top-k {s['arms'][a]['index_topk']})")
-    ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups], fontsize=8)
-    ax.set_ylabel("pass@1 (± s.e. over tasks)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("SmolLM2-135M-Instruct, reasoning-gym suite, temperature 1.0", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(2.6 * len(groups) + 2, 3.6), sharey=True)
+    for ax, prefix, what in zip(axes, ("", "lenient_"), ("graded as dsv32 eval does", "lenient: last number")):
+        for j, a in enumerate(arms):
+            x = s["arms"][a]
+            ps = [(x[f"{prefix}pass_at_k"] if g == "all" else x[f"{prefix}per_family"][g]).get(1) for g in groups]
+            xs = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(groups))]
+            ax.bar(xs, [p["mean"] if p else 0 for p in ps], width, yerr=[p["stderr"] if p else 0 for p in ps],
+                   capsize=3, label=f"{a} (top-k {x['index_topk']})")
+        ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups], fontsize=8)
+        ax.set_title(f"pass@1, {what}", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("pass@1 (± s.e. over tasks)")
+    fig.suptitle(f"{s.get('model', 'SmolLM2-135M-Instruct')}, reasoning-gym suite, temperature 1.0", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -283,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--regrade", action="store_true", help="grade the stored samples again with today's graders")
     return p
 
 
@@ -307,8 +370,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for arm in arms:
         run_arm(arm, args, tasks, ks)
+        if args.regrade:
+            regrade(out / arm / "results.jsonl", {t.id: t for t in tasks})
     summary = summarize_suite(out, arms, families, ks, {t.id for t in tasks})
     summary["config"] = {k: v for k, v in vars(args).items()}
+    summary["model"] = args.model or "SmolLM2-135M-Instruct-DSA"
     command = "python experiments/eval_suite.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     (out / "suite.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "suite.md").write_text(render_suite(summary, command))

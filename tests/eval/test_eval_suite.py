@@ -64,3 +64,15 @@ def test_quick_suite_reports_pass_at_k_as_recomputed_from_the_samples(suite, tmp
     assert s["dsa_minus_dense_pass1"]["all"]["mean"] == pytest.approx((1 + 2 + 3 + 4) / 16 - _recomputed(
         out / "dense" / "results.jsonl", None, 1))
     assert len(json.loads((out / "dsa" / "timing.json").read_text())["sessions"]) == 1  # the resume sampled nothing
+    # --regrade grades the stored texts again: the flipped verdicts are the graders' again
+    s = suite.main(argv + ["--regrade"])
+    assert s["arms"]["dsa"]["pass_at_k"][1]["mean"] == pytest.approx(_recomputed(path, None, 1))
+    assert all(0 <= s["arms"][a]["lenient_pass_at_k"][1]["mean"] <= 1 for a in ("dense", "dsa"))
+
+
+def test_lenient_reading_takes_the_last_box_else_the_last_number(suite):
+    assert suite.lenient_correct("1 + 5 = 6.<|im_end|>", "6")
+    assert suite.lenient_correct("so 4 - 9 = -5", "-5")
+    assert suite.lenient_correct("it is \\boxed{12} not 13", "12")
+    assert not suite.lenient_correct("6 is wrong, it is 7", "6")
+    assert not suite.lenient_correct("no number here", "6")
