@@ -317,6 +317,7 @@ def plot_suite(s: dict, path: Path) -> None:
                    capsize=3, label=f"{a} (top-k {x['index_topk']})")
         ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups], fontsize=8)
         ax.set_title(f"pass@1, {what}", fontsize=9)
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("pass@1 (± s.e. over tasks)")
     fig.suptitle(f"{s.get('model', 'SmolLM2-135M-Instruct')}, reasoning-gym suite, temperature 1.0", fontsize=9)
