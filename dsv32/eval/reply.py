@@ -6,12 +6,20 @@ Kept apart from the graders so that light users (the RL proof reward) need none 
 """
 
 from dsv32.chat import EOS, THINK_END
+from dsv32.llama.chatml import ENDOFTEXT, IM_END
+
+# what ends a reply in the text a sampler returns: V3.2's EOS, ChatML's (SmolLM2) end of turn and of text
+END_TOKENS = (EOS, IM_END, ENDOFTEXT)
 
 
 def split_reply(text: str, thinking: bool) -> tuple[str, str | None]:
     """(reasoning, answer) of a completion; the answer is None when the thinking never closed.
-    In chat mode the whole completion is the answer. A trailing end-of-sentence token is dropped."""
-    text = text.removesuffix(EOS)
+    In chat mode the whole completion is the answer. A trailing end-of-reply token (END_TOKENS)
+    is dropped."""
+    for end in END_TOKENS:
+        if text.endswith(end):
+            text = text[:-len(end)]
+            break
     if not thinking:
         return "", text
     reasoning, sep, answer = text.partition(THINK_END)

@@ -96,3 +96,12 @@ def test_a_hung_grader_is_killed_reported_and_the_next_grade_works():
 def test_a_grader_that_raises_is_reported_as_an_error(worker):
     g = grade(worker, "</think>\\boxed{1}", "nonsense", "1")
     assert g.status == "error" and "unknown grader" in g.detail
+
+
+def test_a_chatml_models_end_of_turn_is_not_part_of_its_answer(worker):
+    """SmolLM2's replies end in <|im_end|> (or <|endoftext|>), which the engine's text keeps: an
+    unboxed answer read whole must not carry it, or "6<|im_end|>" is graded wrong against 6."""
+    assert split_reply("6<|im_end|>", thinking=False) == ("", "6")
+    assert split_reply("6<|endoftext|>", thinking=False) == ("", "6")
+    assert grade(worker, "6<|im_end|>", "exact", "6", thinking=False).correct
+    assert grade(worker, "x</think>6<|im_end|>", "numeric", "6").correct
