@@ -31,7 +31,7 @@ from dsv32.eval.protocols import Candidate, icpc_result, ioi_score, select_submi
 from dsv32.eval.reply import split_reply
 from dsv32.eval.report import read_results
 from dsv32.eval.sample import Sample, SamplingConfig
-from dsv32.eval.tasks import Task, TaskError
+from dsv32.eval.tasks import Task, TaskError, read_jsonl
 
 PROTOCOLS = ("ioi", "icpc")
 
@@ -108,24 +108,7 @@ def _problem(obj, where: str, default_id: str) -> Problem:
 
 def load_problems(path: str | Path) -> list[Problem]:
     """The problems of a JSONL file (blank lines skipped); ids must be unique."""
-    path = Path(path)
-    problems, seen = [], set()
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-        p = _problem(obj, where, f"{path.stem}:{no}")
-        if p.id in seen:
-            raise TaskError(f"{where}: duplicate problem id {p.id!r}")
-        seen.add(p.id)
-        problems.append(p)
-    if not problems:
-        raise TaskError(f"{path.name}: no problems")
-    return problems
+    return read_jsonl(path, _problem, "problem")
 
 
 def candidate(judge: CodeJudge, problem: Problem, sample: Sample, index: int, thinking: bool,

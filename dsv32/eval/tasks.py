@@ -85,12 +85,11 @@ def _code_fields(obj: dict, where: str) -> dict:
     return {"tests": obj["tests"], "time_limit": obj.get("time_limit"), "memory_mb": obj.get("memory_mb")}
 
 
-def load_jsonl(path: str | Path, template: str = "math") -> list[Task]:
-    """The tasks of a JSONL file (blank lines skipped); ids must be unique."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+def read_jsonl(path: str | Path, parse, kind: str = "task") -> list:
+    """parse(obj, where, default_id) of each line of a JSONL file (blank lines skipped), `where`
+    being "file:line" for errors; the parsed items' ids must be unique."""
     path = Path(path)
-    tasks, seen = [], set()
+    items, seen = [], set()
     for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -99,14 +98,21 @@ def load_jsonl(path: str | Path, template: str = "math") -> list[Task]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-        task = _task(obj, where, f"{path.stem}:{no}", template)
-        if task.id in seen:
-            raise TaskError(f"{where}: duplicate task id {task.id!r}")
-        seen.add(task.id)
-        tasks.append(task)
-    if not tasks:
-        raise TaskError(f"{path.name}: no tasks")
-    return tasks
+        item = parse(obj, where, f"{path.stem}:{no}")
+        if item.id in seen:
+            raise TaskError(f"{where}: duplicate {kind} id {item.id!r}")
+        seen.add(item.id)
+        items.append(item)
+    if not items:
+        raise TaskError(f"{path.name}: no {kind}s")
+    return items
+
+
+def load_jsonl(path: str | Path, template: str = "math") -> list[Task]:
+    """The tasks of a JSONL file (blank lines skipped); ids must be unique."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    return read_jsonl(path, lambda obj, where, default_id: _task(obj, where, default_id, template))
 
 
 def reasoning_gym_tasks(name: str, size: int = 50, seed: int = 0) -> list[Task]:
