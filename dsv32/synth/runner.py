@@ -280,3 +280,27 @@ def build_database(sandbox: Sandbox, code: str, *, timeout: float = 120.0) -> Pa
         why = "timed out" if r.timed_out else f"exited with {r.exit_code}" if r.exit_code else "wrote no db.sqlite"
         raise CodeError(f"db.py {why}:\n{r.output[-2000:]}")
     return path
+
+
+SCHEMAS = r"""
+import json, sys
+ns = {"__name__": "tools"}
+exec(compile(open("tools.py").read(), "tools.py", "exec"), ns)
+print("\n" + sys.argv[1] + json.dumps({"tools": ns["TOOLS"]}))
+"""
+
+
+def read_tool_schemas(sandbox: Sandbox, tools_code: str, *, timeout: float = 60.0) -> list[dict]:
+    """The TOOLS list of model-written `tools.py`, read by running it in `sandbox`."""
+    (sandbox.work / "tools.py").write_text(tools_code)
+    r = sandbox.run([sys.executable, "-I", "-c", SCHEMAS, MARK], timeout=timeout, max_output=100_000)
+    if r.timed_out:
+        raise CodeError(f"tools.py timed out after {timeout:g} s")
+    tools = _marked(r.output, "tools.py")["tools"]
+    if not isinstance(tools, list):
+        tools = [tools]
+    bad = [i for i, t in enumerate(tools) if not (isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                                   and isinstance(t["function"].get("name"), str))]
+    if not tools or bad:
+        raise CodeError(f"TOOLS must be a non-empty list of OpenAI-format tool schemas; entries {bad} are not")
+    return tools
