@@ -15,7 +15,14 @@ from pathlib import Path
 
 from dsv32.agent.sandbox import Sandbox
 from dsv32.synth.environment import Environment
-from dsv32.synth.runner import CodeError, LocalTools, SandboxedTools, local_verify, run_solution, run_verifier
+from dsv32.synth.runner import (
+    CodeError,
+    LocalTools,
+    SandboxedTools,
+    local_verify,
+    run_solution,
+    run_verifier,
+)
 
 
 @dataclass
@@ -54,7 +61,7 @@ def check_environment(env: Environment, root: str | Path, *, trusted: bool = Fal
             score, reasons = (local_verify(env.verifier_code, run.result, env.params, env.db_path) if trusted else
                               run_verifier(box("verifier"), env.verifier_code, run.result, env.params, env.db_path,
                                            timeout=timeout))
-        except Exception as e:  # a verifier that crashes, or answers outside the contract
+        except Exception as e:  # noqa: BLE001 -- a verifier that crashes, or answers outside the contract
             return Check(False, f"the verifier failed: {type(e).__name__}: {e}", run.calls, result=run.result)
         if score < 1.0:
             why = "; ".join(reasons) or "no reason given"

@@ -6,7 +6,7 @@ are the same kind of thing, and both can be run in a sandbox:
 - `tools.py` defines one function `name(db, **arguments) -> str` per tool (db: a read-only
   `sqlite3.Connection`; a failure is a result starting with "error:") and `TOOLS`, their
   OpenAI-format schemas. `submit_result` is not among them: every environment has it (SUBMIT).
-- `solution.py` defines `solve(call, params) -> result`, where `call(name, **arguments) -> str`
+- `solution.py` defines `solve(call, params) -> result`, where `call(tool, /, **arguments) -> str`
   is a tool call; the solution gets no database (spec §5: it "may only call the tools").
 - `verifier.py` defines `verify(result, db, params)` -> a bool, a score in [0, 1], or
   (score, [reasons]) (see `verdict`).

@@ -89,7 +89,9 @@ def run_family(args, out: Path) -> list[dict]:
 
 
 def run_category(args, out: Path) -> list[dict]:
-    from dsv32.agent.policy import OpenAIPolicy  # needs the openai package (the agent extra)
+    from dsv32.agent.policy import (
+        OpenAIPolicy,  # needs the openai package (the agent extra)
+    )
 
     if not args.base_url:
         raise SystemExit("--category needs --base-url (an OpenAI-compatible endpoint)")

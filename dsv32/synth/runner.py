@@ -39,8 +39,8 @@ spec = json.loads(sys.argv[1])
 sock = socket.socket(socket.AF_UNIX)
 sock.connect("call.sock")  # in the work directory, the cwd: a Unix socket's path is short
 wire = sock.makefile("rw")
-def call(name, **arguments):
-    wire.write(json.dumps({"name": name, "arguments": arguments}) + "\n")
+def call(tool, /, **arguments):  # positional-only: a tool may take an argument called `tool` or `name`
+    wire.write(json.dumps({"name": tool, "arguments": arguments}) + "\n")
     wire.flush()
     line = wire.readline()
     if not line:
@@ -98,7 +98,7 @@ class CodeError(RuntimeError):
 def namespace(code: str, filename: str) -> dict:
     """Trusted code's globals after running it here (the programmatic families' files)."""
     ns: dict = {"__name__": filename.removesuffix(".py")}
-    exec(compile(code, filename, "exec"), ns)
+    exec(compile(code, filename, "exec"), ns)  # noqa: S102 -- trusted: our own families' files
     return ns
 
 
@@ -139,7 +139,7 @@ class LocalTools:
         try:
             with self.lock:
                 return str(fn(self.db, **arguments))
-        except Exception as e:  # a tool's failure is the caller's result, as in dsv32.agent.tool
+        except Exception as e:  # noqa: BLE001 -- a tool's failure is the caller's result, as in dsv32.agent.tool
             return f"error: {name} failed: {type(e).__name__}: {e}"
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from dsv32.synth.environment import Environment
 from dsv32.synth.runner import CodeError, build_database, read_tool_schemas
 
 FILES = ("db.py", "tools.py", "task.md", "params.json", "solution.py", "verifier.py")
-BLOCK = re.compile(r"```[^\n]*\n# file: *([\w.\-]+) *\n(.*?)```", re.S)
+BLOCK = re.compile(r"```[^\n]*\n# file: *([\w.\-]+) *\n(.*?)```", re.DOTALL)
 
 PROMPT = """You are building a verifiable environment for training tool-using agents, in the category: {category}.
 Write these files, each as a fenced code block whose first line is `# file: NAME`:

@@ -55,16 +55,16 @@ def task_text(params: dict) -> str:
     day_list = dates(params["start_date"], params["days"])
     tiers = " and ".join(f"day {d}" for d in params["tier_days"])
     lines = [
-        f"I'm planning a {params['days']}-day trip starting from {params['start_city']}, from {day_list[0]} to "
-        f"{day_list[-1]}. Please plan where I stay and what I do each day. My requirements:",
+        (f"I'm planning a {params['days']}-day trip starting from {params['start_city']}, from {day_list[0]} to "
+        f"{day_list[-1]}. Please plan where I stay and what I do each day. My requirements:"),
         "- I don't want to repeat any city, hotel, attraction or restaurant during the whole trip.",
-        f"- Day 1 is in {params['start_city']}. Every hotel, restaurant and attraction must be in the city where I "
-        "stay that day.",
-        f"- On {tiers} I want to be smart about the budget, depending on that night's hotel. If it costs 800 CNY or "
+        (f"- Day 1 is in {params['start_city']}. Every hotel, restaurant and attraction must be in the city where I "
+        "stay that day."),
+        (f"- On {tiers} I want to be smart about the budget, depending on that night's hotel. If it costs 800 CNY or "
         "more, lunch and dinner together must cost under 350 CNY (average price per person), both restaurants must "
         "be rated at least 4.0, and the afternoon attraction's ticket must cost under 120 CNY. If it costs 500-800 "
         "CNY, at least one of the two restaurants must be rated 4.0 or higher and the ticket must cost under 180 "
-        "CNY. If it costs 200-500 CNY, at least one restaurant must be rated 3.2 or higher.",
+        "CNY. If it costs 200-500 CNY, at least one restaurant must be rated 3.2 or higher."),
     ]
     if params.get("min_hotel_rating") is not None:
         lines.append(f"- Every hotel must be rated at least {params['min_hotel_rating']}.")
@@ -100,9 +100,9 @@ def solve_locally(tools: LocalTools, params: dict) -> tuple[str, int]:
     the programmatic family's own; `runner.run_solution` is the enforced check)."""
     calls = [0]
 
-    def call(name: str, **arguments) -> str:
+    def call(tool: str, /, **arguments) -> str:
         calls[0] += 1
-        return tools.call(name, arguments)
+        return tools.call(tool, arguments)
 
     return namespace(source(trip_solution), "solution.py")["solve"](call, params), calls[0]
 

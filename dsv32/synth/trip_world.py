@@ -66,12 +66,12 @@ def _unique(rng: random.Random, taken: set[str], make) -> str:
 
 
 def _city_rows(rng: random.Random, city: str, taken: set[str]) -> dict[str, list[tuple]]:
-    rating = lambda lo, hi: round(rng.uniform(lo, hi), 1)  # noqa: E731
-    hotel = lambda r: f"{city} {r.choice(HOTEL_WORDS)} {r.choice(HOTEL_KINDS)}"  # noqa: E731
+    rating = lambda lo, hi: round(rng.uniform(lo, hi), 1)
+    hotel = lambda r: f"{city} {r.choice(HOTEL_WORDS)} {r.choice(HOTEL_KINDS)}"
     prices = [rng.randint(200, 499), rng.randint(500, 799), rng.randint(800, 1600)]
     prices += [rng.randint(200, 1400) for _ in range(rng.randint(1, 3))]
     hotels = [(_unique(rng, taken, hotel), city, p, rating(3.0, 3.6) if p < 500 else rating(3.5, 4.9)) for p in prices]
-    sight = lambda r: f"{city} {r.choice(SIGHTS)}"  # noqa: E731
+    sight = lambda r: f"{city} {r.choice(SIGHTS)}"
     attractions = []
     for want in ("cheap-indoor", "outdoor", "pricey", "any", "any"):
         for _ in range(50):
@@ -83,7 +83,7 @@ def _city_rows(rng: random.Random, city: str, taken: set[str]) -> dict[str, list
                 attractions.append((name, city, ticket, rating(3.0, 4.9), int(indoor)))
                 break
             taken.discard(name)
-    dish = lambda r: f"{city} {r.choice(HOTEL_WORDS)} {r.choice(DISHES)}"  # noqa: E731
+    dish = lambda r: f"{city} {r.choice(HOTEL_WORDS)} {r.choice(DISHES)}"
     spec = [(40, 160, 4.0, 4.9), (40, 160, 4.0, 4.9), (30, 120, 2.5, 3.1), (30, 120, 2.5, 3.1)]
     spec += [(40, 300, 2.8, 4.9) for _ in range(rng.randint(1, 3))]
     restaurants = [(_unique(rng, taken, dish), city, rng.randint(lo, hi), rating(r0, r1), rng.choice(CUISINES))

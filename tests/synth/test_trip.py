@@ -2,8 +2,10 @@
 property that every generated instance's reference solution passes its verifier while plans
 copied from the database without the rules do not."""
 
+import itertools
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from hand_world import PARAMS
@@ -23,7 +25,7 @@ def test_the_toolset_is_the_papers_14_query_tools():
 
 
 def test_the_tools_answer_from_the_database(hand_db):
-    t = LocalTools(open(trip_tools.__file__).read(), hand_db)
+    t = LocalTools(Path(trip_tools.__file__).read_text(), hand_db)
     assert json.loads(t.call("get_all_cities", {})) == ["Alpha", "Beta", "Gamma"]
     assert json.loads(t.call("get_all_hotels_by_city", {"city": "Beta"})) == ["Beta Low", "Beta Lux", "Beta Mid"]
     assert t.call("get_city_by_hotel", {"hotel": "Beta Lux Annex"}) == "Gamma"
@@ -42,8 +44,8 @@ def test_the_reference_finds_the_cheapest_valid_plan_on_the_hand_database(hand_d
     # costs at least 499 + (40 + 150, one rated >= 3.2) + 119 = 808, then Gamma 400 + 80 + 30 + 0 = 510:
     # 1658. Gamma on day 2 (400, low tier, Fish 3.9 >= 3.2) is 510, then Beta untiered 499 + 50 + 40 +
     # 119 = 708: 1558, the cheapest.
-    t = LocalTools(open(trip_tools.__file__).read(), hand_db)
-    plan = json.loads(solve(lambda name, **a: t.call(name, a), PARAMS))
+    t = LocalTools(Path(trip_tools.__file__).read_text(), hand_db)
+    plan = json.loads(solve(lambda tool, /, **a: t.call(tool, a), PARAMS))
     t.close()
     assert [d["city"] for d in plan] == ["Alpha", "Gamma", "Beta"]
     assert [d["hotel"] for d in plan] == ["Alpha Cheap Inn", "Gamma Hotel", "Beta Low"]
@@ -56,7 +58,7 @@ def test_the_reference_finds_the_cheapest_valid_plan_on_the_hand_database(hand_d
 def test_difficulty_adds_days_cities_distractors_and_rules():
     levels = [TripDifficulty.level(k) for k in range(1, 8)]
     assert levels[0] == TripDifficulty(days=3, n_cities=5, n_distractors=0, n_extra_rules=0)  # the paper's example
-    for a, b in zip(levels, levels[1:]):
+    for a, b in itertools.pairwise(levels):
         assert b.days >= a.days and b.n_cities > a.n_cities and b.n_distractors > a.n_distractors
         assert b.n_extra_rules >= a.n_extra_rules
     with pytest.raises(ValueError, match="difficulty must be in 1..10"):
