@@ -23,7 +23,8 @@ def _git_apply(args: list[str], patch: str, cwd: Path) -> subprocess.CompletedPr
 
 
 def patch_paths(patch: str) -> set[str]:
-    """Every path the patch creates, changes, deletes or renames (both names of a rename)."""
+    """Every path the patch creates, changes, deletes, renames or copies (both names of a rename:
+    git's numstat gives the new name, the headers the old)."""
     if not patch.strip():
         return set()
     r = _git_apply(["--numstat", "-z", "-"], patch, Path.cwd())
@@ -38,7 +39,19 @@ def patch_paths(patch: str) -> set[str]:
         else:
             paths.update(fields[i + 1:i + 3])
             i += 3
+    for line in patch.splitlines():
+        for header in ("rename from ", "copy from "):
+            if line.startswith(header):
+                paths.add(_unquote(line[len(header):]))
     return paths
+
+
+def _unquote(path: str) -> str:
+    """A path as git writes it in a header: C-quoted (octal escapes for bytes) when unusual."""
+    if len(path) >= 2 and path[0] == path[-1] == '"':
+        return path[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1").decode(
+            "utf-8", "surrogateescape")
+    return path
 
 
 def apply_patch(directory: Path, patch: str, name: str = "patch") -> None:
