@@ -49,7 +49,7 @@ QUESTION = ('Start at {start} and follow "studied under" {hops} times: {start} s
 QUESTION_RE = re.compile(r'^Start at (?P<start>.+?) and follow "studied under" (?P<hops>\d+) times')
 NAME = r"[A-Z][a-z]+ [A-Z][a-z]+"
 STATE_RE = re.compile(rf"Hop (?P<j>\d+) of (?P<k>\d+): the mentor of (?P<who>{NAME})(?: is (?P<mentor>{NAME}))?\.")
-HIT_RE = re.compile(r"^(?:L\d+: )?  \* 【(?P<id>\d+)†(?P<title>[^;†】]*); publish_date: [^†]*†[^】]*】", re.M)
+HIT_RE = re.compile(r"^(?:L\d+: )?  \* 【(?P<id>\d+)†(?P<title>[^;†】]*); publish_date: [^†]*†[^】]*】", re.MULTILINE)
 WRAP_RE = re.compile(r"\nL\d+: ")  # a page view's line break: pages wrap at 80 columns, keeping spaces
 
 

@@ -1,0 +1,165 @@
+"""The code-task miner: walk a repository's commits and keep those whose source change makes
+tests pass without breaking any (spec §5, "Code agent": F2P > 0 and P2F = 0).
+
+For each commit with a parent, a test part and a source part: snapshot the parent, run the tests
+with the commit's test part applied (before), then with its source part too (after), both in the
+sandbox, both read as JUnit XML. Accept iff some test goes fail→pass and none pass→fail. Every
+decision, accepted or not, is one line of `decisions.jsonl`; each accepted task is one line of
+`tasks.jsonl` and a directory `envs/<task id>/` (see dsv32.synth.code_env).
+
+Resumable: lines are appended and flushed as decisions are made, and a run first reads what is
+already decided and skips it, so a killed run loses only the commit it was on. A task's directory
+is complete before its line is written (built under a staging name, then renamed), and its
+tasks.jsonl line comes before its decisions.jsonl line, so a kill between the two leaves a task
+that the next run records as decided instead of mining it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsv32.synth.code_env import DEFAULT_TEST_CMD, RunOptions, run_tests
+from dsv32.synth.code_reward import transitions
+from dsv32.synth.code_task import CodeTask
+from dsv32.synth.git_history import archive, commits, diff, is_test_module, read_commit
+from dsv32.synth.patch import PatchError
+
+REJECTIONS = ("no-parent", "no-tests-changed", "no-source-changed", "patch-failed", "setup-failed",
+              "tests-error", "timeout", "f2p=0", "p2f>0")
+SCOPES = ("all", "touched")
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    test_cmd: str = DEFAULT_TEST_CMD
+    scope: str = "all"          # "all": the whole suite each run; "touched": only the test files the commit changed
+    setup: str | None = None
+    run: RunOptions = RunOptions()
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if "{junit}" not in self.test_cmd:
+            raise ValueError(f"the test command must write its JUnit report to {{junit}}: {self.test_cmd!r}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file we append to; a last line cut off by a kill is dropped (and cut
+    from the file, so the next append starts on a line of its own)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rejected(sha: str, reason: str, detail: str = "", **more) -> dict:
+    return {"commit": sha, "accepted": False, "reason": reason, "detail": detail, **more}
+
+
+def decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions) -> dict:
+    """Mine one commit: its decision row, and for an accepted one its environment directory
+    `out/envs/<id>` (the row then holds the task)."""
+    start = time.monotonic()
+    c = read_commit(repo, sha)
+    if c.parent is None:
+        return _rejected(sha, "no-parent", "a root commit")
+    if not c.test_paths:
+        return _rejected(sha, "no-tests-changed", f"changes {len(c.source_paths) + len(c.doc_paths)} files, no tests")
+    if not c.source_paths:
+        return _rejected(sha, "no-source-changed", f"changes only tests{' and docs' if c.doc_paths else ''}")
+    test_files: list[str] = []
+    if options.scope == "touched":
+        test_files = [p for p in c.test_paths if is_test_module(p) and p not in c.deleted]
+        if not test_files:
+            return _rejected(sha, "no-tests-changed", "changes test helpers only, no test module to run")
+    task_id = f"{name}-{sha[:12]}"
+    staging = out / "envs" / f".staging-{task_id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        archive(repo, c.parent, staging / "repo.tar")
+        test_patch, gold_patch = diff(repo, c.parent, sha, c.test_paths), diff(repo, c.parent, sha, c.source_paths)
+        (staging / "test.patch").write_text(test_patch, encoding="utf-8")
+        (staging / "gold.patch").write_text(gold_patch, encoding="utf-8")
+        tar, o = staging / "repo.tar", options
+        runs = {}
+        for which, patches in (("before", [("test patch", test_patch)]),
+                               ("after", [("test patch", test_patch), ("gold patch", gold_patch)])):
+            try:
+                run = run_tests(tar, patches, o.test_cmd, test_files, o.setup, o.run)
+            except PatchError as e:
+                return _rejected(sha, "patch-failed", str(e), seconds=round(time.monotonic() - start, 2))
+            if run.outcomes is None:
+                return _rejected(sha, run.error, f"{which}: {run.detail}", seconds=round(time.monotonic() - start, 2),
+                                 output=run.output[-1000:])
+            runs[which] = run.outcomes
+        t = transitions(runs["before"], runs["after"])
+        seconds = round(time.monotonic() - start, 2)
+        if t.p2f:
+            return _rejected(sha, "p2f>0", f"{len(t.p2f)} tests pass before and not after", f2p=t.f2p, p2f=t.p2f,
+                             seconds=seconds)
+        if not t.f2p:
+            return _rejected(sha, "f2p=0", "no test goes from failing to passing", seconds=seconds)
+        task = CodeTask(task_id, name, sha, c.parent, c.message, o.test_cmd, test_files, list(c.test_paths),
+                        t.f2p, t.p2p, o.setup, f"envs/{task_id}")
+        task.save(staging)
+        final = out / "envs" / task_id
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        return {"commit": sha, "accepted": True, "reason": "accepted", "detail": f"{len(t.f2p)} F2P, {len(t.p2p)} P2P",
+                "f2p": t.f2p, "p2f": [], "seconds": seconds, "task": task.to_json()}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def mine(repo: str | Path, out: str | Path, *, rev: str = "HEAD", max_count: int | None = None,
+         limit: int | None = None, name: str | None = None, options: MineOptions = MineOptions(),
+         progress: Callable[[Iterator[str], int], Iterator[str]] | None = None,
+         on_decision: Callable[[dict], None] | None = None) -> list[dict]:
+    """Decide every commit of `rev` (the newest `max_count`) not yet in `out/decisions.jsonl`, at
+    most `limit` of them in this call; return all decision rows of `out`, old and new.
+    `progress(iterable, total)` may wrap the loop (a tqdm); `on_decision(row)` sees each new row."""
+    repo, out = Path(repo).resolve(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = name or repo.name
+    decisions_path, tasks_path = out / "decisions.jsonl", out / "tasks.jsonl"
+    decided = {row["commit"] for row in read_jsonl(decisions_path)}
+    for task in read_jsonl(tasks_path):  # accepted, but killed before its decision line
+        if task["commit"] not in decided:
+            append_jsonl(decisions_path, {"commit": task["commit"], "accepted": True, "reason": "accepted",
+                                          "detail": "recovered from tasks.jsonl", "f2p": task["f2p"], "p2f": [],
+                                          "task": task})
+            decided.add(task["commit"])
+    pending = [sha for sha in commits(repo, rev, max_count) if sha not in decided]
+    if limit is not None:
+        pending = pending[:limit]
+    for sha in (progress(iter(pending), len(pending)) if progress else pending):
+        row = decide(repo, sha, out, name, options)
+        if row["accepted"]:
+            append_jsonl(tasks_path, row["task"])
+        append_jsonl(decisions_path, row)
+        if on_decision:
+            on_decision(row)
+    return read_jsonl(decisions_path)
+
+
+def summary(rows: list[dict]) -> Counter:
+    """{reason: count} over decision rows ("accepted" for the accepted ones)."""
+    return Counter(row["reason"] for row in rows)
