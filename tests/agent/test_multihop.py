@@ -3,8 +3,8 @@ world's own mentor links; and the experiment's pieces that turn expert runs into
 the browser into an RL environment (experiments/agent_context.py)."""
 
 import random
-import textwrap
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from dsv32.tokenizer import train_tokenizer
 from dsv32.train.losses import IGNORE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-import agent_context  # noqa: E402
+import agent_context
 
 WORLD = World(80, seed=3)
 CORPUS = Corpus.build(WORLD.documents, progress=False)
