@@ -221,6 +221,8 @@ def outcome(task, answer_text: str, rm: GenerativeRM | None = None) -> float:
         return exact_answer(answer_text, task.answer)
     if task.grader == "code":
         return unit_tests(extract_code(answer_text), task.tests)
+    if task.grader == "verifier":  # the environment's verifier scored the submission during the rollout
+        return task.verdict or 0.0
     if rm is None:
         raise ValueError(f"task of domain {task.domain!r} needs a generative reward model (--rm-url)")
     prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")

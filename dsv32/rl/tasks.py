@@ -12,14 +12,14 @@ from pathlib import Path
 
 from dsv32.chat import math_prompt
 
-GRADERS = ("boxed", "exact", "code", "rm", "proof")
+GRADERS = ("boxed", "exact", "code", "rm", "proof", "verifier")
 
 
 @dataclass
 class Task:
     domain: str
     messages: list[dict]                  # the prompt conversation
-    grader: str = "boxed"                 # boxed | exact | code | rm (generative reward model) | proof
+    grader: str = "boxed"                 # boxed | exact | code | rm (generative reward model) | proof | verifier
     answer: str | None = None             # boxed / exact
     tests: str | None = None              # code: Python asserting the solution's behaviour
     rubric: str | None = None             # rm: what a good answer does
@@ -27,10 +27,17 @@ class Task:
     thinking_mode: str = "chat"
     language: str | None = "en"           # language-consistency target (None: no such reward)
     solution: list[dict] | None = None    # reference assistant/tool turns (SFT warm-start)
+    # verifier: the synthesized environment (its directory) whose tools the policy calls and whose
+    # verifier scores what it submits; the environment runner (`dsv32.synth.rl_env`) writes that
+    # score into `verdict` of the trajectory's own copy of the task (None: nothing submitted yet)
+    environment: str | None = None
+    verdict: float | None = None
 
     def __post_init__(self):
         if self.grader not in GRADERS:
             raise ValueError(f"task grader must be one of {', '.join(GRADERS)}, got {self.grader!r}")
+        if self.grader == "verifier" and not self.environment:
+            raise ValueError(f"task of domain {self.domain!r} has grader 'verifier' but no environment")
 
 
 # ---- a calculator tool ----
