@@ -3,6 +3,7 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 class _Bytes:
@@ -161,10 +162,23 @@ def cmd_rl(args) -> int:
     import logging
 
     from dsv32.rl import RLConfig, run
+    from dsv32.rl.rollout import tool_env
+    from dsv32.synth.rl_env import EnvironmentRunner, environment_tasks
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fields = {f.name for f in dataclasses.fields(RLConfig)}
-    out = run(RLConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    tasks, env = [], tool_env
+    if args.environments:  # synthesized environments: their tasks, run by their tools and verifiers
+        tasks = environment_tasks(args.environments)
+        flags.setdefault("domains", sorted({t.domain for t in tasks}))
+        env = EnvironmentRunner(Path(flags.get("out", RLConfig.out)) / "sandboxes",
+                                unsafe_no_sandbox=args.unsafe_no_sandbox)
+    try:
+        out = run(RLConfig(**flags), tasks, env)
+    finally:
+        if isinstance(env, EnvironmentRunner):
+            env.close()
     print(f"policy written to {out}; metrics in {out.parent / 'metrics.jsonl'}", file=sys.stderr)
     return 0
 
@@ -238,6 +252,10 @@ Each command's own --help lists its options.""")
 
     rl = sub.add_parser("rl", help="GRPO with the V3.2 stabilisers; `dsv32 rl --preset tiny --steps 2` runs on a CPU")
     _add_dataclass_flags(rl, RLConfig)
+    rl.add_argument("--environments", metavar="DIR", help="train on the environments `dsv32 synth general` wrote in "
+                    "DIR (or DIR/environments.jsonl); --domains defaults to their categories")
+    rl.add_argument("--unsafe-no-sandbox", action="store_true",
+                    help="--environments: run model-written environments' code without bubblewrap (trusted code only)")
     rl.set_defaults(func=cmd_rl)
 
     for name, text in PASSTHROUGH.items():  # listed for --help; main() dispatches them

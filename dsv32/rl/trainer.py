@@ -29,7 +29,7 @@ from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.rl import objective
 from dsv32.rl.rewards import GenerativeRM, RewardConfig, reward
 from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, speaks_v32, tool_env, tool_suffix
-from dsv32.rl.tasks import Domain, TaskMix, load_tasks
+from dsv32.rl.tasks import Domain, Task, TaskMix, load_tasks
 
 log = logging.getLogger(__name__)
 STABILISERS = ("keep_routing", "keep_sampling_mask", "keep_selection", "off_policy_masking", "unbiased_kl")
@@ -348,17 +348,17 @@ def plot_rl(jsonl: Path | list, png: Path, labels: list[str] | None = None) -> N
     plt.close(fig)
 
 
-def build(cfg: RLConfig):
+def build(cfg: RLConfig, tasks: list[Task] = ()):
     """(model, tokenizer, task mix, reward model) from a config: a checkpoint with its tokenizer,
-    or a preset with a byte-level BPE trained on samples of the task mix."""
+    or a preset with a byte-level BPE trained on samples of the task mix. `tasks` join the pools
+    of cfg.tasks_file (tasks made above this layer, e.g. synthesized environments)."""
     from dsv32.chat import encode_messages
     from dsv32.loader import load
     from dsv32.tokenizer import Tokenizer, train_tokenizer
 
     pools: dict = {}
-    if cfg.tasks_file:
-        for t in load_tasks(cfg.tasks_file):
-            pools.setdefault(t.domain, []).append(t)
+    for t in [*(load_tasks(cfg.tasks_file) if cfg.tasks_file else []), *tasks]:
+        pools.setdefault(t.domain, []).append(t)
     mix = TaskMix(cfg.domain_specs, pools)
     if cfg.model:
         model, tok = load(cfg.model, dtype=torch.float32, device="cpu", tokenizer=cfg.tokenizer)
@@ -379,15 +379,16 @@ def build(cfg: RLConfig):
     return model, tok, mix, rm
 
 
-def run(cfg: RLConfig) -> Path:
-    """The `dsv32 rl` job: build, optional SFT warm start, RL, export to out/model."""
+def run(cfg: RLConfig, tasks: list[Task] = (), env=tool_env) -> Path:
+    """The `dsv32 rl` job: build, optional SFT warm start, RL, export to out/model. `tasks` and
+    `env` as in `build` and `RLTrainer` (the CLI passes synthesized environments and their runner)."""
     from dsv32.loader import save
 
-    model, tok, mix, rm = build(cfg)
+    model, tok, mix, rm = build(cfg, tasks)
     if cfg.sft_steps:
         m = warm_start(model, tok, mix, cfg)
         log.info("warm start: %d SFT steps, loss %.3f", cfg.sft_steps, m.get("lm", float("nan")))
-    trainer = RLTrainer(cfg, model, tok, mix, rm)
+    trainer = RLTrainer(cfg, model, tok, mix, rm, env=env)
     trainer.fit()
     out = Path(cfg.out) / "model"
     save(trainer.policy, out, tokenizer=tok)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsv32.chat import encode_messages
+from dsv32.cli import build_parser
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
@@ -163,3 +164,13 @@ def test_rollouts_of_a_random_tiny_model_run_on_environment_and_arithmetic_tasks
     for t in trajs:
         assert 0.0 <= outcome(t.task, t.answer) <= 1.0
     runner.close()
+
+
+def test_dsv32_rl_trains_on_an_environments_folder_with_its_categories_as_domains(root, tmp_path):
+    # the tiny preset's 1024 positions hold no trip prompt (~1.6k tokens): the run samples nothing,
+    # but the folder, the domains, the runner and the export are wired
+    args = build_parser().parse_args(["rl", "--environments", str(root), "--steps", "1", "--prompts-per-step", "2",
+                                      "--group-size", "2", "--minibatches", "1", "--out", str(tmp_path / "run")])
+    assert args.func(args) == 0
+    [m] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert m["reward/trip-planning"] == 0.0 and (tmp_path / "run" / "model" / "config.json").is_file()
