@@ -13,10 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.cache import BlockManager, block_hash
-from dsv32.model import Transformer
 
 BS = 16  # block size of every engine here: prompts of one to three blocks stay cheap on a CPU
 
@@ -40,20 +38,7 @@ class Oracle:
         return out[:n]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These forwards are tiny: one intra-op thread runs them fastest, and on a busy two-core
-    machine a second, spinning OpenMP thread slows this file tenfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Transformer(preset("tiny").replace(index_topk=8)).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dsv32.chat as chat
-from dsv32 import save_model
+from dsv32 import chat, save_model
 from dsv32.config import preset
 from dsv32.engine import LLM, EngineConfig, SamplingParams
 from dsv32.model import Transformer

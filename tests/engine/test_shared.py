@@ -6,28 +6,20 @@ import threading
 import pytest
 import torch
 
-from dsv32.config import preset
-from dsv32.engine import Engine, EngineClosed, EngineConfig, SamplingParams, SharedEngine
-from dsv32.model import ContextLengthError, Transformer
+from dsv32.engine import (
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    SamplingParams,
+    SharedEngine,
+)
+from dsv32.model import ContextLengthError
 from dsv32.rl.rollout import complete
 
 CONFIG = EngineConfig(num_blocks=64, block_size=16, max_num_seqs=8, prefill_chunk=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These forwards are tiny: one intra-op thread runs them fastest, and on a busy two-core
-    machine a second, spinning OpenMP thread slows this file tenfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Transformer(preset("tiny").replace(index_topk=8)).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def requests(n: int) -> list[tuple[list[int], SamplingParams]]:
