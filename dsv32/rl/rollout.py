@@ -192,9 +192,12 @@ def rollout(engine: Engine, tokenizer, tasks: list[Task], params: SamplingParams
                 t.answer = message["content"] if message is not None and not message["tool_calls"] else ""
                 continue
             message, results = step
-            suffix = tool_suffix(t.messages, message, results, t.task.thinking_mode)
+            suffix = tokenizer.encode(tool_suffix(t.messages, message, results, t.task.thinking_mode))
+            if len(t.tokens) + len(suffix) >= limit:  # no room to sample after the results: the
+                t.finish_reason = "length"            # trajectory ends here, within the context
+                continue
             t.messages += [message] + [{"role": "tool", "content": r} for r in results]
-            t.add_forced(tokenizer.encode(suffix))
+            t.add_forced(suffix)
             active.append(i)
     return trajs
 

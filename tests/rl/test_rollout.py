@@ -212,6 +212,25 @@ def test_multi_turn_tool_rollout_keeps_every_turns_routes(model, tok):
     assert (lp - old).abs().mean() > 1e-3
 
 
+def test_tool_results_that_would_pass_the_context_end_the_trajectory_inside_it(model, tok):
+    """Found on a GPU run: a long tool result appended after the last turn that fits pushed the
+    trajectory past max_model_len, and its replay past the model's positions. Now the trajectory
+    ends before the results, as cut by length, and replays."""
+    task = arithmetic_task(random.Random(2), tool=True)
+
+    def long_results(task, message):
+        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}
+        return {"role": "assistant", "reasoning_content": "r", "content": "", "tool_calls": [call]}, ["42 " * 400]
+
+    limit = len(tok.apply_chat_template(task.messages, thinking_mode=task.thinking_mode)) + 3 * PARAMS.max_tokens
+    eng = Engine(model, EngineConfig(num_blocks=64, max_num_seqs=8, max_model_len=limit))
+    (t,) = rollout(eng, tok, [task], PARAMS, max_turns=3, env=long_results)
+    assert t.turns == 1 and t.finish_reason == "length" and len(t.tokens) <= limit
+    assert not any(t.action[t.turn_spans[-1][1]:])   # nothing after the one sampled turn
+    got, want = replay(model, [t])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_tool_env_parses_a_real_tool_call_and_the_suffix_matches_the_chat_format():
     task = arithmetic_task(random.Random(3), tool=True)
     calls = [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3*4"}}}]
