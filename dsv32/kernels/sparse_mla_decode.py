@@ -86,9 +86,17 @@ def sparse_mla_decode_ref(q, cache, idx, scale, d_v=512, num_splits=None):
     return out.to(torch.bfloat16), lse
 
 
+def kernel_fits(d_v: int, d_rope: int) -> bool:
+    """Whether the kernel tiles these head dims: d_v in whole FP8 scale groups, both powers of
+    two and at least 16 (tl.dot's smallest inner dimension). Smaller models (the tiny preset's
+    rope dim is 8) take the twin."""
+    return d_v % GROUP == 0 and all(d >= 16 and not d & (d - 1) for d in (d_v, d_rope))
+
+
 def sparse_mla_decode(q, cache, idx, scale, d_v=512, num_splits=None):
-    """The Triton kernel on CUDA, the reference elsewhere (see dsv32.kernels)."""
-    if use_triton(q):
+    """The Triton kernel on CUDA where it fits the head dims, the reference elsewhere (see
+    dsv32.kernels)."""
+    if use_triton(q) and kernel_fits(d_v, q.shape[-1] - d_v):
         return sparse_mla_decode_triton(q, cache, idx, scale, d_v, num_splits)
     return sparse_mla_decode_ref(q, cache, idx, scale, d_v, num_splits)
 
@@ -111,8 +119,8 @@ def auto_num_splits(rows: int, head_blocks: int, k: int, sms: int) -> int:
 def sparse_mla_decode_triton(q, cache, idx, scale, d_v=512, num_splits=None):
     """The kernel; num_splits=None picks the split-KV count from the batch and the SM count."""
     fp8, d_rope = _check(q, cache, idx, d_v)
-    if d_rope & (d_rope - 1) or d_v & (d_v - 1):
-        raise ValueError(f"the kernel needs power-of-two d_v and rope dims, got {d_v} and {d_rope}")
+    if not kernel_fits(d_v, d_rope):
+        raise ValueError(f"the kernel needs power-of-two d_v and rope dims of at least 16, got {d_v} and {d_rope}")
     b, s, h, d = q.shape
     rows, k = b * s, idx.shape[-1]
     q3 = q.reshape(rows, h, d)

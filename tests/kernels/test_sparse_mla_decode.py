@@ -176,6 +176,21 @@ def test_dispatcher_on_cpu_equals_a_softmax_over_the_selected_rows():
             torch.testing.assert_close(o[0, s, h].float(), p @ rows[:, :512], rtol=2e-2, atol=1e-2)
 
 
+def test_head_dims_the_kernel_cannot_tile_take_the_twin():
+    """Found on an H200: a tiny model (d_v 128, rope 8, as the CUDA-graph test builds) reached the
+    kernel, whose rope dot needs an inner dimension of 16. Forced to Triton, such a model gets the
+    reference's answer; the kernel itself refuses those dims by name."""
+    q = torch.randn(2, 1, 4, 136).to(torch.bfloat16)
+    cache = torch.randn(50, 136).to(torch.bfloat16)
+    idx = torch.randint(0, 50, (2, 1, 12), dtype=torch.int32)
+    with force("triton"):
+        got = sparse_mla_decode(q, cache, idx, SCALE, d_v=128)
+    want = sparse_mla_decode_ref(q, cache, idx, SCALE, d_v=128)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="at least 16"):
+        sparse_mla_decode_triton(q, cache, idx, SCALE, d_v=128)
+
+
 @pytest.mark.parametrize("rows,k", [(1, 2048), (4, 2048), (64, 2048), (256, 2048), (2, 100)])
 def test_auto_num_splits_fills_the_gpu_once(rows, k):
     splits = auto_num_splits(rows, 2, k, 132)
