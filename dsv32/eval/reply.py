@@ -6,10 +6,11 @@ Kept apart from the graders so that light users (the RL proof reward) need none 
 """
 
 from dsv32.chat import EOS, THINK_END
-from dsv32.llama.chatml import ENDOFTEXT, IM_END
 
-# what ends a reply in the text a sampler returns: V3.2's EOS, ChatML's (SmolLM2) end of turn and of text
-END_TOKENS = (EOS, IM_END, ENDOFTEXT)
+# what ends a reply in the text a sampler returns: V3.2's EOS, and the end-of-turn and end-of-text
+# markers of the im_start/im_end format the converted family speaks (eval reaches that family only
+# through the registry, so its markers are spelled here)
+END_TOKENS = (EOS, "<|im_end|>", "<|endoftext|>")
 
 
 def split_reply(text: str, thinking: bool) -> tuple[str, str | None]:
