@@ -19,6 +19,7 @@ import sys
 from dsv32.agent.sandbox import SandboxError
 from dsv32.eval.code import CodeJudge
 from dsv32.eval.contest import PROTOCOLS, load_problems, run_contest
+from dsv32.eval.proof_run import load_proof_problems, run_proofs
 from dsv32.eval.run import run_eval
 from dsv32.eval.sample import EndpointSampler, EngineSampler, SamplingConfig
 from dsv32.eval.tasks import TEMPLATES, TaskError, load_tasks
@@ -48,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--num-blocks", type=int, default=None, help="the engine's KV cache blocks (default: from memory)")
-    p.add_argument("--protocol", choices=PROTOCOLS, help="Speciale's contest protocol on --tasks problems "
-                   "(samples + subtasks): sample -n candidates, filter, submit the longest-thinking ones, score")
+    p.add_argument("--protocol", choices=PROTOCOLS + ("imo",), help="Speciale's protocols: ioi|icpc on --tasks "
+                   "problems (samples + subtasks): sample -n candidates, filter, submit the longest-thinking ones, "
+                   "score; imo on proof problems: generate, self-verify and refine until the verifier gives 1")
+    p.add_argument("--max-rounds", type=int, default=16, help="imo: proofs scored per problem at most (default 16)")
+    p.add_argument("--verifications", type=int, default=1, help="imo: verifier calls per proof, averaged")
+    p.add_argument("--verifier-url", help="imo: an OpenAI-compatible endpoint for the verifier (default: the prover)")
     p.add_argument("--submissions", type=int, default=None, help="submissions per problem (default: 50 for ioi, "
                    "every surviving candidate for icpc)")
     p.add_argument("--time-limit", type=float, default=2.0, help="seconds per code test, unless the task sets one")
@@ -71,14 +76,21 @@ def main(argv=None) -> int:
     if ks[0] < 1 or ks[-1] > args.n:  # before loading a model only to fail
         print(f"error: pass@k needs 1 <= k <= n, got k={args.k} with n={args.n}", file=sys.stderr)
         return 2
+    if args.max_rounds < 1 or args.verifications < 1:
+        print(f"error: --max-rounds and --verifications must be >= 1, got {args.max_rounds} and "
+              f"{args.verifications}", file=sys.stderr)
+        return 2
     try:
-        tasks = load_problems(args.tasks) if args.protocol else load_tasks(args.tasks, seed=args.seed,
-                                                                          template=args.template)
+        if args.protocol == "imo":
+            tasks = load_proof_problems(args.tasks)
+        else:
+            tasks = load_problems(args.tasks) if args.protocol else load_tasks(args.tasks, seed=args.seed,
+                                                                              template=args.template)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     judge = None
-    if args.protocol or any(t.grader == "code" for t in tasks):  # before loading a model only to fail
+    if args.protocol in PROTOCOLS or any(getattr(t, "grader", None) == "code" for t in tasks):  # before a model
         try:
             judge = CodeJudge(args.workdir, time_limit=args.time_limit, memory_mb=args.memory_mb,
                               unsafe_no_sandbox=args.unsafe_no_sandbox)
@@ -108,6 +120,14 @@ def _run(args, tasks, ks: list[int], judge: CodeJudge | None) -> int:
         sampler, what = EngineSampler(LLM(model, EngineConfig(num_blocks=args.num_blocks), tokenizer=tok)), args.model
     mode = "thinking" if args.thinking else "chat"
     title = f"{args.tasks} on {what} ({mode} mode, n={args.n}, temperature {args.temperature})"
+    if args.protocol == "imo":
+        verifier = (EndpointSampler(args.verifier_url, args.api_model, args.api_key, args.concurrency)
+                    if args.verifier_url else sampler)
+        summary = run_proofs(tasks, sampler, verifier, cfg, args.out, args.max_rounds, args.verifications,
+                             title=f"IMO protocol: {args.tasks} on {what} ({mode} mode)")
+        print(f"IMO: {summary['perfect']} of {summary['problems']} proofs reached a verifier score of 1 "
+              f"(mean best score {summary['mean_score']:.3f}); report in {args.out}/report.md")
+        return 0
     if args.protocol:
         measure = (lambda s: len(sampler.llm.tokenizer.encode(s))) if args.model else len  # tokens, else chars
         summary = run_contest(tasks, sampler, cfg, args.out, args.protocol, judge, args.submissions, measure,
