@@ -45,6 +45,7 @@ from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.shared import SharedEngine
 from dsv32.loader import load, save
 from dsv32.model import Transformer
+from dsv32.rl.rollout import PerTrajectory
 from dsv32.rl.tasks import Domain, Task, TaskMix
 from dsv32.rl.trainer import RLConfig, RLTrainer, plot_rl, task_examples
 from dsv32.tokenizer import Tokenizer, train_tokenizer
@@ -144,22 +145,16 @@ def sft_examples(tok, tools: list[dict], segs) -> list[tuple[list[int], list[int
 
 
 class BrowserEnv:
-    """The browser as the RL environment: one page stack per trajectory (keyed by its own task
-    object, which RLTrainer copies per trajectory)."""
+    """The browser as the RL environment: one page stack per trajectory (`PerTrajectory`)."""
 
     def __init__(self, corpus: Corpus, setup: Setup):
-        self.corpus, self.setup, self.browsers = corpus, setup, {}
+        self.corpus, self.setup, self.browsers = corpus, setup, PerTrajectory()
 
     def __call__(self, task: Task, message: dict | None):
         if message is None or not message["tool_calls"]:
             return None
-        if len(self.browsers) > 8192:  # trajectories of earlier steps are done
-            self.browsers.clear()
-        key = id(task)
-        if key not in self.browsers or self.browsers[key][0] is not task:
-            self.browsers[key] = (task, {t.name: t for t in Browser(self.corpus,
-                                                                   view_tokens=self.setup.view_tokens).tools()})
-        tools = self.browsers[key][1]
+        tools = self.browsers.get(task, lambda: {t.name: t for t in Browser(
+            self.corpus, view_tokens=self.setup.view_tokens).tools()})
         return message, [run_tool(tools, call) for call in message["tool_calls"]]
 
 

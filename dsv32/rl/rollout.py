@@ -123,6 +123,40 @@ def tool_env(task: Task, message: dict | None) -> tuple[dict, list[str]] | None:
     return message, [run_tool(call) for call in message["tool_calls"]]
 
 
+class PerTrajectory:
+    """What a stateful environment (a browser's page stack, an environment's submission) keeps
+    for each trajectory, keyed by the trajectory's own task object: RLTrainer copies each task per
+    trajectory, so G copies of one prompt keep G states. A trajectory cut off by max_turns never
+    says it ended, so past `limit` states all are dropped (they belong to finished batches)."""
+
+    def __init__(self, limit: int = 8192):
+        self.limit, self.states = limit, {}
+
+    def get(self, task, make=None):
+        """The state of `task`'s trajectory; `make()` starts one where there is none (None: look only)."""
+        held = self.states.get(id(task))
+        if held is not None and held[0] is task:
+            return held[1]
+        if make is None:
+            return None
+        if len(self.states) >= self.limit:
+            self.states.clear()
+        state = make()
+        self.states[id(task)] = (task, state)
+        return state
+
+    def pop(self, task) -> None:
+        held = self.states.get(id(task))
+        if held is not None and held[0] is task:
+            del self.states[id(task)]
+
+    def clear(self) -> None:
+        self.states.clear()
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
 def parse_turn(tokenizer, ids: list[int], finish: str | None, thinking_mode: str) -> tuple[dict | None, str]:
     """(parsed assistant message or None, text) of one turn's sampled ids."""
     text = tokenizer.decode(ids)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dsv32.agent.sandbox import Sandbox
 from dsv32.agent.tool import Tool
-from dsv32.rl.rollout import tool_env
+from dsv32.rl.rollout import PerTrajectory, tool_env
 from dsv32.rl.tasks import Task
 from dsv32.synth import trip_tools, trip_verifier
 from dsv32.synth.environment import (
@@ -109,15 +109,15 @@ class EnvironmentRunner:
     def __init__(self, sandbox_root: str | Path | None = None, *, unsafe_no_sandbox: bool = False,
                  max_episodes: int = 8192):
         self.sandbox_root = Path(sandbox_root) if sandbox_root is not None else None
-        self.unsafe_no_sandbox, self.max_episodes = unsafe_no_sandbox, max_episodes
+        self.unsafe_no_sandbox = unsafe_no_sandbox
         self.loaded: dict[str, Loaded] = {}
-        self.episodes: dict[int, Episode] = {}
+        self.episodes = PerTrajectory(max_episodes)
 
     def __call__(self, task: Task, message: dict | None) -> tuple[dict, list[str]] | None:
         if task.environment is None:
             return tool_env(task, message)
         if message is None or not message["tool_calls"]:
-            self.episodes.pop(id(task), None)
+            self.episodes.pop(task)
             return None
         ep = self.episode(task)
         results = []
@@ -134,19 +134,16 @@ class EnvironmentRunner:
 
     def episode(self, task: Task) -> Episode:
         """The state of `task`'s trajectory, new on its first tool call."""
-        ep = self.episodes.get(id(task))
-        if ep is None or ep.task is not task:
-            if len(self.episodes) >= self.max_episodes:  # trajectories cut off by max_turns never said goodbye
-                self.episodes.clear()
+        def start() -> Episode:
             loaded = self.load(task.environment)
             tools, submit = agent_tools(loaded.env, loaded.tools.call)
-            ep = self.episodes[id(task)] = Episode(task, {t.name: t for t in tools}, submit)
-        return ep
+            return Episode(task, {t.name: t for t in tools}, submit)
+        return self.episodes.get(task, start)
 
     def verdict(self, task: Task) -> tuple[float, list[str]] | None:
         """(score, the verifier's reasons) of `task`'s trajectory once it submitted, else None."""
-        ep = self.episodes.get(id(task))
-        return ep.verdict if ep is not None and ep.task is task else None
+        ep = self.episodes.get(task)
+        return ep.verdict if ep is not None else None
 
     def load(self, directory: str) -> Loaded:
         """The environment in `directory` with its tools started (once per runner)."""

@@ -16,7 +16,14 @@ from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
 from dsv32.model.indexer import pack_selection, unpack_selection
-from dsv32.rl.rollout import pack, replay_logprobs, rollout, tool_env, tool_suffix
+from dsv32.rl.rollout import (
+    PerTrajectory,
+    pack,
+    replay_logprobs,
+    rollout,
+    tool_env,
+    tool_suffix,
+)
 from dsv32.rl.tasks import Task, arithmetic_task
 from dsv32.rl.trainer import task_examples
 from dsv32.tokenizer import train_tokenizer
@@ -256,8 +263,8 @@ def test_warm_start_examples_have_the_rollout_token_layout(tok):
 
 
 def test_plain_vocabulary_prompts(tok):
-    from dsv32.rl.rollout import encode_prompt
     from dsv32.llama.tokenizer import PlainTokenizer
+    from dsv32.rl.rollout import encode_prompt
 
     plain = PlainTokenizer(tok.tok, tok.bos_id, tok.eos_id)
     task = Task("arithmetic", [{"role": "user", "content": "What is 2+2?"}], answer="4")
@@ -298,3 +305,17 @@ def test_a_prompt_longer_than_the_context_samples_nothing_and_still_packs(model,
     got, want = replay(model, trajs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)          # the sampled one replays exactly
     assert not pack(trajs, 0).action[1].any()
+
+
+def test_per_trajectory_state_follows_the_task_object_not_its_value_or_id():
+    a = arithmetic_task(random.Random(5))
+    b = replace(a)                       # an equal copy: another trajectory of the same prompt
+    state = PerTrajectory(limit=3)
+    state.get(a, list).append("page 0")
+    assert state.get(a) == ["page 0"] and state.get(b, list) == [] and len(state) == 2
+    state.pop(b)
+    assert state.get(b) is None and state.get(a) == ["page 0"]
+    state.get(b, list), state.get(replace(a), list)
+    assert len(state) == 3
+    state.get(replace(a), list)          # full: the states of finished batches go
+    assert len(state) == 1 and state.get(a) is None
