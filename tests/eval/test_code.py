@@ -7,6 +7,7 @@ import shutil
 import socket
 
 import pytest
+from scripted import Scripted
 
 from dsv32.agent.sandbox import SandboxError
 from dsv32.eval.code import (
@@ -18,36 +19,16 @@ from dsv32.eval.code import (
     same_output,
 )
 from dsv32.eval.run import run_eval
-from dsv32.eval.sample import Sample, SamplingConfig
+from dsv32.eval.sample import SamplingConfig
 from dsv32.eval.tasks import TaskError, load_tasks
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
+JUDGE_TIME_LIMIT = 1.0  # seconds per test, for the `judge` fixture (conftest)
 CASES = [{"input": "1 2\n", "output": "3\n"}, {"input": "-5 5\n", "output": "0"}, {"input": "10 20", "output": "30"}]
-
-
-class Scripted:
-    def __init__(self, texts):
-        self.texts = texts
-
-    def sample(self, tasks, cfg, progress=None):
-        for t in tasks:
-            yield t, [Sample(x, "stop") for x in self.texts]
 
 
 def reply(program: str, lang: str = "python") -> str:
     return f"thinking about it</think>Here is my solution:\n```{lang}\n{program}```\n"
-
-
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
-    try:
-        j = CodeJudge(tmp_path_factory.mktemp("judge"), time_limit=1.0, memory_mb=256)
-    except SandboxError as e:
-        pytest.skip(f"bubblewrap cannot start a sandbox here: {e}")
-    yield j
-    j.close()
 
 
 def test_the_program_is_the_last_fenced_block_of_the_answer():

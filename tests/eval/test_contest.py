@@ -3,12 +3,10 @@
 filtering, submissions and scores are worked out by hand below."""
 
 import json
-import shutil
 
 import pytest
+from scripted import Scripted
 
-from dsv32.agent.sandbox import SandboxError
-from dsv32.eval.code import CodeJudge
 from dsv32.eval.contest import judge_problem, load_problems, refuses, run_contest
 from dsv32.eval.sample import Sample, SamplingConfig
 from dsv32.eval.tasks import TaskError
@@ -44,28 +42,6 @@ SCRIPT = [
     ("c6", reply(300, LARGE_ONLY), "stop"),              # survives, subtask 2 only
 ]
 # Survivors by thinking length: c1 (500), c6 (300), c0 (100).
-
-
-class Scripted:
-    def __init__(self, texts):
-        self.texts, self.asked = texts, []
-
-    def sample(self, tasks, cfg, progress=None):
-        for t in tasks:
-            self.asked.append(t.id)
-            yield t, [Sample(text, reason, len(text)) for text, reason in self.texts[t.id][:cfg.n]]
-
-
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
-    try:
-        j = CodeJudge(tmp_path_factory.mktemp("judge"), time_limit=2.0, memory_mb=256)
-    except SandboxError as e:
-        pytest.skip(f"bubblewrap cannot start a sandbox here: {e}")
-    yield j
-    j.close()
 
 
 @pytest.fixture

@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
+from scripted import Scripted
 
 from dsv32.engine import LLM, EngineConfig
 from dsv32.eval.passk import pass_at_k
 from dsv32.eval.run import run_eval
-from dsv32.eval.sample import AnswerStop, EngineSampler, Sample, SamplingConfig
+from dsv32.eval.sample import AnswerStop, EngineSampler, SamplingConfig
 from dsv32.eval.tasks import Task
 from dsv32.loader import load
 
@@ -52,17 +53,6 @@ def test_the_engine_sampler_does_not_end_a_sample_at_a_stop_string_inside_the_th
         chat = one(llm, SamplingConfig(thinking=False, stop=(stop,), **greedy))
         assert chat.finish_reason == "stop" and chat.text == chat_free.text[:chat_free.text.find(stop)]
 
-
-class Scripted:
-    """A sampler that answers each task with given texts, and remembers what it was asked."""
-
-    def __init__(self, texts):
-        self.texts, self.asked = texts, []
-
-    def sample(self, tasks, cfg, progress=None):
-        for t in tasks:
-            self.asked.append(t.id)
-            yield t, [Sample(x, "stop") for x in self.texts[t.id][:cfg.n]]
 
 
 def test_results_are_written_per_task_resumed_and_reported_from_the_file(tmp_path):
