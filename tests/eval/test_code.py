@@ -7,7 +7,7 @@ import shutil
 import socket
 
 import pytest
-from scripted import Scripted
+from scripted_sampler import Scripted
 
 from dsv32.agent.sandbox import SandboxError
 from dsv32.eval.code import (

@@ -5,7 +5,7 @@ filtering, submissions and scores are worked out by hand below."""
 import json
 
 import pytest
-from scripted import Scripted
+from scripted_sampler import Scripted
 
 from dsv32.eval.contest import judge_problem, load_problems, refuses, run_contest
 from dsv32.eval.sample import Sample, SamplingConfig

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from scripted import Scripted
+from scripted_sampler import Scripted
 
 from dsv32.engine import LLM, EngineConfig
 from dsv32.eval.passk import pass_at_k
