@@ -28,10 +28,13 @@ import copy
 import json
 import random
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dsv32.agent.browser import Browser
 from dsv32.agent.context import STRATEGIES
@@ -172,18 +175,27 @@ def model_config(tok, window: int, quick: bool):
         index_n_heads=4, index_head_dim=32)
 
 
-def evaluate(model, tok, corpus: Corpus, questions: list[Question], strategy: str, setup: Setup, seed: int,
+def evaluate(model, tok, corpus: Corpus, questions: list[Question], strategies, setup: Setup, seed: int,
              workers: int) -> list[dict]:
-    """The trained model under one strategy: one episode per question, sampled at temperature 1."""
-    engine = Engine(model, EngineConfig(max_num_seqs=max(1, workers), max_model_len=setup.window,
-                                        num_blocks=max(1, workers) * -(-setup.window // 64) + 8,
+    """The trained model under every strategy at once: one episode per question and strategy,
+    sampled at temperature 1, all strategies' episodes decoding together in one engine (each
+    strategy's loop in its own thread, `workers` episodes of each running at once)."""
+    jobs = {s: len(questions) * (setup.attempts if s == "parallel-fewest-step" else 1) for s in strategies}
+    seqs = sum(min(workers, n) for n in jobs.values())
+    engine = Engine(model, EngineConfig(max_num_seqs=seqs, max_model_len=setup.window,
+                                        num_blocks=seqs * -(-setup.window // 64) + 8,
                                         max_num_batched_tokens=max(8192, 2 * setup.window)))
-    sampling = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=setup.max_new, seed=seed)
     with SharedEngine(engine) as shared:
-        loop = AgentLoop(EnginePolicy(shared, tok, record=False), tools_for(corpus, setup), sampling,
-                         agent_config(strategy, setup))
-        episodes = loop.run_many([q.text for q in questions], workers=workers)
-    return [row(strategy, q, ep) for q, ep in zip(questions, episodes)]
+        def run(i: int, strategy: str) -> list[dict]:
+            sampling = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=setup.max_new, seed=seed + 7 * i)
+            loop = AgentLoop(EnginePolicy(shared, tok, record=False), tools_for(corpus, setup), sampling,
+                             agent_config(strategy, setup))
+            episodes = loop.run_many([q.text for q in questions], workers=workers)
+            return [row(strategy, q, ep) for q, ep in zip(questions, episodes)]
+
+        with ThreadPoolExecutor(len(strategies)) as pool:
+            per_strategy = list(pool.map(run, range(len(strategies)), strategies))
+    return [r for rows in per_strategy for r in rows]
 
 
 def table(rows: list[dict], strategies, hops: list[int]) -> dict:
@@ -229,16 +241,21 @@ def sft(model, data: SFTData, seq_len: int, args, out: Path, device: str) -> tup
     return history, steps
 
 
-def rl(trainer: RLTrainer, deadline: float) -> list[dict]:
-    """RLTrainer's steps until its step count or the deadline, metrics to its out/metrics.jsonl."""
-    from tqdm import tqdm
-
+def rl(trainer: RLTrainer, deadline: float) -> tuple[list[dict], str | None]:
+    """RLTrainer's steps until its step count or the deadline, metrics to its out/metrics.jsonl.
+    A step that raises ends GRPO with the error returned (the steps before it stand), so the
+    evaluation still runs on the model as it is."""
     out = Path(trainer.cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     history = []
     with (out / "metrics.jsonl").open("w") as f, tqdm(total=trainer.cfg.steps, desc="grpo") as bar:
         while trainer.step < trainer.cfg.steps and time.time() < deadline:
-            m = trainer.train_step()
+            try:
+                m = trainer.train_step()
+            except Exception:  # noqa: BLE001 - reported in results.json, the run goes on to the evaluation
+                error = traceback.format_exc()
+                print(error, flush=True)
+                return history, error.strip().splitlines()[-1]
             history.append(m)
             f.write(json.dumps(m) + "\n")
             f.flush()
@@ -246,7 +263,7 @@ def rl(trainer: RLTrainer, deadline: float) -> list[dict]:
             bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "turns") if k in m})
     if history:
         plot_rl(out / "metrics.jsonl", out / "metrics.png")
-    return history
+    return history, None
 
 
 def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
@@ -303,6 +320,7 @@ def main():
     p.add_argument("--max-hops", type=int, default=8)
     p.add_argument("--train-questions", type=int, default=250, help="per strategy the expert runs under")
     p.add_argument("--eval-per-hop", type=int, default=16)
+    p.add_argument("--eval-round", type=int, default=4, help="questions per hop count in each evaluation round")
     p.add_argument("--sft-steps", type=int, default=1200)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-minutes", type=float, default=3.5, help="cap SFT's step count to fit this (0: no cap)")
@@ -322,6 +340,7 @@ def main():
         args.people, args.train_questions, args.eval_per_hop = 60, 6, 1
         args.sft_steps, args.sft_batch, args.rl_steps, args.vocab, args.max_hops = 4, 2, 1, 1024, 3
         args.window, args.max_new, args.budget, args.attempts, args.sft_minutes = 1536, 48, 4, 2, 0
+        args.workers = 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -413,25 +432,28 @@ def main():
                        lr=1e-5, device=device, seed=args.seed)
         trainer = RLTrainer(cfg, model, tok, TaskMix([Domain("multihop")], {"multihop": pool}),
                             env=BrowserEnv(corpus, setup))
-        rl_hist = rl(trainer, time.time() + 60 * args.rl_minutes)
+        rl_hist, rl_error = rl(trainer, time.time() + 60 * args.rl_minutes)
         model = trainer.policy
         save(model, out / "model", tokenizer=tok)
         done("rl", t0, steps=len(rl_hist), reward_first=rl_hist[0]["reward"] if rl_hist else None,
              reward_last=rl_hist[-1]["reward"] if rl_hist else None,
-             reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])))
+             reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error)
         del trainer
 
-    # 5. the five strategies on held-out questions
+    # 5. the five strategies on held-out questions, in rounds (each round a slice of every hop
+    # count, all strategies side by side) so a run cut short still has a balanced table
     model = model.to(device).eval()
     rows = []
-    for i, strategy in enumerate(STRATEGIES):
+    per_round = max(1, args.eval_round)
+    for r, start in enumerate(range(0, args.eval_per_hop, per_round)):
         t0 = time.time()
-        rows += evaluate(model, tok, corpus, eval_q, strategy, setup, args.seed + 7 * i, args.workers)
+        batch = [q for i, q in enumerate(eval_q) if start <= i % args.eval_per_hop < start + per_round]
+        rows += evaluate(model, tok, corpus, batch, STRATEGIES, setup, args.seed + 1000 * r, args.workers)
         results["model"] = table(rows, STRATEGIES, hops)
         (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         plot(results, out)
-        done(f"eval {strategy}", t0, accuracy=results["model"][strategy]["accuracy"],
-             steps=results["model"][strategy]["steps"])
+        done(f"eval round {r}", t0, questions=len(batch),
+             accuracy={s: round(t["accuracy"], 3) for s, t in results["model"].items()})
     results["total_s"] = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: {s: round(t["accuracy"], 3) for s, t in results[k].items()} for k in ("expert", "model")}))
