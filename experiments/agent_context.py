@@ -266,6 +266,15 @@ def rl(trainer: RLTrainer, deadline: float) -> tuple[list[dict], str | None]:
     return history, None
 
 
+def cuda_memory() -> dict:
+    """GiB in use by the process (the driver's view) and held by PyTorch's allocator."""
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_used_gib": round((total - free) / 2**30, 2),
+            "torch_reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
+
+
 def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
     """(ids, labels) pairs as flat int32 arrays with offsets (no pickle)."""
     import numpy as np
@@ -318,7 +327,10 @@ def main():
     p.add_argument("--budget", type=int, default=40, help="model calls per question, over all attempts")
     p.add_argument("--attempts", type=int, default=4)
     p.add_argument("--max-hops", type=int, default=8)
-    p.add_argument("--train-questions", type=int, default=250, help="per strategy the expert runs under")
+    p.add_argument("--train-questions", type=int, default=800, help="per strategy the expert runs under, "
+                   "spread over the training worlds")
+    p.add_argument("--train-worlds", type=int, default=8, help="worlds the training questions come from "
+                   "(the evaluation world is another)")
     p.add_argument("--eval-per-hop", type=int, default=16)
     p.add_argument("--eval-round", type=int, default=4, help="questions per hop count in each evaluation round")
     p.add_argument("--sft-steps", type=int, default=1200)
@@ -337,7 +349,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
-        args.people, args.train_questions, args.eval_per_hop = 60, 6, 1
+        args.people, args.train_questions, args.eval_per_hop, args.train_worlds = 60, 6, 1, 2
         args.sft_steps, args.sft_batch, args.rl_steps, args.vocab, args.max_hops = 4, 2, 1, 1024, 3
         args.window, args.max_new, args.budget, args.attempts, args.sft_minutes = 1536, 48, 4, 2, 0
         args.workers = 4
@@ -354,18 +366,24 @@ def main():
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"[{stage}] {json.dumps(results['stages'][stage])}", flush=True)
 
-    # 1. the world, its corpus and the questions
+    # 1. the worlds, their corpora and the questions: training questions come from --train-worlds
+    # worlds of their own, the evaluation's from a world no training saw (new names, new links), so
+    # answering needs the browser, not a memory of the training world
     t0 = time.time()
     world = World(args.people, seed=args.seed)
     corpus = Corpus.build(world.documents, sources=["multihop"], progress=False)
+    train_worlds = [World(args.people, seed=args.seed + 1 + w) for w in range(args.train_worlds)]
+    train_corpora = [Corpus.build(w.documents, sources=["multihop"], progress=False) for w in train_worlds]
     rng = random.Random(args.seed + 1)
     hops = list(range(1, args.max_hops + 1))
-    train_q = [world.question(rng, rng.choice(hops)) for _ in range(args.train_questions)]
+    per_world = max(1, args.train_questions // args.train_worlds)
+    train_q = [[w.question(rng, rng.choice(hops)) for _ in range(per_world)] for w in train_worlds]
     eval_q = [world.question(random.Random(args.seed + 10_000 + i), h)
               for h in hops for i in range(args.eval_per_hop)]
     (out / "eval_questions.jsonl").write_text("".join(json.dumps(q.to_json()) + "\n" for q in eval_q))
     tools = schemas(corpus)
-    done("world", t0, people=args.people, documents=len(corpus), eval_questions=len(eval_q))
+    done("world", t0, people=args.people, documents=len(corpus), eval_questions=len(eval_q),
+         train_worlds=len(train_worlds), train_questions=per_world * len(train_worlds))
 
     # 2-3. tokenizer, the expert under each strategy (the ceiling) and the SFT data: CPU work,
     # done here or read from a --prepare'd directory (--data)
@@ -376,7 +394,8 @@ def main():
     elif args.data:
         tok = Tokenizer.from_file(data)
     else:
-        _, segs = expert_runs(world, corpus, train_q[:max(4, len(train_q) // 8)], ("summary",), setup, None, "tokenizer ")
+        segs = [seg for w, c, qs in zip(train_worlds, train_corpora, train_q)
+                for seg in expert_runs(w, c, qs[:max(2, len(qs) // 8)], ("summary",), setup, None, "tokenizer ")[1]]
         text = data / "corpus.txt"
         data.mkdir(parents=True, exist_ok=True)
         text.write_text("\n".join(encode_messages([{"role": "system", "content": "", "tools": tools}] + start + turns,
@@ -404,7 +423,8 @@ def main():
         if args.data:
             examples, n_segs = load_examples(data / "sft.npz"), None
         else:
-            _, segs = expert_runs(world, corpus, train_q, TRAINED_ON, setup, count, "sft data ")
+            segs = [seg for i, (w, c, qs) in enumerate(zip(train_worlds, train_corpora, train_q))
+                    for seg in expert_runs(w, c, qs, TRAINED_ON, setup, count, f"sft data {i + 1}/{len(train_q)} ")[1]]
             examples = [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= args.window]
             save_examples(examples, data / "sft.npz")
             n_segs = len(segs)
@@ -417,27 +437,30 @@ def main():
         model = Transformer(model_config(tok, args.window, args.quick))
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
-        done("sft", t0, steps=steps, params=sum(p.numel() for p in model.parameters()),
+        torch.cuda.empty_cache() if device == "cuda" else None
+        done("sft", t0, **cuda_memory(), steps=steps, params=sum(p.numel() for p in model.parameters()),
              loss_first=history[0].get("lm") if history else None, loss_last=history[-1].get("lm") if history else None)
 
         # 4. GRPO on questions that fit the window, the browser as environment
         t0 = time.time()
-        rl_q = [world.question(rng, rng.randint(1, args.rl_max_hops)) for _ in range(512)]
+        rl_q = [train_worlds[0].question(rng, rng.randint(1, args.rl_max_hops)) for _ in range(512)]
         system = {"role": "system", "content": "", "tools": tools}
         pool = [Task("multihop", [system, {"role": "user", "content": q.text}], grader="exact", answer=q.answer,
                      tools=tools, thinking_mode="thinking", language=None) for q in rl_q]
         cfg = RLConfig(out=str(out / "rl"), domains=["multihop"], steps=args.rl_steps,
-                       prompts_per_step=2 if args.quick else 16, group_size=2 if args.quick else 8, minibatches=2,
+                       prompts_per_step=2 if args.quick else 8, group_size=2 if args.quick else 8,
+                       minibatches=2 if args.quick else 4,
                        max_new_tokens=setup.max_new, max_turns=3 * args.rl_max_hops + 2, max_len=setup.window,
                        lr=1e-5, device=device, seed=args.seed)
         trainer = RLTrainer(cfg, model, tok, TaskMix([Domain("multihop")], {"multihop": pool}),
-                            env=BrowserEnv(corpus, setup))
+                            env=BrowserEnv(train_corpora[0], setup))
         rl_hist, rl_error = rl(trainer, time.time() + 60 * args.rl_minutes)
         model = trainer.policy
         save(model, out / "model", tokenizer=tok)
         done("rl", t0, steps=len(rl_hist), reward_first=rl_hist[0]["reward"] if rl_hist else None,
              reward_last=rl_hist[-1]["reward"] if rl_hist else None,
-             reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error)
+             reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error,
+             **cuda_memory())
         del trainer
 
     # 5. the five strategies on held-out questions, in rounds (each round a slice of every hop
