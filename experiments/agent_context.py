@@ -221,7 +221,7 @@ def sft(model, data: SFTData, seq_len: int, args, out: Path, device: str) -> tup
     """SFT with dsv32.train.Trainer. Its step count fits --sft-minutes, from the speed of a few
     probe steps on a copy of the model (the schedule needs the count up front)."""
     def config(steps: int, name: str) -> TrainConfig:
-        return TrainConfig(stage="sft", attention="dense", steps=steps, lr=2e-3, warmup=min(50, steps),
+        return TrainConfig(stage="sft", attention="dense", steps=steps, lr=args.sft_lr, warmup=min(50, steps),
                            batch_size=args.sft_batch, seq_len=seq_len, out=str(out / name), checkpoint_every=10**9,
                            device=device, seed=args.seed, dtype="bfloat16")
     steps = args.sft_steps
@@ -342,6 +342,10 @@ def main():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--workers", type=int, default=128, help="episodes run at once (engine batch)")
     p.add_argument("--from-model", help="a trained model directory (skip SFT and RL)")
+    p.add_argument("--sft-from", help="a model directory to start SFT from instead of a fresh model (same tokenizer)")
+    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the trajectories, "
+                   "the tool results included (they repeat names, which teaches copying), not only the expert's")
     p.add_argument("--expert-only", action="store_true", help="only the scripted expert under each strategy (CPU)")
     p.add_argument("--prepare", action="store_true", help="stop after the CPU work: tokenizer, expert runs, SFT "
                    "data (in OUT/data), for a GPU run with --data")
@@ -434,13 +438,19 @@ def main():
             return
         t0 = time.time()
         torch.manual_seed(args.seed)
-        model = Transformer(model_config(tok, args.window, args.quick))
+        if args.sft_from:
+            model, _ = load(args.sft_from, dtype=torch.float32, device="cpu")
+        else:
+            model = Transformer(model_config(tok, args.window, args.quick))
+        if args.sft_all_tokens:   # every next token is a target: labels = ids
+            examples = [(ids, list(ids)) for ids, _ in examples]
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
         torch.cuda.empty_cache() if device == "cuda" else None
         done("sft", t0, **cuda_memory(), steps=steps, params=sum(p.numel() for p in model.parameters()),
              loss_first=history[0].get("lm") if history else None, loss_last=history[-1].get("lm") if history else None)
 
+    if not args.from_model and args.rl_minutes > 0:
         # 4. GRPO on questions that fit the window, the browser as environment
         t0 = time.time()
         rl_q = [train_worlds[0].question(rng, rng.randint(1, args.rl_max_hops)) for _ in range(512)]
