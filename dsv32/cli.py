@@ -3,9 +3,10 @@
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from dsv32 import preflight
+from dsv32 import flags, preflight
 
 
 class _Bytes:
@@ -162,24 +163,40 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                           "(adds fresh indexers; --help names the packaged ones)"}
 
 
+def _run_flags(cls, args, skip=()) -> dict:
+    """The config values of a train / rl command (--config FILE, then flags), checked before any
+    model loads."""
+    from dsv32.config import PRESETS
+
+    values = flags.config_values(cls, args, skip)
+    preflight.preset_name(values.get("preset"), PRESETS)
+    preflight.model_source(values.get("model"), PRESETS)
+    if values.get("device") is not None:
+        preflight.device(values["device"])
+    return values
+
+
 def cmd_train(args) -> int:
-    import dataclasses
     import logging
 
     from dsv32.train import TrainConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(stage=args.stage, **{k: v for k, v in vars(args).items()
-                                           if k in fields and k != "stage" and v is not None})
-    out = run(cfg)
+    cfg = TrainConfig(stage=args.stage, **_run_flags(TrainConfig, args, skip=("stage",)))
+    if cfg.stage == "dsa-warmup" and cfg.model is None:
+        print(f"warning: dsa-warmup without --model trains the indexers of a RANDOM '{cfg.preset}' model: "
+              "pass --model DIR (a pretrained checkpoint) to teach its indexers", file=sys.stderr)
+    out = run(cfg, resume=_resume(args))
     if out is not None:
         print(f"model written to {out}", file=sys.stderr)
     return 0
 
 
+def _resume(args) -> str:
+    return "overwrite" if args.overwrite else "no" if args.no_resume else "auto"
+
+
 def cmd_rl(args) -> int:
-    import dataclasses
     import logging
 
     from dsv32.rl import RLConfig, run
@@ -187,16 +204,16 @@ def cmd_rl(args) -> int:
     from dsv32.synth.rl_env import EnvironmentRunner, environment_tasks
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fields = {f.name for f in dataclasses.fields(RLConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values = _run_flags(RLConfig, args)
+    cfg = RLConfig(**values)
     tasks, env = [], tool_env
     if args.environments:  # synthesized environments: their tasks, run by their tools and verifiers
         tasks = environment_tasks(args.environments)
-        flags.setdefault("domains", sorted({t.domain for t in tasks}))
-        env = EnvironmentRunner(Path(flags.get("out", RLConfig.out)) / "sandboxes",
-                                unsafe_no_sandbox=args.unsafe_no_sandbox)
+        if "domains" not in values:
+            cfg = replace(cfg, domains=sorted({t.domain for t in tasks}))
+        env = EnvironmentRunner(Path(cfg.out) / "sandboxes", unsafe_no_sandbox=args.unsafe_no_sandbox)
     try:
-        out = run(RLConfig(**flags), tasks, env)
+        out = run(cfg, tasks, env, resume=_resume(args))
     finally:
         if isinstance(env, EnvironmentRunner):
             env.close()
@@ -204,22 +221,12 @@ def cmd_rl(args) -> int:
     return 0
 
 
-def _add_dataclass_flags(parser, cls, skip=()):
-    """One --flag per dataclass field (lists take several values, bools are switches)."""
-    import dataclasses
-
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind.startswith("list"):
-            parser.add_argument(flag, dest=f.name, nargs="+")
-        elif kind == "bool":  # --flag / --no-flag
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            typ = int if "int" in kind else float if "float" in kind else str
-            parser.add_argument(flag, dest=f.name, type=typ)
+def _add_resume_flags(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="delete OUT's checkpoint and metrics and start "
+                       "fresh (default: resume from OUT/checkpoint, refusing a changed config)")
+    group.add_argument("--no-resume", action="store_true", help="start fresh, leaving OUT's checkpoint until "
+                       "the first new one replaces it")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -275,13 +282,15 @@ Each command's own --help lists its options.""")
 
     tr = sub.add_parser("train", help="pretrain, SFT, or DeepSeek's DSA stages (dsa-warmup, dsa-sparse)")
     tr.add_argument("stage", choices=STAGES)
-    _add_dataclass_flags(tr, TrainConfig, skip=("stage",))
+    flags.add_flags(tr, TrainConfig, skip=("stage",))
+    _add_resume_flags(tr)
     tr.set_defaults(func=cmd_train)
 
     from dsv32.rl import RLConfig
 
     rl = sub.add_parser("rl", help="GRPO with the V3.2 stabilisers; `dsv32 rl --preset tiny --steps 2` runs on a CPU")
-    _add_dataclass_flags(rl, RLConfig)
+    flags.add_flags(rl, RLConfig)
+    _add_resume_flags(rl)
     rl.add_argument("--environments", metavar="DIR", help="train on the environments `dsv32 synth general` wrote in "
                     "DIR (or DIR/environments.jsonl); --domains defaults to their categories")
     rl.add_argument("--unsafe-no-sandbox", action="store_true",

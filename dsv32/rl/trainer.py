@@ -40,42 +40,46 @@ class RLConfig:
     model: str | None = None              # checkpoint directory (ours or a converted Llama-family model)
     tokenizer: str | None = None          # default: the model's; with a preset, one trained on the tasks
     preset: str = "tiny"                  # random init of this preset when no --model
-    out: str = "runs/rl"
-    domains: list[str] = field(default_factory=lambda: ["arithmetic"])  # name[:beta[:weight]]
+    out: str = "runs/rl"                  # run directory: checkpoint/, metrics.jsonl, rollouts/, model/
+    # task domains, each name[:beta[:weight]] (beta: the KL weight; weight: its share of prompts)
+    domains: list[str] = field(default_factory=lambda: ["arithmetic"])
     tasks_file: str | None = None         # JSONL tasks for domains without a generator
     steps: int = 20                       # rollout batches
-    prompts_per_step: int = 8
-    group_size: int = 8                   # G
+    prompts_per_step: int = 8             # prompts per rollout batch, each sampled group_size times
+    group_size: int = 8                   # G: trajectories per prompt (advantages are relative to the group)
     minibatches: int = 2                  # optimizer steps per rollout batch
     max_new_tokens: int = 96              # per turn (a V3.2 tool call alone takes ~60 tokens)
     max_turns: int = 3                    # tool round trips + 1
     max_len: int = 512                    # context of a trajectory in the engine
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_eps: float = 0.2
+    temperature: float = 1.0              # sampling temperature of the rollouts (> 0)
+    top_p: float = 0.95                   # nucleus sampling of the rollouts (Keep Sampling Mask replays it)
+    top_k: int = 0                        # top-k sampling of the rollouts; 0 = off
+    lr: float = 1e-5                      # AdamW learning rate of the policy
+    weight_decay: float = 0.0             # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0                # gradient-norm clipping
+    clip_eps: float = 0.2                 # PPO ratio clip epsilon
     mask_delta: float = 0.1               # off-policy masking threshold delta (not published)
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
+    keep_routing: bool = True             # replay the engine's MoE routes in the trainer (Keep Routing)
+    keep_sampling_mask: bool = True       # replay the engine's top-p/top-k kept sets (Keep Sampling Mask)
     keep_selection: bool = True           # replay the engine's DSA key sets (positions past index_topk)
-    off_policy_masking: bool = True
+    off_policy_masking: bool = True       # drop negative-advantage sequences that drifted past mask_delta
     unbiased_kl: bool = True              # False: plain K3, no importance weight
     length_buffer: int = 0                # soft overlong penalty ramp (tokens; 0 = off)
-    language_weight: float = 0.0
+    language_weight: float = 0.0          # weight of the language-consistency reward
     rm_url: str | None = None             # OpenAI-compatible endpoint of a generative reward model
-    rm_model: str = "judge"
+    rm_model: str = "judge"               # the reward model's name at rm_url
     sft_steps: int = 0                    # warm start on the tasks' reference solutions
-    sft_lr: float = 2e-3
-    sft_batch_size: int = 32
+    sft_lr: float = 2e-3                  # learning rate of the warm start
+    sft_batch_size: int = 32              # batch size of the warm start
     tokenizer_vocab: int = 512            # the task tokenizer trained for a preset model
     engine_dtype: str = "float32"         # the sampler's weights: float32 or bfloat16
     sampler_noise: float = 0.0            # relative Gaussian noise on the sampler's weights at each sync
     dtype: str = "float32"                # trainer autocast dtype on CUDA (fp32 = none)
-    device: str | None = None
-    seed: int = 0
+    device: str | None = None             # cpu, cuda or cuda:N; default cuda if available
+    seed: int = 0                         # model init, task draws and sampling
+    checkpoint_every: int = 10            # steps between checkpoints (and the last step); a rerun resumes
+    rollouts_per_step: int = 8            # trajectories saved per step to out/rollouts.jsonl (0 = none)
+    plot_every: int = 5                   # steps between refreshes of metrics.png (needs matplotlib)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -83,6 +87,14 @@ class RLConfig:
         if self.minibatches < 1 or self.prompts_per_step % self.minibatches:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} must split into minibatches="
                              f"{self.minibatches} slices of whole groups")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "max_turns", "max_len", "checkpoint_every",
+                     "plot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sft_steps < 0 or self.rollouts_per_step < 0 or self.top_k < 0:
+            raise ValueError("sft_steps, rollouts_per_step and top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
         for name in ("engine_dtype", "dtype"):
