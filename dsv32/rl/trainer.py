@@ -24,12 +24,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.rl import objective
 from dsv32.rl.rewards import GenerativeRM, RewardConfig, reward
 from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, speaks_v32, tool_env, tool_suffix
 from dsv32.rl.tasks import Domain, Task, TaskMix, load_tasks
+from dsv32.train.plots import can_plot, plot_metrics
+from dsv32.train.resume import (
+    checkpoint_state,
+    flatten_state,
+    interrupted,
+    prepare,
+    unflatten_state,
+    unshared,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 STABILISERS = ("keep_routing", "keep_sampling_mask", "keep_selection", "off_policy_masking", "unbiased_kl")
@@ -210,6 +221,7 @@ class RLTrainer:
                                      max_tokens=cfg.max_new_tokens)
         self.rcfg = RewardConfig(length_buffer=cfg.length_buffer, language_weight=cfg.language_weight)
         self.step = 0
+        self.last_varied, self.last_rollouts = 0, []
         self.sync()
 
     def _frozen_copy(self, dtype):
@@ -236,6 +248,9 @@ class RLTrainer:
                         too_long, len(trajs), cfg.max_len)
         rewards = torch.tensor([s["reward"] for s in scores])
         groups = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+        self.last_varied = groups_with_variance(rewards, cfg.group_size)
+        if self.last_varied == 0:
+            log.warning(no_variance_warning(self.step + 1, rewards, cfg))
         return trajs, scores, objective.group_advantages(rewards, groups)
 
     def train_step(self) -> dict:
@@ -260,7 +275,10 @@ class RLTrainer:
         self.step += 1
         m.update({f"{k}_mean" if k == "mismatch" else k: v for k, v in sums.items()})
         m.update(self._rollout_metrics(trajs, scores))
-        m.update(step=self.step, rollout_s=t1 - t0, train_s=time.perf_counter() - t1)
+        m.update(step=self.step, rollout_s=t1 - t0, train_s=time.perf_counter() - t1,
+                 groups_with_variance=self.last_varied / cfg.prompts_per_step)
+        self.last_rollouts = [rollout_record(self.step, t, s) for t, s in
+                              zip(trajs[:cfg.rollouts_per_step], scores[:cfg.rollouts_per_step])]
         return m
 
     def minibatch_step(self, trajs, adv: torch.Tensor, beta: torch.Tensor) -> dict:
@@ -309,55 +327,106 @@ class RLTrainer:
             m[f"accuracy/{dom}"] = sum(s["outcome"] for s in rows) / len(rows)
         return m
 
+    # ---- checkpoints ----
+    def save_checkpoint(self) -> Path:
+        """Policy, reference, optimizer, step and the random streams: what a rerun resumes from."""
+        tensors, meta = flatten_state(self.opt.state_dict())
+        return write_checkpoint(Path(self.cfg.out), {"policy": unshared(self.policy.state_dict()),
+                                                     "ref": unshared(self.ref.state_dict()), "optimizer": tensors,
+                                                     "noise": {"state": self.noise_gen.get_state()}},
+                                {"step": self.step, "optimizer": meta, "config": asdict(self.cfg),
+                                 "rng": _jsonable(self.rng.getstate())})
+
+    def load_checkpoint(self) -> None:
+        path = Path(self.cfg.out) / "checkpoint"
+        state = json.loads((path / "state.json").read_text())
+        self.policy.load_state_dict(load_file(str(path / "policy.safetensors")))
+        self.ref.load_state_dict(load_file(str(path / "ref.safetensors")))
+        self.opt.load_state_dict(unflatten_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+        self.noise_gen.set_state(load_file(str(path / "noise.safetensors"))["state"])
+        self.rng.setstate(_tupled(state["rng"]))
+        self.step = state["step"]
+        self.sync()
+
     # ---- the loop ----
-    def fit(self) -> list[dict]:
+    def fit(self, resume: bool | str = True) -> list[dict]:
+        """RL to cfg.steps, resuming from out/checkpoint as `dsv32.train.resume.prepare` decides
+        (a changed config is refused); metrics.jsonl and rollouts.jsonl get one step per row
+        block, metrics.png is redrawn every plot_every steps. Ctrl-C raises `Interrupted`."""
         from tqdm import tqdm
 
-        out = Path(self.cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        out = Path(cfg.out)
+        if prepare(out, asdict(cfg), resume, ("metrics.jsonl", "rollouts.jsonl")):
+            self.load_checkpoint()
+            log.info("resumed from step %d", self.step)
+        saved = self.step or None
         path = out / "metrics.jsonl"
-        path.write_text("")
+        if not can_plot():
+            log.warning("matplotlib is not installed: no metrics.png (pip install matplotlib); "
+                        "metrics.jsonl has every number")
         history = []
-        with tqdm(total=self.cfg.steps, desc="rl", dynamic_ncols=True) as bar:
-            while self.step < self.cfg.steps:
-                m = self.train_step()
-                history.append(m)
-                with path.open("a") as f:
-                    f.write(json.dumps(m) + "\n")
-                bar.update(1)
-                bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "kl", "mismatch") if k in m})
+        with tqdm(total=cfg.steps, initial=self.step, desc="rl", dynamic_ncols=True) as bar:
+            try:
+                while self.step < cfg.steps:
+                    m = self.train_step()
+                    history.append(m)
+                    with path.open("a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    with (out / "rollouts.jsonl").open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in self.last_rollouts)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "kl", "mismatch") if k in m})
+                    if self.step % cfg.plot_every == 0:
+                        plot_rl(path, out / "metrics.png")
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save_checkpoint()
+                        saved = self.step
+            except KeyboardInterrupt:
+                raise interrupted(self.step, cfg.steps, saved, out) from None
         plot_rl(path, out / "metrics.png")
         return history
 
 
-PLOTTED = ("reward", "accuracy", "response_len", "kl", "clip_frac", "masked_frac", "mismatch", "grad_norm")
+def groups_with_variance(rewards: torch.Tensor, group_size: int) -> int:
+    """How many groups (consecutive runs of group_size rewards) hold at least two different
+    rewards: only those give non-zero advantages, so only those teach the policy anything."""
+    g = rewards.view(-1, group_size)
+    return int((g.max(1).values > g.min(1).values).sum())
+
+
+def no_variance_warning(step: int, rewards: torch.Tensor, cfg: RLConfig) -> str:
+    scores = sorted({round(float(r), 4) for r in rewards})
+    return (f"RL step {step}: no group's rewards differ (every sample of each of the {cfg.prompts_per_step} "
+            f"prompts scored alike: {', '.join(map(str, scores[:4]))}), so every advantage is 0 and this step "
+            "teaches nothing. Try an SFT warm start (--sft-steps 200, on the tasks' reference solutions), "
+            f"more samples per group (--group-size {2 * cfg.group_size}), or an easier task (--domains)")
+
+
+def rollout_record(step: int, traj, score: dict) -> dict:
+    """One saved rollout: what was asked, what the policy wrote, and what it scored."""
+    prompt = next((m["content"] for m in reversed(traj.task.messages) if m["role"] == "user"), "")
+    return {"step": step, "domain": traj.task.domain, "prompt": prompt, "completion": traj.text,
+            "answer": traj.answer, "expected": traj.task.answer, "reward": score["reward"],
+            "outcome": score["outcome"], "turns": traj.turns, "tokens": traj.n_sampled,
+            "finish_reason": traj.finish_reason}
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+PLOTTED = ("reward", "accuracy", "groups_with_variance", "response_len", "kl", "clip_frac", "masked_frac",
+           "mismatch", "grad_norm")
 
 
 def plot_rl(jsonl: Path | list, png: Path, labels: list[str] | None = None) -> None:
     """One panel per metric; several runs (a list of metrics files) are overlaid (ablations)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    files = jsonl if isinstance(jsonl, list) else [jsonl]
-    runs = [[json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()] for f in files]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
-    for ax, key in zip(axes.flat, PLOTTED):
-        for i, rows in enumerate(runs):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=labels[i] if labels else None)
-        ax.set_title(key)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    if labels:
-        axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    plot_metrics(jsonl, png, [((k,), k) for k in PLOTTED], labels=labels, xlabel="RL step")
 
 
 def build(cfg: RLConfig, tasks: list[Task] = ()):
@@ -391,17 +460,20 @@ def build(cfg: RLConfig, tasks: list[Task] = ()):
     return model, tok, mix, rm
 
 
-def run(cfg: RLConfig, tasks: list[Task] = (), env=tool_env) -> Path:
+def run(cfg: RLConfig, tasks: list[Task] = (), env=tool_env, resume: bool | str = True) -> Path:
     """The `dsv32 rl` job: build, optional SFT warm start, RL, export to out/model. `tasks` and
-    `env` as in `build` and `RLTrainer` (the CLI passes synthesized environments and their runner)."""
+    `env` as in `build` and `RLTrainer` (the CLI passes synthesized environments and their runner);
+    `resume` as in `RLTrainer.fit` (a resumed run skips the warm start: its checkpoint has both
+    the policy and the reference it started from)."""
     from dsv32.loader import save
 
     model, tok, mix, rm = build(cfg, tasks)
-    if cfg.sft_steps:
+    resuming = resume in (True, "auto") and checkpoint_state(Path(cfg.out)) is not None
+    if cfg.sft_steps and not resuming:
         m = warm_start(model, tok, mix, cfg)
         log.info("warm start: %d SFT steps, loss %.3f", cfg.sft_steps, m.get("lm", float("nan")))
     trainer = RLTrainer(cfg, model, tok, mix, rm, env=env)
-    trainer.fit()
+    trainer.fit(resume)
     out = Path(cfg.out) / "model"
     save(trainer.policy, out, tokenizer=tok)
     (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))

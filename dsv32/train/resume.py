@@ -17,6 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 RESUME_MODES = ("auto", "no", "overwrite")
 # fields that may change between a run and its resumption: length, bookkeeping, placement
 FREE_FIELDS = {"steps", "checkpoint_every", "device", "out", "activation_checkpointing", "eval_every",
@@ -96,3 +99,64 @@ def prepare(out: Path, config: dict, mode: str | bool = "auto", metrics_files=("
         else:
             (out / name).write_text("")
     return state is not None
+
+
+def write_checkpoint(out: Path, tensors: dict[str, dict], state: dict) -> Path:
+    """out/checkpoint with one NAME.safetensors per entry of `tensors` and state.json, written to a
+    temporary directory and switched in by one rename: a kill leaves a complete checkpoint."""
+    out = Path(out)
+    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, sd in tensors.items():
+        save_file(sd, str(tmp / f"{name}.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def unshared(sd: dict) -> dict:
+    """CPU tensors for safetensors, which refuses shared memory: a tied weight's second name
+    (e.g. lm_head.weight = embed_tokens.weight) gets a copy; loading writes the same values twice."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[k] = t
+    return out
+
+
+def flatten_state(sd, prefix=""):
+    """Optimizer state -> (tensors for safetensors, JSON-able rest)."""
+    tensors, meta = {}, {}
+    for k, v in sd.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            tensors[key] = v.detach().cpu().contiguous()
+            meta[str(k)] = {"__tensor__": key}
+        elif isinstance(v, dict):
+            t, m = flatten_state(v, key + ".")
+            tensors.update(t)
+            meta[str(k)] = {"__dict__": m, "__int_keys__": all(isinstance(x, int) for x in v)}
+        else:
+            meta[str(k)] = {"__value__": v}
+    return tensors, meta
+
+
+def unflatten_state(tensors, meta):
+    out = {}
+    for k, v in meta.items():
+        if "__tensor__" in v:
+            out[k] = tensors[v["__tensor__"]]
+        elif "__dict__" in v:
+            d = unflatten_state(tensors, v["__dict__"])
+            out[k] = {int(a) if v["__int_keys__"] else a: b for a, b in d.items()}
+        else:
+            out[k] = v["__value__"]
+    return out

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,14 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
 from dsv32.model.moe import MoE
 from dsv32.train import losses
 from dsv32.train.plots import can_plot, plot_metrics
-from dsv32.train.resume import interrupted, prepare
+from dsv32.train.resume import flatten_state, interrupted, prepare, unflatten_state, unshared, write_checkpoint
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "sft", "dsa-warmup", "dsa-sparse")
@@ -311,26 +310,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         model_sd, opt_sd = self._full_state()
-        final = self.out / "checkpoint"
         if self.rank == 0:
-            tmp = self.out / "checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(_unshared(model_sd), str(tmp / "model.safetensors"))
-            tensors, meta = _flatten(opt_sd)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "optimizer": meta,
-                                                        "config": asdict(self.cfg),
-                                                        "model_config": self.model.cfg.to_hf()}, indent=1))
-            old = self.out / "checkpoint.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)  # the switch is one rename: a kill leaves a complete checkpoint
-            shutil.rmtree(old, ignore_errors=True)
+            tensors, meta = flatten_state(opt_sd)
+            write_checkpoint(self.out, {"model": unshared(model_sd), "optimizer": tensors},
+                             {"step": self.step, "optimizer": meta, "config": asdict(self.cfg),
+                              "model_config": self.model.cfg.to_hf()})
         if self.distributed:
             dist.barrier()
-        return final
+        return self.out / "checkpoint"
 
     def load_checkpoint(self) -> bool:
         path = self.out / "checkpoint"
@@ -338,9 +325,13 @@ class Trainer:
             return False
         state = json.loads((path / "state.json").read_text())
         model_sd = load_file(str(path / "model.safetensors"))
-        opt_sd = _unflatten(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        opt_sd = unflatten_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             if self.cfg.ep > 1:
                 from dsv32.parallel.fsdp import own_experts
@@ -426,49 +417,6 @@ class Trainer:
                 logits = self.model(x.to(self.device), sparse=sparse, mode="mha").logits
             total += losses.lm_loss(logits, y.to(self.device)).item() / cfg.eval_batches
         return total
-
-
-def _unshared(sd: dict) -> dict:
-    """CPU tensors for safetensors, which refuses shared memory: a tied weight's second name
-    (e.g. lm_head.weight = embed_tokens.weight) gets a copy; loading writes the same values twice."""
-    out, seen = {}, set()
-    for k, v in sd.items():
-        t = v.detach().cpu().contiguous()
-        if t.data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.data_ptr())
-        out[k] = t
-    return out
-
-
-def _flatten(sd, prefix=""):
-    """Optimizer state -> (tensors for safetensors, JSON-able rest)."""
-    tensors, meta = {}, {}
-    for k, v in sd.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            tensors[key] = v.detach().cpu().contiguous()
-            meta[str(k)] = {"__tensor__": key}
-        elif isinstance(v, dict):
-            t, m = _flatten(v, key + ".")
-            tensors.update(t)
-            meta[str(k)] = {"__dict__": m, "__int_keys__": all(isinstance(x, int) for x in v)}
-        else:
-            meta[str(k)] = {"__value__": v}
-    return tensors, meta
-
-
-def _unflatten(tensors, meta):
-    out = {}
-    for k, v in meta.items():
-        if "__tensor__" in v:
-            out[k] = tensors[v["__tensor__"]]
-        elif "__dict__" in v:
-            d = _unflatten(tensors, v["__dict__"])
-            out[k] = {int(a) if v["__int_keys__"] else a: b for a, b in d.items()}
-        else:
-            out[k] = v["__value__"]
-    return out
 
 
 def run(cfg: TrainConfig, resume: bool | str = True) -> Path | None:
