@@ -281,7 +281,8 @@ Each command's own --help lists its options.""")
     from dsv32.train.trainer import STAGES, TrainConfig
 
     tr = sub.add_parser("train", help="pretrain, SFT, or DeepSeek's DSA stages (dsa-warmup, dsa-sparse)")
-    tr.add_argument("stage", choices=STAGES)
+    tr.add_argument("stage", choices=STAGES, help="pretrain or sft (dense by default, --attention dsa), "
+                    "dsa-warmup (DeepSeek's stage 1: indexers only, on a pretrained --model), dsa-sparse (stage 2)")
     flags.add_flags(tr, TrainConfig, skip=("stage",))
     _add_resume_flags(tr)
     tr.set_defaults(func=cmd_train)
