@@ -283,3 +283,18 @@ def test_a_config_file_with_an_unknown_or_mistyped_option_is_named(tmp_path, cap
     bad.write_text('steps = "ten"\n')
     assert door(["rl", "--config", str(bad)], capsys) == (2, "", f"error: --config {bad}: steps must be int, "
                                                                   "got 'ten'\n")
+
+
+# ---- the Python API ----
+
+def test_llm_text_ends_before_the_end_of_reply_token(tok_dir):
+    """The tokenizer's stop ids end a reply by default, and the token that ended it stays in
+    token_ids but not in text (SmolLM2's answers ended in '<|im_end|>')."""
+    from dsv32.engine import LLM, SamplingParams
+    from dsv32.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tok_dir)
+    model, _ = dsv32.load("tiny", tokenizer=tok)
+    tok.stop_ids = tuple(range(tok.vocab_size))  # whatever the random model says first ends the reply
+    out = LLM(model, tokenizer=tok).generate("hello", SamplingParams(max_tokens=4))[0]
+    assert len(out.token_ids) == 1 and out.finish_reason == "stop" and out.text == ""
