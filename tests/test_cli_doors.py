@@ -298,3 +298,19 @@ def test_llm_text_ends_before_the_end_of_reply_token(tok_dir):
     tok.stop_ids = tuple(range(tok.vocab_size))  # whatever the random model says first ends the reply
     out = LLM(model, tokenizer=tok).generate("hello", SamplingParams(max_tokens=4))[0]
     assert len(out.token_ids) == 1 and out.finish_reason == "stop" and out.text == ""
+
+
+def test_config_changes_name_each_changed_field_and_skip_free_and_newer_ones():
+    from dsv32.train.resume import config_changes
+
+    saved = {"seq_len": 256, "lr": 3e-4, "steps": 100, "data": ["a"]}
+    now = {"seq_len": 128, "lr": 3e-4, "steps": 200, "data": ["a", "b"], "eval_every": 50}
+    assert config_changes(saved, now) == ["data: ['a'] -> ['a', 'b']", "seq_len: 256 -> 128"]
+
+
+def test_the_chat_banner_names_model_context_attention_and_load_time():
+    from dsv32.engine import Engine, EngineConfig
+    from dsv32.server.terminal import banner
+
+    engine = Engine(dsv32.load("tiny")[0], EngineConfig(max_model_len=512, num_blocks=16))
+    assert banner("tiny", engine, 1.25) == "tiny: 3 layers, context 512 tokens, DSA top-16; loaded in 1.2s on cpu"

@@ -39,12 +39,13 @@ def interrupted(step: int, total: int, saved: int | None, out: Path) -> Interrup
 
 
 def config_changes(saved: dict, current: dict, free=FREE_FIELDS) -> list[str]:
-    """'name: old -> new' for each field outside `free` whose value differs."""
+    """'name: old -> new' for each field outside `free` whose value differs (a field the saved
+    config predates is not compared: the run that wrote it had no say in it)."""
     out = []
-    for k in sorted(set(saved) | set(current)):
+    for k in sorted(set(saved)):
         if k in free:
             continue
-        a, b = saved.get(k, "(unset)"), current.get(k, "(unset)")
+        a, b = saved[k], current.get(k, "(unset)")
         if a != b:
             out.append(f"{k}: {a!r} -> {b!r}")
     return out
