@@ -54,19 +54,20 @@ def preset_name(name: str | None, presets) -> str | None:
 
 
 def has_thinking_mode(source: str | None) -> bool:
-    """Whether the model at `source` speaks a chat format with a thinking mode, read from its
-    config.json alone: the default model, GGUF files and Llama-family directories speak ChatML,
-    which has none."""
+    """Whether the model at `source` speaks a chat format with a thinking mode, known from its
+    family (dsv32.registry) before any load: the default model's, a GGUF file's, or the one its
+    config.json's model_type names."""
+    from dsv32.registry import DEFAULT_FAMILY, GGUF_FAMILY, family
+
     if source is None or str(source).endswith(".gguf"):
-        return False
+        return family(DEFAULT_FAMILY if source is None else GGUF_FAMILY).thinking
     config = Path(source) / "config.json"
     if not config.is_file():
         return True  # a preset, or something the loader will name
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError):
-        return True  # the loader names a broken config.json
-    return model_type != "llama_dsa"
+        return family(json.loads(config.read_text()).get("model_type")).thinking
+    except (ValueError, OSError, AttributeError):
+        return True  # the loader names a broken config.json or an unknown model_type
 
 
 def port_free(host: str, port: int) -> None:

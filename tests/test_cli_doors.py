@@ -128,7 +128,7 @@ def test_serve_checks_the_port_before_the_model_loads(capsys, no_load):
 
 def test_chat_refuses_thinking_on_a_chatml_model_before_loading_it(capsys, no_load):
     assert door(["chat", "--thinking"], capsys) == \
-        (2, "", "error: SmolLM2-135M-Instruct-DSA speaks ChatML, which has no thinking mode: drop --thinking\n")
+        (2, "", "error: SmolLM2-135M-Instruct-DSA's chat format has no thinking mode: drop --thinking\n")
 
 
 def test_the_served_model_id_is_the_model_as_given():
@@ -314,3 +314,13 @@ def test_the_chat_banner_names_model_context_attention_and_load_time():
 
     engine = Engine(dsv32.load("tiny")[0], EngineConfig(max_model_len=512, num_blocks=16))
     assert banner("tiny", engine, 1.25) == "tiny: 3 layers, context 512 tokens, DSA top-16; loaded in 1.2s on cpu"
+
+
+def test_thinking_mode_is_known_from_the_family_before_loading(tiny_dir, tmp_path):
+    from dsv32.preflight import has_thinking_mode
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama_dsa"}')
+    assert has_thinking_mode(str(tiny_dir)) and has_thinking_mode("tiny")
+    assert not has_thinking_mode(None) and not has_thinking_mode(str(llama)) and not has_thinking_mode("x.gguf")

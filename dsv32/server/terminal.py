@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     args = p.parse_args(argv)
     if args.thinking and not has_thinking_mode(args.model):  # known from config.json: before the load
-        raise ValueError(f"{args.model or DEFAULT_NAME} speaks ChatML, which has no thinking mode: drop --thinking")
+        raise ValueError(f"{args.model or DEFAULT_NAME}'s chat format has no thinking mode: drop --thinking")
     t0 = time.perf_counter()
     engine, tokenizer = load_engine(args)
     load_s = time.perf_counter() - t0
