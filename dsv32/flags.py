@@ -76,7 +76,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = default_of(f)
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        shown = ("none" if default is None or default == [] else
+                 " ".join(map(str, default)) if isinstance(default, list) else default)
         text = f"{docs.get(f.name, '')} (default: {shown})".strip().replace("%", "%%")
         kind = str(f.type)
         if kind.startswith("list"):

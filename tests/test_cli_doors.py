@@ -180,6 +180,17 @@ def test_train_refuses_bad_values_before_loading(flag, value, message, tmp_path,
         (2, "", f"error: {message}\n")
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--steps", "0", "steps must be at least 1, got 0"),
+    ("--max-new-tokens", "0", "max_new_tokens must be at least 1, got 0"),
+    ("--preset", "huge", "unknown preset 'huge': choose from deepseek-v3.2, tiny, small"),
+    ("--model", "/nonexistent", "no model at /nonexistent: expected a model directory, a .gguf file, or a preset "
+                                "name (deepseek-v3.2, tiny, small)"),
+])
+def test_rl_refuses_bad_values_before_loading(flag, value, message, tmp_path, capsys, no_load):
+    assert door(["rl", "--out", str(tmp_path), flag, value], capsys) == (2, "", f"error: {message}\n")
+
+
 def test_stage_one_without_a_model_warns(tok_dir, tmp_path, capsys):
     code, _, err = door(["train", "dsa-warmup", "--tokenizer", str(tok_dir), "--data", TEXT, "--steps", "1",
                          "--seq-len", "32", "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path)], capsys)
@@ -239,7 +250,8 @@ def test_every_train_and_rl_flag_has_help_and_its_default(command, cls):
         if action.dest in fields and action.dest != "stage":
             f = fields[action.dest]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            shown = ("none" if default in (None, []) else
+                     " ".join(map(str, default)) if isinstance(default, list) else default)
             assert action.help.endswith(f"(default: {shown})"), (action.dest, action.help)
     text = sub.format_help()
     assert "tokens per training window (default: 256)" in text or command == "rl"
