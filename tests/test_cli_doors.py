@@ -202,6 +202,7 @@ def steps_logged(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_it_stopped_and_a_rerun_resumes_with_each_step_once(tok_dir, tmp_path, capsys,
                                                                                 monkeypatch):
     from dsv32.train import Trainer

@@ -47,6 +47,7 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lang,body", BLOCKS, ids=[f"block{i}-{lang}" for i, (lang, _) in enumerate(BLOCKS)])
 def test_a_runnable_readme_block_runs_as_written(lang, body, workdir, monkeypatch):
     monkeypatch.chdir(workdir)

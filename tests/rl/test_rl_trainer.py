@@ -157,6 +157,7 @@ def test_a_step_where_every_group_scores_alike_warns_once_and_says_what_to_try(b
     assert any(c.isdigit() for c in rows[0]["prompt"]) and rows[0]["reward"] == 0.0  # an arithmetic question
 
 
+@pytest.mark.slow
 def test_rl_resumes_from_its_checkpoint_with_each_step_logged_once(built, tmp_path):
     """Killed after step 2 of 3 (checkpoint at 2): a rerun loads policy, reference and optimizer
     and goes on at step 3; metrics and rollouts keep each step once. A changed config is refused."""

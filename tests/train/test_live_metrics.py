@@ -28,6 +28,7 @@ def test_topk_recall_is_the_attention_mass_inside_the_selected_keys():
     assert topk_recall(p, idx, 4) is None  # no query sees more than k keys: nothing to measure
 
 
+@pytest.mark.slow
 def test_a_dsa_stage_logs_recall_held_out_loss_and_redraws_its_plot_while_running(tmp_path, monkeypatch):
     drawn = []
     real = trainer_module.plot_metrics
