@@ -211,7 +211,10 @@ def test_cli_trains_a_converted_smollm2(tmp_path):
     from dsv32.cli import main
     from dsv32.llama.model import LlamaDSA
 
+    (tmp_path / "smol").mkdir()  # a directory that held a sharded model: convert leaves none of it
+    (tmp_path / "smol" / "model-00002-of-00002.safetensors").write_bytes(b"a stale shard")
     assert main(["convert", "smollm2", "--out", str(tmp_path / "smol")]) == 0
+    assert [f.name for f in (tmp_path / "smol").glob("*.safetensors")] == ["model.safetensors"]
     assert main(["train", "dsa-warmup", "--model", str(tmp_path / "smol"), "--data", textwrap.__file__,
                  "--steps", "2", "--seq-len", "48", "--batch-size", "1", "--index-topk", "16",
                  "--device", "cpu", "--out", str(tmp_path / "s1")]) == 0
