@@ -23,6 +23,7 @@ import io
 import json
 import textwrap
 import tokenize
+import tomllib
 from pathlib import Path
 
 
@@ -96,8 +97,6 @@ def read_config_file(path: str | Path) -> dict:
         raise FileNotFoundError(f"--config {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
-        import tomllib
-
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
