@@ -51,7 +51,7 @@ class RLConfig:
     model: str | None = None              # checkpoint directory (ours or a converted Llama-family model)
     tokenizer: str | None = None          # default: the model's; with a preset, one trained on the tasks
     preset: str = "tiny"                  # random init of this preset when no --model
-    out: str = "runs/rl"                  # run directory: checkpoint/, metrics.jsonl, rollouts/, model/
+    out: str = "runs/rl"                  # run directory: checkpoint/, metrics.jsonl, rollouts.jsonl, model/
     # task domains, each name[:beta[:weight]] (beta: the KL weight; weight: its share of prompts)
     domains: list[str] = field(default_factory=lambda: ["arithmetic"])
     tasks_file: str | None = None         # JSONL tasks for domains without a generator
