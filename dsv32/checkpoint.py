@@ -248,8 +248,19 @@ def write_shards(items, path: str | Path, max_shard_bytes: int = 4 << 30) -> int
     return total
 
 
+def clear_weights(path: str | Path) -> None:
+    """Remove a model directory's weight files (*.safetensors, the index json) before a model is
+    written there: a model with fewer shards, or of another family, must not leave stale ones that
+    a loader would read with the new."""
+    path = Path(path)
+    for f in [*path.glob("*.safetensors"), path / INDEX]:
+        f.unlink(missing_ok=True)
+
+
 def save_model(model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json, shards `model-0000i-of-0000n.safetensors` and the index json."""
+    """Write config.json, shards `model-0000i-of-0000n.safetensors` and the index json (weights
+    already in `path` are removed first)."""
+    clear_weights(path)
     write_shards(state_dict_hf(model, fp8), path, max_shard_bytes)
     _fp8_config(model.cfg, fp8).save(Path(path))
 

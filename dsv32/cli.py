@@ -3,7 +3,10 @@
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from dsv32 import flags, preflight
 
 
 class _Bytes:
@@ -41,13 +44,28 @@ def _load_for_generate(args, device):
     return model, tok, args.model is None, args.model or DEFAULT_NAME
 
 
-def cmd_generate(args) -> int:
-    import torch
+def _preflight(args) -> str:
+    """The checks a command makes before any model loads (dsv32.preflight); returns the device."""
+    from dsv32.config import PRESETS
 
+    preflight.preset_name(getattr(args, "preset", None), PRESETS)
+    preflight.model_source(getattr(args, "model", None), PRESETS)
+    return preflight.device(getattr(args, "device", None))
+
+
+def cmd_generate(args) -> int:
     from dsv32.engine import generate
     from dsv32.tokenizer import Detokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _preflight(args)
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
     t0 = time.perf_counter()
     model, tok, chat, what = _load_for_generate(args, device)
     chat = (chat or args.chat) and not args.raw
@@ -67,6 +85,10 @@ def cmd_generate(args) -> int:
     stop = tuple(tok.stop_ids) if tok else ()
     if max(prompt, default=0) >= cfg.vocab_size:
         print(f"error: the prompt has token ids beyond the model's vocab_size {cfg.vocab_size}", file=sys.stderr)
+        return 2
+    if len(prompt) >= cfg.max_position_embeddings:  # before the prompt is echoed
+        print(f"error: the prompt has {len(prompt)} tokens, which leaves no room in the model's context of "
+              f"{cfg.max_position_embeddings} tokens", file=sys.stderr)
         return 2
     experts = f"{cfg.n_routed_experts} experts, " if getattr(cfg, "n_routed_experts", 0) else ""
     k = cfg.index_topk
@@ -141,24 +163,40 @@ PASSTHROUGH = {"serve": "OpenAI-compatible HTTP server: dsv32 serve [--model DIR
                           "(adds fresh indexers; --help names the packaged ones)"}
 
 
+def _run_flags(cls, args, skip=()) -> dict:
+    """The config values of a train / rl command (--config FILE, then flags), checked before any
+    model loads."""
+    from dsv32.config import PRESETS
+
+    values = flags.config_values(cls, args, skip)
+    preflight.preset_name(values.get("preset"), PRESETS)
+    preflight.model_source(values.get("model"), PRESETS)
+    if values.get("device") is not None:
+        preflight.device(values["device"])
+    return values
+
+
 def cmd_train(args) -> int:
-    import dataclasses
     import logging
 
     from dsv32.train import TrainConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(stage=args.stage, **{k: v for k, v in vars(args).items()
-                                           if k in fields and k != "stage" and v is not None})
-    out = run(cfg)
+    cfg = TrainConfig(stage=args.stage, **_run_flags(TrainConfig, args, skip=("stage",)))
+    if cfg.stage == "dsa-warmup" and cfg.model is None:
+        print(f"warning: dsa-warmup without --model trains the indexers of a RANDOM '{cfg.preset}' model: "
+              "pass --model DIR (a pretrained checkpoint) to teach its indexers", file=sys.stderr)
+    out = run(cfg, resume=_resume(args))
     if out is not None:
         print(f"model written to {out}", file=sys.stderr)
     return 0
 
 
+def _resume(args) -> str:
+    return "overwrite" if args.overwrite else "no" if args.no_resume else "auto"
+
+
 def cmd_rl(args) -> int:
-    import dataclasses
     import logging
 
     from dsv32.rl import RLConfig, run
@@ -166,16 +204,16 @@ def cmd_rl(args) -> int:
     from dsv32.synth.rl_env import EnvironmentRunner, environment_tasks
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fields = {f.name for f in dataclasses.fields(RLConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values = _run_flags(RLConfig, args)
+    cfg = RLConfig(**values)
     tasks, env = [], tool_env
     if args.environments:  # synthesized environments: their tasks, run by their tools and verifiers
         tasks = environment_tasks(args.environments)
-        flags.setdefault("domains", sorted({t.domain for t in tasks}))
-        env = EnvironmentRunner(Path(flags.get("out", RLConfig.out)) / "sandboxes",
-                                unsafe_no_sandbox=args.unsafe_no_sandbox)
+        if "domains" not in values:
+            cfg = replace(cfg, domains=sorted({t.domain for t in tasks}))
+        env = EnvironmentRunner(Path(cfg.out) / "sandboxes", unsafe_no_sandbox=args.unsafe_no_sandbox)
     try:
-        out = run(RLConfig(**flags), tasks, env)
+        out = run(cfg, tasks, env, resume=_resume(args))
     finally:
         if isinstance(env, EnvironmentRunner):
             env.close()
@@ -183,28 +221,25 @@ def cmd_rl(args) -> int:
     return 0
 
 
-def _add_dataclass_flags(parser, cls, skip=()):
-    """One --flag per dataclass field (lists take several values, bools are switches)."""
-    import dataclasses
+def _add_resume_flags(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="delete OUT's checkpoint and metrics and start "
+                       "fresh (default: resume from OUT/checkpoint, refusing a changed config)")
+    group.add_argument("--no-resume", action="store_true", help="start fresh, leaving OUT's checkpoint until "
+                       "the first new one replaces it")
 
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind.startswith("list"):
-            parser.add_argument(flag, dest=f.name, nargs="+")
-        elif kind == "bool":  # --flag / --no-flag
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            typ = int if "int" in kind else float if "float" in kind else str
-            parser.add_argument(flag, dest=f.name, type=typ)
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error told in one line (the usage itself is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dsv32.registry import DEFAULT_NAME
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dsv32", description="DeepSeek-V3.2 in readable PyTorch: generate, chat, serve, train, RL.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"""\
 A model (--model) is a directory in the Hugging Face layout (config.json, *.safetensors,
@@ -221,7 +256,7 @@ Each command's own --help lists its options.""")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt (contiguous cache, DSA decode)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the text to answer (chat template) or to continue (--raw / a preset)")
     g.add_argument("--model", help="a model directory (config.json, *.safetensors, tokenizer.json), a .gguf "
                    f"file, or a preset name; default: {DEFAULT_NAME} (trained DSA indexers)")
     g.add_argument("--preset", default=None, help="build this preset (e.g. tiny) with RANDOM weights instead")
@@ -229,12 +264,14 @@ Each command's own --help lists its options.""")
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
                       "(the default for the default model)")
     chat.add_argument("--raw", action="store_true", help="plain completion of the prompt, no chat template")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 with the chat template, else 48")
+    g.add_argument("--max-new-tokens", type=preflight.positive_int, default=None, help="default: 256 with the chat template, else 48")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: 0.2 with the chat "
                    "template, else 0")
     g.add_argument("--top-p", type=float, default=None, help="default: 0.9 with the chat template, else 1")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only; "
+                   "0 = no limit (default: 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler (and of a preset's random "
+                   "weights); default: none, a fresh draw each run")
     g.add_argument("--dense", action="store_true", help="dense attention instead of DSA")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -244,14 +281,17 @@ Each command's own --help lists its options.""")
     from dsv32.train.trainer import STAGES, TrainConfig
 
     tr = sub.add_parser("train", help="pretrain, SFT, or DeepSeek's DSA stages (dsa-warmup, dsa-sparse)")
-    tr.add_argument("stage", choices=STAGES)
-    _add_dataclass_flags(tr, TrainConfig, skip=("stage",))
+    tr.add_argument("stage", choices=STAGES, help="pretrain or sft (dense by default, --attention dsa), "
+                    "dsa-warmup (DeepSeek's stage 1: indexers only, on a pretrained --model), dsa-sparse (stage 2)")
+    flags.add_flags(tr, TrainConfig, skip=("stage",))
+    _add_resume_flags(tr)
     tr.set_defaults(func=cmd_train)
 
     from dsv32.rl import RLConfig
 
     rl = sub.add_parser("rl", help="GRPO with the V3.2 stabilisers; `dsv32 rl --preset tiny --steps 2` runs on a CPU")
-    _add_dataclass_flags(rl, RLConfig)
+    flags.add_flags(rl, RLConfig)
+    _add_resume_flags(rl)
     rl.add_argument("--environments", metavar="DIR", help="train on the environments `dsv32 synth general` wrote in "
                     "DIR (or DIR/environments.jsonl); --domains defaults to their categories")
     rl.add_argument("--unsafe-no-sandbox", action="store_true",
@@ -270,9 +310,12 @@ def main(argv=None) -> int:
             return _passthrough(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:  # config, checkpoint, context, extras
+    except (ValueError, OSError, ModuleNotFoundError) as e:  # config, checkpoint, files, ports, extras
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a long job says where it stopped (dsv32.train.Interrupted)
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class Family:
     save: str                        # (model, directory): config.json + safetensors
     tokenizer: str                   # (tokenizer.json or its directory, model config) -> tokenizer
     load_sharded: str | None = None  # (directory, Parallel, dtype, device, fp8=) -> this rank's shard
+    thinking: bool = True            # its chat format has a thinking mode (known before any load)
 
     def get(self, part: str):
         """The code behind one of the fields above, e.g. `family.get("load")(path, dtype, device)`."""
@@ -49,14 +50,17 @@ FAMILIES = (
            save="dsv32.checkpoint:save_model", tokenizer="dsv32.tokenizer:Tokenizer.for_model",
            load_sharded="dsv32.parallel.load:load_sharded"),
     Family("llama_dsa", "Llama with DSA", model="dsv32.llama.model:LlamaDSA", load="dsv32.llama.checkpoint:load",
-           save="dsv32.llama.checkpoint:save", tokenizer="dsv32.llama.tokenizer:PlainTokenizer.for_model"),
+           save="dsv32.llama.checkpoint:save", tokenizer="dsv32.llama.tokenizer:PlainTokenizer.for_model",
+           thinking=False),
 )
 ALIASES = {"deepseek_v3": "deepseek_v32"}  # config.json model_types read as another's
 
 # The model `dsv32 generate / chat / serve` run without --model: () -> (model, tokenizer)
 DEFAULT_MODEL = "dsv32.llama.gguf:smollm2_dsa"
 DEFAULT_NAME = "SmolLM2-135M-Instruct-DSA"
+DEFAULT_FAMILY = "llama_dsa"             # the default model's family
 GGUF = "dsv32.llama.gguf:gguf_dsa"       # a .gguf file -> (model, tokenizer), dense until its indexers train
+GGUF_FAMILY = "llama_dsa"                # what a .gguf file loads as
 CONVERT = "dsv32.llama.gguf:main"        # `dsv32 convert ...`: a GGUF -> a directory with fresh indexers
 
 

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.chat import BOS, EOS, SPECIAL_TOKENS, StreamParser, encode_messages
+from dsv32.preflight import positive_int, text_files
 
 
 class Tokenizer:
@@ -109,7 +110,8 @@ class Detokenizer:
 
 
 def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path) -> Tokenizer:
-    """Train a byte-level BPE on text files and write `out_dir/tokenizer.json`.
+    """Train a byte-level BPE on text files (directories: their .txt, .md, .py, .jsonl files)
+    and write `out_dir/tokenizer.json`.
 
     Byte-level means every string encodes (no unknown token) and decodes back exactly.
     """
@@ -122,7 +124,7 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train([str(f) for f in files], trainer)
+    tok.train([str(f) for f in text_files([str(f) for f in files])], trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
@@ -134,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dsv32 tokenizer")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a byte-level BPE with the V3.2 special tokens")
-    train.add_argument("--files", nargs="+", required=True, help="local text files to train on")
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--files", nargs="+", required=True, help="local text files to train on, or directories "
+                       "(walked for .txt, .md, .py and .jsonl files)")
+    train.add_argument("--vocab-size", type=positive_int, required=True,
+                       help=f"tokens in the vocabulary, the {len(SPECIAL_TOKENS)} special tokens included")
     train.add_argument("--out", required=True, help="directory to write tokenizer.json into")
     args = parser.parse_args(argv)
     tok = train_tokenizer(args.files, args.vocab_size, args.out)

@@ -183,7 +183,7 @@ def spy(monkeypatch):
 @pytest.mark.parametrize("argv", [
     ["generate", "hi", "--model", "SRC"],
     ["chat", "--model", "SRC"],
-    ["serve", "--model", "SRC"],
+    ["serve", "--model", "SRC", "--port", "0"],
     ["train", "pretrain", "--model", "SRC", "--data", "x.txt"],
     ["rl", "--model", "SRC"],
     ["eval", "--tasks", "TASKS", "--model", "SRC", "--out", "OUT"],
@@ -193,7 +193,9 @@ def test_every_cli_command_loads_its_model_through_dsv32_load(spy, argv, tmp_pat
     from dsv32.cli import main
 
     (tmp_path / "tasks.jsonl").write_text('{"id": "t", "prompt": "1+1?", "answer": "2"}\n')
-    argv = [str(tmp_path / "tasks.jsonl") if a == "TASKS" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    (tmp_path / "SRC").mkdir()  # the commands check that a model path exists before loading it
+    names = {"TASKS": tmp_path / "tasks.jsonl", "OUT": tmp_path / "out", "SRC": tmp_path / "SRC"}
+    argv = [str(names[a]) if a in names else a for a in argv]
     with pytest.raises(Loaded, match="SRC"):
         main(argv)
 

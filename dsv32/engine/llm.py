@@ -46,6 +46,10 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         params = params or SamplingParams()
+        ends = set(getattr(self.tokenizer, "stop_ids", ()))
+        if ends - set(params.stop_token_ids):  # the model's own end of reply (ChatML: <|im_end|>) ends it
+            params = replace(params, stop_token_ids=[*params.stop_token_ids, *sorted(ends - set(params.stop_token_ids))])
+        ends |= {*params.stop_token_ids, self.engine.scheduler.eos_token_id}
         one = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                            and isinstance(prompts[0], (int, dict)))
         batch = [prompts] if one else list(prompts)
@@ -58,7 +62,10 @@ class LLM:
             for out in self.engine.step():
                 rid, done = out.request_id, out.finish_reason is not None
                 if rid in detoks:
-                    texts[rid].append(detoks[rid].feed(out.token_ids, final=done))
+                    ids = out.token_ids
+                    if done and out.finish_reason == "stop" and ids and ids[-1] in ends:
+                        ids = ids[:-1]  # the end-of-reply token is in token_ids, not in the text
+                    texts[rid].append(detoks[rid].feed(ids, final=done))
                     if detoks[rid].stopped and rid not in stopped:
                         stopped.add(rid)
                         if not done:

@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dsv32.checkpoint import hf_name, load_weights
+from dsv32.checkpoint import clear_weights, hf_name, load_weights
 from dsv32.llama.model import LlamaConfig, LlamaDSA
 
 
 def save(model: LlamaDSA, path: str | Path) -> None:
     """Write config.json (model_type llama_dsa) and model.safetensors. A tied head is stored once,
-    as the embedding."""
+    as the embedding. Weights already in `path` are removed first."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    clear_weights(path)
     tied = model.cfg.tie_word_embeddings
     tensors = {hf_name(n, model.cfg): t.detach().cpu().contiguous() for n, t in model.state_dict().items()
                if not (tied and n == "lm_head.weight")}

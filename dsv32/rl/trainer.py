@@ -24,12 +24,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.rl import objective
 from dsv32.rl.rewards import GenerativeRM, RewardConfig, reward
 from dsv32.rl.rollout import encode_prompt, pack, replay_logprobs, rollout, speaks_v32, tool_env, tool_suffix
 from dsv32.rl.tasks import Domain, Task, TaskMix, load_tasks
+from dsv32.train.plots import can_plot, plot_metrics
+from dsv32.train.resume import (
+    checkpoint_state,
+    flatten_state,
+    interrupted,
+    prepare,
+    unflatten_state,
+    unshared,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 STABILISERS = ("keep_routing", "keep_sampling_mask", "keep_selection", "off_policy_masking", "unbiased_kl")
@@ -40,42 +51,46 @@ class RLConfig:
     model: str | None = None              # checkpoint directory (ours or a converted Llama-family model)
     tokenizer: str | None = None          # default: the model's; with a preset, one trained on the tasks
     preset: str = "tiny"                  # random init of this preset when no --model
-    out: str = "runs/rl"
-    domains: list[str] = field(default_factory=lambda: ["arithmetic"])  # name[:beta[:weight]]
+    out: str = "runs/rl"                  # run directory: checkpoint/, metrics.jsonl, rollouts.jsonl, model/
+    # task domains, each name[:beta[:weight]] (beta: the KL weight; weight: its share of prompts)
+    domains: list[str] = field(default_factory=lambda: ["arithmetic"])
     tasks_file: str | None = None         # JSONL tasks for domains without a generator
     steps: int = 20                       # rollout batches
-    prompts_per_step: int = 8
-    group_size: int = 8                   # G
+    prompts_per_step: int = 8             # prompts per rollout batch, each sampled group_size times
+    group_size: int = 8                   # G: trajectories per prompt (advantages are relative to the group)
     minibatches: int = 2                  # optimizer steps per rollout batch
     max_new_tokens: int = 96              # per turn (a V3.2 tool call alone takes ~60 tokens)
     max_turns: int = 3                    # tool round trips + 1
     max_len: int = 512                    # context of a trajectory in the engine
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_eps: float = 0.2
+    temperature: float = 1.0              # sampling temperature of the rollouts (> 0)
+    top_p: float = 0.95                   # nucleus sampling of the rollouts (Keep Sampling Mask replays it)
+    top_k: int = 0                        # top-k sampling of the rollouts; 0 = off
+    lr: float = 1e-5                      # AdamW learning rate of the policy
+    weight_decay: float = 0.0             # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0                # gradient-norm clipping
+    clip_eps: float = 0.2                 # PPO ratio clip epsilon
     mask_delta: float = 0.1               # off-policy masking threshold delta (not published)
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
+    keep_routing: bool = True             # replay the engine's MoE routes in the trainer (Keep Routing)
+    keep_sampling_mask: bool = True       # replay the engine's top-p/top-k kept sets (Keep Sampling Mask)
     keep_selection: bool = True           # replay the engine's DSA key sets (positions past index_topk)
-    off_policy_masking: bool = True
+    off_policy_masking: bool = True       # drop negative-advantage sequences that drifted past mask_delta
     unbiased_kl: bool = True              # False: plain K3, no importance weight
     length_buffer: int = 0                # soft overlong penalty ramp (tokens; 0 = off)
-    language_weight: float = 0.0
+    language_weight: float = 0.0          # weight of the language-consistency reward
     rm_url: str | None = None             # OpenAI-compatible endpoint of a generative reward model
-    rm_model: str = "judge"
+    rm_model: str = "judge"               # the reward model's name at rm_url
     sft_steps: int = 0                    # warm start on the tasks' reference solutions
-    sft_lr: float = 2e-3
-    sft_batch_size: int = 32
+    sft_lr: float = 2e-3                  # learning rate of the warm start
+    sft_batch_size: int = 32              # batch size of the warm start
     tokenizer_vocab: int = 512            # the task tokenizer trained for a preset model
     engine_dtype: str = "float32"         # the sampler's weights: float32 or bfloat16
     sampler_noise: float = 0.0            # relative Gaussian noise on the sampler's weights at each sync
     dtype: str = "float32"                # trainer autocast dtype on CUDA (fp32 = none)
-    device: str | None = None
-    seed: int = 0
+    device: str | None = None             # cpu, cuda or cuda:N; default cuda if available
+    seed: int = 0                         # model init, task draws and sampling
+    checkpoint_every: int = 10            # steps between checkpoints (and the last step); a rerun resumes
+    rollouts_per_step: int = 8            # trajectories saved per step to out/rollouts.jsonl (0 = none)
+    plot_every: int = 5                   # steps between refreshes of metrics.png (needs matplotlib)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -83,6 +98,14 @@ class RLConfig:
         if self.minibatches < 1 or self.prompts_per_step % self.minibatches:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} must split into minibatches="
                              f"{self.minibatches} slices of whole groups")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "max_turns", "max_len", "checkpoint_every",
+                     "plot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sft_steps < 0 or self.rollouts_per_step < 0 or self.top_k < 0:
+            raise ValueError("sft_steps, rollouts_per_step and top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
         for name in ("engine_dtype", "dtype"):
@@ -198,6 +221,7 @@ class RLTrainer:
                                      max_tokens=cfg.max_new_tokens)
         self.rcfg = RewardConfig(length_buffer=cfg.length_buffer, language_weight=cfg.language_weight)
         self.step = 0
+        self.last_varied, self.last_rollouts = 0, []
         self.sync()
 
     def _frozen_copy(self, dtype):
@@ -224,6 +248,9 @@ class RLTrainer:
                         too_long, len(trajs), cfg.max_len)
         rewards = torch.tensor([s["reward"] for s in scores])
         groups = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+        self.last_varied = groups_with_variance(rewards, cfg.group_size)
+        if self.last_varied == 0:
+            log.warning(no_variance_warning(self.step + 1, rewards, cfg))
         return trajs, scores, objective.group_advantages(rewards, groups)
 
     def train_step(self) -> dict:
@@ -248,7 +275,10 @@ class RLTrainer:
         self.step += 1
         m.update({f"{k}_mean" if k == "mismatch" else k: v for k, v in sums.items()})
         m.update(self._rollout_metrics(trajs, scores))
-        m.update(step=self.step, rollout_s=t1 - t0, train_s=time.perf_counter() - t1)
+        m.update(step=self.step, rollout_s=t1 - t0, train_s=time.perf_counter() - t1,
+                 groups_with_variance=self.last_varied / cfg.prompts_per_step)
+        self.last_rollouts = [rollout_record(self.step, t, s) for t, s in
+                              zip(trajs[:cfg.rollouts_per_step], scores[:cfg.rollouts_per_step])]
         return m
 
     def minibatch_step(self, trajs, adv: torch.Tensor, beta: torch.Tensor) -> dict:
@@ -297,55 +327,106 @@ class RLTrainer:
             m[f"accuracy/{dom}"] = sum(s["outcome"] for s in rows) / len(rows)
         return m
 
+    # ---- checkpoints ----
+    def save_checkpoint(self) -> Path:
+        """Policy, reference, optimizer, step and the random streams: what a rerun resumes from."""
+        tensors, meta = flatten_state(self.opt.state_dict())
+        return write_checkpoint(Path(self.cfg.out), {"policy": unshared(self.policy.state_dict()),
+                                                     "ref": unshared(self.ref.state_dict()), "optimizer": tensors,
+                                                     "noise": {"state": self.noise_gen.get_state()}},
+                                {"step": self.step, "optimizer": meta, "config": asdict(self.cfg),
+                                 "rng": _jsonable(self.rng.getstate())})
+
+    def load_checkpoint(self) -> None:
+        path = Path(self.cfg.out) / "checkpoint"
+        state = json.loads((path / "state.json").read_text())
+        self.policy.load_state_dict(load_file(str(path / "policy.safetensors")))
+        self.ref.load_state_dict(load_file(str(path / "ref.safetensors")))
+        self.opt.load_state_dict(unflatten_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+        self.noise_gen.set_state(load_file(str(path / "noise.safetensors"))["state"])
+        self.rng.setstate(_tupled(state["rng"]))
+        self.step = state["step"]
+        self.sync()
+
     # ---- the loop ----
-    def fit(self) -> list[dict]:
+    def fit(self, resume: bool | str = True) -> list[dict]:
+        """RL to cfg.steps, resuming from out/checkpoint as `dsv32.train.resume.prepare` decides
+        (a changed config is refused); metrics.jsonl and rollouts.jsonl get one step per row
+        block, metrics.png is redrawn every plot_every steps. Ctrl-C raises `Interrupted`."""
         from tqdm import tqdm
 
-        out = Path(self.cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        out = Path(cfg.out)
+        if prepare(out, asdict(cfg), resume, ("metrics.jsonl", "rollouts.jsonl")):
+            self.load_checkpoint()
+            log.info("resumed from step %d", self.step)
+        saved = self.step or None
         path = out / "metrics.jsonl"
-        path.write_text("")
+        if not can_plot():
+            log.warning("matplotlib is not installed: no metrics.png (pip install matplotlib); "
+                        "metrics.jsonl has every number")
         history = []
-        with tqdm(total=self.cfg.steps, desc="rl", dynamic_ncols=True) as bar:
-            while self.step < self.cfg.steps:
-                m = self.train_step()
-                history.append(m)
-                with path.open("a") as f:
-                    f.write(json.dumps(m) + "\n")
-                bar.update(1)
-                bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "kl", "mismatch") if k in m})
+        with tqdm(total=cfg.steps, initial=self.step, desc="rl", dynamic_ncols=True) as bar:
+            try:
+                while self.step < cfg.steps:
+                    m = self.train_step()
+                    history.append(m)
+                    with path.open("a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    with (out / "rollouts.jsonl").open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in self.last_rollouts)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{m[k]:.3g}" for k in ("reward", "accuracy", "kl", "mismatch") if k in m})
+                    if self.step % cfg.plot_every == 0:
+                        plot_rl(path, out / "metrics.png")
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save_checkpoint()
+                        saved = self.step
+            except KeyboardInterrupt:
+                raise interrupted(self.step, cfg.steps, saved, out) from None
         plot_rl(path, out / "metrics.png")
         return history
 
 
-PLOTTED = ("reward", "accuracy", "response_len", "kl", "clip_frac", "masked_frac", "mismatch", "grad_norm")
+def groups_with_variance(rewards: torch.Tensor, group_size: int) -> int:
+    """How many groups (consecutive runs of group_size rewards) hold at least two different
+    rewards: only those give non-zero advantages, so only those teach the policy anything."""
+    g = rewards.view(-1, group_size)
+    return int((g.max(1).values > g.min(1).values).sum())
+
+
+def no_variance_warning(step: int, rewards: torch.Tensor, cfg: RLConfig) -> str:
+    scores = sorted({round(float(r), 4) for r in rewards})
+    return (f"RL step {step}: no group's rewards differ (every sample of each of the {cfg.prompts_per_step} "
+            f"prompts scored alike: {', '.join(map(str, scores[:4]))}), so every advantage is 0 and this step "
+            "teaches nothing. Try an SFT warm start (--sft-steps 200, on the tasks' reference solutions), "
+            f"more samples per group (--group-size {2 * cfg.group_size}), or an easier task (--domains)")
+
+
+def rollout_record(step: int, traj, score: dict) -> dict:
+    """One saved rollout: what was asked, what the policy wrote, and what it scored."""
+    prompt = next((m["content"] for m in reversed(traj.task.messages) if m["role"] == "user"), "")
+    return {"step": step, "domain": traj.task.domain, "prompt": prompt, "completion": traj.text,
+            "answer": traj.answer, "expected": traj.task.answer, "reward": score["reward"],
+            "outcome": score["outcome"], "turns": traj.turns, "tokens": traj.n_sampled,
+            "finish_reason": traj.finish_reason}
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+PLOTTED = ("reward", "accuracy", "groups_with_variance", "response_len", "kl", "clip_frac", "masked_frac",
+           "mismatch", "grad_norm")
 
 
 def plot_rl(jsonl: Path | list, png: Path, labels: list[str] | None = None) -> None:
     """One panel per metric; several runs (a list of metrics files) are overlaid (ablations)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    files = jsonl if isinstance(jsonl, list) else [jsonl]
-    runs = [[json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()] for f in files]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
-    for ax, key in zip(axes.flat, PLOTTED):
-        for i, rows in enumerate(runs):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=labels[i] if labels else None)
-        ax.set_title(key)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    if labels:
-        axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    plot_metrics(jsonl, png, [((k,), k) for k in PLOTTED], labels=labels, xlabel="RL step")
 
 
 def build(cfg: RLConfig, tasks: list[Task] = ()):
@@ -379,17 +460,20 @@ def build(cfg: RLConfig, tasks: list[Task] = ()):
     return model, tok, mix, rm
 
 
-def run(cfg: RLConfig, tasks: list[Task] = (), env=tool_env) -> Path:
+def run(cfg: RLConfig, tasks: list[Task] = (), env=tool_env, resume: bool | str = True) -> Path:
     """The `dsv32 rl` job: build, optional SFT warm start, RL, export to out/model. `tasks` and
-    `env` as in `build` and `RLTrainer` (the CLI passes synthesized environments and their runner)."""
+    `env` as in `build` and `RLTrainer` (the CLI passes synthesized environments and their runner);
+    `resume` as in `RLTrainer.fit` (a resumed run skips the warm start: its checkpoint has both
+    the policy and the reference it started from)."""
     from dsv32.loader import save
 
     model, tok, mix, rm = build(cfg, tasks)
-    if cfg.sft_steps:
+    resuming = resume in (True, "auto") and checkpoint_state(Path(cfg.out)) is not None
+    if cfg.sft_steps and not resuming:
         m = warm_start(model, tok, mix, cfg)
         log.info("warm start: %d SFT steps, loss %.3f", cfg.sft_steps, m.get("lm", float("nan")))
     trainer = RLTrainer(cfg, model, tok, mix, rm, env=env)
-    trainer.fit()
+    trainer.fit(resume)
     out = Path(cfg.out) / "model"
     save(trainer.policy, out, tokenizer=tok)
     (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))

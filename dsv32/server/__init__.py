@@ -4,8 +4,10 @@ Heavy imports happen inside the functions, so `import dsv32.server` needs neithe
 """
 
 import argparse
+import os
 from pathlib import Path
 
+from dsv32 import preflight
 from dsv32.registry import DEFAULT_NAME
 
 
@@ -24,12 +26,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def load_engine(args):
     """(Engine, tokenizer) for the parsed engine arguments, the model loaded by `dsv32.load`;
     under torchrun with --tp / --ep, this rank's shard and one cache size for all ranks."""
-    import torch
-
+    from dsv32.config import PRESETS
     from dsv32.engine import Engine, EngineConfig
     from dsv32.loader import load
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preflight.model_source(args.model, PRESETS)  # before anything loads
+    device = preflight.device(args.device)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
                           max_model_len=args.max_model_len, num_blocks=args.num_blocks)
     model_dir = Path(args.model or "")
@@ -55,13 +57,13 @@ def load_engine(args):
 
 
 def _distributed(args) -> bool:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or getattr(args, "tp", 1) > 1 or getattr(args, "ep", 1) > 1
 
 
 def model_name(args) -> str:
-    return args.served_model_name or (Path(args.model).resolve().name if args.model else DEFAULT_NAME)
+    """The id /v1/models reports: --served-model-name, else --model as given (as vLLM does: a run's
+    `runs/s2/model` stays told apart from another's `runs/s1/model`), else the default model's."""
+    return args.served_model_name or (str(args.model).rstrip("/") if args.model else DEFAULT_NAME)
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -72,7 +74,7 @@ def serve(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
-                   help=f"default: the model directory's name, or {DEFAULT_NAME}")
+                   help=f"the model id clients send and /v1/models reports; default: --model as given, or {DEFAULT_NAME}")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which to answer 503")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (1 or all; run under torchrun)")
@@ -86,6 +88,8 @@ def serve(argv: list[str] | None = None) -> int:
                    help="seconds after which an idle conversation's tools are closed (default 1800)")
     p.add_argument("--agent-tools-max", type=int, default=16, help="live tool conversations at most (default 16)")
     args = p.parse_args(argv)
+    if not _distributed(args) or int(os.environ.get("RANK", "0")) == 0:  # only rank 0 listens
+        preflight.port_free(args.host, args.port)  # before the model loads, not after
     tools = None
     if args.agent_tools:
         import tempfile

@@ -7,10 +7,22 @@ end of input) quits, Ctrl-C cuts a reply short.
 
 import argparse
 import sys
+import time
 
+from dsv32.preflight import has_thinking_mode
+from dsv32.registry import DEFAULT_NAME
 from dsv32.tokenizer import Detokenizer
 
 DIM, TOOL, PLAIN = "\033[2m", "\033[36m", "\033[0m"
+
+
+def banner(name: str, engine, load_s: float) -> str:
+    """What is loaded: the model, its context in this engine, its attention, and the load time."""
+    cfg = engine.runner.model.cfg
+    k = getattr(cfg, "index_topk", 0)
+    attn = f"DSA top-{k}" if k and k < engine.max_model_len else "dense attention"
+    return (f"{name}: {cfg.num_hidden_layers} layers, context {engine.max_model_len} tokens, {attn}; "
+            f"loaded in {load_s:.1f}s on {engine.device}")
 
 
 def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sys.stdout) -> dict:
@@ -19,12 +31,14 @@ def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sy
     rid = engine.add_request(prompt, params).request_id
     detok, parser = Detokenizer(tokenizer, params.stop), tokenizer.stream_parser(mode, lenient=True)
     style, finish, error = None, None, None
+    n_tokens, t0 = 0, time.perf_counter()
     while finish is None:
         new = []
         try:
             for o in engine.step():
                 if o.request_id == rid:
                     new, finish, error = o.token_ids, o.finish_reason, o.error
+                    n_tokens += len(new)
         except KeyboardInterrupt:
             engine.abort(rid)
             finish = "abort"
@@ -45,8 +59,9 @@ def stream_reply(engine, tokenizer, prompt: list[int], params, mode: str, out=sy
                 out.write(value)
         out.flush()
     out.write(f"{PLAIN}\n")
-    if finish in ("length", "abort", "error"):
-        out.write(f"{DIM}[{finish}{': ' + error if error else ''}]{PLAIN}\n")
+    dt = time.perf_counter() - t0
+    ended = f"{finish}{': ' + error if error else ''}; " if finish in ("length", "abort", "error") else ""
+    out.write(f"{DIM}[{ended}{n_tokens} tokens, {n_tokens / max(dt, 1e-9):.1f} tokens/s]{PLAIN}\n")
     return parser.message
 
 
@@ -62,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     args = p.parse_args(argv)
+    if args.thinking and not has_thinking_mode(args.model):  # known from config.json: before the load
+        raise ValueError(f"{args.model or DEFAULT_NAME}'s chat format has no thinking mode: drop --thinking")
+    t0 = time.perf_counter()
     engine, tokenizer = load_engine(args)
+    load_s = time.perf_counter() - t0
     mode = "thinking" if args.thinking else "chat"
     if tokenizer.chat_format is None:
         raise ValueError("this model has no chat format (its vocabulary has no chat tokens): "
@@ -73,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                             stop_token_ids=list(tokenizer.stop_ids))
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    print(f"{DIM}{mode} mode; /reset starts over, /exit quits{PLAIN}")
+    print(f"{DIM}{banner(args.model or DEFAULT_NAME, engine, load_s)}\n{mode} mode; /reset starts over, "
+          f"/exit quits{PLAIN}")
     while True:
         try:
             line = input("> ").strip()

@@ -69,3 +69,15 @@ def indexer_kl_sparse(index_scores: torch.Tensor, attn_probs: torch.Tensor, topk
     p_sel = attn_probs.gather(-1, idx).masked_fill(~valid, 0)
     p_sel = p_sel / p_sel.sum(-1, keepdim=True)
     return _kl(p_sel, i_sel.log_softmax(-1)).mean()
+
+
+def topk_recall(attn_probs: torch.Tensor, topk_indices: torch.Tensor, k: int) -> float | None:
+    """DSA's headline number (docs/dsa-parity.md): the share of the dense attention mass, summed
+    over heads and normalised per query, inside the indexer's top-k set, averaged over the queries
+    that see more than k keys (the others keep everything). attn_probs: [B, S, T];
+    topk_indices: [B, S, k'] (-1 = none). None when no query sees more than k keys."""
+    if attn_probs.shape[1] <= k:
+        return None
+    p = attn_probs.float() / attn_probs.float().sum(-1, keepdim=True)
+    kept = (p.gather(-1, topk_indices.clamp(min=0)) * (topk_indices >= 0)).sum(-1)   # [B, S]
+    return kept[:, k:].mean().item()

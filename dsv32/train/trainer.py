@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,12 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
 from dsv32.model.moe import MoE
 from dsv32.train import losses
+from dsv32.train.plots import can_plot, plot_metrics
+from dsv32.train.resume import flatten_state, interrupted, prepare, unflatten_state, unshared, write_checkpoint
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "sft", "dsa-warmup", "dsa-sparse")
@@ -44,39 +45,55 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"
+    stage: str = "pretrain"               # pretrain, sft, dsa-warmup or dsa-sparse
+    # text files, or directories of .txt / .md / .py / .jsonl files (JSONL: `text`, or `messages` for sft)
     data: list[str] = field(default_factory=list)
     tokenizer: str | None = None          # tokenizer.json or its directory
     model: str | None = None              # start from this checkpoint directory
     preset: str = "tiny"                  # else build this preset (random init)
-    out: str = "runs/train"
+    out: str = "runs/train"               # run directory: checkpoint/, metrics.jsonl, metrics.png, model/
     attention: str = "dense"              # pretrain/sft: "dense" or "dsa"
     index_topk: int | None = None         # override the model's top-k (e.g. DSA on a small context)
-    seq_len: int = 256
-    batch_size: int = 8
-    grad_accum: int = 1
-    steps: int = 100
+    seq_len: int = 256                    # tokens per training window
+    batch_size: int = 8                   # windows per micro-batch (per rank under torchrun)
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    steps: int = 100                      # optimizer steps in the whole run (a resumed run counts on)
     lr: float | None = None               # default per stage: 3e-4; 1e-3 warm-up; 7.3e-6 sparse
-    warmup: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mtp_weight: float = 0.3
-    balance_alpha: float = 1e-4
-    bias_update_rate: float = 1e-3
-    indexer_weight: float = 1.0
+    warmup: int = 10                      # steps of linear learning-rate warm-up
+    min_lr_ratio: float = 0.1             # the cosine decay ends at this fraction of lr
+    weight_decay: float = 0.1             # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0                # gradient-norm clipping (per group in dsa-sparse)
+    mtp_weight: float = 0.3               # weight of the multi-token-prediction loss
+    balance_alpha: float = 1e-4           # weight of the sequence-wise MoE balance loss
+    bias_update_rate: float = 1e-3        # the auxiliary-loss-free expert bias update's step
+    indexer_weight: float = 1.0           # weight of the indexer KL loss (DSA stages)
     dtype: str = "bfloat16"               # autocast dtype on CUDA (fp32 on CPU)
-    device: str | None = None
-    activation_checkpointing: bool = False
-    checkpoint_every: int = 50
-    seed: int = 0
+    device: str | None = None             # cpu, cuda or cuda:N; default cuda if available
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory)
+    checkpoint_every: int = 50            # steps between checkpoints (and the last step)
+    seed: int = 0                         # model init and batch order
     ep: int = 1                           # under torchrun: split the routed experts over all ranks (1 or world)
+    # held-out text (files or directories, as --data): its loss is logged every eval_every steps
+    eval_data: list[str] = field(default_factory=list)
+    eval_every: int = 50                  # steps between held-out losses (with eval_data)
+    eval_batches: int = 4                 # batches of batch_size windows per held-out loss
+    plot_every: int = 10                  # steps between refreshes of metrics.png (needs matplotlib)
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.attention not in ("dense", "dsa"):
             raise ValueError(f"attention must be 'dense' or 'dsa', got {self.attention!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "eval_every",
+                     "eval_batches", "plot_every", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.index_topk is not None and self.index_topk < 1:
+            raise ValueError(f"index_topk must be at least 1 (or unset: the model's own), got {self.index_topk}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr is None:
             self.lr = {"dsa-warmup": 1e-3, "dsa-sparse": 7.3e-6}.get(self.stage, 3e-4)
 
@@ -123,7 +140,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: Transformer | None = None, data=None):
+    def __init__(self, cfg: TrainConfig, model: Transformer | None = None, data=None, eval_data=None):
         self.cfg = cfg
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -150,7 +167,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        self.data = data
+        self.data, self.eval_data = data, eval_data
         self.step = 0
         self.out = Path(cfg.out)
         self.autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
@@ -207,6 +224,10 @@ class Trainer:
             kl = torch.stack(kls).mean()
             total = total + cfg.indexer_weight * kl
             metrics["indexer_kl"] = kl.item()
+            recalls = [r for r in (losses.topk_recall(p.detach(), i, mcfg.index_topk)
+                                   for p, i in zip(out.attn_probs, out.topk_indices)) if r is not None]
+            if recalls:  # only once some query sees more than index_topk keys
+                metrics["topk_recall"] = sum(recalls) / len(recalls)
         return total, metrics, out
 
     def train_step(self) -> dict:
@@ -289,26 +310,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         model_sd, opt_sd = self._full_state()
-        final = self.out / "checkpoint"
         if self.rank == 0:
-            tmp = self.out / "checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(_unshared(model_sd), str(tmp / "model.safetensors"))
-            tensors, meta = _flatten(opt_sd)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "optimizer": meta,
-                                                        "config": asdict(self.cfg),
-                                                        "model_config": self.model.cfg.to_hf()}, indent=1))
-            old = self.out / "checkpoint.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)  # the switch is one rename: a kill leaves a complete checkpoint
-            shutil.rmtree(old, ignore_errors=True)
+            tensors, meta = flatten_state(opt_sd)
+            write_checkpoint(self.out, {"model": unshared(model_sd), "optimizer": tensors},
+                             {"step": self.step, "optimizer": meta, "config": asdict(self.cfg),
+                              "model_config": self.model.cfg.to_hf()})
         if self.distributed:
             dist.barrier()
-        return final
+        return self.out / "checkpoint"
 
     def load_checkpoint(self) -> bool:
         path = self.out / "checkpoint"
@@ -316,9 +325,13 @@ class Trainer:
             return False
         state = json.loads((path / "state.json").read_text())
         model_sd = load_file(str(path / "model.safetensors"))
-        opt_sd = _unflatten(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        opt_sd = unflatten_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             if self.cfg.ep > 1:
                 from dsv32.parallel.fsdp import own_experts
@@ -335,11 +348,15 @@ class Trainer:
         return True
 
     # ---- the loop ----
-    def fit(self, resume: bool = True) -> list[dict]:
+    def fit(self, resume: bool | str = True) -> list[dict]:
+        """Train to cfg.steps. resume: "auto"/True continues from out/checkpoint (a changed config
+        is refused), "no"/False starts fresh, "overwrite" deletes the old run first
+        (dsv32.train.resume). Ctrl-C raises `Interrupted`, saying where the run stopped."""
         cfg = self.cfg
-        if resume and self.load_checkpoint():
+        ours = prepare(self.out, asdict(cfg), resume, ("metrics.jsonl",) if self.rank == 0 else ())
+        if ours and self.load_checkpoint():
             log.info("resumed from step %d", self.step)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.saved_step = self.step if ours else None
         metrics_path = self.out / "metrics.jsonl"
         history = []
         tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
@@ -349,104 +366,64 @@ class Trainer:
         if self.rank == 0:
             from tqdm import tqdm
 
+            if not can_plot():
+                log.warning("matplotlib is not installed: no metrics.png (pip install matplotlib); "
+                            "metrics.jsonl has every number")
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True)
         self.model.train()
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            m = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
-            m.update(tokens_per_s=tokens / dt, tokens=self.step * tokens)
-            if peak:
-                m["mfu"] = fpt * tokens / dt / (peak * self.world)
-            history.append(m)
-            if self.rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(m) + "\n")
-                bar.update(1)
-                bar.set_postfix({k: f"{m[k]:.4g}" for k in ("lm", "indexer_kl", "tokens_per_s", "mfu") if k in m})
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                m = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                m.update(tokens_per_s=tokens / dt, tokens=self.step * tokens)
+                if peak:
+                    m["mfu"] = fpt * tokens / dt / (peak * self.world)
+                if self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    m["eval_lm"] = self.evaluate()
+                history.append(m)
+                if self.rank == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    bar.update(1)
+                    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("lm", "indexer_kl", "topk_recall", "tokens_per_s", "mfu")
+                                     if k in m})
+                    if self.step % cfg.plot_every == 0:
+                        plot_metrics(metrics_path, self.out / "metrics.png")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                    self.saved_step = self.step
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            raise interrupted(self.step, cfg.steps, self.saved_step, self.out) from None
         if bar is not None:
             bar.close()
             plot_metrics(metrics_path, self.out / "metrics.png")
         return history
 
-
-def _unshared(sd: dict) -> dict:
-    """CPU tensors for safetensors, which refuses shared memory: a tied weight's second name
-    (e.g. lm_head.weight = embed_tokens.weight) gets a copy; loading writes the same values twice."""
-    out, seen = {}, set()
-    for k, v in sd.items():
-        t = v.detach().cpu().contiguous()
-        if t.data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.data_ptr())
-        out[k] = t
-    return out
-
-
-def _flatten(sd, prefix=""):
-    """Optimizer state -> (tensors for safetensors, JSON-able rest)."""
-    tensors, meta = {}, {}
-    for k, v in sd.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            tensors[key] = v.detach().cpu().contiguous()
-            meta[str(k)] = {"__tensor__": key}
-        elif isinstance(v, dict):
-            t, m = _flatten(v, key + ".")
-            tensors.update(t)
-            meta[str(k)] = {"__dict__": m, "__int_keys__": all(isinstance(x, int) for x in v)}
-        else:
-            meta[str(k)] = {"__value__": v}
-    return tensors, meta
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss on the held-out data's first eval_batches batches; with DSA where the stage
+        trains for it (the DSA stages included: their point is the sparse model's loss)."""
+        cfg = self.cfg
+        sparse = cfg.sparse or cfg.stage in ("dsa-warmup", "dsa-sparse")
+        total = 0.0
+        for i in range(cfg.eval_batches):
+            x, y = self.eval_data.batch(i, cfg.batch_size)
+            with self.autocast:
+                logits = self.model(x.to(self.device), sparse=sparse, mode="mha").logits
+            total += losses.lm_loss(logits, y.to(self.device)).item() / cfg.eval_batches
+        return total
 
 
-def _unflatten(tensors, meta):
-    out = {}
-    for k, v in meta.items():
-        if "__tensor__" in v:
-            out[k] = tensors[v["__tensor__"]]
-        elif "__dict__" in v:
-            d = _unflatten(tensors, v["__dict__"])
-            out[k] = {int(a) if v["__int_keys__"] else a: b for a, b in d.items()}
-        else:
-            out[k] = v["__value__"]
-    return out
-
-
-def plot_metrics(jsonl: Path, png: Path) -> None:
-    """Loss curves of a run's metrics.jsonl (skipped if matplotlib is absent)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    keys = [k for k in ("lm", "mtp", "indexer_kl", "balance") if any(k in r for r in rows)]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot(*zip(*pts))
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def run(cfg: TrainConfig) -> Path | None:
+def run(cfg: TrainConfig, resume: bool | str = True) -> Path | None:
     """The `dsv32 train` job: tokenizer, data, model, fit, then export the model in Hugging Face
     format (config.json + safetensors + tokenizer.json) to `out/model` (returned on rank 0).
     `--model` is anything `dsv32.load` reads (ours, a converted Llama-family model, a GGUF);
-    without it, `--preset` sized to `--tokenizer`'s vocabulary."""
+    without it, `--preset` sized to `--tokenizer`'s vocabulary. `resume` as in `Trainer.fit`."""
     from dsv32.loader import load, save
     from dsv32.train.data import PackedData, SFTData, read_documents
 
@@ -458,11 +435,18 @@ def run(cfg: TrainConfig) -> Path | None:
                       seed=cfg.seed)
     if tok is None:
         raise ValueError(f"{cfg.model} has no tokenizer.json: pass --tokenizer DIR")
-    docs = read_documents(cfg.data)
-    data = (SFTData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed) if cfg.stage == "sft"
-            else PackedData.from_documents(docs, tok, cfg.seq_len, seed=cfg.seed))
-    trainer = Trainer(cfg, model, data)
-    trainer.fit()
+    if not cfg.data:
+        raise ValueError("training needs data: --data FILES or DIRS (text, or JSONL with `text` / `messages`)")
+
+    def dataset(paths, seed):
+        docs = read_documents(paths)
+        return (SFTData.from_documents(docs, tok, cfg.seq_len, seed=seed) if cfg.stage == "sft"
+                else PackedData.from_documents(docs, tok, cfg.seq_len, seed=seed))
+
+    data = dataset(cfg.data, cfg.seed)
+    eval_data = dataset(cfg.eval_data, cfg.seed + 1) if cfg.eval_data else None
+    trainer = Trainer(cfg, model, data, eval_data)
+    trainer.fit(resume)
     out = Path(cfg.out) / "model"
     full = trainer.model
     if trainer.distributed:  # gathering the shards is a collective: every rank takes part

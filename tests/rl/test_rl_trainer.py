@@ -129,3 +129,55 @@ def test_reference_turns_longer_than_the_sampling_budget_are_named(built):
     budget = (longest["arithmetic"] + longest["arithmetic-tool"]) // 2
     assert turns_over_budget(tasks, examples, budget) == {"arithmetic-tool": longest["arithmetic-tool"]}
     assert turns_over_budget(tasks, examples, longest["arithmetic-tool"]) == {}
+
+
+def test_groups_with_variance_counts_groups_whose_rewards_differ():
+    from dsv32.rl.trainer import groups_with_variance
+
+    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.2, 0.3])  # groups of 2: alike, differ, alike, differ
+    assert groups_with_variance(rewards, 2) == 2
+    assert groups_with_variance(rewards, 4) == 2
+    assert groups_with_variance(torch.zeros(8), 4) == 0
+
+
+def test_a_step_where_every_group_scores_alike_warns_once_and_says_what_to_try(built, tmp_path, caplog):
+    """A random tiny model answers no arithmetic: every reward is 0, every advantage 0. Each step
+    says so once, with the three ways out; the rollouts it scored are saved per step."""
+    tr = trainer(built, tmp_path, steps=2, rollouts_per_step=3)
+    with caplog.at_level("WARNING", logger="dsv32.rl.trainer"):
+        hist = tr.fit()
+    warnings = [r.getMessage() for r in caplog.records if "no group's rewards differ" in r.getMessage()]
+    assert [w.split(":")[0] for w in warnings] == ["RL step 1", "RL step 2"]
+    assert all(h["groups_with_variance"] == 0.0 and h["reward"] == 0.0 for h in hist)
+    assert "SFT warm start (--sft-steps" in warnings[0] and "--group-size 4" in warnings[0]
+    assert "easier task" in warnings[0]
+    rows = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    assert {"prompt", "completion", "expected", "reward", "finish_reason"} <= set(rows[0])
+    assert any(c.isdigit() for c in rows[0]["prompt"]) and rows[0]["reward"] == 0.0  # an arithmetic question
+
+
+@pytest.mark.slow
+def test_rl_resumes_from_its_checkpoint_with_each_step_logged_once(built, tmp_path):
+    """Killed after step 2 of 3 (checkpoint at 2): a rerun loads policy, reference and optimizer
+    and goes on at step 3; metrics and rollouts keep each step once. A changed config is refused."""
+    from dsv32.train.resume import Interrupted
+
+    tr = trainer(built, tmp_path, steps=3, checkpoint_every=2)
+    real = tr.train_step
+
+    def dies_in_step_3():
+        if tr.step == 2:
+            raise KeyboardInterrupt
+        return real()
+
+    tr.train_step = dies_in_step_3
+    with pytest.raises(Interrupted, match=r"stopped at step 2 of 3; the last checkpoint is step 2 in .*checkpoint: "
+                                          "rerun the same command to resume from it"):
+        tr.fit()
+    again = trainer(built, tmp_path, steps=3, checkpoint_every=2)
+    assert [m["step"] for m in again.fit()] == [3]  # steps 1-2 came from the checkpoint
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"another config \(lr: 0.001 -> 0.01\): rerun with --overwrite"):
+        trainer(built, tmp_path, steps=4, lr=1e-2).fit()

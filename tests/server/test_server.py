@@ -357,8 +357,8 @@ def test_serve_entry_point(model_dir):
         return [sys.executable, "-c", code]
 
     with served(argv, timeout=60) as client:
-        assert [m.id for m in client.models.list().data] == [model_dir.name]
-        r = client.chat.completions.create(model=model_dir.name, messages=HELLO, max_tokens=4)
+        assert [m.id for m in client.models.list().data] == [str(model_dir)]  # --model as given
+        r = client.chat.completions.create(model=str(model_dir), messages=HELLO, max_tokens=4)
         assert r.usage.completion_tokens >= 1
 
 
