@@ -240,8 +240,8 @@ class TripExpert:
                     link = _call("get_inter_city_transport", from_city=route[-1], to_city=city)
                     keys.append(_key("get_inter_city_transport", link["function"]["arguments"]))
                     if keys[-1] not in seen:
-                        return self._message(" ".join(notes + [f"Is there direct transport from {route[-1]} to "
-                                                               f"{city}?"]), [link])
+                        return self._message(" ".join(notes + [(f"Is there direct transport from {route[-1]} to "
+                                                               f"{city}?")]), [link])
                     if seen[keys[-1]].startswith(("no direct", "error")):
                         continue
                 need = [_call(tool, keyword=city) for _, tool in INFOS]
@@ -251,8 +251,8 @@ class TripExpert:
                 missing = [c for c, k in zip(need, keys[-len(need):]) if k not in seen]
                 if missing:
                     what = "hotels, restaurants and attractions" + (" and the weather" if params["rain_indoor"] else "")
-                    return self._message(" ".join(notes + [f"Day {i + 1} ({date}) could be in {city}. I look up its "
-                                                           f"{what}."]), missing)
+                    return self._message(" ".join(notes + [(f"Day {i + 1} ({date}) could be in {city}. I look up its "
+                                                           f"{what}.")]), missing)
                 rows = {kind: read_rows(seen[_key(tool, {"keyword": city})], city) for kind, tool in INFOS}
                 rain = params["rain_indoor"] and '"rain"' in seen[keys[-1]]
                 day = best_day(rows, rain, i + 1 in params["tier_days"], params["min_hotel_rating"], rules=keep)
