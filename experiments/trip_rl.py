@@ -253,6 +253,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a CPU smoke run: tiny model, few environments, few steps")
+    p.add_argument("--expert-only", type=int, metavar="N", help="only the expert's success by level (1..--max-level) "
+                   "on N fresh environments per level (CPU), to OUT/expert_by_level.json")
+    p.add_argument("--max-level", type=int, default=6)
     p.add_argument("--prepare", action="store_true", help="stop after the CPU work (OUT/data), for a run with --data")
     p.add_argument("--data", help="a --prepare'd OUT/data directory: skip the CPU work")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="the trained difficulty levels")
@@ -294,6 +297,21 @@ def main():
         results["stages"][stage] = {"wall_s": round(time.time() - t0, 1), **extra}
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"[{stage}] {json.dumps(results['stages'][stage])}", flush=True)
+
+    if args.expert_only:
+        t0, rows = time.time(), []
+        levels = list(range(1, args.max_level + 1))
+        root = out / "expert_envs"
+        shutil.rmtree(root, ignore_errors=True)
+        for d in make_split(root, levels, args.expert_only, SEED0["heldout"] + 50_000, "expert envs"):
+            rows.append(expert_episode(d, TripExpert(slip=args.slip))[0])
+        shutil.rmtree(root)
+        (out / "expert_episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        results["expert"] = table(rows)
+        (out / "expert_by_level.json").write_text(json.dumps(results["expert"], indent=1))
+        done("expert only", t0, pass_at_1={lv: t["pass@1"] for lv, t in results["expert"].items()},
+             turns={lv: round(sum(r["turns"] for r in rows if r["level"] == lv) / args.expert_only, 1) for lv in levels})
+        return
 
     # 1-2. environments, the expert, tokenizer, SFT data: CPU work, here or from --data
     data = Path(args.data) if args.data else out / "data"

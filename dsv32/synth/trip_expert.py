@@ -10,20 +10,22 @@ It reads only what the rendered conversation shows: the task text (whose rules i
 any view of an episode gives the same next message. Its plan, with few calls (a 3-day trip takes
 five turns), is:
 1. `get_all_cities`;
-2. for each day in turn, the day's city: the hotels, restaurants and attractions whose names
-   contain the city's name (the info tools match keywords, and every entity of a city is named
-   after it), keeping the rows whose `city` is that city (the keyword also finds distractors
-   elsewhere), and the day's weather when the task has the rain rule;
-3. the cheapest day there that keeps the day's rules (`best_day`: hotel rating floor, indoor
-   attraction on rain, the price-tier limits on tier days; two different restaurants);
-4. the next day's city: the first unvisited city of the list (with the direct-link rule, the
-   first one `get_inter_city_transport` links to the current city);
-5. `submit_result` with the plan as JSON, then a closing message once it is accepted.
+2. for each day in turn, a candidate city (day 1: the start city; later, the unvisited cities in
+   the list's order, and with the direct-link rule only those `get_inter_city_transport` links to
+   the previous day's city): its hotels, restaurants and attractions, asked for with the city's
+   name as the keyword of the info tools (every entity of a city is named after it), keeping the
+   rows whose `city` is that city (the keyword also finds distractors elsewhere), and the day's
+   weather when the task has the rain rule;
+3. the cheapest day in that city that keeps the day's rules (`best_day`: hotel rating floor,
+   indoor attraction on rain, the price-tier limits on tier days, two different restaurants);
+   a city with none is passed over for the next candidate;
+4. `submit_result` with the plan as JSON, then a closing message once it is accepted.
 
 It is greedy: the route follows the city list and each day is the cheapest on its own, so a
 budget rule can be broken by a route that the reference solution (`trip_solution`, which searches
 all routes) would avoid, and with the direct-link rule it can walk into a city with no link
-onwards. Both grow with difficulty, which is why its success falls at the hard levels.
+onwards. Both grow with difficulty, which is why its success falls at the hard levels. Entities
+that a distractor placed in a city under another city's name are never looked at.
 
 `slip` (0..1) makes a deliberately imperfect expert: on each day, with that probability (drawn
 from the task text and the day, so an episode is reproducible), it forgets the day's rules and
