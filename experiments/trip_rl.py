@@ -268,24 +268,26 @@ def main():
     p.add_argument("--tokenizer-episodes", type=int, default=300)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--window", type=int, default=6144, help="context window (the harder levels run longer)")
-    p.add_argument("--max-new", type=int, default=512, help="tokens per model turn")
-    p.add_argument("--max-turns", type=int, default=16, help="model turns per episode in the evaluation")
+    p.add_argument("--max-new", type=int, default=384, help="tokens per model turn (the expert's longest: ~300)")
+    p.add_argument("--max-turns", type=int, default=14, help="model turns per episode in the evaluation")
     p.add_argument("--rl-max-turns", type=int, default=10, help="model turns per episode in GRPO")
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--sft-batch", type=int, default=16)
-    p.add_argument("--sft-minutes", type=float, default=3.0, help="cap SFT's step count to fit this (0: no cap)")
+    p.add_argument("--sft-minutes", type=float, default=2.5, help="cap SFT's step count to fit this (0: no cap)")
     p.add_argument("--rl-minutes", type=float, default=2.0, help="stop GRPO after this")
     p.add_argument("--rl-steps", type=int, default=40)
+    p.add_argument("--budget-minutes", type=float, default=8.7, help="the whole run: GRPO stops early enough for the "
+                   "evaluation after it to finish within this (taken to last as long as the one before it)")
     p.add_argument("--rl-lr", type=float, default=3e-5)
     p.add_argument("--prompts", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group", type=int, default=8, help="GRPO group size")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
-        args.levels, args.harder_levels, args.sft_per_level, args.train_per_level = [1], [2], 6, 2
-        args.eval_per_level, args.eval_samples, args.tokenizer_episodes, args.vocab = 2, 1, 6, 1024
-        args.max_new, args.max_turns, args.rl_max_turns, args.sft_steps = 48, 2, 2, 2
-        args.sft_batch, args.sft_minutes, args.rl_steps, args.prompts, args.group = 2, 0, 1, 2, 2
+        args.levels, args.harder_levels, args.sft_per_level, args.train_per_level = [1], [2], 4, 1
+        args.eval_per_level, args.eval_samples, args.tokenizer_episodes, args.vocab = 1, 1, 4, 1024
+        args.max_new, args.max_turns, args.rl_max_turns, args.sft_steps = 32, 2, 2, 1
+        args.sft_batch, args.sft_minutes, args.rl_steps, args.prompts, args.group = 1, 0, 1, 1, 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -346,7 +348,7 @@ def main():
     eval_tasks = [t for split in EVAL_SPLITS for t in environment_tasks(data / "envs" / split)]
     pool = environment_tasks(data / "envs" / "train")
     cfg = RLConfig(out=str(out / "rl"), domains=[DOMAIN], steps=args.rl_steps, prompts_per_step=args.prompts,
-                   group_size=args.group, minibatches=min(4, args.prompts), max_new_tokens=args.max_new,
+                   group_size=args.group, minibatches=min(8, args.prompts), max_new_tokens=args.max_new,
                    max_turns=args.rl_max_turns, max_len=args.window, lr=args.rl_lr, device=device, seed=args.seed)
     runner = CompactRunner()
     trainer = RLTrainer(cfg, model, tok, TaskMix([Domain(DOMAIN)], {DOMAIN: pool}), env=runner)
@@ -362,11 +364,15 @@ def main():
         plot(results, out)
         done(f"eval {arm}", t0, pass_at_1={lv: t["pass@1"] for lv, t in results[arm].items()}, **cuda_memory())
 
-    measure("sft")
     t0 = time.time()
-    rl_hist, rl_error = rl(trainer, time.time() + 60 * args.rl_minutes)
+    measure("sft")
+    eval_s = time.time() - t0
+    t0 = time.time()
+    # GRPO until --rl-minutes, or earlier where the evaluation after it would pass --budget-minutes
+    deadline = min(t0 + 60 * args.rl_minutes, t_start + 60 * args.budget_minutes - 1.15 * eval_s - 20)
+    rl_hist, rl_error = rl(trainer, deadline)
     save(trainer.policy, out / "model", tokenizer=tok)
-    done("grpo", t0, steps=len(rl_hist), reward_first=rl_hist[0]["reward"] if rl_hist else None,
+    done("grpo", t0, steps=len(rl_hist), deadline_s=round(deadline - t0, 1), reward_first=rl_hist[0]["reward"] if rl_hist else None,
          reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error,
          **cuda_memory())
     measure("grpo")
