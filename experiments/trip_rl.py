@@ -260,7 +260,7 @@ def main():
     p.add_argument("--data", help="a --prepare'd OUT/data directory: skip the CPU work")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="the trained difficulty levels")
     p.add_argument("--harder-levels", type=int, nargs="+", default=[3, 4], help="held-out difficulty levels")
-    p.add_argument("--sft-per-level", type=int, default=700, help="SFT pool: environments per trained level")
+    p.add_argument("--sft-per-level", type=int, default=1200, help="SFT pool: environments per trained level")
     p.add_argument("--train-per-level", type=int, default=64, help="GRPO pool: environments per trained level")
     p.add_argument("--eval-per-level", type=int, default=32, help="held-out environments per level")
     p.add_argument("--eval-samples", type=int, default=2, help="trajectories per held-out environment")
