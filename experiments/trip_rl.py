@@ -263,7 +263,7 @@ def main():
     p.add_argument("--sft-per-level", type=int, default=1200, help="SFT pool: environments per trained level")
     p.add_argument("--train-per-level", type=int, default=64, help="GRPO pool: environments per trained level")
     p.add_argument("--eval-per-level", type=int, default=32, help="held-out environments per level")
-    p.add_argument("--eval-samples", type=int, default=2, help="trajectories per held-out environment")
+    p.add_argument("--eval-samples", type=int, default=1, help="trajectories per held-out environment")
     p.add_argument("--slip", type=float, default=0.0, help="the expert's slip rate (TripExpert.slip)")
     p.add_argument("--tokenizer-episodes", type=int, default=300)
     p.add_argument("--vocab", type=int, default=4096)
@@ -273,13 +273,13 @@ def main():
     p.add_argument("--rl-max-turns", type=int, default=10, help="model turns per episode in GRPO")
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--sft-batch", type=int, default=16)
-    p.add_argument("--sft-minutes", type=float, default=2.5, help="cap SFT's step count to fit this (0: no cap)")
-    p.add_argument("--rl-minutes", type=float, default=2.0, help="stop GRPO after this")
+    p.add_argument("--sft-minutes", type=float, default=2.0, help="cap SFT's step count to fit this (0: no cap)")
+    p.add_argument("--rl-minutes", type=float, default=3.0, help="stop GRPO after this")
     p.add_argument("--rl-steps", type=int, default=40)
     p.add_argument("--budget-minutes", type=float, default=8.7, help="the whole run: GRPO stops early enough for the "
                    "evaluation after it to finish within this (taken to last as long as the one before it)")
-    p.add_argument("--rl-lr", type=float, default=3e-5)
-    p.add_argument("--prompts", type=int, default=8, help="GRPO prompts per step")
+    p.add_argument("--rl-lr", type=float, default=5e-5)
+    p.add_argument("--prompts", type=int, default=16, help="GRPO prompts per step (one minibatch each)")
     p.add_argument("--group", type=int, default=8, help="GRPO group size")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -348,7 +348,7 @@ def main():
     eval_tasks = [t for split in EVAL_SPLITS for t in environment_tasks(data / "envs" / split)]
     pool = environment_tasks(data / "envs" / "train")
     cfg = RLConfig(out=str(out / "rl"), domains=[DOMAIN], steps=args.rl_steps, prompts_per_step=args.prompts,
-                   group_size=args.group, minibatches=min(8, args.prompts), max_new_tokens=args.max_new,
+                   group_size=args.group, minibatches=args.prompts, max_new_tokens=args.max_new,
                    max_turns=args.rl_max_turns, max_len=args.window, lr=args.rl_lr, device=device, seed=args.seed)
     runner = CompactRunner()
     trainer = RLTrainer(cfg, model, tok, TaskMix([Domain(DOMAIN)], {DOMAIN: pool}), env=runner)
