@@ -189,12 +189,13 @@ def plot(results: dict, out: Path) -> None:
     for j, (arm, name) in enumerate(arms):
         t = {int(k): v for k, v in results.get(arm, {}).items()}
         xs = [i + (j - 1) * width for i, lv in enumerate(levels) if lv in t]
-        ax.bar(xs, [t[lv]["pass@1"] for lv in levels if lv in t], width,
-               yerr=[t[lv].get("stderr", 0) for lv in levels if lv in t], capsize=3, label=name)
+        bars = ax.bar(xs, [t[lv]["pass@1"] for lv in levels if lv in t], width,
+                      yerr=[t[lv].get("stderr", 0) for lv in levels if lv in t], capsize=3, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     trained = set(results["args"]["levels"])
     ax.set_xticks(range(len(levels)), [f"level {lv}\n({'trained' if lv in trained else 'held-out level'})"
                                        for lv in levels])
-    ax.set(ylabel="pass@1 on held-out environments", ylim=(0, 1.05),
+    ax.set(ylabel="pass@1 on held-out environments", ylim=(0, 1.12),
            title="trip planning: before and after GRPO")
     ax.legend(fontsize=8)
     fig.tight_layout()
