@@ -323,7 +323,11 @@ def main():
         tok = Tokenizer.from_file(data)
         examples = load_examples(data / "sft.npz")
         results["expert"] = json.loads((data / "expert.json").read_text())
-        done("load data", t0, examples=len(examples), vocab=tok.vocab_size)
+        # the levels are the prepared environments' own
+        args.levels = sorted({r["difficulty"] for r in read_index(data / "envs" / "train")})
+        args.harder_levels = sorted({r["difficulty"] for r in read_index(data / "envs" / "harder")})
+        done("load data", t0, examples=len(examples), vocab=tok.vocab_size, levels=args.levels,
+             harder_levels=args.harder_levels)
     else:
         data.mkdir(parents=True, exist_ok=True)
         tok, examples, results["expert"] = prepare(args, data, results, done)
@@ -373,7 +377,8 @@ def main():
     deadline = min(t0 + 60 * args.rl_minutes, t_start + 60 * args.budget_minutes - 1.15 * eval_s - 20)
     rl_hist, rl_error = rl(trainer, deadline)
     save(trainer.policy, out / "model", tokenizer=tok)
-    done("grpo", t0, steps=len(rl_hist), deadline_s=round(deadline - t0, 1), reward_first=rl_hist[0]["reward"] if rl_hist else None,
+    done("grpo", t0, steps=len(rl_hist), deadline_s=round(deadline - t0, 1),
+         reward_first=rl_hist[0]["reward"] if rl_hist else None,
          reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error,
          **cuda_memory())
     measure("grpo")
