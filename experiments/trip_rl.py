@@ -282,6 +282,8 @@ def main():
     p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--prompts", type=int, default=16, help="GRPO prompts per step (one minibatch each)")
     p.add_argument("--group", type=int, default=8, help="GRPO group size")
+    p.add_argument("--save-models", action="store_true", help="write the SFT and GRPO models (sft_model/, model/; "
+                   "about 75 MB each) into OUT")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
@@ -344,7 +346,8 @@ def main():
     torch.manual_seed(args.seed)
     model = Transformer(model_config(tok, args.window, args.quick))
     history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
-    save(model, out / "sft_model", tokenizer=tok)
+    if args.save_models:
+        save(model, out / "sft_model", tokenizer=tok)
     done("sft", t0, steps=steps, seq_len=seq_len, params=sum(p.numel() for p in model.parameters()),
          loss_first=history[0].get("lm") if history else None, loss_last=history[-1].get("lm") if history else None,
          **cuda_memory())
@@ -376,7 +379,8 @@ def main():
     # GRPO until --rl-minutes, or earlier where the evaluation after it would pass --budget-minutes
     deadline = min(t0 + 60 * args.rl_minutes, t_start + 60 * args.budget_minutes - 1.15 * eval_s - 20)
     rl_hist, rl_error = rl(trainer, deadline)
-    save(trainer.policy, out / "model", tokenizer=tok)
+    if args.save_models:
+        save(trainer.policy, out / "model", tokenizer=tok)
     done("grpo", t0, steps=len(rl_hist), deadline_s=round(deadline - t0, 1),
          reward_first=rl_hist[0]["reward"] if rl_hist else None,
          reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error,
