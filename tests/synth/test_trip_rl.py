@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv32.chat import encode_messages
+from dsv32.chat import encode_completion, encode_messages, parse_completion
 from dsv32.config import preset
 from dsv32.model import Transformer
 from dsv32.synth.environment import load_environment
@@ -49,7 +49,7 @@ def test_an_expert_episode_is_an_sft_example_of_the_conversation_it_had(envs, tm
     assert not any(m["content"][:40] in labelled for m in kept if m["role"] == "tool" and len(m["content"]) > 40)
 
 
-def test_the_rl_runner_answers_the_experts_calls_as_its_sft_data_shows_and_scores_it(envs):
+def test_the_rl_runner_answers_the_experts_tokens_as_its_sft_data_shows_and_scores_them(envs):
     _, segs = trip_rl.expert_episode(envs / "trip-d1-s200001", TripExpert())
     turns = segs[0][1]
     task = environment_tasks(envs)[1]
@@ -58,7 +58,8 @@ def test_the_rl_runner_answers_the_experts_calls_as_its_sft_data_shows_and_score
     results = []
     for m in turns:
         if m["role"] == "assistant" and m["tool_calls"]:
-            step = runner(mine, m)
+            # the turn as a model that wrote the expert's tokens would have it parsed
+            step = runner(mine, parse_completion(encode_completion(m, "thinking"), "thinking"))
             results += step[1] if step is not None else []
     runner.close()
     assert results == [m["content"] for m in turns if m["role"] == "tool"][:-1]  # "submitted" is the runner's end
