@@ -139,6 +139,17 @@ def sft_examples(tok, tools: list[dict], segs) -> list[tuple[list[int], list[int
     return task_examples(tok, tasks)
 
 
+def split_tasks(root: Path, per_level: int) -> list[Task]:
+    """The RL tasks of the first `per_level` environments of each level in the split at `root`."""
+    taken: dict[int, int] = {}
+    out = []
+    for row, task in zip(read_index(root), environment_tasks(root), strict=True):
+        taken[row["difficulty"]] = taken.get(row["difficulty"], 0) + 1
+        if taken[row["difficulty"]] <= per_level:
+            out.append(task)
+    return out
+
+
 def table(rows: list[dict], key: str = "score") -> dict:
     """{level: {n, pass@1, stderr, submitted}} of episode rows."""
     out = {}
@@ -353,7 +364,7 @@ def main():
          **cuda_memory())
 
     # 4-6. pass@1 before GRPO, GRPO on the train pool, pass@1 after; the held-out tasks are fixed
-    eval_tasks = [t for split in EVAL_SPLITS for t in environment_tasks(data / "envs" / split)]
+    eval_tasks = [t for split in EVAL_SPLITS for t in split_tasks(data / "envs" / split, args.eval_per_level)]
     pool = environment_tasks(data / "envs" / "train")
     cfg = RLConfig(out=str(out / "rl"), domains=[DOMAIN], steps=args.rl_steps, prompts_per_step=args.prompts,
                    group_size=args.group, minibatches=args.prompts, max_new_tokens=args.max_new,

@@ -84,3 +84,11 @@ def test_pass_at_1_is_the_mean_score_per_level_with_its_standard_error():
     t = trip_rl.table(rows)
     assert t[1] == {"n": 4, "pass@1": 0.75, "stderr": round((0.75 * 0.25 / 4) ** 0.5, 4), "submitted": 1.0}
     assert t[3] == {"n": 1, "pass@1": 0.0, "stderr": 0.0, "submitted": 0.0}
+
+
+def test_the_evaluation_takes_the_first_environments_of_each_level(tmp_path):
+    root = tmp_path / "split"
+    trip_rl.make_split(root, [1, 2], 2, trip_rl.SEED0["harder"], "test")
+    names = [Path(t.environment).name for t in trip_rl.split_tasks(root, 1)]
+    assert names == ["trip-d1-s300000", "trip-d2-s300000"]
+    assert len(trip_rl.split_tasks(root, 5)) == 4
