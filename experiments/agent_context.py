@@ -242,20 +242,23 @@ def sft(model, data: SFTData, seq_len: int, args, out: Path, device: str) -> tup
 
 
 def rl(trainer: RLTrainer, deadline: float) -> tuple[list[dict], str | None]:
-    """RLTrainer's steps until its step count or the deadline, metrics to its out/metrics.jsonl.
-    A step that raises ends GRPO with the error returned (the steps before it stand), so the
-    evaluation still runs on the model as it is."""
+    """RLTrainer's steps until its step count or the deadline, metrics to its out/metrics.jsonl;
+    no step starts that would, as long as the last one took, end past the deadline. A step that
+    raises ends GRPO with the error returned (the steps before it stand), so the evaluation still
+    runs on the model as it is."""
     out = Path(trainer.cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    history = []
+    history, last_s = [], 0.0
     with (out / "metrics.jsonl").open("w") as f, tqdm(total=trainer.cfg.steps, desc="grpo") as bar:
-        while trainer.step < trainer.cfg.steps and time.time() < deadline:
+        while trainer.step < trainer.cfg.steps and time.time() + last_s < deadline:
+            t0 = time.time()
             try:
                 m = trainer.train_step()
             except Exception:  # noqa: BLE001 - reported in results.json, the run goes on to the evaluation
                 error = traceback.format_exc()
                 print(error, flush=True)
                 return history, error.strip().splitlines()[-1]
+            last_s = time.time() - t0
             history.append(m)
             f.write(json.dumps(m) + "\n")
             f.flush()

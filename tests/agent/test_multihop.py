@@ -141,3 +141,23 @@ def test_the_browser_environment_keeps_one_page_stack_per_trajectory():
     assert env(a, call)[1][0].startswith("[1] ")   # a's second page
     assert env(b, call)[1][0].startswith("[0] ")   # b has its own stack
     assert env(a, {**call, "tool_calls": []}) is None
+
+
+def test_grpo_starts_no_step_that_would_end_past_the_deadline(tmp_path, monkeypatch):
+    """Steps of 2 s against a deadline 5 s away: two run (the third would end at 6 s); each step's
+    metrics are written as it ends."""
+    clock = [100.0]
+
+    class Trainer:  # the part of RLTrainer that rl() uses, on a fake clock
+        cfg = type("Cfg", (), {"steps": 10, "out": str(tmp_path / "rl")})()
+        step = 0
+
+        def train_step(self):
+            clock[0] += 2.0
+            self.step += 1
+            return {"reward": 0.5, "step": self.step}
+
+    monkeypatch.setattr(agent_context.time, "time", lambda: clock[0])
+    history, error = agent_context.rl(Trainer(), deadline=105.0)
+    assert [m["step"] for m in history] == [1, 2] and error is None
+    assert (tmp_path / "rl" / "metrics.jsonl").read_text().count("\n") == 2
