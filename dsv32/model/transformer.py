@@ -239,6 +239,20 @@ class Transformer(nn.Module):
             out.mtp_logits = self._mtp(out.hidden, input_ids, cos, sin, step, out)
         return out
 
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+                    depth: int = 0, mode: Literal["mha", "mqa"] = "mqa") -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module over a cache (speculative decoding's draft). hidden: [B, S, D] at positions
+        [B, S] (the main model's `ModelOutput.hidden`, or this module's own output when chained);
+        next_ids: [B, S] the token after each position. Writes the module's cache entries (its
+        layer id, `num_hidden_layers + depth`, indexes the cache) at those positions, reads every
+        earlier one. -> (this depth's hidden [B, S, D], logits [B, S, V] predicting the token
+        after next)."""
+        positions, mask = positions_and_mask(next_ids, 0, cache, positions, self.cfg)
+        step = Step(positions=positions, mask=mask, cache=cache, sparse=True, mode=mode)
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        h, normed = self.mtp[depth](hidden, self.embed_tokens(next_ids), cos, sin, step, ModelOutput(None, None))
+        return h, self.lm_head(normed)
+
     def _mtp(self, h, input_ids, cos, sin, step: Step, out: ModelOutput) -> list:
         """MTP depth k combines h_i (depth k-1) with emb(t_{i+k}); its logits predict t_{i+k+1}."""
         if step.cache is not None:
