@@ -3,6 +3,8 @@ and simulation, and the engine's speculative output against the plain model (ful
 cache) as the independent truth: the distribution of sampled tokens, greedy tokens, the MTP
 module's own cache, and the RL records."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -153,7 +155,7 @@ class OracleDrafts(ModelRunner):
     """Drafts that are right except at every third position (the greedy continuation, from the
     full-forward reference in `truth`), so that greedy verification accepts some and rejects
     others; the MTP module still runs and writes its cache as usual."""
-    truth: dict[tuple, list[int]] = {}
+    truth: ClassVar[dict[tuple, list[int]]] = {}
 
     def _draft(self, seqs, h, logits, pos):
         super()._draft(seqs, h, logits, pos)
