@@ -145,9 +145,9 @@ def test_speculative_tokens_are_distributed_as_plain_sampling(peaked, top_p, mon
 
 @torch.no_grad()
 def greedy_reference(model, prompt, n):
-    seq = list(prompt)
+    seq, dev = list(prompt), model.embed_tokens.weight.device
     for _ in range(n):
-        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        seq.append(int(model(torch.tensor([seq], device=dev)).logits[0, -1].argmax()))
     return seq
 
 
@@ -166,23 +166,24 @@ class OracleDrafts(ModelRunner):
             s.draft_probs = torch.nn.functional.one_hot(torch.tensor(s.draft), v).float()
 
 
-def mtp_cache_is_fresh(eng, model, seq) -> bool:
+def mtp_cache_is_fresh(eng, model, seq, atol=1e-4) -> bool:
     """The MTP module's cache entries (and the main first layer's) at positions 0..num_computed-1
     of a running sequence equal those computed from scratch: a full forward of its tokens, then the
     MTP module over them with the next token at each position."""
     cfg, bs, n = model.cfg, eng.runner.cache.block_size, seq.num_computed
-    toks = torch.tensor([seq.tokens[:n + 1]])
-    ref = KVCache(*(torch.zeros(cfg.num_hidden_layers + 1, 1, n, w) for w in cfg.cache_widths))
+    dev = model.embed_tokens.weight.device
+    toks = torch.tensor([seq.tokens[:n + 1]], device=dev)
+    ref = KVCache(*(torch.zeros(cfg.num_hidden_layers + 1, 1, n, w, device=dev, dtype=torch.float32)
+                    for w in cfg.cache_widths))
     with torch.no_grad():
         out = model(toks[:, :-1], cache=ref)
-        model.mtp_forward(out.hidden, toks[:, 1:], torch.arange(n)[None], ref)
-    slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(n)])
+        model.mtp_forward(out.hidden, toks[:, 1:], torch.arange(n, device=dev)[None], ref)
+    slots = torch.tensor([[seq.block_table[p // bs] * bs + p % bs for p in range(n)]], device=dev)
     for layer in (0, cfg.num_hidden_layers):
-        c = eng.runner.cache
-        want = torch.cat([ref.kv[layer, 0], ref.pe[layer, 0]], -1)
-        if not (torch.allclose(c.kv[layer][slots], want, atol=1e-4) and
-                torch.allclose(c.ik[layer][slots], ref.ik[layer, 0], atol=1e-4)):
-            return False
+        kv, pe, ik = (t[0].float() for t in eng.runner.cache.read(layer, slots))
+        for got, want in ((kv, ref.kv[layer, 0]), (pe, ref.pe[layer, 0]), (ik, ref.ik[layer, 0])):
+            if not torch.allclose(got, want, atol=atol, rtol=atol):
+                return False
     return True
 
 
@@ -262,3 +263,36 @@ def test_rl_records_are_those_of_the_verifying_forward(peaked):
         assert [kept.tolist() for kept in o.kept] == [w.nonzero()[:, 0].tolist() for w in want]
         for layer, ids in enumerate(out.expert_ids):
             assert torch.equal(o.experts[:, layer].long().sort(-1).values, ids[:-1].sort(-1).values)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_decoding_on_cuda(kv, k):
+    """On CUDA in bf16 (k = 1: the verifying and MTP forwards feed 2 tokens a row, what the paged
+    decode kernels serve; k = 2: the gathering path), with drafts right two times in three: every
+    token is the argmax of a cache-free forward over the engine's own sequence (within bf16
+    rounding) with the engine's log-prob, and the MTP cache stays fresh after every step."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).to(torch.bfloat16).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 50, 120)]
+    full = [greedy_reference(model, p, 12 + 2 * k) for p in ps]
+    OracleDrafts.truth = {tuple(p): f for p, f in zip(ps, full)}
+    eng = Engine(model, EngineConfig(num_blocks=64, block_size=16, kv_cache_dtype=kv, max_model_len=256,
+                                     speculative_tokens=k), runner_class=OracleDrafts)
+    seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)) for p in ps]
+    while eng.has_work():
+        eng.step()
+        for s in eng.scheduler.running:
+            if s.prefill_done and kv == "auto":
+                assert mtp_cache_is_fresh(eng, model, s, atol=0.05)
+    assert sum(eng.runner.accepted) > 0
+    for p, s in zip(ps, seqs):
+        o = eng.output(s)
+        seq = torch.tensor([p + o.token_ids], device="cuda")
+        lp = model(seq).logits[0, len(p) - 1:-1].float().log_softmax(-1)              # [12, V]
+        chosen = lp.gather(1, torch.tensor(o.token_ids, device="cuda")[:, None])[:, 0]
+        assert (chosen - torch.tensor(o.logprobs, device="cuda")).abs().max() < 0.05
+        assert (lp.max(-1).values - chosen).max() < 0.1
