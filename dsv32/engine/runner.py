@@ -182,7 +182,8 @@ class ModelRunner:
         if batch.return_topk:
             self._record(seqs, batch, out, counts=[m + 1 for m in n])
         rows = [i * k1 + j for i, m in enumerate(n) for j in range(m + 1)]                    # accepted + next
-        tokens = [t for i, m in enumerate(n) for t in drafts[i, :m].tolist() + [nxt[i]]]
+        listed = drafts.tolist()
+        tokens = [t for i, m in enumerate(n) for t in listed[i][:m] + [nxt[i]]]
         got = samples(lp[rows], torch.tensor(tokens, device=lp.device), None if keep is None else keep[rows],
                       [params[r] for r in rows], [truncates[r] for r in rows])
         owners = [s for s, m in zip(seqs, n) for _ in range(m + 1)]
