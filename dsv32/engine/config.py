@@ -23,6 +23,10 @@ class EngineConfig:
     speculative_tokens: int = 0              # k drafts per decode step from the MTP module (chained
                                              # for k > 1), verified by one forward; 0 = off. Decode
                                              # then runs eagerly (no CUDA graphs)
+    batch_invariant: bool = False            # every forward's numbers per row independent of the batch
+                                             # (model/batch_invariant.py): absorbed MQA everywhere, fixed
+                                             # key sets, tiled GEMMs, no paged kernels or graphs. With the
+                                             # trainer's replay_logprobs(batch_invariant=True): equal bits
 
     def __post_init__(self):
         if self.kv_cache_dtype not in ("auto", "fp8"):

@@ -25,6 +25,7 @@ CUDA graphs are off.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 
@@ -36,6 +37,7 @@ from dsv32.engine.sampler import Sample, processed_logprobs, sample, samples
 from dsv32.engine.scheduler import Plan, Sequence
 from dsv32.engine.speculative import draw, verify_drafts
 from dsv32.model import ModelOutput
+from dsv32.model.batch_invariant import batch_invariant
 from dsv32.model.indexer import pack_selection
 from dsv32.model.moe import MoE
 
@@ -49,7 +51,7 @@ class ModelRunner:
             if type(m) is MoE:
                 m.stack_experts()
         cfg, ec = model.cfg, config
-        self.mha_below = ec.mha_prefill_below or cfg.index_topk
+        self.mha_below = 0 if ec.batch_invariant else ec.mha_prefill_below or cfg.index_topk
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
         self.k = ec.speculative_tokens
@@ -62,11 +64,13 @@ class ModelRunner:
         self.num_blocks = ec.num_blocks or self._auto_blocks(bytes_per_block, max_model_len)  # what the scheduler
         # hands out; the cache has one block more: the scratch block padded graph rows use
         self.cache = PagedCache(cfg, self.num_blocks + 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype,
-                                self.device, ec.paged_decode, max_model_len + ec.draft_slots, mtp_layers)
-        if ec.cuda_graphs and self.k:
-            log.info("speculative decoding (speculative_tokens=%d) runs decode eagerly: CUDA graphs are off", self.k)
+                                self.device, ec.paged_decode and not ec.batch_invariant, max_model_len + ec.draft_slots,
+                                mtp_layers)
+        if ec.cuda_graphs and (self.k or ec.batch_invariant):
+            log.info("speculative decoding and the batch-invariant mode run decode eagerly: CUDA graphs are off")
         self.graphs = (DecodeGraphs(self._call_model, self.device, ec.block_size, ec.max_num_seqs, max_model_len,
-                                    scratch_block=self.num_blocks) if ec.cuda_graphs and not self.k else None)
+                                    scratch_block=self.num_blocks)
+                       if ec.cuda_graphs and not (self.k or ec.batch_invariant) else None)
         log.info("paged cache: %d blocks of %d tokens (%s)", self.num_blocks, ec.block_size, ec.kv_cache_dtype)
 
     def _auto_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
@@ -140,8 +144,10 @@ class ModelRunner:
         return self._call_model(batch)
 
     def _call_model(self, batch: Batch) -> ModelOutput:
-        return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
-                          mode=batch.mode, return_topk=batch.return_topk)
+        invariant = self.config.batch_invariant
+        with batch_invariant() if invariant else nullcontext():
+            return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
+                              mode=batch.mode, return_topk=batch.return_topk, batch_invariant=invariant)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits [B, V], one row per sequence -> one sample each, under its own parameters."""

@@ -78,6 +78,7 @@ class Step:
     forced_experts: list | None = None         # per MoE layer [B*S, k] ids to replay
     return_topk: bool = False                  # selected key positions per layer (no scores)
     forced_topk: torch.Tensor | None = None    # [B, S, L, k] packed key sets to replay (pack_selection)
+    batch_invariant: bool = False              # fixed-width sorted key sets (model/batch_invariant.py)
     layer_id: int = 0
 
 
@@ -223,7 +224,8 @@ class Transformer(nn.Module):
         Tokens sit at start_pos.. (or at explicit per-sequence `positions` [B, S], for batched
         decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
-        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk.
+        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk,
+        batch_invariant.
         mtp=True also runs the MTP modules (training).
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)
