@@ -20,8 +20,9 @@ Two parts, applied from outside the layers:
     full-sequence forward (MLA; `fixed_key_set`).
   - element-wise functions whose SIMD body and scalar tail round differently (sigmoid, silu, found
     with dsv32/rl/bisect.py) run over a flat copy padded to a multiple of VEC elements.
-Reductions over the last dimension of each row (RMSNorm, softmax, log-softmax) are already per row
-on the CPU. The mode is slow (a Python loop of small GEMMs): it is a correctness mode, measured in
+  - reductions over each row's last dimension (RMSNorm's mean, softmax, log-softmax, logsumexp):
+    per row on the CPU already (tested); on CUDA, whose kernels lay threads out by the row count,
+    they run TILE rows at a time (not yet measured on a GPU). The mode is slow (a Python loop of small GEMMs): it is a correctness mode, measured in
 bench, not a serving mode; on GPU the same shape discipline needs fixed-tiling Triton kernels.
 """
 
@@ -88,6 +89,37 @@ def padded_pointwise(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return func(flat, *args, **kwargs)[:n].view(x.shape)
 
 
+# reductions over the last dimension: per row on the CPU already; a GPU kernel's launch layout
+# (threads per row) follows the row count, so on CUDA they run over TILE rows at a time
+ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.logsumexp.default, aten.amax.default}
+ROW_SOFTMAX = {aten._softmax.default, aten._log_softmax.default}
+
+
+def _last_dim(x: torch.Tensor, dim) -> bool:
+    dims = [dim] if isinstance(dim, int) else list(dim or [])
+    return x.dim() >= 2 and len(dims) == 1 and dims[0] % x.dim() == x.dim() - 1
+
+
+def row_tiled(func, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A last-dimension reduction or softmax of x, TILE rows at a time (zero-padded): each row's
+    result comes from the same launch shape [TILE, D] whatever the number of rows."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    tile = torch.zeros(TILE, d, dtype=x.dtype, device=x.device)
+    softmax = func in ROW_SOFTMAX
+    keepdim = False if softmax else (args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    rest = dict(kwargs, keepdim=True) if not softmax else {}
+    parts = []
+    for i in range(0, rows.shape[0], TILE):
+        n = min(TILE, rows.shape[0] - i)
+        tile.zero_()
+        tile[:n] = rows[i:i + n]
+        out = func(tile, -1, args[2]) if softmax else func(tile, [-1], *args[3:], **rest)
+        parts.append(out[:n].clone())
+    out = torch.cat(parts)
+    return out.view(x.shape) if softmax else out.view(*x.shape[:-1], *((1,) if keepdim else ()))
+
+
 class BatchInvariant(TorchDispatchMode):
     """The dispatch mode behind `batch_invariant()`."""
 
@@ -99,6 +131,10 @@ class BatchInvariant(TorchDispatchMode):
             bias, a, b = args
             beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
             return beta * bias + alpha * tiled_mm(a, b)
+        x = args[0] if args else None
+        if (func in ROW_REDUCTIONS or func in ROW_SOFTMAX) and isinstance(x, torch.Tensor) and x.is_cuda \
+                and _last_dim(x, args[1] if len(args) > 1 else kwargs.get("dim")):
+            return row_tiled(func, x, args, {k: v for k, v in kwargs.items() if k != "dim"})
         if func in PADDED:
             return padded_pointwise(func, *args, **kwargs)
         if func is aten.bmm.default:

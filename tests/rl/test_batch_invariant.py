@@ -10,7 +10,7 @@ import torch
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
-from dsv32.model.batch_invariant import batch_invariant, fixed_key_set, padded_pointwise, tiled_mm
+from dsv32.model.batch_invariant import batch_invariant, fixed_key_set, padded_pointwise, row_tiled, tiled_mm
 from dsv32.rl.bisect import bisect
 from dsv32.rl.rollout import new_trajectory, pack, replay_logprobs
 from dsv32.rl.tasks import Task
@@ -45,6 +45,17 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
     assert torch.equal(padded_pointwise(torch.ops.aten.sigmoid.default, t)[-1],
                        padded_pointwise(torch.ops.aten.sigmoid.default, big)[95])
     assert torch.equal(padded_pointwise(torch.ops.aten.sigmoid.default, t), t.sigmoid())
+
+
+def test_row_tiled_reductions_compute_what_the_plain_ones_do():
+    """What the mode runs on CUDA for last-dimension reductions, checked here against the plain ops."""
+    aten, x = torch.ops.aten, torch.randn(3, 37, 24, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(row_tiled(aten.mean.dim, x, (x, [-1], True), {}), x.mean(-1, keepdim=True))
+    assert torch.allclose(row_tiled(aten.sum.dim_IntList, x, (x, [2]), {"dtype": torch.float64}),
+                          x.sum(-1, dtype=torch.float64))
+    assert torch.allclose(row_tiled(aten._log_softmax.default, x, (x, -1, False), {}), x.log_softmax(-1))
+    assert torch.allclose(row_tiled(aten.logsumexp.default, x, (x, [-1]), {}), x.logsumexp(-1))
+    assert torch.equal(row_tiled(aten.amax.default, x, (x, [-1], True), {}), x.amax(-1, keepdim=True))
 
 
 def test_fixed_key_sets_are_padded_and_sorted_like_a_replayed_selection():
