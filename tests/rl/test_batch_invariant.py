@@ -76,20 +76,21 @@ def rollout(model, prompts, params, config):
     return trajs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_logprobs_are_the_trainers_bit_for_bit(dtype):
+@pytest.mark.parametrize("dtype,device", [(torch.float32, "cpu"), (torch.bfloat16, "cpu"),
+                                          pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu)])
+def test_engine_logprobs_are_the_trainers_bit_for_bit(dtype, device):
     """Four prompts (two past index_topk: key selections replayed), chunked prefill, batched
     decode at temperature 0.9 with top-p: every sampled token's log-prob from the trainer's replay
     (a separate copy of the weights, autograd on, experts one at a time) equals the engine's."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(index_topk=8)).to(dtype).eval()
+    model = Transformer(preset("tiny").replace(index_topk=8)).to(device, dtype).eval()
     policy = copy.deepcopy(model).requires_grad_(True)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 14, 30, 21)]
     params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=10, seed=2, ignore_eos=True, return_rl_data=True)
     trajs = rollout(model, prompts, params, EngineConfig(num_blocks=32, block_size=16, prefill_chunk=16,
                                                          batch_invariant=True))
-    batch = pack(trajs)
+    batch = pack(trajs, device=device)
     with torch.enable_grad():
         lp = replay_logprobs(policy, batch, 0.9, batch_invariant=True)
     assert lp.requires_grad
