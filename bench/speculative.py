@@ -50,6 +50,7 @@ def trained_model(args, work: Path):
     tiny one for a CPU smoke run) -> (model in eval mode, held-out PackedData)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     train_files, held_files = stdlib_split()
+    train_files, held_files = train_files[:args.train_files], held_files[:args.train_files // 4]
     if args.tiny:
         train_files, held_files = train_files[:40], held_files[:10]
     tok = train_tokenizer(train_files[::3], args.vocab, work / "tokenizer")
@@ -113,6 +114,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512, help="training window")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch")
     ap.add_argument("--train-budget-s", type=float, default=150)
+    ap.add_argument("--train-files", type=int, default=600, help="stdlib files to train on (tokenising them all "
+                    "takes longer than the steps need)")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--index-topk", type=int, default=256)
     args = ap.parse_args()
