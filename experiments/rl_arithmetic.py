@@ -178,6 +178,18 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
                 d = (lp - batch.logp_old)[batch.action].abs()
                 out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = {
                     "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean())}
+    # the batch-invariant mode: engine and replay with its arithmetic, the replay on bf16 weights as
+    # the engine's (bit-equality needs the same dtype on both sides)
+    cfg = replace(base, engine_dtype="bfloat16", dtype="bfloat16", sampler_noise=0.0, steps=1, batch_invariant=True)
+    tr = RLTrainer(cfg, copy.deepcopy(model), tok, mix)
+    trajs, _, _ = tr.collect()
+    batch = pack(trajs, tok.eos_id, tr.device)
+    t0 = time.time()
+    lp = replay_logprobs(copy.deepcopy(tr.policy).to(torch.bfloat16), batch, cfg.temperature, batch_invariant=True)
+    d = (lp - batch.logp_old)[batch.action].abs()
+    out["batch_invariant/trainer_bfloat16_weights"] = {
+        "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean()),
+        "replay_s": round(time.time() - t0, 1)}
     return out
 
 

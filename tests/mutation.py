@@ -65,6 +65,8 @@ RL = ("tests/rl",)
 MODEL = ("tests/model/test_model.py", "tests/model/test_parity_transformers.py")
 MTP = MODEL + ("tests/train/test_losses.py",)
 SELECTION = MODEL + ("tests/rl/test_rollout.py",)
+SPEC = ("tests/engine/test_speculative.py",)
+INVARIANT = ("tests/rl/test_batch_invariant.py",)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,36 @@ ENC, PAR = "dsv32/chat/encode.py", "dsv32/chat/parse.py"
 OBJ, ROL = "dsv32/rl/objective.py", "dsv32/rl/rollout.py"
 MLA, MOE, TR, IDX = "dsv32/model/mla.py", "dsv32/model/moe.py", "dsv32/model/transformer.py", "dsv32/model/indexer.py"
 
+SPX, BI = "dsv32/engine/speculative.py", "dsv32/model/batch_invariant.py"
+
 MUTANTS: list[Mutant] = [
+    # ---- engine/speculative.py and the runner's drafting; model/batch_invariant.py ----
+    Mutant("spec-recover-from-target", SPX,
+           "    r = (p_n - q_n).clamp(min=0)",
+           "    r = p_n.clone()",
+           SPEC, "after a rejection the next token is drawn from p itself, not norm(max(p - q, 0)): biased"),
+    Mutant("spec-accept-ratio-inverted", SPX,
+           "    ok = (u * q_draft < p_draft).int()",
+           "    ok = (u * p_draft < q_draft).int()",
+           SPEC, "a draft is accepted with probability min(1, q/p) instead of min(1, p/q)"),
+    Mutant("spec-hash-without-next-token", SM,
+           "hash_overlap=1 if ec.speculative_tokens else 0",
+           "hash_overlap=0",
+           SPEC, "a prefix-cache block is reused where the token after it differs: its last MTP entry is stale"),
+    Mutant("spec-records-rejected-positions", RUN,
+           "self._record(seqs, batch, out, counts=[m + 1 for m in n])",
+           "self._record(seqs, batch, out)",
+           SPEC, "RL records keep the expert ids of rejected drafts' positions",
+           equivalent=True, reason="the next step feeds those positions again and overwrites their records; "
+                                   "past a finished sequence's end the scheduler drops them (_drop_records_past)"),
+    Mutant("invariant-untiled-mm", BI,
+           "            return tiled_mm(*args)",
+           "            return func(*args, **kwargs)",
+           INVARIANT, "the batch-invariant mode runs mm as BLAS chooses: rows depend on the batch"),
+    Mutant("invariant-unsorted-keys", BI,
+           "    return idx.sort(-1).values",
+           "    return idx",
+           INVARIANT, "fixed key sets keep the indexer's order: a query sums its keys in another order in the replay"),
     # ---- engine/cache.py: block hashes, prefix lookup, block accounting ----
     Mutant("cache-hash-unchained", E,
            'h = hashlib.sha256(parent or b"")',
@@ -136,8 +167,8 @@ MUTANTS: list[Mutant] = [
            "budget = self.budget",
            ENGINE, "prefill budget ignores this step's decode tokens: a step can exceed max_num_batched_tokens"),
     Mutant("sched-admit-exact-fit", C,
-           "if self.blocks.blocks_needed(len(seq.tokens), cached) > self.blocks.num_free:",
-           "if self.blocks.blocks_needed(len(seq.tokens), cached) >= self.blocks.num_free:",
+           "if self.blocks.blocks_needed(need, cached) > self.blocks.num_free:",
+           "if self.blocks.blocks_needed(need, cached) >= self.blocks.num_free:",
            ENGINE, "admission refuses a request that needs exactly the free blocks"),
     Mutant("sched-hashes-dropped", C,
            "            seq.block_hashes = hashes",
@@ -177,8 +208,8 @@ MUTANTS: list[Mutant] = [
            "(s.token == self.eos_token_id)",
            SAMPLER, "ignore_eos=True still stops at the end-of-sentence token"),
     Mutant("sched-decode-not-computed", C,
-           "            self.computed(seq, 1)",
-           "            self.computed(seq, 0)",
+           "            self.computed(seq, n_tokens[id(seq)])",
+           "            self.computed(seq, n_tokens[id(seq)] - 1)",
            ENGINE, "decode steps never count their token as computed: blocks filled by generated tokens are "
                    "never registered for reuse (and the next decode rewrites the same slot)"),
     Mutant("engine-step-resends", SM,

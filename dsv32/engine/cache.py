@@ -60,14 +60,17 @@ class PagedCache:
     """Per-layer block storage, rows [num_blocks * block_size, bytes-or-dims] (FP8 indexer keys:
     pages [num_blocks, block_size * (Di + 4)] bytes). It holds no per-step state: a forward reads and
     writes it through `bind(batch)`, its Batch saying where. paged_decode=False keeps every step on
-    the gathering path (the reference). max_len: the longest sequence it serves."""
+    the gathering path (the reference). max_len: the longest sequence it serves. mtp_layers: storage
+    for that many MTP modules after the main layers (layer ids num_hidden_layers..; speculative
+    decoding's drafts keep their own latents and indexer keys, in the same blocks as the main ones)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64, fp8: bool = False,
-                 dtype=torch.bfloat16, device="cpu", paged_decode: bool = True, max_len: int | None = None):
+                 dtype=torch.bfloat16, device="cpu", paged_decode: bool = True, max_len: int | None = None,
+                 mtp_layers: int = 0):
         self.cfg, self.num_blocks, self.block_size, self.fp8, self.dtype = cfg, num_blocks, block_size, fp8, dtype
         c, r, di = cfg.cache_widths
         self.kv_group = min(128, c)
-        n, layers = num_blocks * block_size, cfg.num_hidden_layers
+        n, layers = num_blocks * block_size, cfg.num_hidden_layers + mtp_layers
         if fp8 and not hasattr(cfg, "kv_lora_rank"):
             raise ValueError("the FP8 cache layouts are DeepSeek's, for MLA latents; this model has none")
         if fp8:
@@ -171,10 +174,13 @@ def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
 class BlockManager:
     """Allocates cache blocks to sequences; full blocks are registered by hash so that a later
     sequence with the same prefix reuses them (ref-counted). Freed blocks keep their hash until
-    they are handed out again, so a prefix survives its sequence (LRU order)."""
+    they are handed out again, so a prefix survives its sequence (LRU order). hash_overlap: tokens
+    after a block that its hash also covers. Speculative decoding sets 1: the MTP module's entry at
+    a block's last position is built from the token after it, so a block is only reusable where that
+    token matches too."""
 
-    def __init__(self, num_blocks: int, block_size: int = 64):
-        self.block_size = block_size
+    def __init__(self, num_blocks: int, block_size: int = 64, hash_overlap: int = 0):
+        self.block_size, self.hash_overlap = block_size, hash_overlap
         self.free: deque[int] = deque(range(num_blocks))
         self.ref = [0] * num_blocks
         self.hash_of: dict[int, bytes] = {}
@@ -200,7 +206,7 @@ class BlockManager:
         leaving at least one token to compute."""
         bs, blocks, hashes = self.block_size, [], []
         for i in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
-            h = block_hash(hashes[-1] if hashes else None, tokens[i:i + bs])
+            h = block_hash(hashes[-1] if hashes else None, tokens[i:i + bs + self.hash_overlap])
             b = self.by_hash.get(h)
             if b is None:
                 break

@@ -20,7 +20,26 @@ class EngineConfig:
                                              # False: gather each sequence's cache (the reference)
     cuda_graphs: bool = False                # decode with static inputs, replayed as CUDA graphs on
                                              # CUDA (eagerly elsewhere); RL steps stay eager (graphs.py)
+    speculative_tokens: int = 0              # k drafts per decode step from the MTP module (chained
+                                             # for k > 1), verified by one forward; 0 = off. Decode
+                                             # then runs eagerly (no CUDA graphs)
+    batch_invariant: bool = False            # every forward's numbers per row independent of the batch
+                                             # (model/batch_invariant.py): absorbed MQA everywhere, fixed
+                                             # key sets, tiled GEMMs, no paged kernels or graphs. With the
+                                             # trainer's replay_logprobs(batch_invariant=True): equal bits
 
     def __post_init__(self):
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
+
+    @property
+    def draft_slots(self) -> int:
+        return draft_slots(self.speculative_tokens)
+
+
+def draft_slots(k: int) -> int:
+    """Cache slots a decoding sequence needs past its tokens with k drafts: the k its verifying
+    forward feeds, and the k - 1 positions past the accepted ones that chained drafting writes."""
+    return 2 * k - 1 if k else 0

@@ -62,9 +62,9 @@ class Engine:
         self.max_model_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.runner = runner_class(model, ec, self.max_model_len)
         self.device = self.runner.device
-        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, ec.block_size), ec.max_num_seqs,
-                                   ec.max_num_batched_tokens, ec.prefill_chunk, self.max_model_len,
-                                   cfg.eos_token_id, ec.prefix_caching)
+        blocks = BlockManager(self.runner.num_blocks, ec.block_size, hash_overlap=1 if ec.speculative_tokens else 0)
+        self.scheduler = Scheduler(blocks, ec.max_num_seqs, ec.max_num_batched_tokens, ec.prefill_chunk,
+                                   self.max_model_len, cfg.eos_token_id, ec.prefix_caching, ec.speculative_tokens)
         self.seqs: dict[str, Sequence] = {}
 
     # ---- requests ----

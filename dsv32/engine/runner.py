@@ -8,11 +8,24 @@ replays, and samples the rows that are due a token. Nothing about the step is le
 
 Prefill runs DSA in MLA's masked-MHA mode for short chunks (what DeepSeek serves short prefills
 with) and in absorbed MQA mode beyond `mha_prefill_below`; decode always runs absorbed MQA + DSA.
+
+Speculative decoding (`speculative_tokens` = k > 0): the MTP module keeps its own latents and
+indexer keys in the paged cache (layer id num_hidden_layers, the same blocks and slots as the main
+layers). Its entry at position i is built from the main model's hidden state at i and the token at
+i + 1, so after every forward of the main model the MTP module runs over the positions that forward
+made final: a prefill chunk's, or a verifying decode's accepted ones (what it wrote past them is
+overwritten by the next step's). From its output at a sequence's last position it drafts by
+*sampling* the processed distribution (temperature, top-k, top-p; argmax when greedy), chained k
+times. A decode step feeds the last token and the k drafts, and accepts by exact rejection
+sampling (speculative.py); the log-probs, kept sets, expert ids and key selections it records are
+the verifying forward's, of the positions it accepts. These decode steps run eagerly: with k > 0
+CUDA graphs are off.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 
@@ -20,9 +33,11 @@ from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.engine.config import EngineConfig
 from dsv32.engine.graphs import DecodeGraphs
-from dsv32.engine.sampler import Sample, sample
+from dsv32.engine.sampler import Sample, processed_logprobs, sample, samples
 from dsv32.engine.scheduler import Plan, Sequence
+from dsv32.engine.speculative import draw, verify_drafts
 from dsv32.model import ModelOutput
+from dsv32.model.batch_invariant import batch_invariant
 from dsv32.model.indexer import pack_selection
 from dsv32.model.moe import MoE
 
@@ -36,17 +51,26 @@ class ModelRunner:
             if type(m) is MoE:
                 m.stack_experts()
         cfg, ec = model.cfg, config
-        self.mha_below = ec.mha_prefill_below or cfg.index_topk
+        self.mha_below = 0 if ec.batch_invariant else ec.mha_prefill_below or cfg.index_topk
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
+        self.k = ec.speculative_tokens
+        self.verified, self.accepted = 0, [0] * self.k  # verifying rows; of them, with draft j accepted
+        if self.k and not len(getattr(model, "mtp", ())):
+            raise ValueError("speculative_tokens needs a model with an MTP module (num_nextn_predict_layers > 0)")
+        mtp_layers = 1 if self.k else 0  # one MTP module drafts, chained for k > 1
         probe = PagedCache(cfg, 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype, "meta")
-        bytes_per_block = probe.bytes_per_token() * cfg.num_hidden_layers * ec.block_size
+        bytes_per_block = probe.bytes_per_token() * (cfg.num_hidden_layers + mtp_layers) * ec.block_size
         self.num_blocks = ec.num_blocks or self._auto_blocks(bytes_per_block, max_model_len)  # what the scheduler
         # hands out; the cache has one block more: the scratch block padded graph rows use
         self.cache = PagedCache(cfg, self.num_blocks + 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype,
-                                self.device, ec.paged_decode, max_model_len)
+                                self.device, ec.paged_decode and not ec.batch_invariant, max_model_len + ec.draft_slots,
+                                mtp_layers)
+        if ec.cuda_graphs and (self.k or ec.batch_invariant):
+            log.info("speculative decoding and the batch-invariant mode run decode eagerly: CUDA graphs are off")
         self.graphs = (DecodeGraphs(self._call_model, self.device, ec.block_size, ec.max_num_seqs, max_model_len,
-                                    scratch_block=self.num_blocks) if ec.cuda_graphs else None)
+                                    scratch_block=self.num_blocks)
+                       if ec.cuda_graphs and not (self.k or ec.batch_invariant) else None)
         log.info("paged cache: %d blocks of %d tokens (%s)", self.num_blocks, ec.block_size, ec.kv_cache_dtype)
 
     def _auto_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
@@ -64,11 +88,16 @@ class ModelRunner:
         sampled = []
         for seqs, batch in self.prepare(plan):
             out = self.forward(batch)
+            if self.k and seqs is plan.decodes:
+                sampled += self._verify(seqs, batch, out)
+                continue
             if batch.return_topk:
                 self._record(seqs, batch, out)
             due = [seqs[i] for i in batch.sample_rows]
-            if due:
-                sampled += zip(due, self.sample(_last_logits(out, batch), due))
+            new = self.sample(_last_logits(out, batch), due) if due else []
+            sampled += zip(due, new)
+            if self.k:
+                self._draft_after_prefill(seqs, batch, out, dict(zip(batch.sample_rows, new)))
         return sampled
 
     def prepare(self, plan: Plan) -> list[tuple[list[Sequence], Batch]]:
@@ -94,6 +123,12 @@ class ModelRunner:
     def _decode(self, seqs: list[Sequence]) -> Batch:
         """Each sequence's last token, every row sampled; a graph bucket's static Batch where one
         applies (not for RL, whose records need the eager forward's outputs)."""
+        if self.k:  # the last token and its drafts, at their positions
+            ids = torch.tensor([[s.tokens[-1]] + s.draft for s in seqs], device=self.device)          # [B, 1 + k]
+            pos = torch.arange(self.k + 1, device=self.device) + torch.tensor(
+                [len(s.tokens) - 1 for s in seqs], device=self.device)[:, None]                      # [B, 1 + k]
+            return Batch.build(ids, pos, [s.block_table for s in seqs], self.config.block_size, mode="mqa",
+                               sample_rows=tuple(range(len(seqs))), return_topk=_rl(seqs))
         last, pos = [s.tokens[-1] for s in seqs], [len(s.tokens) - 1 for s in seqs]
         if self.graphs is not None and not _rl(seqs) and self.graphs.fits(len(seqs)):
             return self.graphs.load(last, pos, [s.block_table for s in seqs])
@@ -109,26 +144,100 @@ class ModelRunner:
         return self._call_model(batch)
 
     def _call_model(self, batch: Batch) -> ModelOutput:
-        return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
-                          mode=batch.mode, return_topk=batch.return_topk)
+        invariant = self.config.batch_invariant
+        with batch_invariant() if invariant else nullcontext():
+            return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
+                              mode=batch.mode, return_topk=batch.return_topk, batch_invariant=invariant)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits [B, V], one row per sequence -> one sample each, under its own parameters."""
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
-    def _record(self, seqs: list[Sequence], batch: Batch, out: ModelOutput) -> None:
+    def _record(self, seqs: list[Sequence], batch: Batch, out: ModelOutput, counts: list[int] | None = None) -> None:
         """What RL replays of a forward where seqs[i] fed the n positions from starts[i]: the
         expert ids of every position (out.expert_ids: per MoE layer [len(seqs) * n, k], row-major)
         and the selected keys of every position with more causal keys than index_topk
-        (out.topk_indices: per layer [len(seqs), n, k]; the others select all of theirs). One
-        copy to the host per forward and kind."""
+        (out.topk_indices: per layer [len(seqs), n, k]; the others select all of theirs); of
+        seqs[i]'s first counts[i] positions only where given (a verifying forward's accepted ones).
+        One copy to the host per forward and kind."""
         starts, n = batch.positions[:, 0].tolist(), batch.positions.shape[1]
         if out.expert_ids:
             e = torch.stack(out.expert_ids, 1).to("cpu", torch.int16).view(len(seqs), n, len(out.expert_ids), -1)
-            _file(seqs, starts, e, "experts")
+            _file(seqs, starts, e, "experts", counts=counts)
         k, topk = self.model.cfg.index_topk, out.topk_indices
         if topk and all(t is not None for t in topk) and max(starts) + n > k:
-            _file(seqs, starts, pack_selection(torch.stack(topk, 2)).cpu(), "selection", first=k)
+            _file(seqs, starts, pack_selection(torch.stack(topk, 2)).cpu(), "selection", first=k, counts=counts)
+
+    # ---- speculative decoding ----
+    def _verify(self, seqs: list[Sequence], batch: Batch, out: ModelOutput) -> list[tuple[Sequence, Sample]]:
+        """A verifying decode: accept each row's drafts by rejection sampling against the processed
+        distributions of this forward (out.logits [B, 1 + k, V]), record what RL replays of the
+        accepted positions, run the MTP module over them and draft anew. -> (sequence, sample) of
+        every accepted draft and the token after them, in order."""
+        b, k1 = batch.input_ids.shape
+        params = [s.params for s in seqs for _ in range(k1)]
+        lp, keep, greedy, truncates = processed_logprobs(out.logits.flatten(0, 1), params)     # [B * (1 + k), V]
+        p = _target_probs(lp, greedy).view(b, k1, -1)                                          # [B, 1 + k, V]
+        q = torch.stack([s.draft_probs for s in seqs])                                         # [B, k, V]
+        drafts = batch.input_ids[:, 1:]                                                        # [B, k]
+        n, nxt = verify_drafts(p, q, drafts, [s.generator for s in seqs])
+        self.verified += b
+        for m in n:
+            for j in range(m):
+                self.accepted[j] += 1
+        if batch.return_topk:
+            self._record(seqs, batch, out, counts=[m + 1 for m in n])
+        rows = [i * k1 + j for i, m in enumerate(n) for j in range(m + 1)]                    # accepted + next
+        listed = drafts.tolist()
+        tokens = [t for i, m in enumerate(n) for t in listed[i][:m] + [nxt[i]]]
+        got = samples(lp[rows], torch.tensor(tokens, device=lp.device), None if keep is None else keep[rows],
+                      [params[r] for r in rows], [truncates[r] for r in rows])
+        owners = [s for s, m in zip(seqs, n) for _ in range(m + 1)]
+        # the MTP module over positions N..N+k: the token after position N+j is draft j+1 for j < n,
+        # then the token just drawn; past it, entries the next step overwrites
+        at = torch.tensor(n, device=self.device)                                               # [B]
+        following = torch.cat([drafts, drafts[:, -1:]], 1)                                     # [B, 1 + k]
+        following[torch.arange(b, device=self.device), at] = torch.tensor(nxt, device=self.device)
+        h, logits = self.model.mtp_forward(out.hidden, following, batch.positions, self.cache.bind(batch))
+        rows_b = torch.arange(b, device=self.device)
+        self._draft(seqs, h[rows_b, at][:, None], logits[rows_b, at], batch.positions[:, 0] + at + 1)
+        return list(zip(owners, got))
+
+    def _draft_after_prefill(self, seqs: list[Sequence], batch: Batch, out: ModelOutput,
+                             new: dict[int, Sample]) -> None:
+        """The MTP module over a prefill chunk's positions a..b-1 (the token after each: the prompt's,
+        or at the end of a prompt the one just sampled, new[row]); the rows whose prompt ended draft."""
+        a, b = int(batch.positions[0, 0]), int(batch.positions[0, -1]) + 1
+        following = torch.tensor([s.tokens[a + 1:b] + [new[i].token if i in new else s.tokens[b]]
+                                  for i, s in enumerate(seqs)], device=self.device)            # [n, b - a]
+        h, logits = self.model.mtp_forward(out.hidden, following, batch.positions,
+                                           self.cache.bind(batch), mode=batch.mode)
+        rows = list(batch.sample_rows)
+        if rows:
+            self._draft([seqs[i] for i in rows], h[rows, -1:], logits[rows, -1],
+                        torch.full((len(rows),), b, device=self.device))
+
+    def _draft(self, seqs: list[Sequence], h: torch.Tensor, logits: torch.Tensor, pos: torch.Tensor) -> None:
+        """Draft k tokens per sequence: the first from logits [B, V] (the MTP module's output at the
+        sequence's last token, at position pos - 1 with pos [B] that of the token's successor), each
+        next one by running the module again on its own hidden state h [B, 1, D] and the draft, at
+        the draft's position. Stores seq.draft and seq.draft_probs [k, V]."""
+        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+        tables = [s.block_table for s in seqs]
+        drafts, probs = [], []
+        for j in range(self.k):
+            lp, _, greedy, _ = processed_logprobs(logits, params)
+            q = _target_probs(lp, greedy)                                                      # [B, V]
+            d = draw(q, gens)                                                                  # [B]
+            drafts.append(d)
+            probs.append(q)
+            if j + 1 < self.k:  # chain: the module again, on the draft at its position
+                step = Batch.build(d[:, None], (pos + j)[:, None], tables, self.config.block_size)
+                h, logits = self.model.mtp_forward(h, d[:, None], step.positions, self.cache.bind(step))
+                logits = logits[:, -1]
+        drafts, probs = torch.stack(drafts, 1).tolist(), torch.stack(probs, 1)                # [B, k], [B, k, V]
+        for i, s in enumerate(seqs):
+            s.draft, s.draft_probs = drafts[i], probs[i]
 
 
 def _last_logits(out: ModelOutput, batch: Batch) -> torch.Tensor:
@@ -139,12 +248,24 @@ def _last_logits(out: ModelOutput, batch: Batch) -> torch.Tensor:
     return out.logits[list(rows), -1]
 
 
-def _file(seqs: list[Sequence], starts: list[int], rows: torch.Tensor, field: str, first: int = 0) -> None:
-    """rows[i]: [n, ...] records of the n positions seqs[i] fed from starts[i]; those from position
-    `first` on go into seqs[i].<field> (a dict by position) of each RL request."""
-    for seq, a, per_seq in zip(seqs, starts, rows):
+def _target_probs(lp: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
+    """Processed log-probs lp [B, V] -> the distributions tokens are drawn from [B, V]: one-hot at
+    the argmax for greedy rows (what `sample` picks), exp(lp) for the others."""
+    p = lp.exp()
+    if any(greedy):
+        g = [i for i, x in enumerate(greedy) if x]
+        p[g] = torch.nn.functional.one_hot(lp[g].argmax(-1), lp.shape[-1]).to(p.dtype)
+    return p
+
+
+def _file(seqs: list[Sequence], starts: list[int], rows: torch.Tensor, field: str, first: int = 0,
+          counts: list[int] | None = None) -> None:
+    """rows[i]: [n, ...] records of the n positions seqs[i] fed from starts[i] (its first counts[i]
+    where given); those from position `first` on go into seqs[i].<field> (a dict by position) of
+    each RL request."""
+    for i, (seq, a, per_seq) in enumerate(zip(seqs, starts, rows)):
         if seq.params.return_rl_data:
-            for j in range(max(0, first - a), len(per_seq)):
+            for j in range(max(0, first - a), len(per_seq) if counts is None else counts[i]):
                 getattr(seq, field)[a + j] = per_seq[j]
 
 

@@ -62,17 +62,25 @@ def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list
     return x.masked_fill(~keep, float("-inf")), keep
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[Sample]:
-    """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
-    host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
-    a row with its own generator (a seeded request) draws from it alone."""
+def processed_logprobs(logits: torch.Tensor, params: list[SamplingParams]):
+    """logits [B, V], one row per sequence -> (log-probs of each row's processed distribution [B, V]
+    fp32, keep [B, V] bool or None, greedy [B] bools, truncates [B] bools: the rows whose kept set
+    is not the whole vocabulary). Greedy rows (temperature 0) get the plain softmax."""
     greedy = [p.temperature == 0 for p in params]
     temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]     # greedy rows: no truncation
     top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
     top_k = [0 if g else p.top_k for p, g in zip(params, greedy)]
     x, keep = processed_logits(logits, temperature, top_p, top_k)
-    lp = x.log_softmax(-1)                                                          # [B, V]
+    truncates = [0 < k < x.shape[-1] or tp < 1.0 for k, tp in zip(top_k, top_p)]
+    return x.log_softmax(-1), keep, greedy, truncates
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[Sample]:
+    """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
+    host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
+    a row with its own generator (a seeded request) draws from it alone."""
+    lp, keep, greedy, truncates = processed_logprobs(logits, params)               # [B, V]
     tok = lp.argmax(-1)
     free = [i for i, (g, gen) in enumerate(zip(greedy, generators)) if not g and gen is None]
     if free:
@@ -80,6 +88,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     for i, gen in enumerate(generators):
         if not greedy[i] and gen is not None:
             tok[i] = torch.multinomial(lp[i].exp(), 1, generator=gen)[0]
+    return samples(lp, tok, keep, params, truncates)
+
+
+def samples(lp: torch.Tensor, tok: torch.Tensor, keep: torch.Tensor | None, params: list[SamplingParams],
+            truncates: list[bool]) -> list[Sample]:
+    """The records of tokens tok [B] drawn from rows of processed log-probs lp [B, V] (keep: their
+    kept sets, from processed_logprobs): log-prob, top log-probs if asked, kept ids for RL."""
     tokens, logprobs = tok.tolist(), lp.gather(1, tok[:, None]).squeeze(1).tolist()
     top = [None] * len(params)
     n_top = max(p.logprobs or 0 for p in params)
@@ -87,7 +102,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         v, i = (t.tolist() for t in lp.topk(n_top))
         top = [list(zip(i[r][:p.logprobs], v[r][:p.logprobs])) if p.logprobs else None for r, p in enumerate(params)]
     kept = [None] * len(params)
-    rows = [r for r, p in enumerate(params) if p.return_rl_data and (0 < top_k[r] < x.shape[-1] or top_p[r] < 1.0)]
+    rows = [r for r, p in enumerate(params) if p.return_rl_data and truncates[r]]
     if rows and keep is not None:
         sets = keep[rows]
         ids = sets.nonzero()[:, 1].to("cpu", torch.int32)

@@ -9,6 +9,10 @@ tokens are recomputed later (their prefix blocks usually still sit in the prefix
 step's forwards, `postprocess` appends the sampled tokens and finishes the sequences that reached
 the end-of-sentence token, one of their stop token ids, max_tokens or the context length. Stop
 strings are text: the edge that decodes the tokens checks them (tokenizer.Detokenizer).
+
+With speculative decoding (k = speculative_tokens > 0) a decode feeds the sequence's last token and its k
+drafts, so a decoding sequence holds `draft_slots` cache slots past its tokens, and one decode step
+may append up to k + 1 tokens (the accepted drafts and the token after them).
 """
 
 import itertools
@@ -19,6 +23,7 @@ from enum import Enum
 import torch
 
 from dsv32.engine.cache import BlockManager, block_hash
+from dsv32.engine.config import draft_slots
 from dsv32.engine.sampler import Sample, SamplingParams
 
 
@@ -55,6 +60,9 @@ class Sequence:
     # per position past index_topk: the selected key set of every layer [layers, k], packed
     selection: dict[int, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    # speculative decoding: the drafts its next decode step verifies, and their draft distributions
+    draft: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None          # [k, V] processed, on the device
 
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.tokens)
@@ -78,8 +86,9 @@ class Plan:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int, max_model_len: int, eos_token_id: int | None, prefix_caching: bool = True):
-        self.blocks = blocks
+                 prefill_chunk: int, max_model_len: int, eos_token_id: int | None, prefix_caching: bool = True,
+                 speculative_tokens: int = 0):
+        self.blocks, self.k, self.draft_slots = blocks, speculative_tokens, draft_slots(speculative_tokens)
         self.max_num_seqs, self.budget, self.chunk = max_num_seqs, max_num_batched_tokens, prefill_chunk
         self.max_model_len, self.eos_token_id = max_model_len, eos_token_id
         self.prefix_caching = prefix_caching
@@ -99,8 +108,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or not seq.prefill_done:
                 continue
-            while not self.blocks.append_slot(seq.block_table, len(seq.tokens)):
-                if -(-len(seq.tokens) // self.blocks.block_size) > len(self.blocks.ref):
+            need = len(seq.tokens) + self.draft_slots
+            while not self.blocks.append_slot(seq.block_table, need):
+                if -(-need // self.blocks.block_size) > len(self.blocks.ref):
                     self.finish(seq, "length")  # the whole cache is too small for it
                     plan.finished.append(seq)
                     break
@@ -111,7 +121,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 plan.decodes.append(seq)
-        budget = self.budget - len(plan.decodes)
+        budget = self.budget - len(plan.decodes) * (1 + self.k)
         # prefill chunks: running sequences mid-prompt first, then new admissions
         for seq in self.running:
             if budget <= 0:
@@ -123,16 +133,17 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached, hashes = self.blocks.lookup_prefix(seq.tokens) if self._may_share(seq) else ([], [])
-            if self.blocks.blocks_needed(len(seq.tokens), cached) > self.blocks.num_free:
+            need = len(seq.tokens) + self.draft_slots
+            if self.blocks.blocks_needed(need, cached) > self.blocks.num_free:
                 if not self.running and not plan.prefills:  # nothing will ever free enough
                     self.waiting.popleft()
-                    self.finish(seq, "error", f"the sequence needs {-(-len(seq.tokens) // self.blocks.block_size)} "
+                    self.finish(seq, "error", f"the sequence needs {-(-need // self.blocks.block_size)} "
                                 f"cache blocks, the cache has {len(self.blocks.ref)}")
                     plan.finished.append(seq)
                     continue
                 break
             self.waiting.popleft()
-            seq.block_table = self.blocks.allocate(len(seq.tokens), cached)
+            seq.block_table = self.blocks.allocate(need, cached)
             seq.block_hashes = hashes
             seq.num_computed = len(cached) * self.blocks.block_size
             if not seq.num_preemptions:  # a recompute's hits (its own blocks) are no prompt cache hits
@@ -146,15 +157,30 @@ class Scheduler:
 
     def postprocess(self, plan: Plan, sampled: list[tuple[Sequence, Sample]]) -> list[Sequence]:
         """After the plan's forwards: count the tokens they computed, append each sampled token
-        (in sampling order) and finish the sequences it ends. Returns the sequences that got a
-        token or finished in this step, each once."""
+        (in sampling order) and finish the sequences it ends. A decode computed as many positions
+        as it got tokens (1, or with drafts the accepted ones and the last token fed); tokens after
+        one that finishes its sequence are dropped. Returns the sequences that got a token or
+        finished in this step, each once."""
+        n_tokens: dict[int, int] = {}
+        for seq, _ in sampled:
+            n_tokens[id(seq)] = n_tokens.get(id(seq), 0) + 1
         for seq, a, b in plan.prefills:
             self.computed(seq, b - a)
         for seq in plan.decodes:
-            self.computed(seq, 1)
+            self.computed(seq, n_tokens[id(seq)])
+        touched = []
         for seq, s in sampled:
+            if seq.status is Status.FINISHED:
+                continue
             self._append(seq, s)
-        return plan.finished + [seq for seq, _ in sampled]
+            if not touched or touched[-1] is not seq:
+                touched.append(seq)
+        for seq in touched:
+            if seq.status is Status.RUNNING:
+                self.computed(seq, 0)  # blocks whose hash needed the token just appended
+            else:
+                _drop_records_past(seq, len(seq.tokens) - 1)
+        return plan.finished + touched
 
     def _append(self, seq: Sequence, s: Sample) -> None:
         p = seq.params
@@ -176,15 +202,18 @@ class Scheduler:
 
     def _hash_at(self, seq: Sequence, i: int) -> bytes:
         bs = self.blocks.block_size
-        return block_hash(seq.block_hashes[i - 1] if i else None, seq.tokens[i * bs:(i + 1) * bs])
+        return block_hash(seq.block_hashes[i - 1] if i else None,
+                          seq.tokens[i * bs:(i + 1) * bs + self.blocks.hash_overlap])
 
     def computed(self, seq: Sequence, n: int) -> None:
-        """n more tokens of seq have cache entries: register the blocks that became full."""
+        """n more tokens of seq have cache entries: register the blocks that became full (and whose
+        hash's tokens are all known: see BlockManager.hash_overlap)."""
         seq.num_computed += n
         if not self.prefix_caching:
             return
-        bs = self.blocks.block_size
-        while len(seq.block_hashes) < seq.num_computed // bs:
+        bs, over = self.blocks.block_size, self.blocks.hash_overlap
+        while len(seq.block_hashes) < seq.num_computed // bs and \
+                len(seq.tokens) >= (len(seq.block_hashes) + 1) * bs + over:
             i = len(seq.block_hashes)
             seq.block_hashes.append(self._hash_at(seq, i))
             self.blocks.register(seq.block_table[i], seq.block_hashes[i])
@@ -202,6 +231,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.blocks.release(seq.block_table)
         seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
+        seq.draft, seq.draft_probs = [], None
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -214,5 +244,13 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table, seq.draft, seq.draft_probs = [], [], None
         seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+
+
+def _drop_records_past(seq: Sequence, end: int) -> None:
+    """Forget the RL records of positions >= end: positions a verifying forward fed past the token
+    that finished the sequence (a plain decode never feeds a sequence's last token)."""
+    for records in (seq.experts, seq.selection):
+        for p in [p for p in records if p >= end]:
+            del records[p]

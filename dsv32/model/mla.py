@@ -21,6 +21,7 @@ from dsv32.config import ModelConfig
 from dsv32.kernels.indexer import indexer_logits_paged
 from dsv32.kernels.sparse_mla import sparse_mla
 from dsv32.kernels.sparse_mla_decode import sparse_mla_decode
+from dsv32.model.batch_invariant import fixed_key_set
 from dsv32.model.indexer import Indexer, select_keys, selected_mask, topk_select
 from dsv32.model.rope import apply_rope_interleaved
 
@@ -108,6 +109,8 @@ class MLA(nn.Module):
         end = kv.shape[1]                                                 # T
         mask = step.mask                                                  # [B, S, T]
         scores, idx = select_keys(self.indexer, step, ix_in, qr_in, ik, cos, sin)  # [B, S, T], [B, S, k]
+        if step.batch_invariant and idx is not None:  # every query: index_topk slots in one order
+            idx = fixed_key_set(idx, cfg.index_topk)
         if step.sparse and step.mode == "mha":  # keys outside the selected set are masked
             mask = selected_mask(idx, mask)
 

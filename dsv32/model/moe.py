@@ -129,14 +129,16 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(x, forced_ids)
         if self._grouped(x):
             y = grouped_experts(x, weights, ids, *self.stacked)
-        else:  # one expert at a time (training; its autograd is torch's)
-            y = torch.zeros_like(x)
+        else:  # one expert at a time (training; its autograd is torch's), summed in fp32 in the
+            # grouped path's order (by expert) and arithmetic, so both give the same bits
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
             counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_routed_experts).tolist()
             for e, n in enumerate(counts):
                 if n == 0:
                     continue
                 tok, slot = torch.where(ids == e)
-                y.index_add_(0, tok, (self.experts[e](x[tok]) * weights[tok, slot, None]).to(x.dtype))
+                y.index_add_(0, tok, self.experts[e](x[tok]).float() * weights[tok, slot, None])
+            y = y.to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape), ids, scores

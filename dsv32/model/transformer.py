@@ -78,6 +78,7 @@ class Step:
     forced_experts: list | None = None         # per MoE layer [B*S, k] ids to replay
     return_topk: bool = False                  # selected key positions per layer (no scores)
     forced_topk: torch.Tensor | None = None    # [B, S, L, k] packed key sets to replay (pack_selection)
+    batch_invariant: bool = False              # fixed-width sorted key sets (model/batch_invariant.py)
     layer_id: int = 0
 
 
@@ -223,7 +224,8 @@ class Transformer(nn.Module):
         Tokens sit at start_pos.. (or at explicit per-sequence `positions` [B, S], for batched
         decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
-        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk.
+        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk,
+        batch_invariant.
         mtp=True also runs the MTP modules (training).
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)
@@ -238,6 +240,20 @@ class Transformer(nn.Module):
         if mtp:
             out.mtp_logits = self._mtp(out.hidden, input_ids, cos, sin, step, out)
         return out
+
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+                    depth: int = 0, mode: Literal["mha", "mqa"] = "mqa") -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module over a cache (speculative decoding's draft). hidden: [B, S, D] at positions
+        [B, S] (the main model's `ModelOutput.hidden`, or this module's own output when chained);
+        next_ids: [B, S] the token after each position. Writes the module's cache entries (its
+        layer id, `num_hidden_layers + depth`, indexes the cache) at those positions, reads every
+        earlier one. -> (this depth's hidden [B, S, D], logits [B, S, V] predicting the token
+        after next)."""
+        positions, mask = positions_and_mask(next_ids, 0, cache, positions, self.cfg)
+        step = Step(positions=positions, mask=mask, cache=cache, sparse=True, mode=mode)
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        h, normed = self.mtp[depth](hidden, self.embed_tokens(next_ids), cos, sin, step, ModelOutput(None, None))
+        return h, self.lm_head(normed)
 
     def _mtp(self, h, input_ids, cos, sin, step: Step, out: ModelOutput) -> list:
         """MTP depth k combines h_i (depth k-1) with emb(t_{i+k}); its logits predict t_{i+k+1}."""

@@ -7,6 +7,7 @@ the same cache layout, receive each Batch and run the same forward with their sh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields, replace
 
 import torch
@@ -16,6 +17,8 @@ from dsv32.engine import Engine, EngineConfig
 from dsv32.engine.batch import Batch
 from dsv32.engine.runner import ModelRunner
 from dsv32.model import ModelOutput
+
+log = logging.getLogger(__name__)
 
 
 class Leader(ModelRunner):
@@ -60,7 +63,11 @@ def _receive_batch(device) -> Batch | None:
 def distributed_engine(model, config: EngineConfig | None = None) -> Engine:
     """An Engine on every rank with one cache size for all (the smallest any rank can hold); rank
     0's drives a `Leader`."""
-    config = replace(config or EngineConfig(), cuda_graphs=False)  # followers replay forwards, not graphs
+    config = config or EngineConfig()
+    if config.speculative_tokens:  # the MTP module's forwards are not broadcast to the followers
+        log.warning("the distributed engine decodes without drafting: speculative_tokens=%d ignored",
+                    config.speculative_tokens)
+    config = replace(config, cuda_graphs=False, speculative_tokens=0)  # followers replay forwards, not graphs
     runner_class = Leader if dist.get_rank() == 0 else ModelRunner
     engine = Engine(model, config, runner_class=runner_class)
     n = torch.tensor(engine.runner.num_blocks, device=engine.device)

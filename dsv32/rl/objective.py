@@ -72,6 +72,24 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.where(keep.truncated & ~inside, float("-inf"), picked - norm)
 
 
+def token_logprobs_as_sampled(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                              keep: KeptSets | None = None) -> torch.Tensor:
+    """token_logprobs with the sampler's own arithmetic (engine/sampler.py: tempered logits, -inf
+    outside the kept set, log-softmax over the row), for the batch-invariant mode, where the engine's
+    log-probs are to be matched bit for bit. It builds the dense [N, V] kept mask that
+    token_logprobs avoids. logits: [N, V]; targets: [N] -> [N]."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for RL (log-probs of a sampled policy), got {temperature}")
+    x = logits.float() / torch.tensor([temperature], device=logits.device)[:, None]
+    if keep is not None:
+        if x.dim() != 2 or keep.n != x.shape[0]:
+            raise ValueError(f"kept sets of {keep.n} positions do not match logits {tuple(x.shape)}")
+        mask = ~keep.truncated[:, None].expand_as(x).clone()                    # untruncated rows: all kept
+        mask[keep.rows, keep.ids] = True
+        x = x.masked_fill(~mask, float("-inf"))
+    return x.log_softmax(-1).gather(-1, targets[..., None].long())[..., 0]
+
+
 def sequence_mean(x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """x, action: [B, T] -> [B]: mean of x over each sequence's action tokens (1/|o_i| sum_t)."""
     a = action.to(x.dtype)

@@ -24,14 +24,16 @@ Selection: the trainer's indexer may rank keys differently, as its router may pi
 and masked to the recorded kept sets (Keep Sampling Mask), giving pi_theta at each sampled token.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from dsv32.chat import ChatFormatError, encode_messages, parse_completion
 from dsv32.engine import Engine, RequestOutput, SamplingParams
+from dsv32.model.batch_invariant import batch_invariant as bi_mode
 from dsv32.model.indexer import all_keys_selection, packed_dtype
-from dsv32.rl.objective import KeptSets, kept_sets, token_logprobs
+from dsv32.rl.objective import KeptSets, kept_sets, token_logprobs, token_logprobs_as_sampled
 from dsv32.rl.tasks import Task, run_tool
 
 
@@ -307,17 +309,23 @@ def _pack_selection(trajs: list[Trajectory], s: int, device) -> torch.Tensor | N
 
 
 def replay_logprobs(model, batch: Batch, temperature: float, keep_routing: bool = True,
-                    keep_sampling_mask: bool = True, keep_selection: bool = True, autocast=None) -> torch.Tensor:
+                    keep_sampling_mask: bool = True, keep_selection: bool = True, autocast=None,
+                    batch_invariant: bool = False) -> torch.Tensor:
     """log pi_theta of every target [B, S] (0 where not sampled), as the trainer computes it:
     the same model code as the engine, DSA on, routes forced to the rollout's (Keep Routing, gate
     weights recomputed over them), each layer attending to the keys the engine's indexer selected
-    (Keep Selection) and logits outside the kept sets at -inf (Keep Sampling Mask)."""
+    (Keep Selection) and logits outside the kept sets at -inf (Keep Sampling Mask).
+    batch_invariant: the engine's batch-invariant arithmetic (EngineConfig.batch_invariant:
+    absorbed MQA, fixed key sets, tiled GEMMs, the sampler's log-softmax), so that its log-probs
+    come back bit for bit."""
     forced = batch.experts if keep_routing else None
     keys = batch.selection if keep_selection else None
-    with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-        logits = model(batch.inputs, sparse=True, mode="mha", forced_experts=forced, forced_topk=keys).logits  # [B, S, V]
+    with autocast if autocast is not None else torch.autocast("cpu", enabled=False), \
+            bi_mode() if batch_invariant else nullcontext():
+        logits = model(batch.inputs, sparse=True, mode="mqa" if batch_invariant else "mha", forced_experts=forced,
+                       forced_topk=keys, batch_invariant=batch_invariant).logits                 # [B, S, V]
     sel = logits[batch.action]                                                                 # [N, V]
-    lp = token_logprobs(sel, batch.targets[batch.action], temperature,
-                        batch.keep if keep_sampling_mask else None)
+    lp = (token_logprobs_as_sampled if batch_invariant else token_logprobs)(
+        sel, batch.targets[batch.action], temperature, batch.keep if keep_sampling_mask else None)
     out = torch.zeros(batch.action.shape, dtype=lp.dtype, device=lp.device)
     return out.masked_scatter(batch.action, lp)

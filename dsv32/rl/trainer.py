@@ -73,6 +73,8 @@ class RLConfig:
     keep_routing: bool = True             # replay the engine's MoE routes in the trainer (Keep Routing)
     keep_sampling_mask: bool = True       # replay the engine's top-p/top-k kept sets (Keep Sampling Mask)
     keep_selection: bool = True           # replay the engine's DSA key sets (positions past index_topk)
+    batch_invariant: bool = False         # engine and replay in the batch-invariant mode: log-probs equal
+                                          # bit for bit where both run the same weights dtype (docs/rl.md)
     off_policy_masking: bool = True       # drop negative-advantage sequences that drifted past mask_delta
     unbiased_kl: bool = True              # False: plain K3, no importance weight
     length_buffer: int = 0                # soft overlong penalty ramp (tokens; 0 = off)
@@ -208,7 +210,8 @@ class RLTrainer:
         blocks = n_seqs * -(-cfg.max_len // 64) + 1
         self.engine = Engine(self.engine_model, EngineConfig(max_num_seqs=n_seqs, num_blocks=blocks,
                                                              max_model_len=cfg.max_len,
-                                                             max_num_batched_tokens=max(8192, 4 * cfg.max_len)))
+                                                             max_num_batched_tokens=max(8192, 4 * cfg.max_len),
+                                                             batch_invariant=cfg.batch_invariant))
         decay = [p for p in self.policy.parameters() if p.dim() >= 2]
         rest = [p for p in self.policy.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -293,6 +296,7 @@ class RLTrainer:
         batch = pack(trajs, self.tokenizer.eos_id, self.device)
         replay = dict(temperature=cfg.temperature, keep_routing=cfg.keep_routing,
                       keep_sampling_mask=cfg.keep_sampling_mask, keep_selection=cfg.keep_selection,
+                      batch_invariant=cfg.batch_invariant,
                       autocast=self.autocast)
         logp = replay_logprobs(self.policy, batch, **replay)
         with torch.no_grad():

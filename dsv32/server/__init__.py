@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks; default: sized from memory")
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="draft this many tokens per decode step with the model's MTP module (0: off)")
 
 
 def load_engine(args):
@@ -33,7 +35,8 @@ def load_engine(args):
     preflight.model_source(args.model, PRESETS)  # before anything loads
     device = preflight.device(args.device)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
-                          max_model_len=args.max_model_len, num_blocks=args.num_blocks)
+                          max_model_len=args.max_model_len, num_blocks=args.num_blocks,
+                          speculative_tokens=args.speculative_tokens)
     model_dir = Path(args.model or "")
     if (model_dir / "config.json").is_file() and not (model_dir / "tokenizer.json").is_file():  # before the weights load
         raise FileNotFoundError(f"{args.model} has no tokenizer.json, which serving needs")

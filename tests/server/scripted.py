@@ -79,7 +79,8 @@ def tiny_chatml_dir(path):
 
 def engine_args(model_dir, **kw):
     return argparse.Namespace(**{"model": model_dir, "dtype": "auto", "device": "cpu", "kv_cache_dtype": "auto",
-                                 "max_num_seqs": 32, "max_model_len": None, "num_blocks": None, **kw})
+                                 "max_num_seqs": 32, "max_model_len": None, "num_blocks": None, "speculative_tokens": 0,
+                                 **kw})
 
 
 def scripted_engine(model_dir, **config) -> tuple[Engine, object]:
