@@ -19,6 +19,7 @@ import torch
 from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.engine.config import EngineConfig
+from dsv32.engine.grammar import fill_masks
 from dsv32.engine.graphs import DecodeGraphs
 from dsv32.engine.sampler import Sample, sample
 from dsv32.engine.scheduler import Plan, Sequence
@@ -60,15 +61,17 @@ class ModelRunner:
     # ---- one step ----
     def run(self, plan: Plan) -> list[tuple[Sequence, Sample]]:
         """Run the plan's forwards in order, each followed by sampling the rows it made due a
-        token; return (sequence, sample) in sampling order."""
+        token; return (sequence, sample) in sampling order. The grammar masks of the due rows are
+        computed on the host while the device runs the forward."""
         sampled = []
         for seqs, batch in self.prepare(plan):
             out = self.forward(batch)
+            due = [seqs[i] for i in batch.sample_rows]
+            masks = fill_masks([s.matcher for s in due], self.model.cfg.vocab_size) if due else None
             if batch.return_topk:
                 self._record(seqs, batch, out)
-            due = [seqs[i] for i in batch.sample_rows]
             if due:
-                sampled += zip(due, self.sample(_last_logits(out, batch), due))
+                sampled += zip(due, self.sample(_last_logits(out, batch), due, masks))
         return sampled
 
     def prepare(self, plan: Plan) -> list[tuple[list[Sequence], Batch]]:
@@ -112,9 +115,10 @@ class ModelRunner:
         return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
                           mode=batch.mode, return_topk=batch.return_topk)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-        """logits [B, V], one row per sequence -> one sample each, under its own parameters."""
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: torch.Tensor | None = None) -> list[Sample]:
+        """logits [B, V], one row per sequence -> one sample each, under its own parameters and,
+        where masks [B, ceil(V / 32)] has its grammar's packed mask, its grammar."""
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], masks)
 
     def _record(self, seqs: list[Sequence], batch: Batch, out: ModelOutput) -> None:
         """What RL replays of a forward where seqs[i] fed the n positions from starts[i]: the

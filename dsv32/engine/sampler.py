@@ -2,12 +2,17 @@
 
 The sampled token's log-prob is taken under the *processed* distribution (tempered, then truncated
 by top-k and top-p): that is pi_old for RL, and the truncation's kept set is what Keep Sampling
-Mask replays in training (spec §2.6).
+Mask replays in training (spec §2.6). A request's grammar (grammar.py) masks its row first: the
+packed bitmask is unpacked on the logits' device, disallowed logits become -inf, and the kept set
+of such a row is what the grammar allows and the truncation keeps, so that replay sees the same
+distribution.
 """
 
 from dataclasses import dataclass, field
 
 import torch
+
+from dsv32.engine.grammar import Grammar, unpack_mask
 
 
 @dataclass
@@ -22,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None         # also return this many top log-probs per token
     return_rl_data: bool = False        # kept sets and expert ids per token (Keep Sampling Mask / Routing)
+    grammar: Grammar | None = None      # constrained decoding: every token follows this grammar
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -62,11 +68,25 @@ def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list
     return x.masked_fill(~keep, float("-inf")), keep
 
 
+def apply_grammar(logits: torch.Tensor, masks: torch.Tensor | None):
+    """logits [B, V], masks [B, ceil(V / 32)] packed int32 (grammar.py; all ones for rows without
+    a grammar) -> (logits with -inf where a row's grammar disallows, allowed [B, V] bool), or
+    (logits, None) when no row has a grammar. A row whose grammar allows nothing (its matcher
+    failed) is left unmasked: the scheduler then fails that sequence alone, not the batch."""
+    if masks is None:
+        return logits, None
+    allowed = unpack_mask(masks.to(logits.device, non_blocking=True), logits.shape[-1])     # [B, V]
+    allowed |= ~allowed.any(-1, keepdim=True)
+    return logits.masked_fill(~allowed, float("-inf")), allowed
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[Sample]:
+           generators: list[torch.Generator | None], masks: torch.Tensor | None = None) -> list[Sample]:
     """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
     host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
-    a row with its own generator (a seeded request) draws from it alone."""
+    a row with its own generator (a seeded request) draws from it alone. masks: the packed
+    grammar masks of the rows (grammar.fill_masks), or None."""
+    logits, allowed = apply_grammar(logits, masks)
     greedy = [p.temperature == 0 for p in params]
     temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]     # greedy rows: no truncation
     top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
@@ -87,7 +107,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         v, i = (t.tolist() for t in lp.topk(n_top))
         top = [list(zip(i[r][:p.logprobs], v[r][:p.logprobs])) if p.logprobs else None for r, p in enumerate(params)]
     kept = [None] * len(params)
-    rows = [r for r, p in enumerate(params) if p.return_rl_data and (0 < top_k[r] < x.shape[-1] or top_p[r] < 1.0)]
+    masked = [False] * len(params)
+    if allowed is not None:  # a grammar row's kept set: what its grammar allows (and its truncation keeps)
+        masked = (~allowed.all(-1)).tolist()
+        keep = allowed if keep is None else keep & allowed
+    rows = [r for r, p in enumerate(params) if p.return_rl_data
+            and (0 < top_k[r] < x.shape[-1] or top_p[r] < 1.0 or masked[r])]
     if rows and keep is not None:
         sets = keep[rows]
         ids = sets.nonzero()[:, 1].to("cpu", torch.int32)

@@ -19,6 +19,7 @@ from enum import Enum
 import torch
 
 from dsv32.engine.cache import BlockManager, block_hash
+from dsv32.engine.grammar import GrammarError, Matcher
 from dsv32.engine.sampler import Sample, SamplingParams
 
 
@@ -55,6 +56,7 @@ class Sequence:
     # per position past index_topk: the selected key set of every layer [layers, k], packed
     selection: dict[int, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    matcher: Matcher | None = None      # its place in its grammar (constrained decoding)
 
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.tokens)
@@ -165,7 +167,15 @@ class Scheduler:
         if p.return_rl_data:
             seq.kept.append(s.kept)
         n_out = len(seq.tokens) - seq.prompt_len
+        if seq.matcher is not None:
+            try:
+                seq.matcher.advance(s.token)
+            except GrammarError as e:  # only this sequence's grammar failed: only it ends
+                self.finish(seq, "error", str(e))
+                return
         if (s.token == self.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids:
+            self.finish(seq, "stop")
+        elif seq.matcher is not None and seq.matcher.done:  # the grammar takes no further token
             self.finish(seq, "stop")
         elif n_out >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             self.finish(seq, "length")

@@ -36,9 +36,9 @@ class ScriptedRunner(ModelRunner):
     fail = False
     delay = 0.0
 
-    def sample(self, logits, seqs):
+    def sample(self, logits, seqs, masks=None):
         out = []
-        for seq, s in zip(seqs, super().sample(logits, seqs)):
+        for seq, s in zip(seqs, super().sample(logits, seqs, masks)):
             time.sleep(self.delay)
             if self.fail:
                 self.fail = False
