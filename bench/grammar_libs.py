@@ -98,7 +98,10 @@ def run_xgrammar(tok: Tokenizer, eos: int, ids: list[int]):
 def run_outlines(tok: Tokenizer, eos: int, ids: list[int]):
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
-    from outlines_core.kernels.torch import allocate_token_bitmask, fill_next_token_bitmask
+    from outlines_core.kernels.torch import (
+        allocate_token_bitmask,
+        fill_next_token_bitmask,
+    )
 
     t0 = time.perf_counter()
     table: dict[bytes, list[int]] = {}

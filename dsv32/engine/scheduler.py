@@ -173,9 +173,8 @@ class Scheduler:
             except GrammarError as e:  # only this sequence's grammar failed: only it ends
                 self.finish(seq, "error", str(e))
                 return
-        if (s.token == self.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids:
-            self.finish(seq, "stop")
-        elif seq.matcher is not None and seq.matcher.done:  # the grammar takes no further token
+        ended = (s.token == self.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids
+        if ended or (seq.matcher is not None and seq.matcher.done):  # done: the grammar takes no more
             self.finish(seq, "stop")
         elif n_out >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             self.finish(seq, "length")

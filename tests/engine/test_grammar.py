@@ -11,7 +11,13 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.engine.grammar import Grammar, GrammarError, GrammarVocab, mask_width, unpack_mask
+from dsv32.engine.grammar import (
+    Grammar,
+    GrammarError,
+    GrammarVocab,
+    mask_width,
+    unpack_mask,
+)
 from dsv32.engine.sampler import apply_grammar, sample
 from dsv32.model import Transformer
 from dsv32.tokenizer import train_tokenizer
