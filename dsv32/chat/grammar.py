@@ -21,7 +21,16 @@ following its schema (string="false"). JSON is written compactly, with ", " and 
 import json
 
 from dsv32.chat.format import (
-    CALLS_END, CALLS_START, DSML, EOS, INVOKE_END, INVOKE_START, PARAM_END, PARAM_START, THINK_END, ChatFormatError,
+    CALLS_END,
+    CALLS_START,
+    DSML,
+    EOS,
+    INVOKE_END,
+    INVOKE_START,
+    PARAM_END,
+    PARAM_START,
+    THINK_END,
+    ChatFormatError,
 )
 
 IM_END = "<|im_end|>"          # ChatML's end of a reply (dsv32.llama.chatml, a layer above: not imported)
