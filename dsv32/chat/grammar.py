@@ -161,25 +161,28 @@ def response_json_schema(response_format: dict | None) -> dict | None:
 
 def chat_grammar(chat_format: str, special_ids: dict[str, int | None], *, thinking: bool = False,
                  response_format: dict | None = None, tools: list[dict] | None = None,
-                 tool_choice=None) -> str | None:
+                 tool_choice=None, parallel_tool_calls: bool = True) -> str | None:
     """The grammar a chat request's reply must follow, or None if it is free.
 
     chat_format: "v32" or "chatml"; special_ids: special token text -> id in the vocabulary (V3.2:
     the DSML marker, EOS, `</think>`; ChatML: `<|im_end|>`); the other arguments as in the OpenAI
-    request (tools in OpenAI's format)."""
+    request (tools in OpenAI's format). A forced call is one call for a named function or without
+    parallel_tool_calls, else one or more."""
     schema, fns = response_json_schema(response_format), forced_tools(tools, tool_choice)
     if schema is not None and fns is not None:
         raise ChatFormatError("a JSON response_format and a forced tool call cannot both hold: choose one")
     if schema is None and fns is None:
         return None
     g = _Grammar(special_ids)
+    several = parallel_tool_calls and tool_choice == "required"
     if chat_format == "chatml":
         if thinking:
             raise ChatFormatError("this model's chat format (ChatML) has no thinking mode")
         if schema is not None:
             return g.text(f"{_json(schema)} {g.token(IM_END)}")
         calls = " | ".join(_chatml_call(g, fn) for fn in fns)
-        body = f"{_lit(CHATML_CALL_START)} ({calls}) ({_lit(',' + chr(10))} ({calls}))* {_lit(CHATML_CALL_END)}"
+        more = f"({_lit(',' + chr(10))} ({calls}))*" if several else ""
+        body = f"{_lit(CHATML_CALL_START)} ({calls}) {more} {_lit(CHATML_CALL_END)}"
         return g.text(f"{body} {g.token(IM_END)}")
     if chat_format != "v32":
         raise ChatFormatError(f"no grammar for the chat format {chat_format!r}")
@@ -187,7 +190,7 @@ def chat_grammar(chat_format: str, special_ids: dict[str, int | None], *, thinki
         body = _json(schema)
     else:
         invoke = " | ".join(_dsml_invoke(g, fn) for fn in fns)
-        more = f"({_lit(chr(10))} ({invoke}))*" if len(fns) > 1 or tool_choice == "required" else ""
+        more = f"({_lit(chr(10))} ({invoke}))*" if several else ""
         body = " ".join([g.markup(CALLS_START + ">\n"), f"({invoke})", more, g.markup("\n" + CALLS_END)])
     reasoning = f"{g.rule('reasoning', '/(?s:.*)/')} {g.token(THINK_END)} " if thinking else ""
     return g.text(f"{reasoning}{body} {g.token(EOS)}")

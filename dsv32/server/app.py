@@ -119,6 +119,7 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None          # False: a forced call is one call
     response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
@@ -200,7 +201,8 @@ async def request_grammar(state: "ServerState", req: ChatRequest, mode: str) -> 
     param = "response_format" if rf and rf["type"] != "text" else "tool_choice"
     try:
         text = chat_grammar(tok.chat_format, state.special_ids, thinking=mode == "thinking", response_format=rf,
-                            tools=[t.model_dump(exclude_none=True) for t in req.tools or []], tool_choice=choice)
+                            tools=[t.model_dump(exclude_none=True) for t in req.tools or []], tool_choice=choice,
+                            parallel_tool_calls=req.parallel_tool_calls is not False)
         if text is None:
             return None
         return await asyncio.to_thread(lambda: Grammar.compile(text, state.grammar_vocab()))
