@@ -190,7 +190,10 @@ def chat_grammar(chat_format: str, special_ids: dict[str, int | None], *, thinki
         body = _json(schema)
     else:
         invoke = " | ".join(_dsml_invoke(g, fn) for fn in fns)
-        more = f"({_lit(chr(10))} ({invoke}))*" if several else ""
-        body = " ".join([g.markup(CALLS_START + ">\n"), f"({invoke})", more, g.markup("\n" + CALLS_END)])
+        # every "<" before a DSML marker starts its own literal: the lexer then never has to split
+        # one literal ("\n</") into two ("\n", "<") when the special token arrives
+        nl = _lit("\n")
+        more = f"({nl} ({invoke}))*" if several else ""
+        body = " ".join([g.markup(CALLS_START + ">"), nl, f"({invoke})", more, nl, g.markup(CALLS_END)])
     reasoning = f"{g.rule('reasoning', '/(?s:.*)/')} {g.token(THINK_END)} " if thinking else ""
     return g.text(f"{reasoning}{body} {g.token(EOS)}")
