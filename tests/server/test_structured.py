@@ -111,7 +111,7 @@ def test_constraints_that_cannot_hold_are_400s_naming_the_field(server):
         ({**ok, "response_format": {"type": "json_object"}, "tools": TOOLS, "tool_choice": "required"},
          "response_format"),
         ({**ok, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "required": ["x"]}}}], "tool_choice": "required"}, "tool_choice"),
+            "type": "object", "properties": {"x": {"type": "nope"}}}}}], "tool_choice": "required"}, "tool_choice"),
     ]
     for body, param in cases:
         r = httpx.post(url, json=body, timeout=30)
