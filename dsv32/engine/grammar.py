@@ -114,6 +114,6 @@ def fill_masks(matchers: list[Matcher | None], vocab_size: int) -> torch.Tensor 
 def unpack_mask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """masks [B, W] int32 packed -> allowed [B, V] bool, on masks' device: token v is allowed iff
     bit v % 32 of word v // 32 is set."""
-    v = torch.arange(vocab_size, device=masks.device)                                        # [V]
-    words = masks[:, v // 32]                                                                # [B, V]
-    return (words >> (v % 32).to(torch.int32)) & 1 == 1
+    bits = torch.arange(32, dtype=torch.int32, device=masks.device)                          # [32]
+    allowed = (masks[:, :, None] >> bits) & 1                                                # [B, W, 32]
+    return allowed.view(masks.shape[0], -1)[:, :vocab_size] == 1                             # [B, V]

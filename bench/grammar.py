@@ -1,0 +1,118 @@
+"""What constrained decoding costs: engine decode tokens/s with and without a grammar, at batch 1
+and 32, on the model's real vocabulary.
+
+    python -P bench/grammar.py --out bench/results                    # SmolLM2-DSA, CUDA if present
+    python -P bench/grammar.py --model DIR --tokens 32 --out /tmp/g   # any dsv32.load source
+
+Each run decodes `--tokens` tokens for B copies of one chat prompt. With a grammar the reply is a
+JSON array of at least 64 records (`response_format` json_schema through dsv32.chat.grammar), which
+cannot end within --tokens, so both runs decode the same number of tokens; without one, EOS is
+ignored. The grammar's compile time is reported apart; the matchers are made at admission and
+their masks filled on the host each step (dsv32.engine.grammar), so their cost is in the tokens/s.
+Each configuration runs --repeat times, interleaved, after a warm-up, and keeps the fastest. Writes grammar-<device>.json
+and .md under --out. (`-P`: bench/profile.py must not shadow the standard library's profile.)
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsv32.chat.grammar import chat_grammar
+from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.grammar import Grammar, GrammarVocab
+from dsv32.loader import load
+
+RECORD = {"type": "object", "additionalProperties": False, "required": ["name", "age", "email"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "email": {"type": "string"}}}
+SCHEMA = {"type": "array", "minItems": 64, "items": RECORD}
+ASK = [{"role": "user", "content": "List 64 people as JSON records with name, age and email."}]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(engine: Engine, prompt: list[int], params: SamplingParams, batch: int) -> tuple[float, int]:
+    """(seconds, tokens) for `batch` copies of prompt decoded to params.max_tokens."""
+    sync(engine.device)
+    t0 = time.perf_counter()
+    seqs = [engine.add_request(prompt, params) for _ in range(batch)]
+    while engine.has_work():
+        engine.step()
+    sync(engine.device)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(engine.output(s).token_ids) for s in seqs)
+    if any(engine.output(s).finish_reason != "length" for s in seqs):
+        raise RuntimeError("a sequence ended before max_tokens: the comparison would be unequal")
+    return dt, tokens
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a dsv32.load source (default: SmolLM2-DSA)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per configuration; the fastest is kept")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tok = load(args.model, device=str(device))
+    engine = Engine(model, EngineConfig(max_num_seqs=max(args.batches), cuda_graphs=args.cuda_graphs,
+                                        max_model_len=512))
+    prompt = tok.apply_chat_template(ASK, thinking_mode="chat")
+    special = {t: tok.tok.token_to_id(t) for t in ("｜DSML｜", "<｜end▁of▁sentence｜>", "</think>", "<|im_end|>")}
+    t0 = time.perf_counter()
+    vocab = GrammarVocab(tok.tok.to_str(), list(tok.stop_ids), engine.vocab_size)
+    vocab_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grammar = Grammar.compile(chat_grammar(tok.chat_format, special, response_format={
+        "type": "json_schema", "json_schema": {"name": "people", "schema": SCHEMA}}), vocab)
+    compile_s = time.perf_counter() - t0
+    free = SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=0)
+    constrained = SamplingParams(temperature=1.0, max_tokens=args.tokens, grammar=grammar, seed=0)
+    decode(engine, prompt, SamplingParams(max_tokens=4, ignore_eos=True), 1)  # warm-up
+    rows = []
+    for b in args.batches:
+        row, runs = {"batch": b}, {"free": [], "grammar": []}
+        for _ in range(args.repeat):  # interleaved: a load that comes and goes hits both alike
+            for name, params in (("free", free), ("grammar", constrained)):
+                runs[name].append(decode(engine, prompt, params, b))
+        for name, timed in runs.items():
+            dt, tokens = min(timed)
+            row[f"{name}_tok_s"] = tokens / dt
+        row["overhead_pct"] = 100 * (row["free_tok_s"] / row["grammar_tok_s"] - 1)
+        rows.append(row)
+        print(row, flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    result = {"device": name, "model": args.model or "SmolLM2-DSA (default)", "vocab_size": engine.vocab_size,
+              "tokens": args.tokens, "cuda_graphs": args.cuda_graphs, "vocab_build_s": vocab_s,
+              "grammar_compile_s": compile_s, "torch_threads": torch.get_num_threads(), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "grammar-" + ("".join(c if c.isalnum() else "_" for c in name) if device.type == "cuda" else "cpu")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Constrained decoding cost on {name}", "",
+             f"Model {result['model']}, vocabulary {engine.vocab_size}, {args.tokens} decoded tokens per sequence, "
+             f"temperature 1.0; grammar: a JSON array of >= 64 records (`bench/grammar.py`). "
+             f"Vocabulary build {vocab_s:.2f} s (once per server), grammar compile {1e3 * compile_s:.0f} ms.", "",
+             "| batch | free tok/s | grammar tok/s | grammar overhead |", "|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['free_tok_s']:.1f} | {r['grammar_tok_s']:.1f} | {r['overhead_pct']:+.1f}% |"
+              for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
