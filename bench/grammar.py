@@ -15,6 +15,7 @@ and .md under --out. (`-P`: bench/profile.py must not shadow the standard librar
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -98,15 +99,17 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     result = {"device": name, "model": args.model or "SmolLM2-DSA (default)", "vocab_size": engine.vocab_size,
               "tokens": args.tokens, "cuda_graphs": args.cuda_graphs, "vocab_build_s": vocab_s,
-              "grammar_compile_s": compile_s, "torch_threads": torch.get_num_threads(), "rows": rows}
+              "grammar_compile_s": compile_s, "torch_threads": torch.get_num_threads(),
+              "load_avg": os.getloadavg()[0], "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "grammar-" + ("".join(c if c.isalnum() else "_" for c in name) if device.type == "cuda" else "cpu")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Constrained decoding cost on {name}", "",
-             f"Model {result['model']}, vocabulary {engine.vocab_size}, {args.tokens} decoded tokens per sequence, "
-             f"temperature 1.0; grammar: a JSON array of >= 64 records (`bench/grammar.py`). "
-             f"Vocabulary build {vocab_s:.2f} s (once per server), grammar compile {1e3 * compile_s:.0f} ms.", "",
+             (f"Model {result['model']}, vocabulary {engine.vocab_size}, {args.tokens} decoded tokens per sequence, "
+              f"temperature 1.0; grammar: a JSON array of >= 64 records (`bench/grammar.py`). "
+              f"Vocabulary build {vocab_s:.2f} s (once per server), grammar compile {1e3 * compile_s:.0f} ms. "
+              f"Host load average at the end: {result['load_avg']:.1f} ({os.cpu_count()} CPUs)."), "",
              "| batch | free tok/s | grammar tok/s | grammar overhead |", "|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['free_tok_s']:.1f} | {r['grammar_tok_s']:.1f} | {r['overhead_pct']:+.1f}% |"
               for r in rows]
