@@ -2,6 +2,7 @@
 with a grammar on a tiny random model (every completion in the grammar, ended by it, its RL kept
 sets exactly what the grammar allowed)."""
 
+import dataclasses
 import json
 import re
 import textwrap
@@ -11,13 +12,8 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.engine.grammar import (
-    Grammar,
-    GrammarError,
-    GrammarVocab,
-    mask_width,
-    unpack_mask,
-)
+from dsv32.engine.grammar import Grammar, GrammarError, GrammarVocab, mask_width, unpack_mask
+from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import apply_grammar, sample
 from dsv32.model import Transformer
 from dsv32.tokenizer import train_tokenizer
@@ -127,3 +123,30 @@ def test_a_grammar_for_another_vocabulary_is_refused(tok_model):
     grammar = Grammar.compile('start: "a"', vocab)
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(model, EngineConfig(block_size=16)).add_request([5, 6], SamplingParams(grammar=grammar))
+
+
+class OneBadToken(ModelRunner):
+    """The real runner, except that the first sequence's first token is forced to `bad` (a model
+    bug, or a mask that did not hold): the grammar refuses it."""
+
+    bad = 0
+
+    def sample(self, logits, seqs, masks=None):
+        out = super().sample(logits, seqs, masks)
+        return [dataclasses.replace(s, token=self.bad) if seq.request_id == "first" and not seq.output_tokens else s
+                for seq, s in zip(seqs, out)]
+
+
+def test_a_token_the_grammar_refuses_fails_that_sequence_alone(tok_model):
+    tok, model, vocab = tok_model
+    grammar = Grammar.compile('start: "yes" | "no"', vocab)
+    OneBadToken.bad = tok.encode("maybe")[0]
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=16), runner_class=OneBadToken)
+    params = SamplingParams(temperature=1.0, max_tokens=8, grammar=grammar)
+    first = engine.add_request(tok.encode("Answer:"), params, request_id="first")
+    others = [engine.add_request(tok.encode("Answer:"), params) for _ in range(3)]
+    while engine.has_work():
+        engine.step()
+    assert first.finish_reason == "error" and "not allowed by the request's grammar" in first.error
+    for s in others:
+        assert s.finish_reason == "stop" and tok.decode(s.output_tokens).removesuffix("<｜end▁of▁sentence｜>") in ("yes", "no")
