@@ -19,7 +19,7 @@ import torch
 from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.engine.config import EngineConfig
-from dsv32.engine.grammar import fill_masks
+from dsv32.engine.grammar import fill_masks, mask_executor
 from dsv32.engine.graphs import DecodeGraphs
 from dsv32.engine.sampler import Sample, sample
 from dsv32.engine.scheduler import Plan, Sequence
@@ -48,6 +48,7 @@ class ModelRunner:
                                 self.device, ec.paged_decode, max_model_len)
         self.graphs = (DecodeGraphs(self._call_model, self.device, ec.block_size, ec.max_num_seqs, max_model_len,
                                     scratch_block=self.num_blocks) if ec.cuda_graphs else None)
+        self.mask_executor = None  # grammar masks' thread pool (constrained decoding), made on first need
         log.info("paged cache: %d blocks of %d tokens (%s)", self.num_blocks, ec.block_size, ec.kv_cache_dtype)
 
     def _auto_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
@@ -67,7 +68,7 @@ class ModelRunner:
         for seqs, batch in self.prepare(plan):
             out = self.forward(batch)
             due = [seqs[i] for i in batch.sample_rows]
-            masks = fill_masks([s.matcher for s in due], self.model.cfg.vocab_size) if due else None
+            masks = self._grammar_masks(due)
             if batch.return_topk:
                 self._record(seqs, batch, out)
             if due:
@@ -114,6 +115,14 @@ class ModelRunner:
     def _call_model(self, batch: Batch) -> ModelOutput:
         return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
                           mode=batch.mode, return_topk=batch.return_topk)
+
+    def _grammar_masks(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The packed grammar masks of seqs' next tokens (grammar.fill_masks), None without grammars;
+        several rows are filled in parallel by a thread pool made on first need."""
+        matchers = [s.matcher for s in seqs]
+        if sum(m is not None for m in matchers) > 1 and self.mask_executor is None:
+            self.mask_executor = mask_executor()
+        return fill_masks(matchers, self.model.cfg.vocab_size, self.mask_executor)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: torch.Tensor | None = None) -> list[Sample]:
         """logits [B, V], one row per sequence -> one sample each, under its own parameters and,

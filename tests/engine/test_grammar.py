@@ -12,7 +12,9 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.engine.grammar import Grammar, GrammarError, GrammarVocab, mask_width, unpack_mask
+from dsv32.engine.grammar import (
+    Grammar, GrammarError, GrammarVocab, fill_masks, mask_executor, mask_width, unpack_mask,
+)
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import apply_grammar, sample
 from dsv32.model import Transformer
@@ -150,3 +152,25 @@ def test_a_token_the_grammar_refuses_fails_that_sequence_alone(tok_model):
     assert first.finish_reason == "error" and "not allowed by the request's grammar" in first.error
     for s in others:
         assert s.finish_reason == "stop" and tok.decode(s.output_tokens).removesuffix("<｜end▁of▁sentence｜>") in ("yes", "no")
+
+
+def test_parallel_and_one_by_one_mask_filling_agree(tok_model):
+    tok, _, vocab = tok_model
+    grammar = Grammar.compile('start: "yes" | "no" | "maybe " /[0-9]{1,3}/', vocab)
+    matchers = [grammar.matcher(), None, grammar.matcher(), grammar.matcher()]
+    matchers[2].advance(tok.encode("maybe")[0])
+    serial = fill_masks(matchers, vocab.vocab_size)
+    assert torch.equal(fill_masks(matchers, vocab.vocab_size, mask_executor()), serial)
+    assert (serial[1] == -1).all() and not torch.equal(serial[0], serial[2])
+    assert fill_masks([None, None], vocab.vocab_size) is None
+
+
+@pytest.mark.gpu
+def test_the_bitmask_path_on_cuda_equals_the_cpu_reference():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 4099, generator=g)
+    allowed = torch.rand(32, 4099, generator=g) < 0.01
+    allowed[:, 7] = True
+    masked, got = apply_grammar(logits.cuda(), pack(allowed))
+    assert torch.equal(got.cpu(), allowed)
+    assert torch.equal(masked.cpu(), torch.where(allowed, logits, torch.full_like(logits, float("-inf"))))
