@@ -21,22 +21,12 @@ following its schema (string="false"). JSON is written compactly, with ", " and 
 import json
 
 from dsv32.chat.format import (
-    CALLS_END,
-    CALLS_START,
-    DSML,
-    EOS,
-    INVOKE_END,
-    INVOKE_START,
-    PARAM_END,
-    PARAM_START,
-    THINK_END,
-    ChatFormatError,
+    CALLS_END, CALLS_START, DSML, EOS, INVOKE_END, INVOKE_START, PARAM_END, PARAM_START, THINK_END, ChatFormatError,
 )
 
 IM_END = "<|im_end|>"          # ChatML's end of a reply (dsv32.llama.chatml, a layer above: not imported)
 CHATML_CALL_START, CHATML_CALL_END = "<tool_call>[\n", "\n]</tool_call>"
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_STRING_KEYS = ("enum", "const", "pattern", "minLength", "maxLength")
 
 
 def _lit(text: str) -> str:
