@@ -8,7 +8,8 @@ and 32, on the model's real vocabulary.
 Each run decodes `--tokens` tokens for B copies of one chat prompt. With a grammar the reply is a
 JSON array of at least 64 records (`response_format` json_schema through dsv32.chat.grammar), which
 cannot end within --tokens, so both runs decode the same number of tokens; without one, EOS is
-ignored. The grammar's compile time is reported apart; the matchers are made at admission and
+ignored. The masks' own cost per step (filled on the host, applied on the device) is measured
+apart, without a model, from B matchers walking the grammar. The grammar's compile time is reported apart; the matchers are made at admission and
 their masks filled on the host each step (dsv32.engine.grammar), so their cost is in the tokens/s.
 --small-random runs a 2-layer random LlamaDSA over SmolLM2's real 49,152-token vocabulary: the model's
 time shrinks and the grammar's does not, so its overhead is an upper bound (what a CPU can measure).
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv32.chat.grammar import chat_grammar
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.engine.grammar import Grammar, GrammarVocab
+from dsv32.engine.grammar import Grammar, GrammarVocab, fill_masks
+from dsv32.engine.sampler import apply_grammar
 from dsv32.llama.gguf import read_metadata, smollm2_gguf, tokenizer_from_metadata
 from dsv32.llama.model import LlamaConfig, LlamaDSA
 from dsv32.llama.tokenizer import PlainTokenizer
@@ -75,6 +78,28 @@ def decode(engine: Engine, prompt: list[int], params: SamplingParams, batch: int
     return dt, tokens, cpu
 
 
+def mask_cost(grammar: Grammar, vocab_size: int, batch: int, device, executor, steps: int = 32) -> dict:
+    """The grammar's own share of a step, without a model: median ms to fill `batch` rows' masks on
+    the host, and to apply them to [batch, V] logits on the device (sampler.apply_grammar)."""
+    gen = torch.Generator().manual_seed(0)
+    matchers = [grammar.matcher() for _ in range(batch)]
+    logits = torch.randn(batch, vocab_size, device=device)
+    fill, apply = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        masks = fill_masks(matchers, vocab_size, executor)
+        t1 = time.perf_counter()
+        _, allowed = apply_grammar(logits, masks)
+        sync(device)
+        t2 = time.perf_counter()
+        fill.append(t1 - t0)
+        apply.append(t2 - t1)
+        for m, row in zip(matchers, allowed.cpu()):
+            ids = row.nonzero().flatten()
+            m.advance(int(ids[torch.randint(len(ids), (1,), generator=gen)]))
+    return {"fill_ms": 1e3 * statistics.median(fill), "apply_ms": 1e3 * statistics.median(apply)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a dsv32.load source (default: SmolLM2-DSA)")
@@ -116,6 +141,7 @@ def main(argv=None):
             row[f"{name}_tok_per_cpu_s"] = tokens / min(cpu for _, _, cpu in timed)
         row["overhead_pct"] = 100 * (row["free_tok_s"] / row["grammar_tok_s"] - 1)
         row["cpu_overhead_pct"] = 100 * (row["free_tok_per_cpu_s"] / row["grammar_tok_per_cpu_s"] - 1)
+        row.update(mask_cost(grammar, engine.vocab_size, b, engine.device, engine.runner.mask_executor))
         rows.append(row)
         print(row, flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
@@ -134,11 +160,11 @@ def main(argv=None):
               f"temperature 1.0; grammar: a JSON array of >= 64 records (`bench/grammar.py`). "
               f"Vocabulary build {vocab_s:.2f} s (once per server), grammar compile {1e3 * compile_s:.0f} ms. "
               f"Host load average at the end: {result['load_avg']:.1f} ({os.cpu_count()} CPUs)."), "",
-             "| batch | free tok/s | grammar tok/s | overhead | free tok/CPU-s | grammar tok/CPU-s | CPU overhead |",
-             "|---|---|---|---|---|---|---|"]
+             ("| batch | free tok/s | grammar tok/s | overhead | free tok/CPU-s | grammar tok/CPU-s | CPU overhead "
+              "| masks filled (ms/step) | masks applied (ms/step) |"), "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['free_tok_s']:.1f} | {r['grammar_tok_s']:.1f} | {r['overhead_pct']:+.1f}% | "
-              f"{r['free_tok_per_cpu_s']:.1f} | {r['grammar_tok_per_cpu_s']:.1f} | {r['cpu_overhead_pct']:+.1f}% |"
-              for r in rows]
+              f"{r['free_tok_per_cpu_s']:.1f} | {r['grammar_tok_per_cpu_s']:.1f} | {r['cpu_overhead_pct']:+.1f}% "
+              f"| {r['fill_ms']:.2f} | {r['apply_ms']:.2f} |" for r in rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
