@@ -2,11 +2,13 @@
 /metrics; and the web chat page at / (web.py).
 
 A chat request is rendered in the model's chat format (the tokenizer's `chat_format`: V3.2's, or
-ChatML for a converted SmolLM2, which has no tools and no thinking: asking for them is a 400) and
+ChatML for a converted SmolLM2, which has no thinking: asking for it is a 400) and
 its reply parsed back by that format's streaming parser; streamed and non-streamed replies take
 the same path (engine deltas -> Detokenizer -> parser -> OpenAI deltas), a non-streamed reply
 being the deltas accumulated. Errors use
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}; no request can stop the server.
+`response_format` and a forced `tool_choice` are held by constrained decoding (request_grammar;
+docs/structured-outputs.md).
 """
 
 import asyncio
@@ -311,11 +313,11 @@ class ServerState:
         self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
         self.max_model_len = runner.engine.max_model_len
         fmt = tokenizer.chat_format
-        # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
-        # DSA selects keys (past index_topk of them; None: dense), what the chat format can do
         # constrained decoding: the special tokens grammars name, the vocabulary built on first use
         self.special_ids = {t: tokenizer.tok.token_to_id(t) for t in (DSML, EOS, THINK_END, IM_END)}
         self._grammar_vocab: GrammarVocab | None = None
+        # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
+        # DSA selects keys (past index_topk of them; None: dense), what the chat format can do
         self.card = {"max_model_len": self.max_model_len,
                      "index_topk": getattr(runner.engine.runner.model.cfg, "index_topk", None), "chat_format": fmt,
                      "supports_thinking": fmt == "v32", "supports_tools": fmt in ("v32", "chatml")}
@@ -427,7 +429,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     try:
         prompt = tok.apply_chat_template(chat_messages(req), thinking_mode=mode, tools=chat_tools(req),
                                          response_format=shown_format)
-    except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
+    except ChatFormatError as e:  # for ChatML also: thinking
         raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
