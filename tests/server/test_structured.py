@@ -86,7 +86,7 @@ def test_tool_choice_required_always_calls_an_offered_tool_with_valid_arguments(
     names = {call.function.name for c in replies for call in check_calls(c, set(SCHEMAS))}
     assert names == set(SCHEMAS)                                   # both tools come up
     assert all(len(c.message.tool_calls) == 1 for c in replies)
-    # with parallel calls (the default) one or more (tests/chat/test_grammar.py: two calls parse);
+    # with parallel calls (the default) one or more (tests/chat/test_chat_grammar.py: two calls parse);
     # a random model may go on from call to call past max_tokens
     replies = sampled(server, n=8, tools=TOOLS, tool_choice="required", max_tokens=1000)
     for c in replies:
