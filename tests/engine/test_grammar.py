@@ -18,6 +18,7 @@ from dsv32.engine.grammar import (
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sampler import apply_grammar, sample
 from dsv32.model import Transformer
+from dsv32.rl.objective import kept_sets, token_logprobs
 from dsv32.tokenizer import train_tokenizer
 
 llguidance = pytest.importorskip("llguidance")
@@ -174,3 +175,26 @@ def test_the_bitmask_path_on_cuda_equals_the_cpu_reference():
     masked, got = apply_grammar(logits.cuda(), pack(allowed))
     assert torch.equal(got.cpu(), allowed)
     assert torch.equal(masked.cpu(), torch.where(allowed, logits, torch.full_like(logits, float("-inf"))))
+
+
+def test_replaying_a_constrained_rollout_with_its_kept_sets_gives_the_sampled_log_probs(tok_model):
+    """What RL computes from the rollout (rl.objective.token_logprobs with Keep Sampling Mask over
+    the recorded kept sets) is the sampler's log-prob; without the grammar's mask it is not."""
+    tok, model, vocab = tok_model
+    grammar = Grammar.compile('start: "maybe " /[0-9]{1,3}/ | "no"', vocab)
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=16))
+    prompt = tok.encode("Answer:")
+    params = SamplingParams(temperature=0.8, max_tokens=20, grammar=grammar, return_rl_data=True)
+    seqs = [engine.add_request(prompt, params) for _ in range(4)]
+    while engine.has_work():
+        engine.step()
+    for s in seqs:
+        out = engine.output(s)
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logits = model(ids, sparse=True).logits[0, len(prompt) - 1:-1]                    # [n, V]
+        targets = torch.tensor(out.token_ids)
+        replay = token_logprobs(logits, targets, 0.8, kept_sets(out.kept))
+        assert torch.allclose(replay, torch.tensor(out.logprobs), atol=1e-4)
+        unmasked = token_logprobs(logits, targets, 0.8)
+        assert (unmasked < replay - 0.1).all()                 # the mask moved the probability mass
