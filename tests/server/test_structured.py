@@ -17,7 +17,7 @@ from dsv32.server import load_engine
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 
-N = 24  # sampled replies per check, sent together (the engine batches them)
+N = 16  # sampled replies per check, sent together (the engine batches them)
 
 # Schemas whose every valid instance is short: what a random model writes inside them ends in a
 # few dozen tokens.
