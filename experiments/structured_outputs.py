@@ -116,8 +116,8 @@ def main(argv=None):
             "device": str(engine.device), "temperature": 1.0, "max_tokens": args.max_tokens}
     (out / "structured.json").write_text(json.dumps({**meta, "checks": results}, indent=1, ensure_ascii=False))
     lines = [f"# Structured outputs on {meta['model']} ({meta['chat_format']}, {meta['device']})", "",
-             f"{args.n} replies per check at temperature 1.0, validated with jsonschema "
-             "(`experiments/structured_outputs.py`).", "",
+             (f"{args.n} replies per check at temperature 1.0, validated with jsonschema "
+              "(`experiments/structured_outputs.py`)."), "",
              "| check | valid | seconds | first example |", "|---|---|---|---|"]
     for name, r in results.items():
         example = json.dumps(r["examples"][0], ensure_ascii=False)[:120].replace("|", "\\|")
