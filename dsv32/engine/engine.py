@@ -78,7 +78,15 @@ class Engine:
         if len(prompt) >= self.max_model_len:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                      f"{self.max_model_len} tokens, leaving no room to generate")
+        if params.grammar is not None and params.grammar.vocab.vocab_size != self.vocab_size:
+            raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab.vocab_size} "
+                             f"tokens; the model has {self.vocab_size}")
+        if params.grammar is not None and self.config.speculative_tokens:
+            raise ValueError("constrained decoding (response_format, a forced tool call) does not run with "
+                             "speculative decoding: serve without --speculative-tokens for it")
         seq = Sequence(list(prompt), params, **({"request_id": request_id} if request_id else {}))
+        if params.grammar is not None:
+            seq.matcher = params.grammar.matcher()
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.seqs[seq.request_id] = seq

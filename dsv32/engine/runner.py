@@ -32,6 +32,7 @@ import torch
 from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.engine.config import EngineConfig
+from dsv32.engine.grammar import fill_masks, mask_executor
 from dsv32.engine.graphs import DecodeGraphs
 from dsv32.engine.sampler import Sample, processed_logprobs, sample, samples
 from dsv32.engine.scheduler import Plan, Sequence
@@ -71,6 +72,7 @@ class ModelRunner:
         self.graphs = (DecodeGraphs(self._call_model, self.device, ec.block_size, ec.max_num_seqs, max_model_len,
                                     scratch_block=self.num_blocks)
                        if ec.cuda_graphs and not (self.k or ec.batch_invariant) else None)
+        self.mask_executor = None  # grammar masks' thread pool (constrained decoding), made on first need
         log.info("paged cache: %d blocks of %d tokens (%s)", self.num_blocks, ec.block_size, ec.kv_cache_dtype)
 
     def _auto_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
@@ -84,17 +86,19 @@ class ModelRunner:
     # ---- one step ----
     def run(self, plan: Plan) -> list[tuple[Sequence, Sample]]:
         """Run the plan's forwards in order, each followed by sampling the rows it made due a
-        token; return (sequence, sample) in sampling order."""
+        token; return (sequence, sample) in sampling order. The grammar masks of the due rows are
+        computed on the host while the device runs the forward."""
         sampled = []
         for seqs, batch in self.prepare(plan):
             out = self.forward(batch)
             if self.k and seqs is plan.decodes:
                 sampled += self._verify(seqs, batch, out)
                 continue
+            due = [seqs[i] for i in batch.sample_rows]
+            masks = self._grammar_masks(due)
             if batch.return_topk:
                 self._record(seqs, batch, out)
-            due = [seqs[i] for i in batch.sample_rows]
-            new = self.sample(_last_logits(out, batch), due) if due else []
+            new = self.sample(_last_logits(out, batch), due, masks) if due else []
             sampled += zip(due, new)
             if self.k:
                 self._draft_after_prefill(seqs, batch, out, dict(zip(batch.sample_rows, new)))
@@ -149,9 +153,18 @@ class ModelRunner:
             return self.model(batch.input_ids, cache=self.cache.bind(batch), positions=batch.positions, sparse=True,
                               mode=batch.mode, return_topk=batch.return_topk, batch_invariant=invariant)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-        """logits [B, V], one row per sequence -> one sample each, under its own parameters."""
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def _grammar_masks(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The packed grammar masks of seqs' next tokens (grammar.fill_masks), None without grammars;
+        several rows are filled in parallel by a thread pool made on first need."""
+        matchers = [s.matcher for s in seqs]
+        if sum(m is not None for m in matchers) > 1 and self.mask_executor is None:
+            self.mask_executor = mask_executor()
+        return fill_masks(matchers, self.model.cfg.vocab_size, self.mask_executor)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: torch.Tensor | None = None) -> list[Sample]:
+        """logits [B, V], one row per sequence -> one sample each, under its own parameters and,
+        where masks [B, ceil(V / 32)] has its grammar's packed mask, its grammar."""
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], masks)
 
     def _record(self, seqs: list[Sequence], batch: Batch, out: ModelOutput, counts: list[int] | None = None) -> None:
         """What RL replays of a forward where seqs[i] fed the n positions from starts[i]: the

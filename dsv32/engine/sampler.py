@@ -2,12 +2,17 @@
 
 The sampled token's log-prob is taken under the *processed* distribution (tempered, then truncated
 by top-k and top-p): that is pi_old for RL, and the truncation's kept set is what Keep Sampling
-Mask replays in training (spec §2.6).
+Mask replays in training (spec §2.6). A request's grammar (grammar.py) masks its row first: the
+packed bitmask is unpacked on the logits' device, disallowed logits become -inf, and the kept set
+of such a row is what the grammar allows and the truncation keeps, so that replay sees the same
+distribution.
 """
 
 from dataclasses import dataclass, field
 
 import torch
+
+from dsv32.engine.grammar import Grammar, unpack_mask
 
 
 @dataclass
@@ -22,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None         # also return this many top log-probs per token
     return_rl_data: bool = False        # kept sets and expert ids per token (Keep Sampling Mask / Routing)
+    grammar: Grammar | None = None      # constrained decoding: every token follows this grammar
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -62,25 +68,44 @@ def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list
     return x.masked_fill(~keep, float("-inf")), keep
 
 
-def processed_logprobs(logits: torch.Tensor, params: list[SamplingParams]):
+def apply_grammar(logits: torch.Tensor, masks: torch.Tensor | None):
+    """logits [B, V], masks [B, ceil(V / 32)] packed int32 (grammar.py; all ones for rows without
+    a grammar) -> (logits with -inf where a row's grammar disallows, allowed [B, V] bool), or
+    (logits, None) when no row has a grammar. A row whose grammar allows nothing (its matcher
+    failed) is left unmasked: the scheduler then fails that sequence alone, not the batch."""
+    if masks is None:
+        return logits, None
+    allowed = unpack_mask(masks.to(logits.device, non_blocking=True), logits.shape[-1])     # [B, V]
+    allowed |= ~allowed.any(-1, keepdim=True)
+    return logits.masked_fill(~allowed, float("-inf")), allowed
+
+
+def processed_logprobs(logits: torch.Tensor, params: list[SamplingParams], masks: torch.Tensor | None = None):
     """logits [B, V], one row per sequence -> (log-probs of each row's processed distribution [B, V]
     fp32, keep [B, V] bool or None, greedy [B] bools, truncates [B] bools: the rows whose kept set
-    is not the whole vocabulary). Greedy rows (temperature 0) get the plain softmax."""
+    is not the whole vocabulary). Greedy rows (temperature 0) get the plain softmax. masks: the
+    rows' packed grammar masks (grammar.fill_masks) or None; a grammar row's kept set is what its
+    grammar allows and its truncation keeps."""
+    logits, allowed = apply_grammar(logits, masks)
     greedy = [p.temperature == 0 for p in params]
     temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]     # greedy rows: no truncation
     top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
     top_k = [0 if g else p.top_k for p, g in zip(params, greedy)]
     x, keep = processed_logits(logits, temperature, top_p, top_k)
     truncates = [0 < k < x.shape[-1] or tp < 1.0 for k, tp in zip(top_k, top_p)]
+    if allowed is not None:
+        truncates = [t or m for t, m in zip(truncates, (~allowed.all(-1)).tolist())]
+        keep = allowed if keep is None else keep & allowed
     return x.log_softmax(-1), keep, greedy, truncates
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[Sample]:
+           generators: list[torch.Generator | None], masks: torch.Tensor | None = None) -> list[Sample]:
     """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
     host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
-    a row with its own generator (a seeded request) draws from it alone."""
-    lp, keep, greedy, truncates = processed_logprobs(logits, params)               # [B, V]
+    a row with its own generator (a seeded request) draws from it alone. masks: the packed
+    grammar masks of the rows (grammar.fill_masks), or None."""
+    lp, keep, greedy, truncates = processed_logprobs(logits, params, masks)        # [B, V]
     tok = lp.argmax(-1)
     free = [i for i, (g, gen) in enumerate(zip(greedy, generators)) if not g and gen is None]
     if free:

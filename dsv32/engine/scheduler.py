@@ -24,6 +24,7 @@ import torch
 
 from dsv32.engine.cache import BlockManager, block_hash
 from dsv32.engine.config import draft_slots
+from dsv32.engine.grammar import GrammarError, Matcher
 from dsv32.engine.sampler import Sample, SamplingParams
 
 
@@ -63,6 +64,7 @@ class Sequence:
     # speculative decoding: the drafts its next decode step verifies, and their draft distributions
     draft: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None          # [k, V] processed, on the device
+    matcher: Matcher | None = None      # its place in its grammar (constrained decoding)
 
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.tokens)
@@ -191,7 +193,14 @@ class Scheduler:
         if p.return_rl_data:
             seq.kept.append(s.kept)
         n_out = len(seq.tokens) - seq.prompt_len
-        if (s.token == self.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids:
+        if seq.matcher is not None:
+            try:
+                seq.matcher.advance(s.token)
+            except GrammarError as e:  # only this sequence's grammar failed: only it ends
+                self.finish(seq, "error", str(e))
+                return
+        ended = (s.token == self.eos_token_id and not p.ignore_eos) or s.token in p.stop_token_ids
+        if ended or (seq.matcher is not None and seq.matcher.done):  # done: the grammar takes no more
             self.finish(seq, "stop")
         elif n_out >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             self.finish(seq, "length")

@@ -7,7 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv32.chat import ChatFormatError
-from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
+from dsv32.llama.chatml import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    SMOLLM2_SYSTEM,
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    ChatMLStreamParser,
+    encode_chatml,
+    render_chatml_tool_calls,
+)
 
 CONVERSATIONS = [
     [],
@@ -62,7 +72,6 @@ def test_the_default_system_prompt_is_the_templates(template):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "no tool calls"),
     (dict(thinking_mode="thinking"), "no thinking mode"),
     (dict(response_format={"type": "object"}), "no response-format"),
 ])
@@ -72,9 +81,10 @@ def test_encode_refuses_what_chatml_cannot_say(kwargs, match):
 
 
 @pytest.mark.parametrize("messages, match", [
-    ([{"role": "tool", "content": "42", "tool_call_id": "c"}], "no tool calls"),
-    ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}],
-     "no tool calls"),
+    ([{"role": "user", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}],
+     "only an assistant message has tool_calls"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}],
+     "arguments are not JSON"),
     ([{"role": "developer", "content": "x"}], "role 'developer'"),
     ([{"role": "user", "content": None}], r"messages\[0\]: content must be a string"),
 ])
@@ -145,3 +155,48 @@ def test_strict_parser_rejects_and_lenient_passes_on(text, match):
 def test_parser_has_no_thinking_mode():
     with pytest.raises(ChatFormatError, match="no thinking mode"):
         ChatMLStreamParser("thinking")
+
+
+# ---- tools, in SmolLM2's function-calling form ----
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALLS = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+         {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Nice"}}}]
+
+
+def test_tools_are_listed_in_the_system_message_and_results_come_back_as_user_turns():
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": CALLS},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    text = encode_chatml(conv, tools=TOOLS)
+    system = text[:text.index(IM_END)]
+    assert system.startswith(f"{IM_START}system\n") and SMOLLM2_SYSTEM not in text
+    assert '<tools>{"name": "get_weather", "parameters"' in system and system.endswith("\n\nBe brief.")
+    assert (f'{IM_START}assistant\n{TOOL_CALL_START}[\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}},\n'
+            f'{{"name": "get_weather", "arguments": {{"city": "Nice"}}}}\n]{TOOL_CALL_END}{IM_END}\n') in text
+    assert text.endswith(f"{IM_START}user\n<tool_response>\nsunny\n</tool_response>{IM_END}\n{IM_START}assistant\n")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(st.characters(blacklist_characters="<"), max_size=20), st.lists(st.integers(0, 200), max_size=5))
+def test_the_parser_reads_the_calls_the_encoder_writes_however_the_text_is_cut(content, cuts):
+    text = content + render_chatml_tool_calls(CALLS) + IM_END
+    parser = ChatMLStreamParser()
+    events = feed_in_pieces(parser, text, [c for c in cuts if c <= len(text)])
+    calls = [v for kind, v in events if kind == "tool_call"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+        [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Nice"}')]
+    assert parser.message["content"] == content and parser.message["tool_calls"] == calls and parser.error is None
+
+
+@pytest.mark.parametrize("block", [f"{TOOL_CALL_START}[{{]{TOOL_CALL_END}", f"{TOOL_CALL_START}[1]{TOOL_CALL_END}",
+                                   f'{TOOL_CALL_START}[{{"name": "f"'])
+def test_a_broken_call_block_is_an_error_or_lenient_text(block):
+    with pytest.raises(ChatFormatError, match="tool-call block|tool call must be|inside a"):
+        p = ChatMLStreamParser()
+        p.feed("a" + block + IM_END)
+        p.finish()
+    p = ChatMLStreamParser(lenient=True)
+    p.feed("a" + block + IM_END)
+    p.finish()
+    assert p.error is not None and p.message["tool_calls"] == [] and p.message["content"].startswith("a<tool_call>")

@@ -36,9 +36,9 @@ class ScriptedRunner(ModelRunner):
     fail = False
     delay = 0.0
 
-    def sample(self, logits, seqs):
+    def sample(self, logits, seqs, masks=None):
         out = []
-        for seq, s in zip(seqs, super().sample(logits, seqs)):
+        for seq, s in zip(seqs, super().sample(logits, seqs, masks)):
             time.sleep(self.delay)
             if self.fail:
                 self.fail = False
@@ -60,7 +60,7 @@ def tiny_v32_dir(path, **changes):
     return path
 
 
-def tiny_chatml_dir(path):
+def tiny_chatml_dir(path, max_position_embeddings=512):
     """A random small LlamaDSA saved as a `llama_dsa` directory with a ChatML tokenizer; its EOS is
     `<|endoftext|>`, so a reply ended by `<|im_end|>` shows the server stops on the format's end token."""
     tok = HFTokenizer(models.BPE())
@@ -71,7 +71,7 @@ def tiny_chatml_dir(path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_position_embeddings,
                       index_n_heads=2, index_head_dim=32, index_topk=16, bos_token_id=1, eos_token_id=0)
     save(LlamaDSA(cfg), path, tok)
     return path

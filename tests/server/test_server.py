@@ -246,17 +246,20 @@ def test_reasoning_sent_back_is_kept_until_the_next_user_turn(scripted):
 
 
 def test_tool_choice_response_format_developer(scripted):
-    script(scripted, "{}" + EOS)
+    script(scripted, "{}" + EOS)  # JSON for the response formats (a forced call gets a scripted call below)
 
     def prompt_tokens(**kw):
         kw.setdefault("messages", HELLO)
-        return scripted.client.chat.completions.create(model=MODEL, max_tokens=5, **kw).usage.prompt_tokens
+        return scripted.client.chat.completions.create(model=MODEL, max_tokens=40, **kw).usage.prompt_tokens
 
     plain = prompt_tokens()
     assert prompt_tokens(tools=TOOLS, tool_choice="none") == plain
     both = prompt_tokens(tools=TOOLS, tool_choice="auto")
+    script(scripted, encode_completion({"tool_calls": [{"type": "function", "function": {
+        "name": "get_time", "arguments": {}}}]}, "chat"))
     forced = prompt_tokens(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert plain < forced < both
+    script(scripted, "{}" + EOS)
     schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
     assert prompt_tokens(response_format=schema) > plain
     assert prompt_tokens(response_format={"type": "json_object"}) > plain

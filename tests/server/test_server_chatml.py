@@ -51,7 +51,7 @@ def scripted(chatml_dir):
 def test_a_converted_dir_loads_with_its_chatml_tokenizer(real, chatml_dir):
     assert type(real.engine.runner.model).__name__ == "LlamaDSA" and real.tok.chat_format == "chatml"
     [card] = httpx.get(real.url + "/v1/models").json()["data"]
-    assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("chatml", False, False)
+    assert (card["chat_format"], card["supports_thinking"], card["supports_tools"]) == ("chatml", False, True)
     assert (card["max_model_len"], card["index_topk"]) == (512, 16)
     r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
     hf = HFTokenizer.from_file(str(chatml_dir / "tokenizer.json"))
@@ -70,27 +70,32 @@ def test_im_end_ends_the_reply(scripted):
     assert (content, finish) == ("Hi, ü", "stop")
 
 
-def test_tools_and_thinking_are_clear_400s(scripted):
+def test_thinking_is_a_clear_400(scripted):
     url = scripted.url + "/v1/chat/completions"
     ok = {"model": MODEL, "messages": HELLO, "max_tokens": 4}
-    cases = [
-        ({**ok, "tools": WEATHER}, "no tool calls"),
-        ({**ok, "chat_template_kwargs": {"thinking": True}}, "no thinking mode"),
-        ({**ok, "thinking": {"type": "enabled"}}, "no thinking mode"),
-        ({**ok, "messages": HELLO + [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}, "no tool calls"),
-        ({**ok, "response_format": {"type": "json_object"}}, "no response-format"),
-    ]
-    for body, match in cases:
+    for body in ({**ok, "chat_template_kwargs": {"thinking": True}}, {**ok, "thinking": {"type": "enabled"}}):
         r = httpx.post(url, json=body, timeout=30)
         assert r.status_code == 400, (body, r.text)
-        assert match in r.json()["error"]["message"]
-    with pytest.raises(openai.BadRequestError, match="no tool calls"):
-        scripted.client.chat.completions.create(model=MODEL, messages=HELLO, tools=WEATHER)
+        assert "no thinking mode" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="no thinking mode"):
+        scripted.client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={"thinking": True})
     script(scripted, "still fine<|im_end|>")
     r = scripted.client.chat.completions.create(model=MODEL, messages=HELLO)
     assert r.choices[0].message.content == "still fine"
+
+
+def test_tool_calls_in_smollm2s_form(scripted):
+    turn = HELLO + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    script(scripted, 'Checking.<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n]</tool_call><|im_end|>')
+    r = scripted.client.chat.completions.create(model=MODEL, messages=turn, tools=WEATHER, max_tokens=80)
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert r.choices[0].message.content == "Checking." and r.choices[0].finish_reason == "tool_calls"
+    _, content, calls, finish, _ = stream_chat(scripted.client, messages=turn, tools=WEATHER, max_tokens=80)
+    assert (content, finish) == ("Checking.", "tool_calls")
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", '{"city": "Paris"}')]
 
 
 def test_terminal_reply_in_chatml(chatml_dir):

@@ -343,12 +343,12 @@ def test_server_errors_are_shown_and_the_page_stays_usable(chat, v32, shots):
     assert len(chat.bodies) == 3
 
 
-def test_the_chatml_model_hides_thinking_and_tools(browser, chatml):
+def test_the_chatml_model_hides_thinking_and_offers_tools(browser, chatml):
     c = Chat(browser, chatml)
     try:
         page = c.page
-        assert page.inner_text("#format") == "ChatML: no thinking, no tools"
-        assert page.is_hidden("#thinking-control") and page.is_hidden("#tools-control")
+        assert page.inner_text("#format") == "ChatML: no thinking"
+        assert page.is_hidden("#thinking-control") and page.is_visible("#tools-control")
         assert page.inner_text("#dsa") == "DSA top-16: selecting keys past 16 tokens"
         say(chatml, "Hello there!<|im_end|>")
         c.send("hi")

@@ -337,7 +337,7 @@ function describe(c) {  // the header: model, context, DSA, chat format
   $("dsa").textContent = k == null ? "dense attention"
     : k < c.max_model_len ? `DSA top-${k}: selecting keys past ${k} tokens`
     : `DSA top-${k}: dense within this context`;
-  $("format").textContent = { v32: "V3.2 chat format", chatml: "ChatML: no thinking, no tools" }[c.chat_format]
+  $("format").textContent = { v32: "V3.2 chat format", chatml: "ChatML: no thinking" }[c.chat_format]
     ?? "no chat format: use /v1/completions";
   $("thinking-control").hidden = !c.supports_thinking;
   $("tools-control").hidden = !c.supports_tools;
