@@ -32,6 +32,7 @@ class StepOutput:
     finish_reason: str | None = None       # stop, length, error (abort: the caller's own doing)
     num_cached_tokens: int = 0
     error: str | None = None
+    error_internal: bool = False           # the engine failed it (its sampling raised), not a refusal
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Engine:
         a, b = seq.num_emitted, len(seq.output_tokens)
         seq.num_emitted = b
         return StepOutput(seq.request_id, seq.output_tokens[a:b], seq.logprobs[a:b], seq.top_logprobs[a:b],
-                          seq.finish_reason, seq.num_cached, seq.error)
+                          seq.finish_reason, seq.num_cached, seq.error, seq.error_internal)
 
     def output(self, seq: Sequence) -> RequestOutput:
         """Everything seq has so far (the whole request once it finished), RL records included."""

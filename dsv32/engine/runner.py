@@ -20,7 +20,7 @@ from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.engine.config import EngineConfig
 from dsv32.engine.graphs import DecodeGraphs
-from dsv32.engine.sampler import Sample, sample
+from dsv32.engine.sampler import Sample, failed_sample, sample
 from dsv32.engine.scheduler import Plan, Sequence
 from dsv32.model import ModelOutput
 from dsv32.model.indexer import pack_selection
@@ -68,8 +68,20 @@ class ModelRunner:
                 self._record(seqs, batch, out)
             due = [seqs[i] for i in batch.sample_rows]
             if due:
-                sampled += zip(due, self.sample(_last_logits(out, batch), due))
+                sampled += zip(due, self._sample_isolated(_last_logits(out, batch), due))
         return sampled
+
+    def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+        """self.sample, but a failure that belongs to one row fails that row alone: a batch that
+        raises is sampled again row by row, and a row that raises on its own gets a failed Sample
+        (its sequence ends with an error; the others keep their tokens)."""
+        try:
+            return self.sample(logits, seqs)
+        except Exception as e:  # noqa: BLE001 (whatever it is, it fails its request, not the step)
+            if len(seqs) == 1:
+                log.warning("sampling failed for %s: %s", seqs[0].request_id, e)
+                return [failed_sample(f"sampling failed for this request: {e}")]
+        return [self._sample_isolated(logits[i:i + 1], [seq])[0] for i, seq in enumerate(seqs)]
 
     def prepare(self, plan: Plan) -> list[tuple[list[Sequence], Batch]]:
         """The step's forwards: (the sequences of its rows, its Batch), prefill chunks of one

@@ -5,9 +5,14 @@ by top-k and top-p): that is pi_old for RL, and the truncation's kept set is wha
 Mask replays in training (spec §2.6).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# A temperature below this samples greedily: dividing float32 logits by 1e-40 overflows them to
+# inf, and the softmax of inf is nan (vLLM draws the same line).
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -24,6 +29,9 @@ class SamplingParams:
     return_rl_data: bool = False        # kept sets and expert ids per token (Keep Sampling Mask / Routing)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -42,6 +50,12 @@ class Sample:
     logprob: float                      # under the processed distribution
     kept: torch.Tensor | None           # ids kept by the truncation (None = whole vocabulary)
     top: list[tuple[int, float]] | None  # top log-probs of the processed distribution
+    error: str | None = None            # sampling failed for this row alone (token and log-prob meaningless)
+
+
+def failed_sample(error: str) -> Sample:
+    """The sample of a row whose sampling raised: its sequence fails, the others go on."""
+    return Sample(-1, 0.0, None, None, error)
 
 
 def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int]):
@@ -65,9 +79,10 @@ def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[Sample]:
     """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
-    host syncs in all, not per sequence. Temperature 0 = greedy (log-prob of the plain softmax);
-    a row with its own generator (a seeded request) draws from it alone."""
-    greedy = [p.temperature == 0 for p in params]
+    host syncs in all, not per sequence. Temperature 0 (or below MIN_TEMPERATURE) = greedy
+    (log-prob of the plain softmax); a row with its own generator (a seeded request) draws from it
+    alone."""
+    greedy = [p.temperature < MIN_TEMPERATURE for p in params]
     temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]     # greedy rows: no truncation
     top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
     top_k = [0 if g else p.top_k for p, g in zip(params, greedy)]

@@ -12,6 +12,7 @@ OpenAI's shape, {"error": {"message", "type", "param", "code"}}; no request can 
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from dsv32.chat import ChatFormatError
@@ -92,6 +93,7 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     """Fields both endpoints share. None (JSON null) means the default."""
+    model_config = ConfigDict(allow_inf_nan=False)   # NaN / Infinity in a number field: a 400 naming it
     model: str
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -132,6 +134,37 @@ class CompletionRequest(Sampling):
 
 
 # ---- request -> prompt ----
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_surrogate(value, path: str = "") -> str | None:
+    """The path (messages.0.content) of the first string in a request holding a lone UTF-16
+    surrogate ("\\ud800" in JSON: no tokenizer can encode it), or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, BaseModel):
+        value = {k: getattr(value, k) for k in type(value).model_fields}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        where = f"{path}.{k}" if path else str(k)
+        if isinstance(k, str) and _SURROGATE.search(k):
+            return where
+        if (hit := find_surrogate(v, where)) is not None:
+            return hit
+    return None
+
+
+def check_text(req: BaseModel) -> None:
+    if (path := find_surrogate(req)) is not None:
+        raise APIError(400, f"{path}: contains a lone UTF-16 surrogate; text must be valid Unicode", param=path)
+
+
+
 def thinking_mode(req: ChatRequest) -> str:
     """Thinking is off unless asked for, in any of the conventions clients use."""
     kwargs = req.chat_template_kwargs or {}
@@ -296,6 +329,7 @@ class ServerState:
                      "supports_thinking": fmt == "v32", "supports_tools": fmt == "v32"}
 
     def check(self, req: Sampling) -> None:
+        check_text(req)
         if req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server has {self.model_name!r}",
                            param="model", code="model_not_found")

@@ -148,8 +148,8 @@ class EngineRunner:
         if stream is None:
             return
         error = None
-        if out.finish_reason == "error":  # the scheduler refused it: too large for the cache
-            error = RequestFailed(out.error or "the request cannot be served", client_error=True)
+        if out.finish_reason == "error":  # the scheduler refused it (too large for the cache), or its sampling failed
+            error = RequestFailed(out.error or "the request cannot be served", client_error=not out.error_internal)
         stream.put(Delta(out.token_ids, out.logprobs, out.top_logprobs, out.finish_reason, stream.prompt_len,
                          out.num_cached_tokens, error))
         self.stats["generation_tokens_total"] += len(out.token_ids)
