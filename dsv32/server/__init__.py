@@ -74,6 +74,7 @@ def serve(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None,
                    help=f"default: the model directory's name, or {DEFAULT_NAME}")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which to answer 503")
+    p.add_argument("--max-n", type=int, default=8, help="the largest n (choices per request) accepted (default 8)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (with --tp/--ep)")
@@ -108,6 +109,7 @@ def serve(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from dsv32.server.app import create_app
+    from dsv32.server.config import ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine, tokenizer = load_engine(args)
@@ -120,7 +122,9 @@ def serve(argv: list[str] | None = None) -> int:
             follow(engine)
             dist.destroy_process_group()
             return 0
-    uvicorn.run(create_app(engine, tokenizer, model_name(args), args.max_queue, tools), host=args.host, port=args.port)
+    config = ServerConfig(max_queue=args.max_queue, max_n=args.max_n)
+    uvicorn.run(create_app(engine, tokenizer, model_name(args), agent_tools=tools, config=config),
+                host=args.host, port=args.port)
     if _distributed(args):
         engine.runner.stop()
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Literal
 
 from fastapi import APIRouter, FastAPI, Request
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from dsv32.chat import ChatFormatError
 from dsv32.engine import SamplingParams
+from dsv32.server.config import ServerConfig
 from dsv32.server.runner import Delta, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
 from dsv32.tokenizer import Detokenizer
@@ -318,8 +320,8 @@ class TextReply(Reply):
 
 # ---- the server state and routes ----
 class ServerState:
-    def __init__(self, runner: EngineRunner, tokenizer, model_name: str):
-        self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
+    def __init__(self, runner: EngineRunner, tokenizer, model_name: str, config: ServerConfig):
+        self.runner, self.tokenizer, self.model_name, self.config = runner, tokenizer, model_name, config
         self.max_model_len = runner.engine.max_model_len
         fmt = tokenizer.chat_format
         # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
@@ -333,8 +335,9 @@ class ServerState:
         if req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server has {self.model_name!r}",
                            param="model", code="model_not_found")
-        if req.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n")
+        if req.n is not None and not 1 <= req.n <= self.config.max_n:
+            raise APIError(400, f"n must be in [1, {self.config.max_n}] (the server's --max-n), got {req.n}",
+                           param="n")
 
     def default_max_tokens(self, prompt: list[int]) -> int:
         return max(1, self.max_model_len - len(prompt))
@@ -377,6 +380,67 @@ class ServerState:
                 await deltas.aclose()
 
         return all_deltas()
+
+    async def start_n(self, prompt: list[int], params: SamplingParams, replies: list[Reply]) -> list:
+        """The n = len(replies) choices of one request: n sequences of the prompt, the i-th seeded
+        with seed + i (a seeded request is reproducible). The first runs alone until its first
+        token, by when its prefill has registered the prompt's full blocks in the prefix cache: the
+        other n - 1 share those blocks and compute only the last, partial one."""
+        first = await self.start(prompt, params, replies[0])
+        started = [first]
+        try:
+            for i, reply in enumerate(replies[1:], 1):
+                seed = None if params.seed is None else params.seed + i
+                started.append(await self.start(prompt, replace(params, seed=seed), reply))
+        except BaseException:
+            for deltas in started:
+                await deltas.aclose()
+            raise
+        return started
+
+
+async def merged(streams: list):
+    """(i, item) from n async iterators as they come; if one raises, the others are closed and
+    the error goes on. An iterator is asked for its next item only once its last one has been
+    consumed (a reply fed with a delta may end its stream: a stop string)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, it):
+        try:
+            async for x in it:
+                done = asyncio.Event()
+                await queue.put((i, x, None, done))
+                await done.wait()
+            await queue.put((i, None, None, None))
+        except Exception as e:  # noqa: BLE001 (handed on to the consumer)
+            await queue.put((i, None, e, None))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, x, err, done = await queue.get()
+            if err is not None:
+                raise err
+            if x is None:
+                left -= 1
+                continue
+            yield i, x
+            done.set()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in streams:
+            await it.aclose()
+
+
+def usage(replies: list[Reply]) -> dict:
+    """Usage of a request's choices: the prompt counted once, the completions summed."""
+    u = replies[0].usage()
+    u["completion_tokens"] = sum(r.completion_tokens for r in replies)
+    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    return u
 
 
 async def consume(request: Request, deltas, feed) -> bool:
@@ -432,31 +496,35 @@ async def chat_completions(req: ChatRequest, request: Request):
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     params.stop_token_ids = list(tok.stop_ids)  # ChatML: <|im_end|> ends the reply
-    reply = ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs))
-    deltas = await state.start(prompt, params, reply)
+    replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs)) for _ in range(req.n or 1)]
+    streams = await state.start_n(prompt, params, replies)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
 
     if not req.stream:
-        if not await consume(request, deltas, reply.feed):
+        if not await consume(request, merged(streams), lambda x: replies[x[0]].feed(x[1])):
             return Response(status_code=499)  # nobody is listening
-        choice = {"index": 0, "message": reply.message(), "finish_reason": reply.openai_finish_reason(),
-                  "logprobs": reply.format_logprobs(reply.logprobs)}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
+        choices = [{"index": i, "message": r.message(), "finish_reason": r.openai_finish_reason(),
+                    "logprobs": r.format_logprobs(r.logprobs)} for i, r in enumerate(replies)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(replies)}
 
-    def chunk(delta: dict, finish_reason=None, choices=True) -> dict:
-        c = {"index": 0, "delta": delta, "logprobs": reply.format_logprobs(reply.take_logprobs()),
+    def chunk(i: int, delta: dict, finish_reason=None) -> dict:
+        r = replies[i]
+        c = {"index": i, "delta": delta, "logprobs": r.format_logprobs(r.take_logprobs()),
              "finish_reason": finish_reason}
-        return {**head, "object": "chat.completion.chunk", "choices": [c] if choices else []}
+        return {**head, "object": "chat.completion.chunk", "choices": [c]}
 
     async def chunks():
-        yield chunk({"role": "assistant", "content": ""})
-        async for d in deltas:
-            for delta in reply.feed(d):
-                yield chunk(delta)
-        yield chunk({}, reply.openai_finish_reason())
+        for i in range(len(replies)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, d in merged(streams):
+            r = replies[i]
+            for delta in r.feed(d):
+                yield chunk(i, delta)
+            if r.finish_reason is not None:
+                yield chunk(i, {}, r.openai_finish_reason())
         if req.stream_options and req.stream_options.include_usage:
-            yield {**chunk({}, choices=False), "usage": reply.usage()}
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(replies)}
 
     return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
@@ -473,28 +541,30 @@ async def completions(req: CompletionRequest, request: Request):
     ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     params = req.sampling_params(req.max_tokens or state.default_max_tokens(ids), req.logprobs)
     # the end-of-sentence token ends the text but is not part of it
-    reply = TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
-    deltas = await state.start(ids, params, reply)
+    replies = [TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
+               for _ in range(req.n or 1)]
+    streams = await state.start_n(ids, params, replies)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
     if not req.stream:
-        text = []
-        if not await consume(request, deltas, lambda d: text.append(reply.track(d))):
+        texts = [[] for _ in replies]
+        if not await consume(request, merged(streams), lambda x: texts[x[0]].append(replies[x[0]].track(x[1]))):
             return Response(status_code=499)
-        choice = {"index": 0, "text": "".join(text), "finish_reason": reply.finish_reason,
-                  "logprobs": reply.format_logprobs(reply.logprobs)}
-        return {**head, "choices": [choice], "usage": reply.usage()}
+        choices = [{"index": i, "text": "".join(t), "finish_reason": r.finish_reason,
+                    "logprobs": r.format_logprobs(r.logprobs)} for i, (r, t) in enumerate(zip(replies, texts))]
+        return {**head, "choices": choices, "usage": usage(replies)}
 
     async def chunks():
-        async for d in deltas:
-            text = reply.track(d)
-            if text or reply.finish_reason:
-                choice = {"index": 0, "text": text, "finish_reason": reply.finish_reason,
-                          "logprobs": reply.format_logprobs(reply.take_logprobs())}
+        async for i, d in merged(streams):
+            r = replies[i]
+            text = r.track(d)
+            if text or r.finish_reason:
+                choice = {"index": i, "text": text, "finish_reason": r.finish_reason,
+                          "logprobs": r.format_logprobs(r.take_logprobs())}
                 yield {**head, "choices": [choice]}
         if req.stream_options and req.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": reply.usage()}
+            yield {**head, "choices": [], "usage": usage(replies)}
 
     return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
@@ -530,6 +600,9 @@ class EngineMetrics:
         yield GaugeMetricFamily("dsv32_requests_running", "Requests being generated", s["running"])
         yield GaugeMetricFamily("dsv32_requests_waiting", "Requests waiting for a slot", s["waiting"])
         yield CounterMetricFamily("dsv32_generation_tokens", "Tokens generated", s["generation_tokens_total"])
+        yield CounterMetricFamily("dsv32_prompt_tokens", "Prompt tokens of started requests", s["prompt_tokens_total"])
+        yield CounterMetricFamily("dsv32_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                  s["prefix_cache_hit_tokens_total"])
         yield CounterMetricFamily("dsv32_preemptions", "Sequences preempted for cache space", s["preemptions_total"])
         yield GaugeMetricFamily("dsv32_cache_blocks_free", "Free KV-cache blocks", s["cache_blocks_free"])
         yield GaugeMetricFamily("dsv32_cache_blocks_total", "KV-cache blocks", s["cache_blocks_total"])
@@ -592,10 +665,13 @@ async def call_agent_tool(name: str, req: ToolCallRequest, request: Request):
     return {"result": result}
 
 
-def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_tools=None) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_tools=None,
+               config: ServerConfig | None = None) -> FastAPI:
     """The app around an engine; its thread starts and stops with the app's lifespan. `agent_tools`:
-    a dsv32.server.tools.AgentTools to expose under /v1/agent/tools (closed at shutdown), or None."""
-    runner = EngineRunner(engine, max_queue)
+    a dsv32.server.tools.AgentTools to expose under /v1/agent/tools (closed at shutdown), or None.
+    `config`: the server's options (default: ServerConfig(max_queue=max_queue))."""
+    config = config or ServerConfig(max_queue=max_queue)
+    runner = EngineRunner(engine, config.max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -606,7 +682,7 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_to
             await asyncio.to_thread(agent_tools.close)
 
     app = FastAPI(title="dsv32", lifespan=lifespan)
-    app.state.server = ServerState(runner, tokenizer, model_name)
+    app.state.server = ServerState(runner, tokenizer, model_name, config)
     app.state.agent_tools = agent_tools
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(EngineMetrics(runner))

@@ -53,6 +53,7 @@ class Stream:
     loop: asyncio.AbstractEventLoop
     prompt_len: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: bool = False               # has it had a delta (its prompt computed)? engine thread only
 
     def put(self, delta: Delta) -> None:
         try:
@@ -77,7 +78,8 @@ class EngineRunner:
         self.thread = threading.Thread(target=self._loop, name="dsv32-engine", daemon=True)
         blocks = engine.scheduler.blocks
         # plain numbers the metrics endpoint reads; written by the engine thread only
-        self.stats = {"requests_total": 0, "generation_tokens_total": 0, "running": 0, "waiting": 0,
+        self.stats = {"requests_total": 0, "generation_tokens_total": 0, "prompt_tokens_total": 0,
+                      "prefix_cache_hit_tokens_total": 0, "running": 0, "waiting": 0,
                       "preemptions_total": 0, "cache_blocks_free": blocks.num_free,
                       "cache_blocks_total": len(blocks.ref)}
 
@@ -150,6 +152,10 @@ class EngineRunner:
         error = None
         if out.finish_reason == "error":  # the scheduler refused it (too large for the cache), or its sampling failed
             error = RequestFailed(out.error or "the request cannot be served", client_error=not out.error_internal)
+        if not stream.started and error is None:
+            stream.started = True
+            self.stats["prompt_tokens_total"] += stream.prompt_len
+            self.stats["prefix_cache_hit_tokens_total"] += out.num_cached_tokens
         stream.put(Delta(out.token_ids, out.logprobs, out.top_logprobs, out.finish_reason, stream.prompt_len,
                          out.num_cached_tokens, error))
         self.stats["generation_tokens_total"] += len(out.token_ids)
