@@ -76,6 +76,8 @@ class Engine:
             raise ValueError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size})")
         if len(prompt) >= self.max_model_len:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                      f"{self.max_model_len} tokens, leaving no room to generate")

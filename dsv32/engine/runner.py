@@ -126,7 +126,10 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits [B, V], one row per sequence -> one sample each, under its own parameters."""
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        eos = self.model.cfg.eos_token_id
+        ends = [([] if s.params.ignore_eos or eos is None else [eos]) + list(s.params.stop_token_ids) for s in seqs]
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                      [s.tokens for s in seqs], [s.prompt_len for s in seqs], ends)
 
     def _record(self, seqs: list[Sequence], batch: Batch, out: ModelOutput) -> None:
         """What RL replays of a forward where seqs[i] fed the n positions from starts[i]: the

@@ -1,8 +1,14 @@
 """Sampling parameters and the sampler.
 
-The sampled token's log-prob is taken under the *processed* distribution (tempered, then truncated
-by top-k and top-p): that is pi_old for RL, and the truncation's kept set is what Keep Sampling
-Mask replays in training (spec §2.6).
+The sampled token's log-prob is taken under the *processed* distribution (logit bias and
+penalties, tempered, then truncated by top-k, top-p and min-p): that is pi_old for RL, and the
+truncation's kept set is what Keep Sampling Mask replays in training (spec §2.6).
+
+The logit adjustments follow the definitions clients expect: OpenAI's logit_bias (added to the
+logits), presence and frequency penalties (over the generated tokens: l - f * count - p * [count > 0]),
+and the CTRL / Hugging Face / vLLM repetition penalty (over prompt and generated tokens: a positive
+logit divided by r, a negative one multiplied by r); min_tokens masks the end tokens until that many
+tokens are generated; min_p keeps the tokens whose probability is at least min_p times the top one's.
 """
 
 import math
@@ -27,9 +33,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None         # also return this many top log-probs per token
     return_rl_data: bool = False        # kept sets and expert ids per token (Keep Sampling Mask / Routing)
+    presence_penalty: float = 0.0       # in [-2, 2]
+    frequency_penalty: float = 0.0      # in [-2, 2]
+    repetition_penalty: float = 1.0     # > 0; 1 = off
+    min_p: float = 0.0                  # in [0, 1]; 0 = off
+    min_tokens: int = 0                 # end tokens (EOS unless ignore_eos, stop_token_ids) masked until then
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
 
     def __post_init__(self):
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -42,6 +54,26 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {t!r}")
+            if not (math.isfinite(b) and -100 <= b <= 100):
+                raise ValueError(f"logit_bias[{t}] must be in [-100, 100], got {b}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the raw logits change before tempering (bias, penalties, min_tokens)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
+                    or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -58,35 +90,76 @@ def failed_sample(error: str) -> Sample:
     return Sample(-1, 0.0, None, None, error)
 
 
-def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int]):
+def adjusted_logits(logits: torch.Tensor, params: list[SamplingParams], tokens: list[list[int]],
+                    prompt_lens: list[int], end_ids: list[list[int]]) -> torch.Tensor:
+    """logits [B, V] -> float logits [B, V] with each row's bias, penalties and min_tokens mask
+    (the module docstring's definitions). tokens[r]: row r's prompt and generated ids so far, the
+    first prompt_lens[r] of them the prompt; end_ids[r]: the ids min_tokens holds back."""
+    x = logits.float()
+    rows = [r for r, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return x
+    x = x.clone()
+    v, dev = x.shape[-1], x.device
+    for r in rows:
+        p, out = params[r], tokens[r][prompt_lens[r]:]
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < v], dtype=torch.long, device=dev)
+            bias = torch.tensor([b for t, b in p.logit_bias.items() if t < v], device=dev)
+            x[r].index_add_(0, ids, bias)
+        if p.repetition_penalty != 1.0 and tokens[r]:
+            seen = torch.tensor(sorted(set(tokens[r])), dtype=torch.long, device=dev)
+            row = x[r, seen]
+            x[r, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and out:
+            count = torch.zeros(v, device=dev).index_add_(
+                0, torch.tensor(out, dtype=torch.long, device=dev), torch.ones(len(out), device=dev))
+            x[r] -= p.frequency_penalty * count + p.presence_penalty * (count > 0).float()
+        if len(out) < p.min_tokens and end_ids[r]:
+            x[r, torch.tensor(end_ids[r], dtype=torch.long, device=dev)] = float("-inf")
+    return x
+
+
+def processed_logits(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int],
+                     min_p: list[float] | None = None):
     """logits [B, V], per-row settings -> (tempered logits [B, V] with -inf outside each row's kept
     set, keep [B, V] bool, or None when no row truncates). Top-k first (ties at the k-th value
-    kept), then top-p over what is left: one sort serves both."""
+    kept), then top-p over what is left: one sort serves both; then min-p (p >= min_p * p_max
+    under the tempered distribution)."""
     x = logits.float() / torch.tensor(temperature, device=logits.device)[:, None]
     v = x.shape[-1]
     k = [kk if 0 < kk < v else v for kk in top_k]
-    if min(k) == v and min(top_p) >= 1.0:
+    min_p = min_p or [0.0] * len(k)
+    if min(k) == v and min(top_p) >= 1.0 and max(min_p) <= 0.0:
         return x, None
     sorted_x, order = x.sort(-1, descending=True)
     keep = sorted_x >= sorted_x.gather(1, torch.tensor(k, device=x.device)[:, None] - 1)
     p = sorted_x.masked_fill(~keep, float("-inf")).softmax(-1)
     tp = torch.tensor(top_p, device=x.device)[:, None]
     keep &= (p.cumsum(-1) - p < tp) | (tp >= 1.0)     # the smallest prefix reaching top_p
+    if max(min_p) > 0.0:  # p_max = exp(0) relative: log p - log p_max = x - x_max
+        mp = torch.tensor(min_p, device=x.device)[:, None]
+        keep &= (sorted_x - sorted_x[:, :1] >= torch.log(mp)) | (mp <= 0.0)
     keep = torch.empty_like(keep).scatter_(1, order, keep)
     return x.masked_fill(~keep, float("-inf")), keep
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[Sample]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           tokens: list[list[int]] | None = None, prompt_lens: list[int] | None = None,
+           end_ids: list[list[int]] | None = None) -> list[Sample]:
     """logits [B, V], one row per sequence, sampled together: a decode step costs a few kernels and
     host syncs in all, not per sequence. Temperature 0 (or below MIN_TEMPERATURE) = greedy
-    (log-prob of the plain softmax); a row with its own generator (a seeded request) draws from it
-    alone."""
+    (log-prob of the adjusted softmax); a row with its own generator (a seeded request) draws from
+    it alone. tokens / prompt_lens / end_ids: each row's history and end ids, for penalties and
+    min_tokens (adjusted_logits); None: no history."""
+    b = len(params)
+    logits = adjusted_logits(logits, params, tokens or [[]] * b, prompt_lens or [0] * b, end_ids or [[]] * b)
     greedy = [p.temperature < MIN_TEMPERATURE for p in params]
     temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]     # greedy rows: no truncation
     top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
     top_k = [0 if g else p.top_k for p, g in zip(params, greedy)]
-    x, keep = processed_logits(logits, temperature, top_p, top_k)
+    min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
+    x, keep = processed_logits(logits, temperature, top_p, top_k, min_p)
     lp = x.log_softmax(-1)                                                          # [B, V]
     tok = lp.argmax(-1)
     free = [i for i, (g, gen) in enumerate(zip(greedy, generators)) if not g and gen is None]
@@ -102,7 +175,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         v, i = (t.tolist() for t in lp.topk(n_top))
         top = [list(zip(i[r][:p.logprobs], v[r][:p.logprobs])) if p.logprobs else None for r, p in enumerate(params)]
     kept = [None] * len(params)
-    rows = [r for r, p in enumerate(params) if p.return_rl_data and (0 < top_k[r] < x.shape[-1] or top_p[r] < 1.0)]
+    rows = [r for r, p in enumerate(params)
+            if p.return_rl_data and (0 < top_k[r] < x.shape[-1] or top_p[r] < 1.0 or min_p[r] > 0.0)]
     if rows and keep is not None:
         sets = keep[rows]
         ids = sets.nonzero()[:, 1].to("cpu", torch.int32)

@@ -82,6 +82,7 @@ class Message(BaseModel):
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    prefix: bool | None = None          # DeepSeek's API: a final assistant message to continue
 
 
 class ResponseFormat(BaseModel):
@@ -106,15 +107,52 @@ class Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
+    # vLLM's extras
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = False
+    # accepted by OpenAI or vLLM but not served here: a 400 unless left at their no-op value
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+
+    def refuse_unserved(self) -> None:
+        """Every parameter a request sets either acts or is refused: these are refused."""
+        noop = {"best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
+                "prompt_logprobs": (None,), "include_stop_str_in_output": (None, False),
+                "allowed_token_ids": (None,), "bad_words": (None, [])}
+        for name, values in noop.items():
+            if getattr(self, name) not in values:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        self.refuse_unserved()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = [s for s in stop if s]  # an empty stop string would end every text at once: it stops nothing
+        bias = {}
+        for k, v in (self.logit_bias or {}).items():
+            if not k.strip().isdigit():
+                raise APIError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
+            bias[int(k)] = v
         try:
             return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
                                   top_p=self.top_p or 1.0, top_k=max(0, self.top_k or 0), max_tokens=max_tokens,
-                                  seed=self.seed, stop=stop, logprobs=logprobs)
+                                  seed=self.seed, stop=stop, logprobs=logprobs, ignore_eos=bool(self.ignore_eos),
+                                  presence_penalty=self.presence_penalty or 0.0,
+                                  frequency_penalty=self.frequency_penalty or 0.0,
+                                  repetition_penalty=self.repetition_penalty or 1.0, min_p=self.min_p or 0.0,
+                                  min_tokens=self.min_tokens or 0, logit_bias=bias)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            field = str(e).split(" ")[0].split("[")[0]
+            raise APIError(400, str(e), param=field if field in type(self).model_fields else None) from None
 
 
 class ChatRequest(Sampling):
@@ -127,12 +165,22 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict | None = None         # vLLM / SGLang: {"thinking": true}
     thinking: bool | dict | None = None              # true, or {"type": "enabled"}
+    continue_final_message: bool | None = False      # vLLM: continue the final assistant message
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    suffix: str | None = None
+
+    def refuse_unserved(self) -> None:
+        super().refuse_unserved()
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server (no fill-in-the-middle)", param="suffix")
 
 
 # ---- request -> prompt ----
@@ -192,6 +240,25 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             msg["content"] = ""
         out.append(msg)
     return out
+
+
+def split_prefill(req: ChatRequest, messages: list[dict], mode: str) -> tuple[list[dict], str | None]:
+    """(messages to render, the text the reply continues) for an assistant prefill: a final
+    assistant message with `prefix: true`, or any final assistant message under
+    `continue_final_message`. Its text is the open turn's start: the content (in thinking mode, the
+    reasoning, closed by `</think>` when content follows)."""
+    last = messages[-1]
+    if not (req.continue_final_message or last.get("prefix")):
+        return messages, None
+    if last["role"] != "assistant" or last.get("tool_calls"):
+        raise APIError(400, "an assistant prefill (continue_final_message, prefix) needs a final assistant message "
+                       "without tool_calls", param=f"messages.{len(messages) - 1}")
+    if len(messages) == 1:
+        raise APIError(400, "an assistant prefill needs a message before it", param="messages")
+    content, reasoning = last.get("content") or "", last.get("reasoning_content") or ""
+    if mode == "thinking":
+        return messages[:-1], f"{reasoning}</think>{content}" if content else reasoning
+    return messages[:-1], content
 
 
 def chat_tools(req: ChatRequest) -> list[dict] | None:
@@ -266,9 +333,12 @@ class Reply:
 class ChatReply(Reply):
     """An assistant reply parsed as it streams; `feed` returns the OpenAI deltas a delta adds."""
 
-    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool):
+    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool, prefill: str | None = None):
         super().__init__(tokenizer, stop, logprobs)
         self.mode, self.parser, self.calls = mode, tokenizer.stream_parser(mode, lenient=True), []
+        if prefill:  # the parser reads the open turn's start (its state: reasoning or content); the reply is the rest
+            self.parser.feed(prefill)
+            self.parser.message.update(content="", reasoning_content="")
 
     def feed(self, d: Delta) -> list[dict]:
         events = self.parser.feed(self.track(d))
@@ -488,15 +558,21 @@ async def chat_completions(req: ChatRequest, request: Request):
     if tok.chat_format is None:
         raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
                        "use /v1/completions", param="messages")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    messages, prefill = split_prefill(req, chat_messages(req), mode)
     try:
-        prompt = tok.apply_chat_template(chat_messages(req), thinking_mode=mode, tools=chat_tools(req),
+        prompt = tok.apply_chat_template(messages, thinking_mode=mode, tools=chat_tools(req),
                                          response_format=response_schema(req.response_format))
     except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
         raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
+    if prefill:
+        prompt = prompt + tok.encode(prefill)
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    params.stop_token_ids = list(tok.stop_ids)  # ChatML: <|im_end|> ends the reply
-    replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs)) for _ in range(req.n or 1)]
+    # ChatML: <|im_end|> ends the reply too; ignore_eos keeps going past the end-of-sentence token only
+    params.stop_token_ids = [t for t in tok.stop_ids if not (params.ignore_eos and t == tok.eos_id)]
+    replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs), prefill) for _ in range(req.n or 1)]
     streams = await state.start_n(prompt, params, replies)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}

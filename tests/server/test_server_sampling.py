@@ -73,3 +73,61 @@ def test_n_beyond_max_n_is_a_400(real):
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = httpx.post(real.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "n": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def completion(real, **kw):
+    kw = {"model": MODEL, "prompt": "import json\ndef ", "max_tokens": 8, "temperature": 0, **kw}
+    r = httpx.post(real.url + "/v1/completions", json=kw, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_logit_bias_of_100_makes_that_token_the_only_output(real):
+    t = real.tok.encode(" x")[-1]
+    for endpoint in ("completions", "chat"):
+        if endpoint == "completions":
+            r = completion(real, temperature=1.0, logit_bias={str(t): 100}, logprobs=1)
+            ids = [real.tok.encode(s)[-1] for s in r["choices"][0]["logprobs"]["tokens"]]
+        else:
+            r = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=1.0,
+                                                    logit_bias={str(t): 100}, logprobs=True)
+            ids = [real.tok.encode(e.token)[-1] for e in r.choices[0].logprobs.content]
+        assert ids == [t] * 8
+
+
+def test_min_tokens_and_ignore_eos_hold_back_a_forced_end(real):
+    eos = str(real.tok.eos_id)
+    forced = completion(real, logit_bias={eos: 100})
+    assert forced["usage"]["completion_tokens"] == 1 and forced["choices"][0]["finish_reason"] == "stop"
+    held = completion(real, logit_bias={eos: 100}, min_tokens=5)
+    assert held["usage"]["completion_tokens"] == 6 and held["choices"][0]["finish_reason"] == "stop"
+    ignored = completion(real, logit_bias={eos: 100}, ignore_eos=True, max_tokens=6)
+    assert ignored["usage"]["completion_tokens"] == 6 and ignored["choices"][0]["finish_reason"] == "length"
+    chat = real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0,
+                                               logit_bias={eos: 100}, extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+
+
+def test_min_p_of_one_is_greedy_and_penalties_change_the_text(real):
+    greedy = completion(real, max_tokens=12)["choices"][0]["text"]
+    assert completion(real, max_tokens=12, temperature=1.0, min_p=1.0, seed=5)["choices"][0]["text"] == greedy
+    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 5.0}):
+        # they act (their arithmetic is checked against the definitions in tests/engine/test_sampler_adjust.py)
+        assert completion(real, max_tokens=12, **kw)["choices"][0]["text"] != greedy, kw
+
+
+def test_assistant_prefill_continues_an_open_turn(real):
+    prompt = real.tok.apply_chat_template(HELLO, thinking_mode="chat") + real.tok.encode("    return")
+    want = completion(real, prompt=prompt, max_tokens=10)["choices"][0]["text"]
+    for messages, extra in (([*HELLO, {"role": "assistant", "content": "    return", "prefix": True}], {}),
+                            ([*HELLO, {"role": "assistant", "content": "    return"}], {"continue_final_message": True})):
+        r = real.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                extra_body=extra)
+        assert r.choices[0].message.content == want
+        assert r.usage.prompt_tokens == len(prompt)
+
+
+def test_empty_stop_strings_stop_nothing_and_top_logprobs_needs_logprobs(real):
+    assert completion(real, stop=[""])["choices"][0]["text"] == completion(real)["choices"][0]["text"]
+    r = httpx.post(real.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
