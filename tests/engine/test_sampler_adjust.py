@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from dsv32.engine.sampler import SamplingParams, adjusted_logits, processed_logits, sample
+from dsv32.engine.sampler import (
+    SamplingParams,
+    adjusted_logits,
+    processed_logits,
+    sample,
+)
 
 V = 12
 
