@@ -58,9 +58,11 @@ class Tokenizer:
         """Token ids of the prompt for messages; kwargs as for `dsv32.chat.encode_messages`."""
         return self.encode(encode_messages(messages, thinking_mode, **kwargs))
 
-    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False) -> StreamParser:
-        """The parser of a reply in this vocabulary's chat format, fed decoded text as it streams."""
-        return StreamParser(thinking_mode, lenient=lenient)
+    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
+                      tool_deltas: bool = False) -> StreamParser:
+        """The parser of a reply in this vocabulary's chat format, fed decoded text as it streams
+        (tools, tool_deltas: as for StreamParser)."""
+        return StreamParser(thinking_mode, lenient=lenient, tools=tools, tool_deltas=tool_deltas)
 
 
 class Detokenizer:

@@ -51,8 +51,10 @@ class PlainTokenizer:
         kwargs.setdefault("default_system", self.default_system)
         return self.encode(encode_chatml(messages, thinking_mode, **kwargs))
 
-    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False) -> ChatMLStreamParser:
-        """The parser of a reply in ChatML, fed decoded text as it streams."""
+    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
+                      tool_deltas: bool = False) -> ChatMLStreamParser:
+        """The parser of a reply in ChatML, fed decoded text as it streams (ChatML has no tool calls:
+        tools and tool_deltas change nothing)."""
         if self.chat_format is None:
             raise ChatFormatError("this model's vocabulary has no chat tokens: it takes plain text only")
         return ChatMLStreamParser(thinking_mode, lenient=lenient)

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from dsv32.chat import ChatFormatError
+from dsv32.chat import ChatFormatError, render_tool_calls
 from dsv32.engine import SamplingParams
 from dsv32.server.config import ServerConfig
 from dsv32.server.runner import Delta, EngineRunner, Overloaded
@@ -333,9 +333,15 @@ class Reply:
 class ChatReply(Reply):
     """An assistant reply parsed as it streams; `feed` returns the OpenAI deltas a delta adds."""
 
-    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool, prefill: str | None = None):
+    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool, prefill: str | None = None,
+                 tools: list[str] | None = None):
+        """tools: the names of the request's tools (None or empty: no tools, or tool_choice "none": a
+        tool-call block the model writes is content). A call of any other tool is left in the
+        content as the model wrote it (re-rendered in the format's markup), not returned as a call."""
         super().__init__(tokenizer, stop, logprobs)
-        self.mode, self.parser, self.calls = mode, tokenizer.stream_parser(mode, lenient=True), []
+        self.mode, self.calls, self.tools = mode, [], set(tools or ())
+        self.parser = tokenizer.stream_parser(mode, lenient=True, tools=bool(self.tools), tool_deltas=True)
+        self.open: dict | None = None   # the call being streamed: {"index", "id", "sent", "shown"}
         if prefill:  # the parser reads the open turn's start (its state: reasoning or content); the reply is the rest
             self.parser.feed(prefill)
             self.parser.message.update(content="", reasoning_content="")
@@ -346,19 +352,53 @@ class ChatReply(Reply):
             events += self.parser.finish()
         deltas = []
         for kind, value in events:
-            if kind != "tool_call":
+            if kind in ("reasoning", "content"):
                 deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
-                continue
-            # OpenAI's convention: id, type and name first, then the arguments as string deltas
-            i, call = len(self.calls), {"id": f"call_{uuid.uuid4().hex[:24]}", **value}
-            self.calls.append(call)
-            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                           "function": {"name": value["function"]["name"], "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": value["function"]["arguments"]}}]})
+            elif kind == "tool_call_start":
+                # OpenAI's convention: id, type and name first, then the arguments as string deltas
+                self.open = {"index": len(self.calls), "id": f"call_{uuid.uuid4().hex[:24]}", "sent": "",
+                             "shown": value in self.tools}
+                if self.open["shown"]:
+                    deltas.append({"tool_calls": [{"index": self.open["index"], "id": self.open["id"],
+                                                   "type": "function", "function": {"name": value, "arguments": ""}}]})
+            elif kind == "tool_call_arguments":
+                if self.open["shown"]:
+                    self.open["sent"] += value
+                    deltas.append({"tool_calls": [{"index": self.open["index"], "function": {"arguments": value}}]})
+            else:
+                deltas += self._close_call(value)
+        return deltas
+
+    def _close_call(self, value: dict) -> list[dict]:
+        """The deltas that complete a tool call: the rest of its arguments (all of them for a call
+        that arrived whole), or, for a tool the request did not declare, its markup as content."""
+        name, args = value["function"]["name"], value["function"]["arguments"]
+        opened, self.open = self.open or {"index": len(self.calls), "id": f"call_{uuid.uuid4().hex[:24]}",
+                                          "sent": None, "shown": name in self.tools}, None
+        if not opened["shown"]:
+            text = render_tool_calls([value])
+            self.parser.message["content"] += text
+            return [{"content": text}]
+        call = {"id": opened["id"], **value}
+        self.calls.append(call)
+        deltas = []
+        if opened["sent"] is None:
+            deltas.append({"tool_calls": [{"index": opened["index"], "id": call["id"], "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+        rest = args[len(opened["sent"] or ""):]
+        if rest:
+            deltas.append({"tool_calls": [{"index": opened["index"], "function": {"arguments": rest}}]})
         return deltas
 
     def openai_finish_reason(self) -> str | None:
+        """tool_calls when calls end the reply; length when a tool-call block was cut off (by
+        max_tokens or a stop string: the unfinished call is dropped, never passed on as content)."""
+        if self.parser_truncated():
+            return "length"
         return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
+
+    def parser_truncated(self) -> bool:
+        return getattr(self.parser, "truncated", False)
 
     def message(self) -> dict:
         m = self.parser.message
@@ -572,7 +612,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     # ChatML: <|im_end|> ends the reply too; ignore_eos keeps going past the end-of-sentence token only
     params.stop_token_ids = [t for t in tok.stop_ids if not (params.ignore_eos and t == tok.eos_id)]
-    replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs), prefill) for _ in range(req.n or 1)]
+    tool_names = [t["function"]["name"] for t in tools] if (tools := chat_tools(req)) else None
+    replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs), prefill, tool_names)
+               for _ in range(req.n or 1)]
     streams = await state.start_n(prompt, params, replies)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
