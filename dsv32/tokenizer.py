@@ -14,6 +14,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.chat import BOS, EOS, SPECIAL_TOKENS, StreamParser, encode_messages
 
+LONG_TEXT = 1 << 16  # characters beyond which encode releases the GIL (Tokenizer.encode)
+
 
 class Tokenizer:
     """Encode, decode and apply the V3.2 chat template, special tokens each one id."""
@@ -47,7 +49,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text. Special tokens written in the text become their ids; no BOS is added
-        (the chat template writes it)."""
+        (the chat template writes it). A long text goes through encode_batch, which releases the
+        GIL while it works (encode does not): tokenised in a worker thread, it stalls no other thread."""
+        if len(text) > LONG_TEXT:
+            return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:

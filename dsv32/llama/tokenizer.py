@@ -8,6 +8,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from dsv32.chat import ChatFormatError
 from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
+from dsv32.tokenizer import LONG_TEXT
 
 
 class PlainTokenizer:
@@ -36,7 +37,10 @@ class PlainTokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text, special tokens written in it included; no BOS is added."""
+        """Token ids of text, special tokens written in it included; no BOS is added (a long text
+        releases the GIL while it is tokenised, as in dsv32.tokenizer.Tokenizer.encode)."""
+        if len(text) > LONG_TEXT:
+            return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -22,30 +22,35 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from dsv32 import __version__
 from dsv32.chat import ChatFormatError, render_tool_calls
 from dsv32.engine import SamplingParams
 from dsv32.server.config import ServerConfig
-from dsv32.server.runner import Delta, EngineRunner, Overloaded
+from dsv32.server.middleware import ApiKey, BodyLimit, Latency
+from dsv32.server.runner import SHUTTING_DOWN, Delta, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
 from dsv32.tokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body, status_code=e.status)
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
 # ---- request bodies (fields we do not know are ignored, as vLLM does) ----
@@ -449,6 +454,24 @@ class ServerState:
             raise APIError(400, f"n must be in [1, {self.config.max_n}] (the server's --max-n), got {req.n}",
                            param="n")
 
+    async def render(self, messages: list[dict], mode: str, tools: list[dict] | None = None,
+                     response_format: dict | None = None, prefill: str | None = None) -> list[int]:
+        """The chat prompt's token ids (then the prefill's), rendered and tokenised in a worker
+        thread: a prompt of megabytes takes seconds, and the event loop keeps serving meanwhile."""
+        tok = self.tokenizer
+        if tok.chat_format is None:
+            raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
+                           "use /v1/completions", param="messages")
+
+        def render() -> list[int]:
+            ids = tok.apply_chat_template(messages, thinking_mode=mode, tools=tools, response_format=response_format)
+            return ids + tok.encode(prefill) if prefill else ids
+
+        try:
+            return await asyncio.to_thread(render)
+        except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
+            raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
+
     def default_max_tokens(self, prompt: list[int]) -> int:
         return max(1, self.max_model_len - len(prompt))
 
@@ -459,7 +482,8 @@ class ServerState:
         try:
             stream = self.runner.submit(prompt, params)
         except Overloaded as e:
-            raise APIError(503, str(e), "server_error", code="overloaded") from None
+            raise APIError(503, str(e), "server_error", code="overloaded",
+                           headers={"Retry-After": str(self.config.retry_after)}) from None
         done = False
         try:
             while not done:
@@ -467,8 +491,9 @@ class ServerState:
                 done = d.finish_reason is not None
                 if d.error is not None:
                     e = d.error
-                    raise APIError(400 if e.client_error else 500, str(e),
-                                   "invalid_request_error" if e.client_error else "server_error", code=e.code)
+                    status = 400 if e.client_error else 503 if e.code == SHUTTING_DOWN else 500
+                    raise APIError(status, str(e), "invalid_request_error" if e.client_error else "server_error",
+                                   code=e.code)
                 yield d
                 if reply.finish_reason is not None:
                     break
@@ -592,6 +617,7 @@ async def sse_stream(chunks):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
+    t0 = time.perf_counter()
     state: ServerState = request.app.state.server
     state.check(req)
     mode, tok = thinking_mode(req), state.tokenizer
@@ -601,13 +627,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     messages, prefill = split_prefill(req, chat_messages(req), mode)
-    try:
-        prompt = tok.apply_chat_template(messages, thinking_mode=mode, tools=chat_tools(req),
-                                         response_format=response_schema(req.response_format))
-    except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
-        raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
-    if prefill:
-        prompt = prompt + tok.encode(prefill)
+    prompt = await state.render(messages, mode, chat_tools(req), response_schema(req.response_format), prefill)
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     # ChatML: <|im_end|> ends the reply too; ignore_eos keeps going past the end-of-sentence token only
@@ -616,6 +636,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs), prefill, tool_names)
                for _ in range(req.n or 1)]
     streams = await state.start_n(prompt, params, replies)
+    state.time_to_first_token.observe(time.perf_counter() - t0)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
 
@@ -649,6 +670,7 @@ async def chat_completions(req: ChatRequest, request: Request):
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    t0 = time.perf_counter()
     state: ServerState = request.app.state.server
     state.check(req)
     prompt = req.prompt
@@ -656,12 +678,13 @@ async def completions(req: CompletionRequest, request: Request):
         if len(prompt) != 1:
             raise APIError(400, "one prompt per request is supported", param="prompt")
         prompt = prompt[0]
-    ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = await asyncio.to_thread(state.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
     params = req.sampling_params(req.max_tokens or state.default_max_tokens(ids), req.logprobs)
     # the end-of-sentence token ends the text but is not part of it
     replies = [TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
                for _ in range(req.n or 1)]
     streams = await state.start_n(ids, params, replies)
+    state.time_to_first_token.observe(time.perf_counter() - t0)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
@@ -694,10 +717,66 @@ async def models(request: Request):
     return {"object": "list", "data": [card]}
 
 
+@router.get("/v1/models/{model_id:path}")
+async def model_card(model_id: str, request: Request):
+    state: ServerState = request.app.state.server
+    if model_id != state.model_name:
+        raise APIError(404, f"the model {model_id!r} does not exist; this server has {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32", **state.card}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: None = None
+    chat_template_kwargs: dict | None = None
+    thinking: bool | dict | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    state: ServerState = request.app.state.server
+    check_text(req)
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"the model {req.model!r} does not exist", param="model", code="model_not_found")
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give one of prompt and messages", param="prompt")
+    if req.prompt is not None:
+        ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)
+    else:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        ids = await state.render(chat_messages(req), thinking_mode(req), tools)
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    state: ServerState = request.app.state.server
+    vocab = state.runner.engine.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise APIError(400, f"tokens must be token ids in [0, {vocab})", param="tokens")
+    return {"prompt": await asyncio.to_thread(state.tokenizer.decode, req.tokens)}
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}
+
+
 @router.get("/health")
 async def health(request: Request):
     if not request.app.state.server.runner.alive():
-        raise APIError(503, "the engine thread is not running", "server_error")
+        raise APIError(503, "the engine thread is not running", "server_error",
+                       headers={"Retry-After": str(request.app.state.server.config.retry_after)})
     return {"status": "ok"}
 
 
@@ -802,12 +881,25 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_to
     app = FastAPI(title="dsv32", lifespan=lifespan)
     app.state.server = ServerState(runner, tokenizer, model_name, config)
     app.state.agent_tools = agent_tools
-    app.state.metrics = CollectorRegistry()
-    app.state.metrics.register(EngineMetrics(runner))
+    app.state.metrics = registry = CollectorRegistry()
+    registry.register(EngineMetrics(runner))
+    app.state.server.time_to_first_token = Histogram(
+        "dsv32_time_to_first_token_seconds", "From a generation request's arrival to its first token",
+        registry=registry, buckets=LATENCY_BUCKETS)
+    latency = Histogram("dsv32_request_latency_seconds", "From a generation request's arrival to the last byte "
+                        "of its reply", ["endpoint"], registry=registry, buckets=LATENCY_BUCKETS)
     app.include_router(router)
     add_web_page(app)
     app.add_exception_handler(APIError, lambda request, e: error_response(e))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    # outermost last: the size limit, CORS (its preflights and headers on every answer), the key, timing
+    app.add_middleware(Latency, histogram=latency)
+    if config.api_key:
+        app.add_middleware(ApiKey, key=config.api_key)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     return app

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
-    """Too many requests are already waiting for the engine."""
+    """Too many requests are already waiting for the engine, or the server is shutting down."""
+
+
+SHUTTING_DOWN = "server_shutting_down"  # the code of the error that ends requests cut off by a shutdown
 
 
 class RequestFailed(Exception):
@@ -75,6 +78,7 @@ class EngineRunner:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}                       # engine thread only
         self.lock, self.active = threading.Lock(), 0
+        self.closing = False                                       # set by shut_down: no new requests
         self.thread = threading.Thread(target=self._loop, name="dsv32-engine", daemon=True)
         blocks = engine.scheduler.blocks
         # plain numbers the metrics endpoint reads; written by the engine thread only
@@ -93,9 +97,17 @@ class EngineRunner:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    def shut_down(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests and end every one in flight with an error (code SHUTTING_DOWN): the
+        end of a graceful shutdown's grace period. Any thread."""
+        self.closing = True
+        self.inbox.put(("shutdown", reason))
+
     def submit(self, prompt: list[int], params) -> Stream:
         """Queue a request; raise Overloaded if max_num_seqs + max_queue are already in flight."""
         with self.lock:
+            if self.closing:
+                raise Overloaded("the server is shutting down")
             if self.active >= self.max_active:
                 raise Overloaded(f"{self.active} requests in flight; try again later")
             self.active += 1
@@ -139,6 +151,8 @@ class EngineRunner:
                 return
             self.streams[stream.request_id] = stream
             self.stats["requests_total"] += 1
+        elif msg[0] == "shutdown":
+            self._fail_all(RequestFailed(msg[1], client_error=False, code=SHUTTING_DOWN))
         elif msg[0] == "abort":
             self.engine.abort(msg[1])
             if self.streams.pop(msg[1], None) is not None:
