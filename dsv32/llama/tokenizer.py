@@ -8,7 +8,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from dsv32.chat import ChatFormatError
 from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
-from dsv32.tokenizer import LONG_TEXT
+from dsv32.tokenizer import encode_ids
 
 
 class PlainTokenizer:
@@ -36,24 +36,23 @@ class PlainTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, special tokens written in it included; no BOS is added (a long text
-        releases the GIL while it is tokenised, as in dsv32.tokenizer.Tokenizer.encode)."""
-        if len(text) > LONG_TEXT:
-            return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of text, special tokens written in it included; no BOS is added (limit: as for
+        dsv32.tokenizer.encode_ids)."""
+        return encode_ids(self.tok, text, limit)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "chat", **kwargs) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "chat", limit: int | None = None,
+                            **kwargs) -> list[int]:
         """Token ids of the ChatML prompt for messages; kwargs as for `encode_chatml`
         (tools or thinking raise ChatFormatError: the format has neither)."""
         if self.chat_format is None:
             raise ValueError(f"this vocabulary has no chat tokens ({IM_START}, {IM_END}, or V3.2's): "
                              "the model takes plain text only")
         kwargs.setdefault("default_system", self.default_system)
-        return self.encode(encode_chatml(messages, thinking_mode, **kwargs))
+        return self.encode(encode_chatml(messages, thinking_mode, **kwargs), limit)
 
     def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
                       tool_deltas: bool = False) -> ChatMLStreamParser:

@@ -32,10 +32,10 @@ from dsv32 import __version__
 from dsv32.chat import ChatFormatError, render_tool_calls
 from dsv32.engine import SamplingParams
 from dsv32.server.config import ServerConfig
-from dsv32.server.middleware import ApiKey, BodyLimit, Latency
+from dsv32.server.middleware import ApiKey, BodyLimit, Latency, ReleaseMemory
 from dsv32.server.runner import SHUTTING_DOWN, Delta, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
-from dsv32.tokenizer import Detokenizer
+from dsv32.tokenizer import Detokenizer, TooManyTokens
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -464,13 +464,27 @@ class ServerState:
                            "use /v1/completions", param="messages")
 
         def render() -> list[int]:
-            ids = tok.apply_chat_template(messages, thinking_mode=mode, tools=tools, response_format=response_format)
+            ids = tok.apply_chat_template(messages, thinking_mode=mode, tools=tools, response_format=response_format,
+                                          limit=self.max_model_len - 1)
             return ids + tok.encode(prefill) if prefill else ids
 
         try:
             return await asyncio.to_thread(render)
         except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
             raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
+        except TooManyTokens as e:
+            raise self.too_long(e.n_tokens, "messages") from None
+
+    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """A prompt's token ids, tokenised in a worker thread (see render)."""
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode, text, self.max_model_len - 1)
+        except TooManyTokens as e:
+            raise self.too_long(e.n_tokens, param) from None
+
+    def too_long(self, n_tokens: int, param: str) -> APIError:
+        return APIError(400, f"the prompt has {n_tokens} tokens; the context is {self.max_model_len} tokens, "
+                        "leaving no room to generate", param=param, code="context_length_exceeded")
 
     def default_max_tokens(self, prompt: list[int]) -> int:
         return max(1, self.max_model_len - len(prompt))
@@ -678,7 +692,7 @@ async def completions(req: CompletionRequest, request: Request):
         if len(prompt) != 1:
             raise APIError(400, "one prompt per request is supported", param="prompt")
         prompt = prompt[0]
-    ids = await asyncio.to_thread(state.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+    ids = await state.encode(prompt) if isinstance(prompt, str) else list(prompt)
     params = req.sampling_params(req.max_tokens or state.default_max_tokens(ids), req.logprobs)
     # the end-of-sentence token ends the text but is not part of it
     replies = [TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
@@ -751,7 +765,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give one of prompt and messages", param="prompt")
     if req.prompt is not None:
-        ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)
+        ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)  # any length: /tokenize counts
     else:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         ids = await state.render(chat_messages(req), thinking_mode(req), tools)
@@ -902,4 +916,5 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_to
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(ReleaseMemory)
     return app
