@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
+class ClientGone(Exception):
+    """The client hung up before its request got its first token (answered 499, to nobody)."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
@@ -515,10 +519,19 @@ class ServerState:
             if not done:
                 self.runner.abort(stream.request_id)
 
-    async def start(self, prompt: list[int], params: SamplingParams, reply: Reply):
-        """Submit and wait for the first delta, so that errors before any token get their status."""
+    async def start(self, prompt: list[int], params: SamplingParams, reply: Reply, request: Request | None = None):
+        """Submit and wait for the first delta, so that errors before any token get their status.
+        While it waits (queued behind others), a client that hangs up is noticed: the request
+        leaves the queue (ClientGone) instead of being prefilled for nobody."""
         deltas = self.generate(prompt, params, reply)
-        first = await anext(deltas)
+        first_delta = asyncio.ensure_future(anext(deltas))
+        while request is not None and not (await asyncio.wait([first_delta], timeout=0.25))[0]:
+            if await request.is_disconnected():
+                first_delta.cancel()
+                await asyncio.gather(first_delta, return_exceptions=True)
+                await deltas.aclose()
+                raise ClientGone()
+        first = await first_delta
 
         async def all_deltas():
             try:
@@ -530,21 +543,21 @@ class ServerState:
 
         return all_deltas()
 
-    async def start_n(self, prompt: list[int], params: SamplingParams, replies: list[Reply]) -> list:
+    async def start_n(self, prompt: list[int], params: SamplingParams, replies: list[Reply],
+                      request: Request | None = None) -> list:
         """The n = len(replies) choices of one request: n sequences of the prompt, the i-th seeded
         with seed + i (a seeded request is reproducible). The first runs alone until its first
         token, by when its prefill has registered the prompt's full blocks in the prefix cache: the
         other n - 1 share those blocks and compute only the last, partial one."""
-        first = await self.start(prompt, params, replies[0])
-        started = [first]
-        try:
-            for i, reply in enumerate(replies[1:], 1):
-                seed = None if params.seed is None else params.seed + i
-                started.append(await self.start(prompt, replace(params, seed=seed), reply))
-        except BaseException:
+        first = await self.start(prompt, params, replies[0], request)
+        seeds = [None if params.seed is None else params.seed + i for i in range(1, len(replies))]
+        rest = await asyncio.gather(*(self.start(prompt, replace(params, seed=seed), reply, request)
+                                      for seed, reply in zip(seeds, replies[1:])), return_exceptions=True)
+        started = [first, *(r for r in rest if not isinstance(r, BaseException))]
+        if len(started) < len(replies):
             for deltas in started:
                 await deltas.aclose()
-            raise
+            raise next(r for r in rest if isinstance(r, BaseException))
         return started
 
 
@@ -649,7 +662,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     tool_names = [t["function"]["name"] for t in tools] if (tools := chat_tools(req)) else None
     replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs), prefill, tool_names)
                for _ in range(req.n or 1)]
-    streams = await state.start_n(prompt, params, replies)
+    streams = await state.start_n(prompt, params, replies, request)
     state.time_to_first_token.observe(time.perf_counter() - t0)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
@@ -697,7 +710,7 @@ async def completions(req: CompletionRequest, request: Request):
     # the end-of-sentence token ends the text but is not part of it
     replies = [TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
                for _ in range(req.n or 1)]
-    streams = await state.start_n(ids, params, replies)
+    streams = await state.start_n(ids, params, replies, request)
     state.time_to_first_token.observe(time.perf_counter() - t0)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
@@ -906,6 +919,7 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_to
     add_web_page(app)
     app.add_exception_handler(APIError, lambda request, e: error_response(e))
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientGone, lambda request, e: Response(status_code=499))
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     # outermost last: the size limit, CORS (its preflights and headers on every answer), the key, timing
