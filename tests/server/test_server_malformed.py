@@ -44,15 +44,15 @@ CASES = [
     ("n a word", "POST", CHAT, chat(n="two"), 400, "n"),
     ("temperature negative", "POST", CHAT, chat(temperature=-1), 400, "temperature"),
     ("temperature 3", "POST", CHAT, chat(temperature=3), 400, "temperature"),
-    ("temperature NaN", "POST", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], '
-     b'"temperature": NaN}', 400, "temperature"),
-    ("temperature Infinity", "POST", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}],'
-     b' "temperature": Infinity}', 400, "temperature"),
+    ("temperature NaN", "POST", CHAT, (b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], '
+     b'"temperature": NaN}'), 400, "temperature"),
+    ("temperature Infinity", "POST", CHAT, (b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}],'
+     b' "temperature": Infinity}'), 400, "temperature"),
     ("temperature a word", "POST", CHAT, chat(temperature="hot"), 400, "temperature"),
     ("top_p zero", "POST", CHAT, chat(top_p=0), 400, "top_p"),
     ("top_p over 1", "POST", CHAT, chat(top_p=1.5), 400, "top_p"),
-    ("top_p NaN", "POST", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], '
-     b'"top_p": NaN}', 400, "top_p"),
+    ("top_p NaN", "POST", CHAT, (b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], '
+     b'"top_p": NaN}'), 400, "top_p"),
     ("top_k below -1", "POST", CHAT, chat(top_k=-2), 400, "top_k"),
     ("max_tokens zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens"),
     ("max_tokens negative", "POST", CHAT, chat(max_tokens=-5), 400, "max_tokens"),
@@ -67,8 +67,8 @@ CASES = [
     ("logit_bias word key", "POST", CHAT, chat(logit_bias={"hello": 1}), 400, "logit_bias"),
     ("logit_bias 101", "POST", CHAT, chat(logit_bias={"5": 101}), 400, "logit_bias"),
     ("logit_bias past the vocabulary", "POST", CHAT, chat(logit_bias={"10000000": 1}), 400, None),
-    ("logit_bias NaN", "POST", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], '
-     b'"logit_bias": {"5": NaN}}', 400, "logit_bias"),
+    ("logit_bias NaN", "POST", CHAT, (b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], '
+     b'"logit_bias": {"5": NaN}}'), 400, "logit_bias"),
     ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
     ("top_logprobs 50", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
     ("logprobs a list", "POST", CHAT, chat(logprobs=[1]), 400, "logprobs"),
@@ -89,10 +89,10 @@ CASES = [
     ("response_format xml", "POST", CHAT, chat(response_format={"type": "xml"}), 400, "response_format"),
     ("json_schema without schema", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {}}),
      400, "response_format"),
-    ("lone surrogate in content", "POST", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", '
-     b'"content": "a\\ud800b"}]}', 400, "messages.0.content"),
-    ("lone surrogate in a tool", "POST", CHAT, b'{"model": "tiny-test", "messages": [{"role": "user", '
-     b'"content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "description": "\\udc00"}}]}',
+    ("lone surrogate in content", "POST", CHAT, (b'{"model": "tiny-test", "messages": [{"role": "user", '
+     b'"content": "a\\ud800b"}]}'), 400, "messages.0.content"),
+    ("lone surrogate in a tool", "POST", CHAT, (b'{"model": "tiny-test", "messages": [{"role": "user", '
+     b'"content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "description": "\\udc00"}}]}'),
      400, "tools.0.function.description"),
     ("best_of", "POST", CHAT, chat(best_of=2), 400, "best_of"),
     ("beam search", "POST", CHAT, chat(use_beam_search=True), 400, "use_beam_search"),
