@@ -45,15 +45,25 @@ def test_argument_fragments_concatenate_to_the_final_arguments(case, data):
             name = None
 
 
-def test_arguments_stream_one_parameter_at_a_time():
+def test_string_arguments_stream_as_they_are_written():
     text = encode_completion({"content": "Checking.", "tool_calls": [CALL]}, "chat")
     events = feed(StreamParser("chat", tool_deltas=True), text, range(len(text)))
-    kinds = [k for k, _ in events if k.startswith("tool_call")]
-    assert kinds == ["tool_call_start", "tool_call_arguments", "tool_call_arguments", "tool_call_arguments",
-                     "tool_call"]
-    fragments = "".join(v for k, v in events if k == "tool_call_arguments")
+    fragments = [v for k, v in events if k == "tool_call_arguments"]
     final = parse_completion(text, "chat")["tool_calls"][0]["function"]["arguments"]
-    assert final == fragments + "}"
+    assert "".join(fragments) + "}" == final
+    assert fragments[:3] == ['{"city": "', "P", "a"]  # the string value, a character at a time
+    assert [k for k, _ in events if k.startswith("tool_call")][0] == "tool_call_start"
+
+
+def test_a_string_value_holds_back_only_what_may_be_its_end_tag():
+    block = encode_completion({"content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"s": "a < b <"}}}]}, "chat")
+    cut = block.index("a < b <") + len("a < b <")
+    parser = StreamParser("chat", tool_deltas=True)
+    events = parser.feed(block[:cut])  # the final "<" may start the end tag
+    assert "".join(v for k, v in events if k == "tool_call_arguments") == '{"s": "a < b '
+    events = parser.feed(block[cut:cut + 1])  # its end tag's "<": the first "<" was the value's
+    assert "".join(v for k, v in events if k == "tool_call_arguments") == "<"
 
 
 def test_without_tools_a_tool_call_block_is_content():
