@@ -75,6 +75,8 @@ CASES = [
     ("stop a number", "POST", CHAT, chat(stop=5), 400, "stop"),
     ("stop numbers", "POST", CHAT, chat(stop=[1, 2]), 400, "stop"),
     ("seed a word", "POST", CHAT, chat(seed="abc"), 400, "seed"),
+    ("seed past 64 bits", "POST", CHAT, chat(seed=2**70), 400, "seed"),
+    ("stop strings by the thousand", "POST", CHAT, chat(stop=["x"] * 5000), 400, "stop"),
     ("stream a word", "POST", CHAT, chat(stream="maybe"), 400, "stream"),
     ("tool without name", "POST", CHAT, chat(tools=[{"type": "function", "function": {"description": "x"}}]), 400,
      "tools"),
