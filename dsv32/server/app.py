@@ -223,7 +223,6 @@ def check_text(req: BaseModel) -> None:
         raise APIError(400, f"{path}: contains a lone UTF-16 surrogate; text must be valid Unicode", param=path)
 
 
-
 def thinking_mode(req: ChatRequest) -> str:
     """Thinking is off unless asked for, in any of the conventions clients use."""
     kwargs = req.chat_template_kwargs or {}
@@ -402,12 +401,9 @@ class ChatReply(Reply):
     def openai_finish_reason(self) -> str | None:
         """tool_calls when calls end the reply; length when a tool-call block was cut off (by
         max_tokens or a stop string: the unfinished call is dropped, never passed on as content)."""
-        if self.parser_truncated():
+        if getattr(self.parser, "truncated", False):  # (ChatML's parser has no tool calls to cut off)
             return "length"
         return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
-
-    def parser_truncated(self) -> bool:
-        return getattr(self.parser, "truncated", False)
 
     def message(self) -> dict:
         m = self.parser.message
@@ -648,9 +644,6 @@ async def chat_completions(req: ChatRequest, request: Request):
     state: ServerState = request.app.state.server
     state.check(req)
     mode, tok = thinking_mode(req), state.tokenizer
-    if tok.chat_format is None:
-        raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
-                       "use /v1/completions", param="messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     messages, prefill = split_prefill(req, chat_messages(req), mode)
@@ -759,7 +752,6 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[Message] | None = None
     tools: list[Tool] | None = None
-    tool_choice: None = None
     chat_template_kwargs: dict | None = None
     thinking: bool | dict | None = None
 
