@@ -48,10 +48,18 @@ def tiny_model(path: Path) -> Path:
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of pid and its children (the server's tokenizer process), in MB."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += rss_mb(int(child))
+            except FileNotFoundError:  # it just ended
+                pass
+    return total
 
 
 def malformed(model: str) -> list:

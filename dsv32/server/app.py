@@ -38,6 +38,7 @@ from dsv32.chat import ChatFormatError, render_tool_calls
 from dsv32.engine import SamplingParams
 from dsv32.server.config import ServerConfig
 from dsv32.server.middleware import ApiKey, BodyLimit, Latency, ReleaseMemory
+from dsv32.server.prompts import PromptEncoder
 from dsv32.server.runner import SHUTTING_DOWN, Delta, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
 from dsv32.tokenizer import Detokenizer, TooManyTokens
@@ -442,6 +443,7 @@ class TextReply(Reply):
 class ServerState:
     def __init__(self, runner: EngineRunner, tokenizer, model_name: str, config: ServerConfig):
         self.runner, self.tokenizer, self.model_name, self.config = runner, tokenizer, model_name, config
+        self.prompts = PromptEncoder(tokenizer)
         self.max_model_len = runner.engine.max_model_len
         fmt = tokenizer.chat_format
         # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
@@ -461,29 +463,24 @@ class ServerState:
 
     async def render(self, messages: list[dict], mode: str, tools: list[dict] | None = None,
                      response_format: dict | None = None, prefill: str | None = None) -> list[int]:
-        """The chat prompt's token ids (then the prefill's), rendered and tokenised in a worker
-        thread: a prompt of megabytes takes seconds, and the event loop keeps serving meanwhile."""
+        """The chat prompt's token ids (then the prefill's), rendered and tokenised off the event
+        loop (a worker thread, or for a long prompt a child process: PromptEncoder)."""
         tok = self.tokenizer
         if tok.chat_format is None:
             raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
                            "use /v1/completions", param="messages")
 
-        def render() -> list[int]:
-            ids = tok.apply_chat_template(messages, thinking_mode=mode, tools=tools, response_format=response_format,
-                                          limit=self.max_model_len - 1)
-            return ids + tok.encode(prefill) if prefill else ids
-
         try:
-            return await asyncio.to_thread(render)
+            return await self.prompts.chat(messages, mode, tools, response_format, prefill, self.max_model_len - 1)
         except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
             raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
         except TooManyTokens as e:
             raise self.too_long(e.n_tokens, "messages") from None
 
     async def encode(self, text: str, param: str = "prompt") -> list[int]:
-        """A prompt's token ids, tokenised in a worker thread (see render)."""
+        """A prompt's token ids, tokenised off the event loop (see render)."""
         try:
-            return await asyncio.to_thread(self.tokenizer.encode, text, self.max_model_len - 1)
+            return await self.prompts.encode(text, self.max_model_len - 1)
         except TooManyTokens as e:
             raise self.too_long(e.n_tokens, param) from None
 
@@ -775,7 +772,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give one of prompt and messages", param="prompt")
     if req.prompt is not None:
-        ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)  # any length: /tokenize counts
+        ids = await state.encode(req.prompt)  # past the context: a 400 that gives the count
     else:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         ids = await state.render(chat_messages(req), thinking_mode(req), tools)
@@ -899,6 +896,7 @@ def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_to
         runner.start()
         yield
         runner.stop()
+        app.state.server.prompts.close()
         if agent_tools is not None:
             await asyncio.to_thread(agent_tools.close)
 

@@ -112,7 +112,7 @@ class Latency:
         return await self.app(scope, receive, timed_send)
 
 
-def _malloc_trim():
+def malloc_trim():
     """glibc's malloc_trim, or None where there is none (macOS, musl)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
@@ -122,13 +122,12 @@ def _malloc_trim():
 
 class ReleaseMemory:
     """After a request with a body over min_bytes has been answered, hand the C heap's free memory
-    back to the system (glibc malloc_trim, in a worker thread). Tokenising a text of megabytes
-    allocates hundreds of MB in the tokenizer's native code, on whichever thread ran it; glibc keeps
-    such freed memory in that thread's arena, so without this each rejected 5 MB prompt left ~200 MB
-    of resident memory behind."""
+    back to the system (glibc malloc_trim, in a worker thread): glibc keeps what a thread freed in
+    that thread's arena, and a body of megabytes is parsed, validated and copied more than once
+    (the tokenising itself happens in a child process: prompts.py)."""
 
     def __init__(self, app, min_bytes: int = 1 << 20):
-        self.app, self.min_bytes, self.trim = app, min_bytes, _malloc_trim()
+        self.app, self.min_bytes, self.trim = app, min_bytes, malloc_trim()
 
     async def __call__(self, scope, receive, send):
         length = dict(scope.get("headers", ())).get(b"content-length", b"0")

@@ -2,6 +2,7 @@
 megabytes (tokenised in a worker thread, /health keeps answering), grow its memory with rejected
 prompts, keep a queued request alive after hanging up, or keep the process alive after SIGTERM."""
 
+import asyncio
 import json
 import signal
 import socket
@@ -10,12 +11,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 from scripted import MODEL, Server, engine_args, script, scripted_engine, tiny_v32_dir
 
 from dsv32.server import load_engine
+from dsv32.server.prompts import PromptEncoder
+from dsv32.tokenizer import TooManyTokens
 
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
 
@@ -33,16 +37,24 @@ def real(model_dir):
     server.stop()
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:  # the server runs in this process
-        return int(f.read().split()[1]) * 4096 / 2**20
+def rss_mb(pid: str = "self") -> float:
+    """Resident memory of the server (it runs in this process) and its children (the tokenizer
+    process), in MB."""
+    with open(f"/proc/{pid}/statm") as f:
+        total = int(f.read().split()[1]) * 4096 / 2**20
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if Path(f"/proc/{child}/statm").exists() and "python" in Path(f"/proc/{child}/cmdline").read_text():
+                total += rss_mb(child)
+    return total
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_big_prompts_neither_stall_the_server_nor_grow_its_memory(real):
-    """1 MB prompts (~470k tokens, far past the 1024-token context): each is refused with 400,
-    /health answers all along (a tokeniser on the event loop answered none for seconds), and after
-    two to warm up, resident memory stays within 64 MB over three more and 40 malformed requests."""
+    """1 MB prompts (~470k tokens, far past the 1024-token context), tokenised in the server's
+    tokenizer process: each is refused with 400, /health answers all along (a tokeniser on the
+    event loop answered none for seconds), and after two to warm up, resident memory (the server's
+    and its tokenizer process's) stays within 64 MB over three more and 40 malformed requests."""
     big = {"model": MODEL, "messages": [{"role": "user", "content": "def f(x): return x\n" * 52_000}]}
     latencies, rss = [], []
     for i in range(5):
@@ -132,3 +144,23 @@ def test_sigterm_ends_inflight_generations_with_a_clear_error_within_the_timeout
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_prompt_encoder_gives_the_tokenizers_ids_from_its_child_process(real):
+    tok, text = real.tok, "import json\ndef f(x): return x\n"
+    messages = [{"role": "user", "content": text}]
+    encoder = PromptEncoder(tok, min_chars=8)  # everything past 8 characters goes to the child
+
+    async def run():
+        assert await encoder.encode(text) == tok.encode(text)
+        assert await encoder.chat(messages, "chat", prefill="def") == \
+            tok.apply_chat_template(messages, thinking_mode="chat") + tok.encode("def")
+        with pytest.raises(TooManyTokens) as e:
+            await encoder.encode(text * 10, limit=20)
+        assert e.value.n_tokens == len(tok.encode(text * 10))
+
+    try:
+        asyncio.run(run())
+        assert encoder.pool is not None  # it ran there
+    finally:
+        encoder.close()
