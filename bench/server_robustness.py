@@ -175,7 +175,7 @@ def main() -> None:
     for t in threads:
         t.join(timeout=60)
 
-    q = statistics.quantiles(health, n=100) if len(health) >= 2 else [health[0]] * 99 if health else [0.0] * 99
+    q = statistics.quantiles(health, n=100, method="inclusive") if len(health) >= 2 else [health[0]] * 99 if health else [0.0] * 99
     result = {
         "model": name, "device": args.device or "auto", "requests": args.requests, "big_prompts": n_big,
         "big_mb": args.big_mb, "statuses": statuses, "non_4xx": sum(v for k, v in statuses.items() if not 400 <= k < 500),
