@@ -181,6 +181,7 @@ class ChatRequest(Sampling):
     chat_template_kwargs: dict | None = None         # vLLM / SGLang: {"thinking": true}
     thinking: bool | dict | None = None              # true, or {"type": "enabled"}
     continue_final_message: bool | None = False      # vLLM: continue the final assistant message
+    add_generation_prompt: bool | None = None         # vLLM: false only with continue_final_message
 
 
 class CompletionRequest(Sampling):
@@ -648,6 +649,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     mode, tok = thinking_mode(req), state.tokenizer
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.add_generation_prompt is False and not req.continue_final_message:
+        raise APIError(400, "add_generation_prompt: false is supported only with continue_final_message: true "
+                       "(the prompt always ends with the assistant's turn)", param="add_generation_prompt")
     messages, prefill = split_prefill(req, chat_messages(req), mode)
     prompt = await state.render(messages, mode, chat_tools(req), response_schema(req.response_format), prefill)
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)

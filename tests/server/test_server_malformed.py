@@ -102,6 +102,7 @@ CASES = [
     ("prefix on a user message", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "prefix": True}]),
      400, "messages"),
     ("continue without an assistant message", "POST", CHAT, chat(continue_final_message=True), 400, "messages"),
+    ("no generation prompt", "POST", CHAT, chat(add_generation_prompt=False), 400, "add_generation_prompt"),
     ("prompt past the context", "POST", CHAT, chat(messages=[{"role": "user", "content": "def f(x): x\n" * 600}]),
      400, "messages"),
     ("tool result without a call", "POST", CHAT, chat(messages=[*HELLO, {"role": "tool", "content": "1"}]), 400,
