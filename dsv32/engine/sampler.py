@@ -96,29 +96,38 @@ def adjusted_logits(logits: torch.Tensor, params: list[SamplingParams], tokens: 
                     prompt_lens: list[int], end_ids: list[list[int]]) -> torch.Tensor:
     """logits [B, V] -> float logits [B, V] with each row's bias, penalties and min_tokens mask
     (the module docstring's definitions). tokens[r]: row r's prompt and generated ids so far, the
-    first prompt_lens[r] of them the prompt; end_ids[r]: the ids min_tokens holds back."""
+    first prompt_lens[r] of them the prompt; end_ids[r]: the ids min_tokens holds back. Each
+    adjustment is one indexed operation over all rows (a copy of flat (row, id) lists to the
+    device), not one per row."""
     x = logits.float()
     rows = [r for r, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return x
-    x = x.clone()
-    v, dev = x.shape[-1], x.device
-    for r in rows:
-        p, out = params[r], tokens[r][prompt_lens[r]:]
-        if p.logit_bias:
-            ids = torch.tensor([t for t in p.logit_bias if t < v], dtype=torch.long, device=dev)
-            bias = torch.tensor([b for t, b in p.logit_bias.items() if t < v], device=dev)
-            x[r].index_add_(0, ids, bias)
-        if p.repetition_penalty != 1.0 and tokens[r]:
-            seen = torch.tensor(sorted(set(tokens[r])), dtype=torch.long, device=dev)
-            row = x[r, seen]
-            x[r, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and out:
-            count = torch.zeros(v, device=dev).index_add_(
-                0, torch.tensor(out, dtype=torch.long, device=dev), torch.ones(len(out), device=dev))
-            x[r] -= p.frequency_penalty * count + p.presence_penalty * (count > 0).float()
-        if len(out) < p.min_tokens and end_ids[r]:
-            x[r, torch.tensor(end_ids[r], dtype=torch.long, device=dev)] = float("-inf")
+    x, dev, v = x.clone(), x.device, x.shape[-1]
+
+    def at(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(col, dtype=torch.long, device=dev) for col in zip(*pairs))
+
+    bias = [(r, t, b) for r in rows for t, b in params[r].logit_bias.items() if t < v]
+    if bias:
+        x.index_put_(at([(r, t) for r, t, _ in bias]), torch.tensor([b for *_, b in bias], device=dev),
+                     accumulate=True)
+    seen = [(r, t) for r in rows if params[r].repetition_penalty != 1.0 for t in set(tokens[r])]
+    if seen:
+        idx = at(seen)
+        penalty = torch.tensor([params[r].repetition_penalty for r, _ in seen], device=dev)
+        x[idx] = torch.where(x[idx] > 0, x[idx] / penalty, x[idx] * penalty)
+    generated = [(r, t) for r in rows if params[r].presence_penalty or params[r].frequency_penalty
+                 for t in tokens[r][prompt_lens[r]:]]
+    if generated:
+        count = torch.zeros_like(x).index_put_(at(generated), torch.ones(len(generated), device=dev),
+                                               accumulate=True)                       # [B, V]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        x -= frequency * count + presence * (count > 0).float()
+    held = [(r, t) for r in rows if len(tokens[r]) - prompt_lens[r] < params[r].min_tokens for t in end_ids[r]]
+    if held:
+        x[at(held)] = float("-inf")
     return x
 
 

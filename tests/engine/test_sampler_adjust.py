@@ -55,6 +55,20 @@ def test_adjusted_logits_follow_the_definitions(kw):
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
+def test_a_batch_adjusts_each_row_as_it_would_alone():
+    ps = [SamplingParams(presence_penalty=1.0, logit_bias={3: 5.0}), SamplingParams(),
+          SamplingParams(repetition_penalty=1.5, frequency_penalty=-0.5, min_tokens=9)]
+    histories = [[1, 2, 3, 3], [4, 4], [5, 6, 6, 7, 5]]
+    x = torch.cat([logits(0), logits(1), logits(2)])
+    batch = adjusted_logits(x, ps, histories, [2, 1, 3], [[0], [0], [0, 11]])
+    for r in range(3):
+        alone = adjusted_logits(x[r:r + 1], [ps[r]], [histories[r]], [[2, 1, 3][r]], [[[0], [0], [0, 11]][r]])
+        assert torch.equal(batch[r], alone[0])
+        assert batch[r].tolist() == pytest.approx(
+            hand(x[r].tolist(), ps[r], histories[r][:[2, 1, 3][r]], histories[r][[2, 1, 3][r]:],
+                 [[0], [0], [0, 11]][r]), rel=1e-5, abs=1e-5)
+
+
 def test_rows_without_adjustments_are_untouched():
     x = torch.cat([logits(0), logits(1)])
     got = adjusted_logits(x, [SamplingParams(), SamplingParams(frequency_penalty=1.0)], [[1, 1], [1, 1]], [1, 1],
