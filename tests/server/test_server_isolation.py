@@ -21,17 +21,28 @@ def real(tmp_path_factory):
     server.stop()
 
 
-def test_a_hostile_request_among_31_normal_ones_changes_none_of_them(real):
+@pytest.mark.parametrize("hostile, answer", [
+    ({"temperature": 1e-40}, "greedy"),                     # was a nan softmax failing every request in flight
+    ({"temperature": 1.0, "top_p": 1e-45}, "greedy"),       # keeps only the top token
+    ({"logit_bias": {"999999": 100}}, 400),                 # past the vocabulary: refused at admission
+    ({"min_tokens": 10**6, "max_tokens": 10}, 400),
+])
+def test_a_hostile_request_among_31_normal_ones_changes_none_of_them(real, hostile, answer):
     prompts = [[{"role": "user", "content": f"class Decoder{i}:"}] for i in range(4)]
 
-    def ask(messages, temperature=0):
-        r = real.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=temperature)
-        return r.choices[0].message.content, r.choices[0].finish_reason
+    def ask(messages, extra=None):
+        kw = {"model": MODEL, "messages": messages, "max_tokens": 10, "temperature": 0, **(extra or {})}
+        r = httpx.post(real.url + "/v1/chat/completions", json=kw, timeout=60)
+        if r.status_code != 200:
+            return r.status_code
+        return r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
 
     solo = [ask(p) for p in prompts]
-    with ThreadPoolExecutor(32) as pool:  # request 13 asks for temperature 1e-40: greedy, not a nan softmax
-        answers = list(pool.map(ask, [prompts[i % 4] for i in range(32)], [1e-40 if i == 13 else 0 for i in range(32)]))
-    assert answers == [solo[i % 4] for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:  # request 13 is the hostile one
+        answers = list(pool.map(ask, [prompts[i % 4] for i in range(32)], [hostile if i == 13 else None
+                                                                           for i in range(32)]))
+    assert answers[13] == (solo[13 % 4] if answer == "greedy" else answer)
+    assert answers[:13] + answers[14:] == [solo[i % 4] for i in range(32) if i != 13]
     m = real.wait_idle()
     assert m["dsv32_cache_blocks_free"] == m["dsv32_cache_blocks_total"]
 
