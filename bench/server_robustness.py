@@ -9,7 +9,9 @@
     python bench/server_robustness.py [--model DIR] [--device cuda] --out bench/results
     python bench/server_robustness.py --tiny --requests 40 --big 2 --big-mb 1 --out /tmp/rb   # CPU smoke
 
-Writes <out>/server_robustness-<model>.json and .md. The server runs as `dsv32 serve` in a
+Writes <out>/server_robustness-<model>-<device>.json and .md. bench/results/server_robustness-tiny-cpu.md:
+the CPU run above on a 2-core machine shared with other jobs (the tiny model named by its temporary
+directory). The server runs as `dsv32 serve` in a
 subprocess (its memory is read from /proc, so Linux only).
 """
 
@@ -188,7 +190,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"server_robustness-{Path(name).name}"
+    stem = out / f"server_robustness-{'tiny' if args.tiny else Path(name).name}-{args.device or 'auto'}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     h, m, s = result["health_ms"], result["rss_mb"], result["sigterm"]
     stem.with_suffix(".md").write_text(textwrap.dedent(f"""\
