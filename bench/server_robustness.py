@@ -9,10 +9,11 @@
     python bench/server_robustness.py [--model DIR] [--device cuda] --out bench/results
     python bench/server_robustness.py --tiny --requests 40 --big 2 --big-mb 1 --out /tmp/rb   # CPU smoke
 
-Writes <out>/server_robustness-<model>-<device>.json and .md. bench/results/server_robustness-tiny-cpu.md:
-the CPU run above on a 2-core machine shared with other jobs (the tiny model named by its temporary
-directory). The server runs as `dsv32 serve` in a
-subprocess (its memory is read from /proc, so Linux only).
+Writes <out>/server_robustness-<model>-<device>.json and .md. The server runs as `dsv32 serve` in
+a subprocess (its memory, with its tokenizer process's, is read from /proc, so Linux only).
+bench/results/server_robustness-tiny-cpu.md: `--tiny --device cpu --requests 1000 --big 50
+--big-mb 5 --streams 8 --shutdown-timeout 3` on a 2-core machine shared with other jobs (the tiny
+model is named by its temporary directory there).
 """
 
 import argparse
