@@ -115,7 +115,7 @@ def test_sigterm_ends_inflight_generations_with_a_clear_error_within_the_timeout
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     code = (f"from dsv32.server import serve; serve(['--model', {str(model_dir)!r}, '--port', '{port}', "
-            "'--device', 'cpu', '--shutdown-timeout', '1'])")
+            "'--device', 'cpu', '--shutdown-timeout', '1', '--served-model-name', 'dsv32-test'])")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -127,7 +127,8 @@ def test_sigterm_ends_inflight_generations_with_a_clear_error_within_the_timeout
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        body = {"model": model_dir.name, "messages": HELLO, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        assert httpx.get(url + "/v1/models/dsv32-test").json()["id"] == "dsv32-test"
+        body = {"model": "dsv32-test", "messages": HELLO, "max_tokens": 1000, "ignore_eos": True, "stream": True}
         events = []
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
             lines = (line for line in r.iter_lines() if line.startswith("data: "))
