@@ -15,6 +15,32 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from dsv32.chat import BOS, EOS, SPECIAL_TOKENS, StreamParser, encode_messages
 from dsv32.preflight import positive_int, text_files
 
+LONG_TEXT = 1 << 16  # characters beyond which encode releases the GIL (encode_ids)
+
+
+class TooManyTokens(ValueError):
+    """A text has more tokens than the caller's limit (found without making its list of ids)."""
+
+    def __init__(self, n_tokens: int, limit: int):
+        super().__init__(f"the text has {n_tokens} tokens, more than the limit of {limit}")
+        self.n_tokens, self.limit = n_tokens, limit
+
+
+def encode_ids(tok: HFTokenizer, text: str, limit: int | None = None) -> list[int]:
+    """Token ids of text (no special tokens added). A long text goes through encode_batch, which
+    releases the GIL while it works (encode does not), so that tokenising it in a worker thread
+    stalls no other thread; one over `limit` tokens raises TooManyTokens before its ids become a
+    Python list (millions of int objects for a text of megabytes)."""
+    if len(text) > LONG_TEXT:
+        enc = tok.encode_batch([text], add_special_tokens=False)[0]
+        if limit is not None and len(enc) > limit:
+            raise TooManyTokens(len(enc), limit)
+        return enc.ids
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if limit is not None and len(ids) > limit:
+        raise TooManyTokens(len(ids), limit)
+    return ids
+
 
 class Tokenizer:
     """Encode, decode and apply the V3.2 chat template, special tokens each one id."""
@@ -46,22 +72,26 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
         """Token ids of text. Special tokens written in the text become their ids; no BOS is added
-        (the chat template writes it)."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+        (the chat template writes it). limit: raise TooManyTokens beyond it (encode_ids)."""
+        return encode_ids(self.tok, text, limit)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids, special tokens included, so that the chat parsers see the markup."""
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "thinking", **kwargs) -> list[int]:
-        """Token ids of the prompt for messages; kwargs as for `dsv32.chat.encode_messages`."""
-        return self.encode(encode_messages(messages, thinking_mode, **kwargs))
+    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "thinking", limit: int | None = None,
+                            **kwargs) -> list[int]:
+        """Token ids of the prompt for messages; kwargs as for `dsv32.chat.encode_messages`; limit as
+        for encode."""
+        return self.encode(encode_messages(messages, thinking_mode, **kwargs), limit)
 
-    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False) -> StreamParser:
-        """The parser of a reply in this vocabulary's chat format, fed decoded text as it streams."""
-        return StreamParser(thinking_mode, lenient=lenient)
+    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
+                      tool_deltas: bool = False) -> StreamParser:
+        """The parser of a reply in this vocabulary's chat format, fed decoded text as it streams
+        (tools, tool_deltas: as for StreamParser)."""
+        return StreamParser(thinking_mode, lenient=lenient, tools=tools, tool_deltas=tool_deltas)
 
 
 class Detokenizer:

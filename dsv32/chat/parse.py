@@ -29,6 +29,7 @@ _UNENDED = {
 }
 _INVOKE_HEAD = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)
 _PARAM_BODY = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<\n?', re.DOTALL)
+_PARAM_HEAD = re.compile(r' name="([^"]*)" string="(true|false)">')
 
 
 class Incomplete(ChatFormatError):
@@ -98,6 +99,60 @@ def next_tool_call(text: str, i: int) -> tuple[dict | None, int]:
         p = i + 2
     call = {"type": "function", "function": {"name": name, "arguments": _json_arguments(params)}}
     return call, p + len(INVOKE_END)
+
+
+# How a string parameter's value may end: "<", an optional newline, then the end tag.
+_VALUE_ENDS = (f"<\n{PARAM_END}", f"<{PARAM_END}")
+
+
+def peek_tool_call(text: str, i: int) -> tuple[str | None, str]:
+    """What is certain so far of the invoke that starts at i (as for next_tool_call) in a text that
+    stops inside it: (its name, or None before its head is complete; the prefix of its arguments
+    JSON string that no later text can change). The prefix holds every complete parameter and, of a
+    string parameter still being written, its key and the characters of its value that cannot be
+    the start of its end tag; it only grows as the text does, and the whole call's arguments start
+    with it. A string="false" value shows once complete and valid JSON; one that is not JSON (the
+    call will not parse) ends the peek."""
+    head_at = f">\n{INVOKE_START}"
+    if not text.startswith(head_at, i):
+        return None, ""
+    i += len(head_at)
+    hits = [(p, s) for s in (PARAM_START, INVOKE_END) if (p := text.find(s, i)) != -1]
+    if not hits:
+        return None, ""
+    p, stop = min(hits)
+    head = _INVOKE_HEAD.fullmatch(text, i, p)
+    if not head:
+        return None, ""
+    out, seen = "", set()
+    while stop == PARAM_START:
+        i = p + len(PARAM_START)
+        sep = "{" if not seen else ", "
+        p = text.find(PARAM_END, i)
+        if p == -1:  # the last parameter, still being written: its certain part, if it is a string
+            open_head = _PARAM_HEAD.match(text, i)
+            if open_head and open_head[2] == "true" and open_head[1] not in seen:
+                value = text[open_head.end():]
+                cut = next((q for q in range(max(0, len(value) - len(_VALUE_ENDS[0])), len(value))
+                            if value[q] == "<" and any(e.startswith(value[q:]) for e in _VALUE_ENDS)), len(value))
+                out += f"{sep}{to_json(open_head[1])}: {to_json(value[:cut])[:-1]}"
+            break
+        body = _PARAM_BODY.fullmatch(text, i, p)
+        if body is None or body[1] in seen:
+            break
+        key, is_str, value = body[1], body[2], body[3]
+        if is_str == "false":
+            try:
+                json.loads(value)
+            except json.JSONDecodeError:
+                break
+        seen.add(key)
+        out += f"{sep}{to_json(key)}: {to_json(value) if is_str == 'true' else value}"
+        i = p + len(PARAM_END)
+        if not text.startswith(f">\n{PARAM_START}", i):
+            break
+        p = i + 2
+    return head[1], out
 
 
 def _check_plain(text: str, start: int, end: int, forbidden: tuple[str, ...], what: str) -> None:
@@ -173,14 +228,26 @@ class StreamParser:
 
     With lenient=True (for serving), a format error is stored in `error` instead of raised, and
     everything not yet emitted, then all later text, is passed on as content, minus
-    end-of-sentence tokens.
+    end-of-sentence tokens; a completion cut off inside the tool-call block (max_tokens, a stop
+    string) sets `truncated` and drops the unfinished invoke instead of passing it on.
+
+    tools=False (no tools declared, tool_choice "none"): a tool-call block is not markup but
+    content, DSML and all. tool_deltas=True: an invoke also streams as it is generated,
+    ("tool_call_start", name) once its head is complete, then ("tool_call_arguments", fragment) as
+    its arguments JSON grows (a string value character by character, peek_tool_call), the
+    fragments concatenating to a prefix of the ("tool_call", call) arguments that close it.
     """
 
-    def __init__(self, thinking_mode: str = "thinking", lenient: bool = False):
-        self.lenient = lenient
+    def __init__(self, thinking_mode: str = "thinking", lenient: bool = False, tools: bool = True,
+                 tool_deltas: bool = False):
+        self.lenient, self.tool_deltas = lenient, tool_deltas
         self.error: ChatFormatError | None = None
+        self.truncated = False
         self.message = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
         self._state = "reasoning" if check_thinking_mode(thinking_mode) else "content"
+        self._markers = dict(_MARKERS) if tools else {**_MARKERS, "content": (THINK_END, BOS, EOS, THINK_START)}
+        self._open: str | None = None  # the name of the invoke being streamed (tool_deltas)
+        self._sent, self._sent_text = 0, ""  # its arguments streamed so far (length, text)
         self._buf, self._base = "", 0  # the text not yet consumed, and its offset in the completion
 
     def feed(self, delta: str) -> list[tuple[str, str | dict]]:
@@ -200,12 +267,18 @@ class StreamParser:
             e = type(e)(e.what, e.offset + self._base)
             if not self.lenient:
                 raise e from None
-            self.error, self._state = e, "raw"
-            while self._step(events, final):
-                pass
+            if final and isinstance(e, Incomplete) and self._state == "tools":  # cut off inside the block
+                self.error, self.truncated, self._state = e, True, "done"
+                self._consume(len(self._buf))
+            else:
+                self.error, self._state = e, "raw"
+                while self._step(events, final):
+                    pass
         for kind, value in events:
             if kind == "tool_call":
                 self.message["tool_calls"].append(value)
+            elif kind in ("tool_call_start", "tool_call_arguments"):
+                pass
             else:
                 self.message["reasoning_content" if kind == "reasoning" else "content"] += value
         return events
@@ -218,13 +291,35 @@ class StreamParser:
         if text := self._consume(n):
             events.append((kind, text))
 
+    def _stream_invoke(self, events: list, buf: str) -> None:
+        """The start of the invoke buf holds, and what its arguments gained (tool_deltas)."""
+        name, certain = peek_tool_call(buf, 0)
+        if name is None:
+            return
+        if self._open is None:
+            self._open = name
+            events.append(("tool_call_start", name))
+        if len(certain) > self._sent and certain.startswith(self._sent_text):
+            events.append(("tool_call_arguments", certain[self._sent:]))
+            self._sent, self._sent_text = len(certain), certain
+
     def _step(self, events: list, final: bool) -> bool:
         """Advance as far as one state allows; return whether to keep going."""
         state, buf = self._state, self._buf
         if state in _MARKERS:
-            p, marker = _scan(buf, _MARKERS[state], final)
+            q = len(buf)
+            if final and self.lenient and state == "content" and CALLS_START in self._markers[state]:
+                q = _partial_start(buf, (CALLS_START,))  # a block cut off in its first marker
+                if "<" not in buf[q:]:
+                    q = len(buf)  # only blank lines: content
+            p, marker = _scan(buf[:q], self._markers[state], final)
             if p is None:
                 self._emit(events, state, marker)
+                if q < len(buf):
+                    self.error = Incomplete("text ends inside the tool-call block", self._base + len(buf))
+                    self.truncated, self._state = True, "done"
+                    self._consume(len(self._buf))
+                    return False
                 if final:
                     raise Incomplete(_UNENDED[state], len(self._buf))
                 return False
@@ -239,12 +334,17 @@ class StreamParser:
             except Incomplete:
                 if final:
                     raise
+                if self.tool_deltas:
+                    self._stream_invoke(events, buf)
                 return False
             self._consume(end)
             if call is None:
                 self._state = "eos"
             else:
+                if self.tool_deltas:
+                    self._stream_invoke(events, buf[:end])
                 events.append(("tool_call", call))
+                self._open, self._sent, self._sent_text = None, 0, ""
         elif state == "eos":
             if not buf.startswith(EOS):
                 if EOS.startswith(buf) and not final:

@@ -32,6 +32,7 @@ class StepOutput:
     finish_reason: str | None = None       # stop, length, error (abort: the caller's own doing)
     num_cached_tokens: int = 0
     error: str | None = None
+    error_internal: bool = False           # the engine failed it (its sampling raised), not a refusal
 
 
 @dataclass
@@ -75,15 +76,23 @@ class Engine:
             raise ValueError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size})")
         if len(prompt) >= self.max_model_len:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                      f"{self.max_model_len} tokens, leaving no room to generate")
         if params.grammar is not None and params.grammar.vocab.vocab_size != self.vocab_size:
             raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab.vocab_size} "
                              f"tokens; the model has {self.vocab_size}")
-        if params.grammar is not None and self.config.speculative_tokens:
-            raise ValueError("constrained decoding (response_format, a forced tool call) does not run with "
-                             "speculative decoding: serve without --speculative-tokens for it")
+        if self.config.speculative_tokens:   # drafts are verified against the history-free distribution
+            if params.grammar is not None:
+                raise ValueError("constrained decoding (response_format, a forced tool call) does not run with "
+                                 "speculative decoding: serve without --speculative-tokens for it")
+            history = [n for n, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                        ("repetition_penalty", 1.0), ("min_tokens", 0)) if getattr(params, n) != off]
+            if history:
+                raise ValueError(f"{', '.join(history)} do not run with speculative decoding: serve without "
+                                 "--speculative-tokens for them")
         seq = Sequence(list(prompt), params, **({"request_id": request_id} if request_id else {}))
         if params.grammar is not None:
             seq.matcher = params.grammar.matcher()
@@ -120,7 +129,7 @@ class Engine:
         a, b = seq.num_emitted, len(seq.output_tokens)
         seq.num_emitted = b
         return StepOutput(seq.request_id, seq.output_tokens[a:b], seq.logprobs[a:b], seq.top_logprobs[a:b],
-                          seq.finish_reason, seq.num_cached, seq.error)
+                          seq.finish_reason, seq.num_cached, seq.error, seq.error_internal)
 
     def output(self, seq: Sequence) -> RequestOutput:
         """Everything seq has so far (the whole request once it finished), RL records included."""

@@ -34,7 +34,7 @@ from dsv32.engine.cache import PagedCache
 from dsv32.engine.config import EngineConfig
 from dsv32.engine.grammar import fill_masks, mask_executor
 from dsv32.engine.graphs import DecodeGraphs
-from dsv32.engine.sampler import Sample, processed_logprobs, sample, samples
+from dsv32.engine.sampler import Sample, failed_sample, processed_logprobs, sample, samples
 from dsv32.engine.scheduler import Plan, Sequence
 from dsv32.engine.speculative import draw, verify_drafts
 from dsv32.model import ModelOutput
@@ -98,11 +98,25 @@ class ModelRunner:
             masks = self._grammar_masks(due)
             if batch.return_topk:
                 self._record(seqs, batch, out)
-            new = self.sample(_last_logits(out, batch), due, masks) if due else []
+            new = self._sample_isolated(_last_logits(out, batch), due, masks) if due else []
             sampled += zip(due, new)
             if self.k:
                 self._draft_after_prefill(seqs, batch, out, dict(zip(batch.sample_rows, new)))
         return sampled
+
+    def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence],
+                         masks: torch.Tensor | None = None) -> list[Sample]:
+        """self.sample, but a failure that belongs to one row fails that row alone: a batch that
+        raises is sampled again row by row, and a row that raises on its own gets a failed Sample
+        (its sequence ends with an error; the others keep their tokens)."""
+        try:
+            return self.sample(logits, seqs, masks)
+        except Exception as e:  # noqa: BLE001 (whatever it is, it fails its request, not the step)
+            if len(seqs) == 1:
+                log.warning("sampling failed for %s: %s", seqs[0].request_id, e)
+                return [failed_sample(f"sampling failed for this request: {e}")]
+        return [self._sample_isolated(logits[i:i + 1], [seq], None if masks is None else masks[i:i + 1])[0]
+                for i, seq in enumerate(seqs)]
 
     def prepare(self, plan: Plan) -> list[tuple[list[Sequence], Batch]]:
         """The step's forwards: (the sequences of its rows, its Batch), prefill chunks of one
@@ -162,9 +176,13 @@ class ModelRunner:
         return fill_masks(matchers, self.model.cfg.vocab_size, self.mask_executor)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: torch.Tensor | None = None) -> list[Sample]:
-        """logits [B, V], one row per sequence -> one sample each, under its own parameters and,
-        where masks [B, ceil(V / 32)] has its grammar's packed mask, its grammar."""
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], masks)
+        """logits [B, V], one row per sequence -> one sample each, under its own parameters (with
+        its history for penalties and min_tokens) and, where masks [B, ceil(V / 32)] has its
+        grammar's packed mask, its grammar."""
+        eos = self.model.cfg.eos_token_id
+        ends = [([] if s.params.ignore_eos or eos is None else [eos]) + list(s.params.stop_token_ids) for s in seqs]
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], masks,
+                      [s.tokens for s in seqs], [s.prompt_len for s in seqs], ends)
 
     def _record(self, seqs: list[Sequence], batch: Batch, out: ModelOutput, counts: list[int] | None = None) -> None:
         """What RL replays of a forward where seqs[i] fed the n positions from starts[i]: the

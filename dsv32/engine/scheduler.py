@@ -51,6 +51,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_internal: bool = False        # the error is the engine's (a failed sampling), not a refusal
     num_emitted: int = 0                # output tokens the engine's steps have returned
     # per generated token
     logprobs: list[float] = field(default_factory=list)
@@ -186,6 +187,10 @@ class Scheduler:
 
     def _append(self, seq: Sequence, s: Sample) -> None:
         p = seq.params
+        if s.error is not None:  # its sampling failed: it alone ends
+            self.finish(seq, "error", s.error)
+            seq.error_internal = True
+            return
         seq.tokens.append(s.token)
         seq.logprobs.append(s.logprob)
         if p.logprobs:

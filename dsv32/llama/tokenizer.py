@@ -8,6 +8,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from dsv32.chat import ChatFormatError
 from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
+from dsv32.tokenizer import encode_ids
 
 
 class PlainTokenizer:
@@ -35,24 +36,28 @@ class PlainTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, special tokens written in it included; no BOS is added."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of text, special tokens written in it included; no BOS is added (limit: as for
+        dsv32.tokenizer.encode_ids)."""
+        return encode_ids(self.tok, text, limit)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "chat", **kwargs) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], thinking_mode: str = "chat", limit: int | None = None,
+                            **kwargs) -> list[int]:
         """Token ids of the ChatML prompt for messages; kwargs as for `encode_chatml`
         (tools or thinking raise ChatFormatError: the format has neither)."""
         if self.chat_format is None:
             raise ValueError(f"this vocabulary has no chat tokens ({IM_START}, {IM_END}, or V3.2's): "
                              "the model takes plain text only")
         kwargs.setdefault("default_system", self.default_system)
-        return self.encode(encode_chatml(messages, thinking_mode, **kwargs))
+        return self.encode(encode_chatml(messages, thinking_mode, **kwargs), limit)
 
-    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False) -> ChatMLStreamParser:
-        """The parser of a reply in ChatML, fed decoded text as it streams."""
+    def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
+                      tool_deltas: bool = False) -> ChatMLStreamParser:
+        """The parser of a reply in ChatML, fed decoded text as it streams (ChatML has no tool calls:
+        tools and tool_deltas change nothing)."""
         if self.chat_format is None:
             raise ChatFormatError("this model's vocabulary has no chat tokens: it takes plain text only")
         return ChatMLStreamParser(thinking_mode, lenient=lenient)

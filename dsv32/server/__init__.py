@@ -79,6 +79,15 @@ def serve(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None,
                    help=f"the model id clients send and /v1/models reports; default: --model as given, or {DEFAULT_NAME}")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which to answer 503")
+    p.add_argument("--max-n", type=int, default=8, help="the largest n (choices per request) accepted (default 8)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and "
+                   "/detokenize (default: the DSV32_API_KEY environment variable, else no key)")
+    p.add_argument("--allowed-origins", default="", help="CORS: comma-separated origins a browser page may call "
+                   "the API from, or * for any (default: none)")
+    p.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                   help="larger request bodies are refused with 413 (default 16 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="after SIGTERM, seconds in-flight "
+                   "requests may still run before they end with an error (default 30)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (with --tp/--ep)")
@@ -112,9 +121,9 @@ def serve(argv: list[str] | None = None) -> int:
 
     import logging
 
-    import uvicorn
-
     from dsv32.server.app import create_app
+    from dsv32.server.config import ServerConfig
+    from dsv32.server.shutdown import GracefulServer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine, tokenizer = load_engine(args)
@@ -127,7 +136,12 @@ def serve(argv: list[str] | None = None) -> int:
             follow(engine)
             dist.destroy_process_group()
             return 0
-    uvicorn.run(create_app(engine, tokenizer, model_name(args), args.max_queue, tools), host=args.host, port=args.port)
+    config = ServerConfig(max_queue=args.max_queue, max_n=args.max_n,
+                          api_key=args.api_key or os.environ.get("DSV32_API_KEY") or None,
+                          allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                          max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+    app = create_app(engine, tokenizer, model_name(args), agent_tools=tools, config=config)
+    GracefulServer(app, args.host, args.port, config.shutdown_timeout, app.state.server.runner).run()
     if _distributed(args):
         engine.runner.stop()
         dist.destroy_process_group()

@@ -14,39 +14,57 @@ docs/structured-outputs.md).
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
+from dataclasses import replace
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from dsv32.chat import DSML, EOS, THINK_END, ChatFormatError
+from dsv32 import __version__
+from dsv32.chat import DSML, EOS, THINK_END, ChatFormatError, render_tool_calls
 from dsv32.chat.grammar import IM_END, chat_grammar
 from dsv32.engine import SamplingParams
 from dsv32.engine.grammar import Grammar, GrammarError, GrammarVocab
-from dsv32.server.runner import Delta, EngineRunner, Overloaded
+from dsv32.server.config import ServerConfig
+from dsv32.server.middleware import ApiKey, BodyLimit, Latency, ReleaseMemory
+from dsv32.server.prompts import PromptEncoder
+from dsv32.server.runner import SHUTTING_DOWN, Delta, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
-from dsv32.tokenizer import Detokenizer
+from dsv32.tokenizer import Detokenizer, TooManyTokens
 
 log = logging.getLogger(__name__)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+
+
+class ClientGone(Exception):
+    """The client hung up before its request got its first token (answered 499, to nobody)."""
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body, status_code=e.status)
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
 # ---- request bodies (fields we do not know are ignored, as vLLM does) ----
@@ -83,6 +101,7 @@ class Message(BaseModel):
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    prefix: bool | None = None          # DeepSeek's API: a final assistant message to continue
 
 
 class ResponseFormat(BaseModel):
@@ -96,6 +115,7 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     """Fields both endpoints share. None (JSON null) means the default."""
+    model_config = ConfigDict(allow_inf_nan=False)   # NaN / Infinity in a number field: a 400 naming it
     model: str
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -103,18 +123,55 @@ class Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)           # -1 or 0: off
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)   # int64, as OpenAI's
+    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
+    # vLLM's extras
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = False
+    # accepted by OpenAI or vLLM but not served here: a 400 unless left at their no-op value
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+
+    def refuse_unserved(self) -> None:
+        """Every parameter a request sets either acts or is refused: these are refused."""
+        noop = {"best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
+                "prompt_logprobs": (None,), "include_stop_str_in_output": (None, False),
+                "allowed_token_ids": (None,), "bad_words": (None, [])}
+        for name, values in noop.items():
+            if getattr(self, name) not in values:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        self.refuse_unserved()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = [s for s in stop if s]  # an empty stop string would end every text at once: it stops nothing
+        bias = {}
+        for k, v in (self.logit_bias or {}).items():
+            if not k.strip().isdigit():
+                raise APIError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
+            bias[int(k)] = v
         try:
             return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
                                   top_p=self.top_p or 1.0, top_k=max(0, self.top_k or 0), max_tokens=max_tokens,
-                                  seed=self.seed, stop=stop, logprobs=logprobs)
+                                  seed=self.seed, stop=stop, logprobs=logprobs, ignore_eos=bool(self.ignore_eos),
+                                  presence_penalty=self.presence_penalty or 0.0,
+                                  frequency_penalty=self.frequency_penalty or 0.0,
+                                  repetition_penalty=self.repetition_penalty or 1.0, min_p=self.min_p or 0.0,
+                                  min_tokens=self.min_tokens or 0, logit_bias=bias)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            field = str(e).split(" ")[0].split("[")[0]
+            raise APIError(400, str(e), param=field if field in type(self).model_fields else None) from None
 
 
 class ChatRequest(Sampling):
@@ -128,15 +185,56 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict | None = None         # vLLM / SGLang: {"thinking": true}
     thinking: bool | dict | None = None              # true, or {"type": "enabled"}
+    continue_final_message: bool | None = False      # vLLM: continue the final assistant message
+    add_generation_prompt: bool | None = None         # vLLM: false only with continue_final_message
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    suffix: str | None = None
+
+    def refuse_unserved(self) -> None:
+        super().refuse_unserved()
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server (no fill-in-the-middle)", param="suffix")
 
 
 # ---- request -> prompt ----
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_surrogate(value, path: str = "") -> str | None:
+    """The path (messages.0.content) of the first string in a request holding a lone UTF-16
+    surrogate ("\\ud800" in JSON: no tokenizer can encode it), or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, BaseModel):
+        value = {k: getattr(value, k) for k in type(value).model_fields}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        where = f"{path}.{k}" if path else str(k)
+        if isinstance(k, str) and _SURROGATE.search(k):
+            return where
+        if (hit := find_surrogate(v, where)) is not None:
+            return hit
+    return None
+
+
+def check_text(req: BaseModel) -> None:
+    if (path := find_surrogate(req)) is not None:
+        raise APIError(400, f"{path}: contains a lone UTF-16 surrogate; text must be valid Unicode", param=path)
+
+
 def thinking_mode(req: ChatRequest) -> str:
     """Thinking is off unless asked for, in any of the conventions clients use."""
     kwargs = req.chat_template_kwargs or {}
@@ -162,6 +260,25 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             msg["content"] = ""
         out.append(msg)
     return out
+
+
+def split_prefill(req: ChatRequest, messages: list[dict], mode: str) -> tuple[list[dict], str | None]:
+    """(messages to render, the text the reply continues) for an assistant prefill: a final
+    assistant message with `prefix: true`, or any final assistant message under
+    `continue_final_message`. Its text is the open turn's start: the content (in thinking mode, the
+    reasoning, closed by `</think>` when content follows)."""
+    last = messages[-1]
+    if not (req.continue_final_message or last.get("prefix")):
+        return messages, None
+    if last["role"] != "assistant" or last.get("tool_calls"):
+        raise APIError(400, "an assistant prefill (continue_final_message, prefix) needs a final assistant message "
+                       "without tool_calls", param=f"messages.{len(messages) - 1}")
+    if len(messages) == 1:
+        raise APIError(400, "an assistant prefill needs a message before it", param="messages")
+    content, reasoning = last.get("content") or "", last.get("reasoning_content") or ""
+    if mode == "thinking":
+        return messages[:-1], f"{reasoning}</think>{content}" if content else reasoning
+    return messages[:-1], content
 
 
 def chat_tools(req: ChatRequest) -> list[dict] | None:
@@ -255,9 +372,18 @@ class Reply:
 class ChatReply(Reply):
     """An assistant reply parsed as it streams; `feed` returns the OpenAI deltas a delta adds."""
 
-    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool):
+    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool, prefill: str | None = None,
+                 tools: list[str] | None = None):
+        """tools: the names of the request's tools (None or empty: no tools, or tool_choice "none": a
+        tool-call block the model writes is content). A call of any other tool is left in the
+        content as the model wrote it (re-rendered in the format's markup), not returned as a call."""
         super().__init__(tokenizer, stop, logprobs)
-        self.mode, self.parser, self.calls = mode, tokenizer.stream_parser(mode, lenient=True), []
+        self.mode, self.calls, self.tools = mode, [], set(tools or ())
+        self.parser = tokenizer.stream_parser(mode, lenient=True, tools=bool(self.tools), tool_deltas=True)
+        self.open: dict | None = None   # the call being streamed: {"index", "id", "sent", "shown"}
+        if prefill:  # the parser reads the open turn's start (its state: reasoning or content); the reply is the rest
+            self.parser.feed(prefill)
+            self.parser.message.update(content="", reasoning_content="")
 
     def feed(self, d: Delta) -> list[dict]:
         events = self.parser.feed(self.track(d))
@@ -265,18 +391,49 @@ class ChatReply(Reply):
             events += self.parser.finish()
         deltas = []
         for kind, value in events:
-            if kind != "tool_call":
+            if kind in ("reasoning", "content"):
                 deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
-                continue
-            # OpenAI's convention: id, type and name first, then the arguments as string deltas
-            i, call = len(self.calls), {"id": f"call_{uuid.uuid4().hex[:24]}", **value}
-            self.calls.append(call)
-            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                           "function": {"name": value["function"]["name"], "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": value["function"]["arguments"]}}]})
+            elif kind == "tool_call_start":
+                # OpenAI's convention: id, type and name first, then the arguments as string deltas
+                self.open = {"index": len(self.calls), "id": f"call_{uuid.uuid4().hex[:24]}", "sent": "",
+                             "shown": value in self.tools}
+                if self.open["shown"]:
+                    deltas.append({"tool_calls": [{"index": self.open["index"], "id": self.open["id"],
+                                                   "type": "function", "function": {"name": value, "arguments": ""}}]})
+            elif kind == "tool_call_arguments":
+                if self.open["shown"]:
+                    self.open["sent"] += value
+                    deltas.append({"tool_calls": [{"index": self.open["index"], "function": {"arguments": value}}]})
+            else:
+                deltas += self._close_call(value)
+        return deltas
+
+    def _close_call(self, value: dict) -> list[dict]:
+        """The deltas that complete a tool call: the rest of its arguments (all of them for a call
+        that arrived whole), or, for a tool the request did not declare, its markup as content."""
+        name, args = value["function"]["name"], value["function"]["arguments"]
+        opened, self.open = self.open or {"index": len(self.calls), "id": f"call_{uuid.uuid4().hex[:24]}",
+                                          "sent": None, "shown": name in self.tools}, None
+        if not opened["shown"]:
+            text = render_tool_calls([value])
+            self.parser.message["content"] += text
+            return [{"content": text}]
+        call = {"id": opened["id"], **value}
+        self.calls.append(call)
+        deltas = []
+        if opened["sent"] is None:
+            deltas.append({"tool_calls": [{"index": opened["index"], "id": call["id"], "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+        rest = args[len(opened["sent"] or ""):]
+        if rest:
+            deltas.append({"tool_calls": [{"index": opened["index"], "function": {"arguments": rest}}]})
         return deltas
 
     def openai_finish_reason(self) -> str | None:
+        """tool_calls when calls end the reply; length when a tool-call block was cut off (by
+        max_tokens or a stop string: the unfinished call is dropped, never passed on as content)."""
+        if getattr(self.parser, "truncated", False):  # (ChatML's parser has no tool calls to cut off)
+            return "length"
         return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
 
     def message(self) -> dict:
@@ -309,8 +466,9 @@ class TextReply(Reply):
 
 # ---- the server state and routes ----
 class ServerState:
-    def __init__(self, runner: EngineRunner, tokenizer, model_name: str):
-        self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
+    def __init__(self, runner: EngineRunner, tokenizer, model_name: str, config: ServerConfig):
+        self.runner, self.tokenizer, self.model_name, self.config = runner, tokenizer, model_name, config
+        self.prompts = PromptEncoder(tokenizer)
         self.max_model_len = runner.engine.max_model_len
         fmt = tokenizer.chat_format
         # constrained decoding: the special tokens grammars name, the vocabulary built on first use
@@ -330,11 +488,40 @@ class ServerState:
         return self._grammar_vocab
 
     def check(self, req: Sampling) -> None:
+        check_text(req)
         if req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server has {self.model_name!r}",
                            param="model", code="model_not_found")
-        if req.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n")
+        if req.n is not None and not 1 <= req.n <= self.config.max_n:
+            raise APIError(400, f"n must be in [1, {self.config.max_n}] (the server's --max-n), got {req.n}",
+                           param="n")
+
+    async def render(self, messages: list[dict], mode: str, tools: list[dict] | None = None,
+                     response_format: dict | None = None, prefill: str | None = None) -> list[int]:
+        """The chat prompt's token ids (then the prefill's), rendered and tokenised off the event
+        loop (a worker thread, or for a long prompt a child process: PromptEncoder)."""
+        tok = self.tokenizer
+        if tok.chat_format is None:
+            raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
+                           "use /v1/completions", param="messages")
+
+        try:
+            return await self.prompts.chat(messages, mode, tools, response_format, prefill, self.max_model_len - 1)
+        except ChatFormatError as e:  # for ChatML also: tools, thinking, tool messages
+            raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
+        except TooManyTokens as e:
+            raise self.too_long(e.n_tokens, "messages") from None
+
+    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """A prompt's token ids, tokenised off the event loop (see render)."""
+        try:
+            return await self.prompts.encode(text, self.max_model_len - 1)
+        except TooManyTokens as e:
+            raise self.too_long(e.n_tokens, param) from None
+
+    def too_long(self, n_tokens: int, param: str) -> APIError:
+        return APIError(400, f"the prompt has {n_tokens} tokens; the context is {self.max_model_len} tokens, "
+                        "leaving no room to generate", param=param, code="context_length_exceeded")
 
     def default_max_tokens(self, prompt: list[int]) -> int:
         return max(1, self.max_model_len - len(prompt))
@@ -346,7 +533,8 @@ class ServerState:
         try:
             stream = self.runner.submit(prompt, params)
         except Overloaded as e:
-            raise APIError(503, str(e), "server_error", code="overloaded") from None
+            raise APIError(503, str(e), "server_error", code="overloaded",
+                           headers={"Retry-After": str(self.config.retry_after)}) from None
         done = False
         try:
             while not done:
@@ -354,8 +542,9 @@ class ServerState:
                 done = d.finish_reason is not None
                 if d.error is not None:
                     e = d.error
-                    raise APIError(400 if e.client_error else 500, str(e),
-                                   "invalid_request_error" if e.client_error else "server_error", code=e.code)
+                    status = 400 if e.client_error else 503 if e.code == SHUTTING_DOWN else 500
+                    raise APIError(status, str(e), "invalid_request_error" if e.client_error else "server_error",
+                                   code=e.code)
                 yield d
                 if reply.finish_reason is not None:
                     break
@@ -363,10 +552,19 @@ class ServerState:
             if not done:
                 self.runner.abort(stream.request_id)
 
-    async def start(self, prompt: list[int], params: SamplingParams, reply: Reply):
-        """Submit and wait for the first delta, so that errors before any token get their status."""
+    async def start(self, prompt: list[int], params: SamplingParams, reply: Reply, request: Request | None = None):
+        """Submit and wait for the first delta, so that errors before any token get their status.
+        While it waits (queued behind others), a client that hangs up is noticed: the request
+        leaves the queue (ClientGone) instead of being prefilled for nobody."""
         deltas = self.generate(prompt, params, reply)
-        first = await anext(deltas)
+        first_delta = asyncio.ensure_future(anext(deltas))
+        while request is not None and not (await asyncio.wait([first_delta], timeout=0.25))[0]:
+            if await request.is_disconnected():
+                first_delta.cancel()
+                await asyncio.gather(first_delta, return_exceptions=True)
+                await deltas.aclose()
+                raise ClientGone()
+        first = await first_delta
 
         async def all_deltas():
             try:
@@ -377,6 +575,67 @@ class ServerState:
                 await deltas.aclose()
 
         return all_deltas()
+
+    async def start_n(self, prompt: list[int], params: SamplingParams, replies: list[Reply],
+                      request: Request | None = None) -> list:
+        """The n = len(replies) choices of one request: n sequences of the prompt, the i-th seeded
+        with seed + i (a seeded request is reproducible). The first runs alone until its first
+        token, by when its prefill has registered the prompt's full blocks in the prefix cache: the
+        other n - 1 share those blocks and compute only the last, partial one."""
+        first = await self.start(prompt, params, replies[0], request)
+        seeds = [None if params.seed is None else params.seed + i for i in range(1, len(replies))]
+        rest = await asyncio.gather(*(self.start(prompt, replace(params, seed=seed), reply, request)
+                                      for seed, reply in zip(seeds, replies[1:])), return_exceptions=True)
+        started = [first, *(r for r in rest if not isinstance(r, BaseException))]
+        if len(started) < len(replies):
+            for deltas in started:
+                await deltas.aclose()
+            raise next(r for r in rest if isinstance(r, BaseException))
+        return started
+
+
+async def merged(streams: list):
+    """(i, item) from n async iterators as they come; if one raises, the others are closed and
+    the error goes on. An iterator is asked for its next item only once its last one has been
+    consumed (a reply fed with a delta may end its stream: a stop string)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, it):
+        try:
+            async for x in it:
+                done = asyncio.Event()
+                await queue.put((i, x, None, done))
+                await done.wait()
+            await queue.put((i, None, None, None))
+        except Exception as e:  # noqa: BLE001 (handed on to the consumer)
+            await queue.put((i, None, e, None))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, x, err, done = await queue.get()
+            if err is not None:
+                raise err
+            if x is None:
+                left -= 1
+                continue
+            yield i, x
+            done.set()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in streams:
+            await it.aclose()
+
+
+def usage(replies: list[Reply]) -> dict:
+    """Usage of a request's choices: the prompt counted once, the completions summed."""
+    u = replies[0].usage()
+    u["completion_tokens"] = sum(r.completion_tokens for r in replies)
+    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    return u
 
 
 async def consume(request: Request, deltas, feed) -> bool:
@@ -418,54 +677,63 @@ async def sse_stream(chunks):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
+    t0 = time.perf_counter()
     state: ServerState = request.app.state.server
     state.check(req)
     mode, tok = thinking_mode(req), state.tokenizer
-    if tok.chat_format is None:
-        raise APIError(400, "this model has no chat format (its vocabulary has no chat tokens): "
-                       "use /v1/completions", param="messages")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.add_generation_prompt is False and not req.continue_final_message:
+        raise APIError(400, "add_generation_prompt: false is supported only with continue_final_message: true "
+                       "(the prompt always ends with the assistant's turn)", param="add_generation_prompt")
+    messages, prefill = split_prefill(req, chat_messages(req), mode)
     # ChatML has no response-format section: its grammar alone holds the reply to the schema
     shown_format = response_schema(req.response_format) if tok.chat_format == "v32" else None
-    try:
-        prompt = tok.apply_chat_template(chat_messages(req), thinking_mode=mode, tools=chat_tools(req),
-                                         response_format=shown_format)
-    except ChatFormatError as e:  # for ChatML also: thinking
-        raise APIError(400, str(e), param="messages" if str(e).startswith("messages") else None) from None
+    prompt = await state.render(messages, mode, chat_tools(req), shown_format, prefill)
     max_tokens = req.max_completion_tokens or req.max_tokens or state.default_max_tokens(prompt)
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    params.stop_token_ids = list(tok.stop_ids)  # ChatML: <|im_end|> ends the reply
+    # ChatML: <|im_end|> ends the reply too; ignore_eos keeps going past the end-of-sentence token only
+    params.stop_token_ids = [t for t in tok.stop_ids if not (params.ignore_eos and t == tok.eos_id)]
     params.grammar = await request_grammar(state, req, mode)
-    reply = ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs))
-    deltas = await state.start(prompt, params, reply)
+    tool_names = [t["function"]["name"] for t in tools] if (tools := chat_tools(req)) else None
+    replies = [ChatReply(state.tokenizer, mode, params.stop, bool(req.logprobs), prefill, tool_names)
+               for _ in range(req.n or 1)]
+    streams = await state.start_n(prompt, params, replies, request)
+    state.time_to_first_token.observe(time.perf_counter() - t0)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
 
     if not req.stream:
-        if not await consume(request, deltas, reply.feed):
+        if not await consume(request, merged(streams), lambda x: replies[x[0]].feed(x[1])):
             return Response(status_code=499)  # nobody is listening
-        choice = {"index": 0, "message": reply.message(), "finish_reason": reply.openai_finish_reason(),
-                  "logprobs": reply.format_logprobs(reply.logprobs)}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
+        choices = [{"index": i, "message": r.message(), "finish_reason": r.openai_finish_reason(),
+                    "logprobs": r.format_logprobs(r.logprobs)} for i, r in enumerate(replies)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(replies)}
 
-    def chunk(delta: dict, finish_reason=None, choices=True) -> dict:
-        c = {"index": 0, "delta": delta, "logprobs": reply.format_logprobs(reply.take_logprobs()),
+    def chunk(i: int, delta: dict, finish_reason=None) -> dict:
+        r = replies[i]
+        c = {"index": i, "delta": delta, "logprobs": r.format_logprobs(r.take_logprobs()),
              "finish_reason": finish_reason}
-        return {**head, "object": "chat.completion.chunk", "choices": [c] if choices else []}
+        return {**head, "object": "chat.completion.chunk", "choices": [c]}
 
     async def chunks():
-        yield chunk({"role": "assistant", "content": ""})
-        async for d in deltas:
-            for delta in reply.feed(d):
-                yield chunk(delta)
-        yield chunk({}, reply.openai_finish_reason())
+        for i in range(len(replies)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, d in merged(streams):
+            r = replies[i]
+            for delta in r.feed(d):
+                yield chunk(i, delta)
+            if r.finish_reason is not None:
+                yield chunk(i, {}, r.openai_finish_reason())
         if req.stream_options and req.stream_options.include_usage:
-            yield {**chunk({}, choices=False), "usage": reply.usage()}
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(replies)}
 
     return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    t0 = time.perf_counter()
     state: ServerState = request.app.state.server
     state.check(req)
     prompt = req.prompt
@@ -473,31 +741,34 @@ async def completions(req: CompletionRequest, request: Request):
         if len(prompt) != 1:
             raise APIError(400, "one prompt per request is supported", param="prompt")
         prompt = prompt[0]
-    ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = await state.encode(prompt) if isinstance(prompt, str) else list(prompt)
     params = req.sampling_params(req.max_tokens or state.default_max_tokens(ids), req.logprobs)
     # the end-of-sentence token ends the text but is not part of it
-    reply = TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
-    deltas = await state.start(ids, params, reply)
+    replies = [TextReply(state.tokenizer, params.stop, req.logprobs is not None, hidden=(state.tokenizer.eos_id,))
+               for _ in range(req.n or 1)]
+    streams = await state.start_n(ids, params, replies, request)
+    state.time_to_first_token.observe(time.perf_counter() - t0)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
     if not req.stream:
-        text = []
-        if not await consume(request, deltas, lambda d: text.append(reply.track(d))):
+        texts = [[] for _ in replies]
+        if not await consume(request, merged(streams), lambda x: texts[x[0]].append(replies[x[0]].track(x[1]))):
             return Response(status_code=499)
-        choice = {"index": 0, "text": "".join(text), "finish_reason": reply.finish_reason,
-                  "logprobs": reply.format_logprobs(reply.logprobs)}
-        return {**head, "choices": [choice], "usage": reply.usage()}
+        choices = [{"index": i, "text": "".join(t), "finish_reason": r.finish_reason,
+                    "logprobs": r.format_logprobs(r.logprobs)} for i, (r, t) in enumerate(zip(replies, texts))]
+        return {**head, "choices": choices, "usage": usage(replies)}
 
     async def chunks():
-        async for d in deltas:
-            text = reply.track(d)
-            if text or reply.finish_reason:
-                choice = {"index": 0, "text": text, "finish_reason": reply.finish_reason,
-                          "logprobs": reply.format_logprobs(reply.take_logprobs())}
+        async for i, d in merged(streams):
+            r = replies[i]
+            text = r.track(d)
+            if text or r.finish_reason:
+                choice = {"index": i, "text": text, "finish_reason": r.finish_reason,
+                          "logprobs": r.format_logprobs(r.take_logprobs())}
                 yield {**head, "choices": [choice]}
         if req.stream_options and req.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": reply.usage()}
+            yield {**head, "choices": [], "usage": usage(replies)}
 
     return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
@@ -509,10 +780,65 @@ async def models(request: Request):
     return {"object": "list", "data": [card]}
 
 
+@router.get("/v1/models/{model_id:path}")
+async def model_card(model_id: str, request: Request):
+    state: ServerState = request.app.state.server
+    if model_id != state.model_name:
+        raise APIError(404, f"the model {model_id!r} does not exist; this server has {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32", **state.card}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict | None = None
+    thinking: bool | dict | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    state: ServerState = request.app.state.server
+    check_text(req)
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"the model {req.model!r} does not exist", param="model", code="model_not_found")
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give one of prompt and messages", param="prompt")
+    if req.prompt is not None:
+        ids = await state.encode(req.prompt)  # past the context: a 400 that gives the count
+    else:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        ids = await state.render(chat_messages(req), thinking_mode(req), tools)
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    state: ServerState = request.app.state.server
+    vocab = state.runner.engine.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise APIError(400, f"tokens must be token ids in [0, {vocab})", param="tokens")
+    return {"prompt": await asyncio.to_thread(state.tokenizer.decode, req.tokens)}
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}
+
+
 @router.get("/health")
 async def health(request: Request):
     if not request.app.state.server.runner.alive():
-        raise APIError(503, "the engine thread is not running", "server_error")
+        raise APIError(503, "the engine thread is not running", "server_error",
+                       headers={"Retry-After": str(request.app.state.server.config.retry_after)})
     return {"status": "ok"}
 
 
@@ -533,6 +859,9 @@ class EngineMetrics:
         yield GaugeMetricFamily("dsv32_requests_running", "Requests being generated", s["running"])
         yield GaugeMetricFamily("dsv32_requests_waiting", "Requests waiting for a slot", s["waiting"])
         yield CounterMetricFamily("dsv32_generation_tokens", "Tokens generated", s["generation_tokens_total"])
+        yield CounterMetricFamily("dsv32_prompt_tokens", "Prompt tokens of started requests", s["prompt_tokens_total"])
+        yield CounterMetricFamily("dsv32_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                  s["prefix_cache_hit_tokens_total"])
         yield CounterMetricFamily("dsv32_preemptions", "Sequences preempted for cache space", s["preemptions_total"])
         yield GaugeMetricFamily("dsv32_cache_blocks_free", "Free KV-cache blocks", s["cache_blocks_free"])
         yield GaugeMetricFamily("dsv32_cache_blocks_total", "KV-cache blocks", s["cache_blocks_total"])
@@ -595,28 +924,47 @@ async def call_agent_tool(name: str, req: ToolCallRequest, request: Request):
     return {"result": result}
 
 
-def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_tools=None) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str, max_queue: int = 64, agent_tools=None,
+               config: ServerConfig | None = None) -> FastAPI:
     """The app around an engine; its thread starts and stops with the app's lifespan. `agent_tools`:
-    a dsv32.server.tools.AgentTools to expose under /v1/agent/tools (closed at shutdown), or None."""
-    runner = EngineRunner(engine, max_queue)
+    a dsv32.server.tools.AgentTools to expose under /v1/agent/tools (closed at shutdown), or None.
+    `config`: the server's options (default: ServerConfig(max_queue=max_queue))."""
+    config = config or ServerConfig(max_queue=max_queue)
+    runner = EngineRunner(engine, config.max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
         runner.start()
         yield
         runner.stop()
+        app.state.server.prompts.close()
         if agent_tools is not None:
             await asyncio.to_thread(agent_tools.close)
 
     app = FastAPI(title="dsv32", lifespan=lifespan)
-    app.state.server = ServerState(runner, tokenizer, model_name)
+    app.state.server = ServerState(runner, tokenizer, model_name, config)
     app.state.agent_tools = agent_tools
-    app.state.metrics = CollectorRegistry()
-    app.state.metrics.register(EngineMetrics(runner))
+    app.state.metrics = registry = CollectorRegistry()
+    registry.register(EngineMetrics(runner))
+    app.state.server.time_to_first_token = Histogram(
+        "dsv32_time_to_first_token_seconds", "From a generation request's arrival to its first token",
+        registry=registry, buckets=LATENCY_BUCKETS)
+    latency = Histogram("dsv32_request_latency_seconds", "From a generation request's arrival to the last byte "
+                        "of its reply", ["endpoint"], registry=registry, buckets=LATENCY_BUCKETS)
     app.include_router(router)
     add_web_page(app)
     app.add_exception_handler(APIError, lambda request, e: error_response(e))
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientGone, lambda request, e: Response(status_code=499))
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    # outermost last: the size limit, CORS (its preflights and headers on every answer), the key, timing
+    app.add_middleware(Latency, histogram=latency)
+    if config.api_key:
+        app.add_middleware(ApiKey, key=config.api_key)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(ReleaseMemory)
     return app

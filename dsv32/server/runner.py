@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
-    """Too many requests are already waiting for the engine."""
+    """Too many requests are already waiting for the engine, or the server is shutting down."""
+
+
+SHUTTING_DOWN = "server_shutting_down"  # the code of the error that ends requests cut off by a shutdown
 
 
 class RequestFailed(Exception):
@@ -53,6 +56,7 @@ class Stream:
     loop: asyncio.AbstractEventLoop
     prompt_len: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: bool = False               # has it had a delta (its prompt computed)? engine thread only
 
     def put(self, delta: Delta) -> None:
         try:
@@ -74,10 +78,12 @@ class EngineRunner:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}                       # engine thread only
         self.lock, self.active = threading.Lock(), 0
+        self.closing = False                                       # set by shut_down: no new requests
         self.thread = threading.Thread(target=self._loop, name="dsv32-engine", daemon=True)
         blocks = engine.scheduler.blocks
         # plain numbers the metrics endpoint reads; written by the engine thread only
-        self.stats = {"requests_total": 0, "generation_tokens_total": 0, "running": 0, "waiting": 0,
+        self.stats = {"requests_total": 0, "generation_tokens_total": 0, "prompt_tokens_total": 0,
+                      "prefix_cache_hit_tokens_total": 0, "running": 0, "waiting": 0,
                       "preemptions_total": 0, "cache_blocks_free": blocks.num_free,
                       "cache_blocks_total": len(blocks.ref)}
 
@@ -91,9 +97,17 @@ class EngineRunner:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    def shut_down(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests and end every one in flight with an error (code SHUTTING_DOWN): the
+        end of a graceful shutdown's grace period. Any thread."""
+        self.closing = True
+        self.inbox.put(("shutdown", reason))
+
     def submit(self, prompt: list[int], params) -> Stream:
         """Queue a request; raise Overloaded if max_num_seqs + max_queue are already in flight."""
         with self.lock:
+            if self.closing:
+                raise Overloaded("the server is shutting down")
             if self.active >= self.max_active:
                 raise Overloaded(f"{self.active} requests in flight; try again later")
             self.active += 1
@@ -137,6 +151,8 @@ class EngineRunner:
                 return
             self.streams[stream.request_id] = stream
             self.stats["requests_total"] += 1
+        elif msg[0] == "shutdown":
+            self._fail_all(RequestFailed(msg[1], client_error=False, code=SHUTTING_DOWN))
         elif msg[0] == "abort":
             self.engine.abort(msg[1])
             if self.streams.pop(msg[1], None) is not None:
@@ -148,8 +164,12 @@ class EngineRunner:
         if stream is None:
             return
         error = None
-        if out.finish_reason == "error":  # the scheduler refused it: too large for the cache
-            error = RequestFailed(out.error or "the request cannot be served", client_error=True)
+        if out.finish_reason == "error":  # the scheduler refused it (too large for the cache), or its sampling failed
+            error = RequestFailed(out.error or "the request cannot be served", client_error=not out.error_internal)
+        if not stream.started and error is None:
+            stream.started = True
+            self.stats["prompt_tokens_total"] += stream.prompt_len
+            self.stats["prefix_cache_hit_tokens_total"] += out.num_cached_tokens
         stream.put(Delta(out.token_ids, out.logprobs, out.top_logprobs, out.finish_reason, stream.prompt_len,
                          out.num_cached_tokens, error))
         self.stats["generation_tokens_total"] += len(out.token_ids)

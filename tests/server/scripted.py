@@ -92,12 +92,12 @@ def scripted_engine(model_dir, **config) -> tuple[Engine, object]:
 class Server:
     """uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, engine, tokenizer, max_queue=64, agent_tools=None):
+    def __init__(self, engine, tokenizer, max_queue=64, agent_tools=None, config=None):
         self.engine, self.tok = engine, tokenizer
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, MODEL, max_queue, agent_tools),
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, MODEL, max_queue, agent_tools, config),
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()

@@ -167,7 +167,7 @@ def test_malformed_requests_get_openai_errors(real):
         ({"model": MODEL}, 400, "messages"),
         ({**ok, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, None),
-        ({**ok, "n": 2}, 400, "n"),
+        ({**ok, "n": 9}, 400, "n"),
         ({**ok, "temperature": 5}, 400, "temperature"),
         ({**ok, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
         ({**ok, "messages": [{"role": "user", "content": "def f(x): return x\n" * 400}]}, 400, None),
@@ -189,7 +189,7 @@ def test_malformed_requests_get_openai_errors(real):
     assert bad_ids.status_code == 400
     assert httpx.get(real.url + "/v1/nothing").json()["error"]["message"]
     with pytest.raises(openai.BadRequestError):
-        real.client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+        real.client.chat.completions.create(model=MODEL, messages=HELLO, n=9)  # beyond --max-n
     # the server is still fine, and nothing leaked
     assert real.client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4).choices[0].message
     m = real.wait_idle()

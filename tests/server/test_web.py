@@ -325,7 +325,7 @@ def test_server_errors_are_shown_and_the_page_stays_usable(chat, v32, shots):
     page.wait_for_function("document.querySelector('.msg.assistant .content')?.textContent.length > 80")
     v32.engine.runner.fail = True
     chat.done()
-    assert chat.texts(".msg.error .text") == ["engine error: scripted failure"]
+    assert chat.texts(".msg.error .text") == ["sampling failed for this request: scripted failure"]
     assert chat.texts(".msg.assistant .content")[0].startswith("V3.2 adds")
     shots(page, "error")
     # Retry replaces the broken answer
