@@ -66,6 +66,8 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise ValueError(f"--repetition-penalty must be > 0 (1 = off), got {args.repetition_penalty}")
     t0 = time.perf_counter()
     model, tok, chat, what = _load_for_generate(args, device)
     chat = (chat or args.chat) and not args.raw
@@ -74,6 +76,8 @@ def cmd_generate(args) -> int:
     limit = args.max_new_tokens or (256 if chat else 48)
     temperature = args.temperature if args.temperature is not None else (0.2 if chat else 0.0)
     top_p = args.top_p if args.top_p is not None else (0.9 if chat else 1.0)
+    # a small model's chat answers loop without a repetition penalty (SmolLM2's do)
+    penalty = args.repetition_penalty if args.repetition_penalty is not None else (1.1 if chat else 1.0)
     cfg = model.cfg
     if chat:
         if tok is None or tok.chat_format is None:
@@ -103,7 +107,8 @@ def cmd_generate(args) -> int:
     if not chat:
         sys.stdout.write(args.prompt)
     for t in generate(model, prompt, limit, temperature, top_p, args.top_k,
-                      args.seed, stop_ids=stop or (cfg.eos_token_id,), sparse=not args.dense):
+                      args.seed, stop_ids=stop or (cfg.eos_token_id,), sparse=not args.dense,
+                      repetition_penalty=penalty):
         out.append(t)
         if t in stop:  # the end of the reply is not part of its text
             break
@@ -268,6 +273,9 @@ Each command's own --help lists its options.""")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: 0.2 with the chat "
                    "template, else 0")
     g.add_argument("--top-p", type=float, default=None, help="default: 0.9 with the chat template, else 1")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="CTRL's penalty on tokens already in the context (1 = off); default: 1.1 with the chat "
+                        "template, else 1")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only; "
                    "0 = no limit (default: 0)")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampler (and of a preset's random "

@@ -84,6 +84,11 @@ def test_zero_new_tokens_is_refused_not_ignored(capsys, no_load):
                 "(see dsv32 generate --help)\n")
 
 
+
+def test_a_repetition_penalty_that_is_not_positive_is_one_line(capsys, no_load):
+    assert door(["generate", "hi", "--preset", "tiny", "--repetition-penalty", "0"], capsys) == \
+        (2, "", "error: --repetition-penalty must be > 0 (1 = off), got 0.0\n")
+
 def test_a_missing_model_is_named(capsys, no_load):
     assert door(["generate", "hi", "--model", "/nonexistent"], capsys) == \
         (2, "", "error: no model at /nonexistent: expected a model directory, a .gguf file, or a preset "

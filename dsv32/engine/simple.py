@@ -12,8 +12,9 @@ from dsv32.model import ContextLengthError, Transformer
 @torch.inference_mode()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             stop_ids: tuple[int, ...] = (), sparse: bool = True) -> Iterator[int]:
-    """Yield generated token ids one by one (stops at a stop id, which is yielded, or the limit)."""
+             stop_ids: tuple[int, ...] = (), sparse: bool = True, repetition_penalty: float = 1.0) -> Iterator[int]:
+    """Yield generated token ids one by one (stops at a stop id, which is yielded, or the limit).
+    repetition_penalty: the CTRL penalty over prompt and generated tokens (sampler.adjusted_logits)."""
     if not prompt:
         raise ValueError("the prompt is empty")
     limit = model.cfg.max_position_embeddings
@@ -22,13 +23,16 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 64, te
                                  f"context of {limit} tokens")
     total = min(len(prompt) + max_new_tokens, limit)
     device = model.embed_tokens.weight.device
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            repetition_penalty=repetition_penalty)
+    history = list(prompt)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(1, total)
     ids = torch.tensor([prompt], device=device)
     logits = model(ids, cache=cache, sparse=sparse, mode="mha").logits[:, -1]
     for pos in range(len(prompt), total):
-        tok = sample(logits, [params], [gen])[0].token
+        tok = sample(logits, [params], [gen], None, [history], [len(prompt)])[0].token
+        history.append(tok)
         yield tok
         if tok in stop_ids or pos + 1 == total:
             return

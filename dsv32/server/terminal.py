@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="CTRL's penalty on tokens already in the context (1 = off; small models loop without one)")
     args = p.parse_args(argv)
     if args.thinking and not has_thinking_mode(args.model):  # known from config.json: before the load
         raise ValueError(f"{args.model or DEFAULT_NAME}'s chat format has no thinking mode: drop --thinking")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.thinking and tokenizer.chat_format != "v32":
         raise ValueError(f"this model's chat format ({tokenizer.chat_format}) has no thinking mode: drop --thinking")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            stop_token_ids=list(tokenizer.stop_ids))
+                            repetition_penalty=args.repetition_penalty, stop_token_ids=list(tokenizer.stop_ids))
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print(f"{DIM}{banner(args.model or DEFAULT_NAME, engine, load_s)}\n{mode} mode; /reset starts over, "

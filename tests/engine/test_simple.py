@@ -28,6 +28,23 @@ def test_greedy_generation_equals_repeated_full_forward(tiny, sparse):
     assert got == seq[20:]
 
 
+
+def test_greedy_generation_with_a_repetition_penalty_follows_ctrl_by_hand(tiny):
+    """CTRL's penalty over prompt and generated tokens: a positive logit of a token already in the
+    context is divided by r, a negative one multiplied by r; greedy takes the argmax of that."""
+    torch.manual_seed(1)
+    prompt, r = torch.randint(0, 512, (20,)).tolist(), 3.0
+    got = list(generate(tiny, prompt, max_new_tokens=10, stop_ids=(), repetition_penalty=r))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = tiny(torch.tensor([seq]), sparse=True).logits[0, -1].clone()
+            seen = torch.tensor(sorted(set(seq)))
+            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / r, logits[seen] * r)
+            seq.append(int(logits.argmax()))
+    assert got == seq[20:]
+    assert got != list(generate(tiny, prompt, max_new_tokens=10, stop_ids=()))  # the penalty changed the reply
+
 def test_sampling_truncation_by_hand():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
