@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.chat import BOS, EOS, SPECIAL_TOKENS, StreamParser, encode_messages
+from dsv32.chat.grammar import chat_grammar
 from dsv32.preflight import positive_int, text_files
 
 LONG_TEXT = 1 << 16  # characters beyond which encode releases the GIL (encode_ids)
@@ -86,6 +87,12 @@ class Tokenizer:
         """Token ids of the prompt for messages; kwargs as for `dsv32.chat.encode_messages`; limit as
         for encode."""
         return self.encode(encode_messages(messages, thinking_mode, **kwargs), limit)
+
+    def reply_grammar(self, **request) -> str | None:
+        """The grammar a chat request's reply must follow in this format (constrained decoding), or
+        None if it is free; request: thinking, response_format, tools, tool_choice,
+        parallel_tool_calls, as for `dsv32.chat.grammar.chat_grammar`."""
+        return chat_grammar(self.special_ids, **request)
 
     def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
                       tool_deltas: bool = False) -> StreamParser:

@@ -8,8 +8,7 @@ returns is a complete reply for the format's parser:
   V3.2, chat mode       {json}<｜end▁of▁sentence｜>
                         \\n\\n<｜DSML｜function_calls>\\n{invokes}\\n</｜DSML｜function_calls><｜end▁of▁sentence｜>
   V3.2, thinking mode   the same after {reasoning}</think> (the reasoning is free text)
-  ChatML (SmolLM2)      {json}<|im_end|>
-                        <tool_call>[\\n{"name": ..., "arguments": {...}},\\n...\\n]</tool_call><|im_end|>
+(the converted family's ChatML form is in its own folder, built from the pieces here).
 A DSML invoke is written as `dsv32.chat.encode.render_tool_calls` writes it: one parameter per line
 in the order of the tool's schema, the required ones always, the others optionally. A parameter
 whose schema type is "string" is raw text (string="true"; an `enum`, `const` or `pattern` is
@@ -24,17 +23,15 @@ from dsv32.chat.format import (
     CALLS_END, CALLS_START, DSML, EOS, INVOKE_END, INVOKE_START, PARAM_END, PARAM_START, THINK_END, ChatFormatError,
 )
 
-IM_END = "<|im_end|>"          # ChatML's end of a reply (dsv32.llama.chatml, a layer above: not imported)
-CHATML_CALL_START, CHATML_CALL_END = "<tool_call>[\n", "\n]</tool_call>"
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _lit(text: str) -> str:
+def literal(text: str) -> str:
     """A Lark string literal."""
     return json.dumps(text)
 
 
-def _json(schema: dict, defs: dict | None = None) -> str:
+def json_rule(schema: dict, defs: dict | None = None) -> str:
     """An inline JSON-schema lexeme, compact, with the top schema's definitions carried along."""
     if not isinstance(schema, dict):
         raise ChatFormatError(f"a JSON schema must be an object, got {schema!r}")
@@ -46,7 +43,7 @@ def _defs(schema: dict) -> dict:
     return {k: schema[k] for k in ("$defs", "definitions") if k in schema}
 
 
-class _Grammar:
+class GrammarRules:
     """Rules of one Lark grammar, with the special tokens of the vocabulary by id."""
 
     def __init__(self, special_ids: dict[str, int | None]):
@@ -73,26 +70,26 @@ class _Grammar:
             if i:
                 out.append(self.token(DSML))
             if part:
-                out.append(_lit(part))
+                out.append(literal(part))
         return " ".join(out)
 
 
-def _raw_string(g: _Grammar, name: str, schema: dict) -> str:
+def _raw_string(g: GrammarRules, name: str, schema: dict) -> str:
     """A string parameter's raw value and the '</' that closes it."""
     if "const" in schema or "enum" in schema:
         options = [schema["const"]] if "const" in schema else schema["enum"]
         if not options or not all(isinstance(o, str) for o in options):
             raise ChatFormatError(f"parameter {name!r}: a string enum must list strings")
-        return "(" + " | ".join(_lit(o) for o in options) + ") " + _lit("</")
+        return "(" + " | ".join(literal(o) for o in options) + ") " + literal("</")
     if "pattern" in schema:
         pattern = schema["pattern"].removeprefix("^").removesuffix("$")
-        return g.rule(f"p{len(g.rules)}", f"/{pattern.replace('/', chr(92) + '/')}/") + " " + _lit("</")
+        return g.rule(f"p{len(g.rules)}", f"/{pattern.replace('/', chr(92) + '/')}/") + " " + literal("</")
     lo, hi = schema.get("minLength", 0), schema.get("maxLength")
     count = "*" if (lo, hi) == (0, None) else f"{{{lo},{'' if hi is None else hi}}}"
     return g.rule(f"p{len(g.rules)}", f"/(?s:.{count})<\\//", lazy=True)
 
 
-def _dsml_invoke(g: _Grammar, fn: dict) -> str:
+def _dsml_invoke(g: GrammarRules, fn: dict) -> str:
     """One invoke of tool `fn` ({"name", "parameters"}), as render_tool_calls writes it."""
     name, schema = fn["name"], fn.get("parameters") or {}
     props, required = schema.get("properties") or {}, set(schema.get("required") or ())
@@ -100,7 +97,7 @@ def _dsml_invoke(g: _Grammar, fn: dict) -> str:
     for key, sub in props.items():
         raw = isinstance(sub, dict) and sub.get("type") == "string"
         head = g.markup(f'{PARAM_START} name="{key}" string="{"true" if raw else "false"}">')
-        value = _raw_string(g, key, sub) if raw else _json(sub, _defs(schema)) + " " + _lit("</")
+        value = _raw_string(g, key, sub) if raw else json_rule(sub, _defs(schema)) + " " + literal("</")
         line = f"{head} {value} {g.markup(PARAM_END.removeprefix('/') + '>' + chr(10))}"
         lines.append(f"({line})" + ("" if key in required else "?"))
     missing = required - set(props)
@@ -108,12 +105,6 @@ def _dsml_invoke(g: _Grammar, fn: dict) -> str:
         raise ChatFormatError(f"tool {name!r}: required parameters {sorted(missing)} have no schema")
     head = g.markup(f'{INVOKE_START} name="{name}">\n' + ("" if props else "\n"))  # as rendered with no arguments
     return g.rule(f"invoke{len(g.rules)}", " ".join([head, *lines, g.markup(INVOKE_END + ">")]))
-
-
-def _chatml_call(g: _Grammar, fn: dict) -> str:
-    schema = fn.get("parameters") or {"type": "object"}
-    head = _lit('{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "arguments": ')
-    return g.rule(f"call{len(g.rules)}", f"{head} {_json(schema)} {_lit('}')}")
 
 
 def forced_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:
@@ -149,40 +140,29 @@ def response_json_schema(response_format: dict | None) -> dict | None:
     raise ChatFormatError(f"response_format type {response_format['type']!r} is not one of text, json_object, json_schema")
 
 
-def chat_grammar(chat_format: str, special_ids: dict[str, int | None], *, thinking: bool = False,
+def chat_grammar(special_ids: dict[str, int | None], *, thinking: bool = False,
                  response_format: dict | None = None, tools: list[dict] | None = None,
                  tool_choice=None, parallel_tool_calls: bool = True) -> str | None:
-    """The grammar a chat request's reply must follow, or None if it is free.
+    """The grammar a V3.2 chat request's reply must follow, or None if it is free (another family's
+    format has its own, reached through its tokenizer's `reply_grammar`).
 
-    chat_format: "v32" or "chatml"; special_ids: special token text -> id in the vocabulary (V3.2:
-    the DSML marker, EOS, `</think>`; ChatML: `<|im_end|>`); the other arguments as in the OpenAI
-    request (tools in OpenAI's format). A forced call is one call for a named function or without
-    parallel_tool_calls, else one or more."""
+    special_ids: special token text -> id in the vocabulary (the DSML marker, EOS, `</think>`); the
+    other arguments as in the OpenAI request (tools in OpenAI's format). A forced call is one call
+    for a named function or without parallel_tool_calls, else one or more."""
     schema, fns = response_json_schema(response_format), forced_tools(tools, tool_choice)
     if schema is not None and fns is not None:
         raise ChatFormatError("a JSON response_format and a forced tool call cannot both hold: choose one")
     if schema is None and fns is None:
         return None
-    g = _Grammar(special_ids)
+    g = GrammarRules(special_ids)
     several = parallel_tool_calls and tool_choice == "required"
-    if chat_format == "chatml":
-        if thinking:
-            raise ChatFormatError("this model's chat format (ChatML) has no thinking mode")
-        if schema is not None:
-            return g.text(f"{_json(schema)} {g.token(IM_END)}")
-        calls = " | ".join(_chatml_call(g, fn) for fn in fns)
-        more = f"({_lit(',' + chr(10))} ({calls}))*" if several else ""
-        body = f"{_lit(CHATML_CALL_START)} ({calls}) {more} {_lit(CHATML_CALL_END)}"
-        return g.text(f"{body} {g.token(IM_END)}")
-    if chat_format != "v32":
-        raise ChatFormatError(f"no grammar for the chat format {chat_format!r}")
     if schema is not None:
-        body = _json(schema)
+        body = json_rule(schema)
     else:
         invoke = " | ".join(_dsml_invoke(g, fn) for fn in fns)
         # every "<" before a DSML marker starts its own literal: the lexer then never has to split
         # one literal ("\n</") into two ("\n", "<") when the special token arrives
-        nl = _lit("\n")
+        nl = literal("\n")
         more = f"({nl} ({invoke}))*" if several else ""
         body = " ".join([g.markup(CALLS_START + ">"), nl, f"({invoke})", more, nl, g.markup(CALLS_END)])
     reasoning = f"{g.rule('reasoning', '/(?s:.*)/')} {g.token(THINK_END)} " if thinking else ""

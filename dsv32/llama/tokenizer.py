@@ -8,6 +8,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from dsv32.chat import ChatFormatError
 from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
+from dsv32.llama.grammar import chatml_grammar
 from dsv32.tokenizer import encode_ids
 
 
@@ -53,6 +54,13 @@ class PlainTokenizer:
                              "the model takes plain text only")
         kwargs.setdefault("default_system", self.default_system)
         return self.encode(encode_chatml(messages, thinking_mode, **kwargs), limit)
+
+    def reply_grammar(self, **request) -> str | None:
+        """The grammar a chat request's reply must follow in ChatML (constrained decoding), or None
+        if it is free; request as for `dsv32.llama.grammar.chatml_grammar`."""
+        if self.chat_format is None:
+            raise ChatFormatError("this model's vocabulary has no chat tokens: it takes plain text only")
+        return chatml_grammar({IM_END: self.tok.token_to_id(IM_END)}, **request)
 
     def stream_parser(self, thinking_mode: str = "chat", lenient: bool = False, tools: bool = True,
                       tool_deltas: bool = False) -> ChatMLStreamParser:

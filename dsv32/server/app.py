@@ -36,8 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from dsv32 import __version__
-from dsv32.chat import DSML, EOS, THINK_END, ChatFormatError, render_tool_calls
-from dsv32.chat.grammar import IM_END, chat_grammar
+from dsv32.chat import ChatFormatError, render_tool_calls
 from dsv32.engine import SamplingParams
 from dsv32.engine.grammar import Grammar, GrammarError, GrammarVocab
 from dsv32.server.config import ServerConfig
@@ -319,9 +318,9 @@ async def request_grammar(state: "ServerState", req: ChatRequest, mode: str) -> 
     rf = req.response_format.model_dump(exclude_none=True) if req.response_format else None
     param = "response_format" if rf and rf["type"] != "text" else "tool_choice"
     try:
-        text = chat_grammar(tok.chat_format, state.special_ids, thinking=mode == "thinking", response_format=rf,
-                            tools=[t.model_dump(exclude_none=True) for t in req.tools or []], tool_choice=choice,
-                            parallel_tool_calls=req.parallel_tool_calls is not False)
+        text = tok.reply_grammar(thinking=mode == "thinking", response_format=rf,
+                                 tools=[t.model_dump(exclude_none=True) for t in req.tools or []], tool_choice=choice,
+                                 parallel_tool_calls=req.parallel_tool_calls is not False)
         if text is None:
             return None
         return await asyncio.to_thread(lambda: Grammar.compile(text, state.grammar_vocab()))
@@ -471,14 +470,13 @@ class ServerState:
         self.prompts = PromptEncoder(tokenizer)
         self.max_model_len = runner.engine.max_model_len
         fmt = tokenizer.chat_format
-        # constrained decoding: the special tokens grammars name, the vocabulary built on first use
-        self.special_ids = {t: tokenizer.tok.token_to_id(t) for t in (DSML, EOS, THINK_END, IM_END)}
+        # constrained decoding: the vocabulary grammars compile against, built on first use
         self._grammar_vocab: GrammarVocab | None = None
         # /v1/models extras (as vLLM adds max_model_len), read by the web page: the context, whether
         # DSA selects keys (past index_topk of them; None: dense), what the chat format can do
         self.card = {"max_model_len": self.max_model_len,
                      "index_topk": getattr(runner.engine.runner.model.cfg, "index_topk", None), "chat_format": fmt,
-                     "supports_thinking": fmt == "v32", "supports_tools": fmt in ("v32", "chatml")}
+                     "supports_thinking": fmt == "v32", "supports_tools": fmt is not None}
 
     def grammar_vocab(self) -> GrammarVocab:
         """The vocabulary grammars compile against (built once: ~0.5 s for a 50k vocabulary)."""

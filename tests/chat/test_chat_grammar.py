@@ -20,6 +20,7 @@ from dsv32.chat import (
     render_tool_calls,
 )
 from dsv32.chat.grammar import chat_grammar
+from dsv32.llama.grammar import chatml_grammar
 from dsv32.engine.grammar import Grammar, GrammarVocab, mask_width, unpack_mask
 from dsv32.llama.chatml import IM_END, ChatMLStreamParser, render_chatml_tool_calls
 from dsv32.tokenizer import train_tokenizer
@@ -59,7 +60,7 @@ def chatml():
 
 
 def v32_grammar(tok, vocab, **kw):
-    return Grammar.compile(chat_grammar("v32", tok.special_ids, **kw), vocab)
+    return Grammar.compile(chat_grammar(tok.special_ids, **kw), vocab)
 
 
 def accepts(grammar: Grammar, ids: list[int]) -> bool:
@@ -139,7 +140,7 @@ def test_chatml_forced_calls_and_json(chatml):
     special = {IM_END: tok.token_to_id(IM_END)}
 
     def grammar(**kw):
-        return Grammar.compile(chat_grammar("chatml", special, **kw), vocab)
+        return Grammar.compile(chatml_grammar(special, **kw), vocab)
 
     def ids(text):
         return tok.encode(text, add_special_tokens=False).ids
@@ -172,12 +173,12 @@ def test_chatml_forced_calls_and_json(chatml):
     ({"response_format": {"type": "json_object"}, "thinking": True, "chat_format": "chatml"}, "no thinking"),
 ])
 def test_requests_that_cannot_hold_are_errors(kw, match):
-    fmt = kw.pop("chat_format", "v32")
+    grammar = chatml_grammar if kw.pop("chat_format", "v32") == "chatml" else chat_grammar
     with pytest.raises(ChatFormatError, match=match):
-        chat_grammar(fmt, {}, **kw)
+        grammar({}, **kw)
 
 
 def test_free_replies_have_no_grammar():
     for kw in ({}, {"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "auto"}, {"tools": TOOLS, "tool_choice": "none"},
                {"response_format": {"type": "text"}}):
-        assert chat_grammar("v32", {}, **kw) is None
+        assert chat_grammar({}, **kw) is None and chatml_grammar({}, **kw) is None
