@@ -147,7 +147,8 @@ class Attention(nn.Module):
             k, v, ik = step.cache.update(step.layer_id, k, v, ik, step.positions)
         t = k.shape[1]
         mask = step.mask                                                  # [B, S, T]
-        scores, idx = select_keys(self.indexer, step, ix_in, ix_in, ik, cos, sin)  # [B, S, T], [B, S, k]
+        scores, idx = select_keys(self.indexer, step, ix_in, ix_in, ik, cos, sin,  # [B, S, T], [B, S, k]
+                                  attn_q=q, attn_k=k.view(b, t, kv, hd))
         if step.sparse:  # no latent to absorb: both modes mask the keys outside the selected set
             mask = selected_mask(idx, mask)
 

@@ -4,6 +4,7 @@ Module names follow the official checkpoint (see dsv32/checkpoint.py for the one
 modules, stored there as extra `model.layers.{num_hidden_layers + k}`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,6 +79,7 @@ class Step:
     forced_experts: list | None = None         # per MoE layer [B*S, k] ids to replay
     return_topk: bool = False                  # selected key positions per layer (no scores)
     forced_topk: torch.Tensor | None = None    # [B, S, L, k] packed key sets to replay (pack_selection)
+    key_selector: Callable | None = None       # replaces the indexer's top-k (see indexer.select_keys)
     layer_id: int = 0
 
 
