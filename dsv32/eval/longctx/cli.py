@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     except (LongCtxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dsv32.loader import load  # the composition root, a layer above eval (as in eval/cli.py)
+    # the composition root, a layer above eval (as in eval/cli.py)
+    from dsv32.loader import load
 
     model, tok = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     if tok is None:
