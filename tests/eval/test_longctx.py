@@ -267,6 +267,7 @@ def test_dsv32_eval_longctx_writes_results_and_a_table(tmp_path, tokenizer_dir):
     variants = ["dense", "dsa k=32", "dsa k=64", "quest k=32", "quest k=64"]
     assert res["variants"] == variants
     assert {(r["variant"], r["sample"]) for r in res["rows"]} == {(v, s) for v in variants for s in ("needle@0.2", "ppl")}
+    assert [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()] == res["rows"]
     report = (out / "report.md").read_text()
     assert all(f"| {v} |" in report for v in variants)
     assert eval_main(["longctx", "--model", str(model_dir), "--variants", "dense,ring", "--out", str(out)]) == 2

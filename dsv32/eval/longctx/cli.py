@@ -5,15 +5,18 @@ under dense attention, DSA and the baselines at the same number of attended keys
     dsv32 eval longctx --model DIR --keys 256,512 --samples 4 --out runs/longctx
 
 Without --model it runs the default model (SmolLM2-135M-Instruct with its DSA indexers). Writes
-results.json (every sample's metrics and the means) and report.md (the tables) under --out.
+results.json (every sample's metrics and the means) and report.md (the tables) under --out, and
+rows.jsonl as it goes (a run cut short keeps what it scored).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from dsv32.eval.longctx.run import model_forward, run_suite, variant_list, write_results
 from dsv32.eval.longctx.selectors import VARIANTS
@@ -85,8 +88,17 @@ def main(argv=None) -> int:
     except (LongCtxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = (out / "rows.jsonl").open("w")  # each row as it comes, for a run cut short
+
+    def keep(row: dict) -> None:
+        partial.write(json.dumps(row) + "\n")
+        partial.flush()
+
     start = time.perf_counter()
-    rows = run_suite(lambda sel: model_forward(model, sel), samples, chosen)
+    with partial:
+        rows = run_suite(lambda sel: model_forward(model, sel), samples, chosen, keep)
     wall = time.perf_counter() - start
     what = args.model or "the default model"
     meta = {"model": what, "lengths": lengths, "keys": keys, "variants": [v for v, _ in chosen], "tasks": tasks,

@@ -40,9 +40,9 @@ def model_forward(model, selector: Selector | None):
     return fn
 
 
-def run_suite(model_fn_for, samples_by_length: dict[int, list[Sample]], variants) -> list[dict]:
+def run_suite(model_fn_for, samples_by_length: dict[int, list[Sample]], variants, on_row=None) -> list[dict]:
     """One row per (length, variant, sample): the sample's metrics. model_fn_for(selector) gives
-    the model_fn of a variant."""
+    the model_fn of a variant; on_row, if given, sees each row as it is scored."""
     rows = []
     for length, samples in samples_by_length.items():
         for label, selector in variants:
@@ -53,6 +53,8 @@ def run_suite(model_fn_for, samples_by_length: dict[int, list[Sample]], variants
                 rows.append({"length": length, "variant": label, "sample": s.name, "task": s.task,
                              "seconds": round(time.perf_counter() - t, 3), **m})
                 log.info("%d %s %s: %s", length, label, s.name, {k: v for k, v in m.items() if k != "nll_by_pos"})
+                if on_row is not None:
+                    on_row(rows[-1])
     return rows
 
 
