@@ -17,10 +17,11 @@ seed): the same arguments give the same ids.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 
-from dsv32.agent.sysdocs import python_docs
+from dsv32.agent.sysdocs import python_docs, stdlib_modules
 
 TASKS = ("copy_random", "copy_text", "needle", "multikey", "ppl")
 DEPTHS = (0.1, 0.5, 0.9)  # where the needle sits, as a fraction of the haystack (0 = the start)
@@ -29,6 +30,8 @@ DOC_MODULES = ("collections", "json", "argparse", "pathlib", "typing", "logging"
                "dataclasses", "functools", "itertools", "os", "re", "string", "textwrap", "csv",
                "sqlite3", "tarfile", "zipfile", "shutil", "subprocess", "threading", "socket")
 MIN_LENGTH = 128
+
+log = logging.getLogger(__name__)
 
 
 class LongCtxError(ValueError):
@@ -52,11 +55,13 @@ class Sample:
         return f"{self.task}@{self.detail['depth']:g}" if "depth" in self.detail else self.task
 
 
-def paragraphs(tokenizer, min_tokens: int, max_docs: int = 4000) -> list[list[int]]:
-    """Real text as tokenized paragraphs (the docstrings of DOC_MODULES, in a fixed order), at
-    least min_tokens in all."""
+def paragraphs(tokenizer, min_tokens: int) -> list[list[int]]:
+    """Real text as tokenized paragraphs, at least min_tokens in all where the documentation has
+    that many (some 400K tokens): the docstrings of DOC_MODULES, then of the rest of the standard
+    library, in a fixed order."""
     out, total = [], 0
-    for doc in python_docs(DOC_MODULES):
+    modules = DOC_MODULES + tuple(m for m in stdlib_modules() if m not in DOC_MODULES)
+    for doc in python_docs(modules):
         for para in doc.text.split("\n\n"):
             para = para.strip()
             if len(para) < 40:
@@ -64,19 +69,24 @@ def paragraphs(tokenizer, min_tokens: int, max_docs: int = 4000) -> list[list[in
             ids = tokenizer.encode("\n\n" + para)
             out.append(ids)
             total += len(ids)
-        if total >= min_tokens or len(out) >= max_docs:
+        if total >= min_tokens:
             break
-    if total < min_tokens:
-        raise LongCtxError(f"the standard library's documentation gave only {total} tokens, fewer than "
-                           f"the {min_tokens} the tasks need")
     return out
 
 
 class TextPool:
-    """Paragraphs to draw haystacks and passages from, in an order fixed by the seed."""
+    """Paragraphs to draw haystacks and passages from, in an order fixed by the seed. Asked for
+    more than the documentation holds, it starts over (and says so)."""
 
-    def __init__(self, tokenizer, min_tokens: int, seed: int):
-        self.paras = paragraphs(tokenizer, min_tokens)
+    def __init__(self, tokenizer, want: int, need: int, seed: int):
+        self.paras = paragraphs(tokenizer, want)
+        total = sum(map(len, self.paras))
+        if total < need:
+            raise LongCtxError(f"the standard library's documentation gave only {total} tokens, fewer than "
+                               f"the {need} one sample needs")
+        if total < want:
+            log.warning("the tasks want %d tokens of real text, the documentation has %d: samples will share "
+                        "text", want, total)
         random.Random(seed).shuffle(self.paras)
         self.next = 0
 
@@ -202,7 +212,7 @@ def build_tasks(tokenizer, length: int, seed: int = 0, samples: int = 1, tasks=T
     rng = random.Random(seed)
     text_tasks = [t for t in tasks if t != "copy_random"]
     per_sample = len(text_tasks) + (len(depths) - 1 if "needle" in tasks else 0)
-    pool = TextPool(tokenizer, per_sample * length * samples, seed) if text_tasks else None
+    pool = TextPool(tokenizer, per_sample * length * samples, 2 * length, seed) if text_tasks else None
     out = []
     for _ in range(samples):
         for t in tasks:
