@@ -271,3 +271,14 @@ def test_dsv32_eval_longctx_writes_results_and_a_table(tmp_path, tokenizer_dir):
     report = (out / "report.md").read_text()
     assert all(f"| {v} |" in report for v in variants)
     assert eval_main(["longctx", "--model", str(model_dir), "--variants", "dense,ring", "--out", str(out)]) == 2
+
+
+@pytest.mark.gpu
+def test_on_cuda_every_selector_chooses_the_keys_it_chooses_on_cpu():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 300, 4, 16), torch.randn(1, 300, 2, 16)
+    mask = causal(300)
+    for rule in (lambda q, k, m: window_select(m, 64), lambda q, k, m: sinks_window_select(m, 64, 4),
+                 lambda q, k, m: quest_select(q, k, m, 64, 16)):
+        want = keysets(rule(q, k, mask))
+        assert keysets(rule(q.cuda(), k.cuda(), mask.cuda()).cpu()) == want
