@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dsv32.config import preset
 from dsv32.eval.cli import main as eval_main
 from dsv32.eval.longctx.score import (
     oracle_model,
@@ -24,6 +25,7 @@ from dsv32.eval.longctx.selectors import (
 from dsv32.eval.longctx.tasks import TASKS, LongCtxError, build_tasks
 from dsv32.llama.model import LlamaConfig, LlamaDSA
 from dsv32.loader import save
+from dsv32.model import Transformer
 from dsv32.model.indexer import pack_selection
 from dsv32.tokenizer import Tokenizer
 
@@ -282,3 +284,17 @@ def test_on_cuda_every_selector_chooses_the_keys_it_chooses_on_cpu():
                  lambda q, k, m: quest_select(q, k, m, 64, 16)):
         want = keysets(rule(q, k, mask))
         assert keysets(rule(q.cuda(), k.cuda(), mask.cuda()).cpu()) == want
+
+
+def test_on_a_v32_model_the_position_selectors_work_and_quest_says_why_it_cannot():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    x = torch.randint(2, model.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = model(x, sparse=False).logits
+        wide = model(x, sparse=True, key_selector=Selector("sinks", 20)).logits
+        narrow = model(x, sparse=True, key_selector=Selector("window", 4), return_topk=True)
+        with pytest.raises(ValueError, match="Llama-family"):
+            model(x, sparse=True, key_selector=Selector("quest", 16))
+    assert torch.allclose(wide, dense, atol=1e-5)
+    assert keysets(narrow.topk_indices[0]) == keysets(window_select(causal(20), 4))
