@@ -217,7 +217,7 @@ class LlamaDSA(nn.Module):
 
         options are `Step` fields: sparse (DSA top-k, default on; False = dense), mode (accepted,
         both modes compute the same), indexer_fp8, detach_indexer, return_aux, return_attn_probs,
-        return_topk, forced_topk.
+        return_topk, forced_topk, key_selector.
         There is no MoE and no MTP: expert_ids, router_scores and mtp_logits stay empty.
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)

@@ -6,6 +6,8 @@ q comes from MLA's query latent (q_lora), one key per token is shared by all ind
 score only chooses which latents the main attention reads; it never enters the attention weights.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -85,13 +87,7 @@ def select_keys(indexer: "Indexer", step, x, qr, k, cos, sin, attn_q=None, attn_
     computes the indexer's scores [B, S, T] when called."""
     scores = idx = None
     if step.key_selector is not None and step.sparse and step.forced_topk is None:
-        cache = []
-
-        def index_scores() -> torch.Tensor:
-            if not cache:
-                cache.append(indexer(x, qr, k, cos, sin, step.mask, step.indexer_fp8))
-            return cache[0]
-
+        index_scores = functools.cache(lambda: indexer(x, qr, k, cos, sin, step.mask, step.indexer_fp8))
         idx = step.key_selector(attn_q, attn_k, step.mask, index_scores)
         return (index_scores() if step.return_aux else None), idx
     if step.return_aux or (step.sparse and step.forced_topk is None):

@@ -225,7 +225,7 @@ class Transformer(nn.Module):
         Tokens sit at start_pos.. (or at explicit per-sequence `positions` [B, S], for batched
         decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
-        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk.
+        return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk, key_selector.
         mtp=True also runs the MTP modules (training).
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)
