@@ -89,7 +89,8 @@ def markdown(summary: dict, title: str) -> str:
         n_samples = max(m["samples"] for v in by_var.values() for m in v.values())
         lines += [f"## {length} tokens ({n_samples} sample(s) per task)", "",
                   ("copy: NLL of the second copy (first copy in brackets) and share of its tokens predicted "
-                   "greedily; needle, multi-key: share of answers read back exactly (greedy on every answer token)."),
+                   "greedily; needle, multi-key: share of answers read back exactly (greedy on every answer token), "
+                   "the answer tokens' NLL in brackets."),
                   ""]
         head = ["variant", "copy random NLL", "copy random acc", "copy text NLL", "copy text acc"] + \
             needles + ["multi-key", "ppl NLL"]
@@ -99,8 +100,9 @@ def markdown(summary: dict, title: str) -> str:
             cells = [var,
                      f"{_cell(cr, 'nll', '.2f')} ({_cell(cr, 'ref_nll', '.2f')})", _cell(cr, "acc", ".3f"),
                      f"{_cell(ct, 'nll', '.2f')} ({_cell(ct, 'ref_nll', '.2f')})", _cell(ct, "acc", ".3f")]
-            cells += [_cell(m.get(n), "correct", ".2f") for n in needles]
-            cells += [_cell(m.get("multikey"), "correct", ".2f"), _cell(m.get("ppl"), "nll", ".3f")]
+            cells += [f"{_cell(m.get(n), 'correct', '.2f')} ({_cell(m.get(n), 'nll', '.2f')})"
+                      for n in [*needles, "multikey"]]
+            cells.append(_cell(m.get("ppl"), "nll", ".3f"))
             lines.append("| " + " | ".join(cells) + " |")
         buckets = [f"{a}-{b}" for a, b in position_buckets(int(length))]
         if any("ppl" in m for m in by_var.values()):
