@@ -4,6 +4,7 @@
     dsv32 eval --tasks rg:basic_arithmetic:100 --base-url http://127.0.0.1:8000/v1 -n 4 -k 1,4 --out runs/rg
 
     dsv32 eval --protocol ioi --tasks ioi.jsonl --base-url URL -n 500 --submissions 50 --thinking --out runs/ioi
+    dsv32 eval longctx --lengths 2048,8192 --variants dense,dsa,window,sinks,quest --out runs/longctx
 
 Defaults follow the V3.2 evaluations: temperature 1.0, top-p 1.0, prompts in the math template.
 Rerunning with the same --out resumes: tasks already in its results.jsonl are not sampled again.
@@ -19,6 +20,7 @@ import sys
 from dsv32.agent.sandbox import SandboxError
 from dsv32.eval.code import CodeJudge
 from dsv32.eval.contest import PROTOCOLS, load_problems, run_contest
+from dsv32.eval.longctx.cli import main as longctx_main
 from dsv32.eval.proof_run import load_proof_problems, run_proofs
 from dsv32.eval.run import run_eval
 from dsv32.eval.sample import EndpointSampler, EngineSampler, SamplingConfig
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["longctx"]:  # `dsv32 eval longctx ...`: the long-context suite, its own flags
+        return longctx_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         ks = sorted({int(k) for k in args.k.split(",")})

@@ -147,7 +147,8 @@ class Attention(nn.Module):
             k, v, ik = step.cache.update(step.layer_id, k, v, ik, step.positions)
         t = k.shape[1]
         mask = step.mask                                                  # [B, S, T]
-        scores, idx = select_keys(self.indexer, step, ix_in, ix_in, ik, cos, sin)  # [B, S, T], [B, S, k]
+        scores, idx = select_keys(self.indexer, step, ix_in, ix_in, ik, cos, sin,  # [B, S, T], [B, S, k]
+                                  attn_q=q, attn_k=k.view(b, t, kv, hd))
         if step.sparse:  # no latent to absorb: both modes mask the keys outside the selected set
             mask = selected_mask(idx, mask)
 
@@ -216,7 +217,7 @@ class LlamaDSA(nn.Module):
 
         options are `Step` fields: sparse (DSA top-k, default on; False = dense), mode (accepted,
         both modes compute the same), indexer_fp8, detach_indexer, return_aux, return_attn_probs,
-        return_topk, forced_topk.
+        return_topk, forced_topk, key_selector.
         There is no MoE and no MTP: expert_ids, router_scores and mtp_logits stay empty.
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)

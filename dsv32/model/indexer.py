@@ -6,6 +6,8 @@ q comes from MLA's query latent (q_lora), one key per token is shared by all ind
 score only chooses which latents the main attention reads; it never enters the attention weights.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -72,11 +74,22 @@ def forced_selection(forced: torch.Tensor, layer: int, mask: torch.Tensor) -> to
     return idx
 
 
-def select_keys(indexer: "Indexer", step, x, qr, k, cos, sin):
+def select_keys(indexer: "Indexer", step, x, qr, k, cos, sin, attn_q=None, attn_k=None):
     """One attention layer's index scores (when the step needs them) and selected keys: the
-    indexer's top-k, or the step's forced selection (RL replay). x, qr: the indexer's inputs;
-    k: [B, T, head_dim] keys -> (scores [B, S, T] fp32 or None, idx [B, S, k] or None)."""
+    indexer's top-k, the step's forced selection (RL replay), or the step's key_selector. x, qr:
+    the indexer's inputs; k: [B, T, head_dim] keys -> (scores [B, S, T] fp32 or None, idx [B, S, k]
+    or None).
+
+    A key_selector chooses keys by another rule (the long-context baselines of dsv32.eval) through
+    the same sparse attention: key_selector(q, k, mask, index_scores) -> idx [B, S, n] (-1 = none),
+    given the layer's attention queries attn_q [B, S, H, D] and keys attn_k [B, T, H_kv, D] after
+    RoPE (None where the layer does not expose them: MLA), the mask [B, S, T] and a function that
+    computes the indexer's scores [B, S, T] when called."""
     scores = idx = None
+    if step.key_selector is not None and step.sparse and step.forced_topk is None:
+        index_scores = functools.cache(lambda: indexer(x, qr, k, cos, sin, step.mask, step.indexer_fp8))
+        idx = step.key_selector(attn_q, attn_k, step.mask, index_scores)
+        return (index_scores() if step.return_aux else None), idx
     if step.return_aux or (step.sparse and step.forced_topk is None):
         scores = indexer(x, qr, k, cos, sin, step.mask, step.indexer_fp8)
     if step.forced_topk is not None:

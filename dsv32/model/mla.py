@@ -62,9 +62,9 @@ class AttnOut:
 
 def paged_view(step):
     """This layer's paged cache view when the step is a sparse absorbed-MQA decode that returns no
-    auxiliary outputs, forces no selection, and the cache offers one (see KVCache); else None."""
+    auxiliary outputs, forces or replaces no selection, and the cache offers one (see KVCache); else None."""
     if not (step.sparse and step.mode == "mqa") or step.return_aux or step.return_attn_probs \
-            or step.forced_topk is not None:
+            or step.forced_topk is not None or step.key_selector is not None:
         return None
     view = getattr(step.cache, "paged_view", None)
     return view(step.layer_id) if view is not None else None

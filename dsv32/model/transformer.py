@@ -4,6 +4,7 @@ Module names follow the official checkpoint (see dsv32/checkpoint.py for the one
 modules, stored there as extra `model.layers.{num_hidden_layers + k}`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +80,7 @@ class Step:
     return_topk: bool = False                  # selected key positions per layer (no scores)
     forced_topk: torch.Tensor | None = None    # [B, S, L, k] packed key sets to replay (pack_selection)
     batch_invariant: bool = False              # fixed-width sorted key sets (model/batch_invariant.py)
+    key_selector: Callable | None = None       # replaces the indexer's top-k (see indexer.select_keys)
     layer_id: int = 0
 
 
@@ -225,7 +227,7 @@ class Transformer(nn.Module):
         decoding of sequences of different lengths); earlier positions must be in `cache`.
         options are `Step` fields: sparse, mode, indexer_fp8, detach_indexer, return_aux,
         return_attn_probs, return_router_scores, forced_experts, return_topk, forced_topk,
-        batch_invariant.
+        batch_invariant, key_selector.
         mtp=True also runs the MTP modules (training).
         """
         positions, mask = positions_and_mask(input_ids, start_pos, cache, positions, self.cfg)
