@@ -6,19 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from scripted import MODEL, Server, engine_args, tiny_v32_dir
-
-from dsv32.server import load_engine
+from scripted import MODEL
 
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    engine, tok = load_engine(engine_args(tiny_v32_dir(tmp_path_factory.mktemp("tiny-isolation"))))
-    server = Server(engine, tok)
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("hostile, answer", [

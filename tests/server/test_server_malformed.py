@@ -4,9 +4,7 @@ server is healthy after each (and answers a normal request, leaking no cache blo
 
 import httpx
 import pytest
-from scripted import MODEL, Server, engine_args, tiny_v32_dir
-
-from dsv32.server import load_engine
+from scripted import MODEL
 
 HELLO = [{"role": "user", "content": "hi"}]
 OK = {"model": MODEL, "messages": HELLO, "max_tokens": 4}
@@ -132,14 +130,6 @@ CASES = [
     ("wrong method", "GET", CHAT, None, 405, None),
     ("server tools off", "POST", "/v1/agent/tools/python", {"conversation": "a"}, 404, None),
 ]
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    engine, tok = load_engine(engine_args(tiny_v32_dir(tmp_path_factory.mktemp("tiny-malformed"))))
-    server = Server(engine, tok)
-    yield server
-    server.stop()
 
 
 def test_the_battery_has_over_60_distinct_kinds():

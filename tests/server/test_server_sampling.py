@@ -3,20 +3,9 @@ logit_bias, penalties, min_p, min_tokens, ignore_eos, assistant prefill. Oracles
 answer, a seeded rerun, hand computations of the OpenAI / vLLM definitions (tests/engine)."""
 
 import httpx
-import pytest
-from scripted import MODEL, Server, engine_args, tiny_v32_dir
-
-from dsv32.server import load_engine
+from scripted import MODEL
 
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    engine, tok = load_engine(engine_args(tiny_v32_dir(tmp_path_factory.mktemp("tiny-sampling"))))
-    server = Server(engine, tok)
-    yield server
-    server.stop()
 
 
 def contents(r):
