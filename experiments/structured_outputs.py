@@ -23,7 +23,7 @@ import jsonschema
 import openai
 import uvicorn
 
-from dsv32.server import load_engine
+from dsv32.server import add_engine_args, load_engine
 from dsv32.server.app import create_app
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "languages"],
@@ -79,8 +79,11 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    engine, tok = load_engine(argparse.Namespace(model=args.model, dtype="auto", device=args.device, kv_cache_dtype="auto",
-                                                 max_num_seqs=32, max_model_len=None, num_blocks=None))
+    engine_parser = argparse.ArgumentParser()
+    add_engine_args(engine_parser)   # the server's own engine options and their defaults
+    engine_args = engine_parser.parse_args([])
+    engine_args.model, engine_args.device, engine_args.max_num_seqs = args.model, args.device, 32
+    engine, tok = load_engine(engine_args)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "m"), log_level="warning"))

@@ -16,6 +16,7 @@ from dsv32.server import load_engine
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
+from experiments import structured_outputs  # noqa: E402 (after the skips: it imports jsonschema)
 
 N = 16  # sampled replies per check, sent together (the engine batches them)
 
@@ -117,3 +118,15 @@ def test_constraints_that_cannot_hold_are_400s_naming_the_field(server):
         r = httpx.post(url, json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_the_structured_outputs_experiment_runs_end_to_end_and_accounts_for_every_reply(tmp_path):
+    """experiments/structured_outputs.py (the default model's 100-reply check) on a tiny V3.2 model:
+    it serves, asks every check, and every reply is either valid or a named failure."""
+    structured_outputs.main(["--model", str(tiny_v32_dir(tmp_path / "m", max_position_embeddings=2048)), "--device", "cpu", "--n", "2",
+                             "--max-tokens", "48", "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "structured.json").read_text())
+    assert set(report["checks"]) == {"json_schema", "json_object", "tool_required", "tool_named"}
+    for check in report["checks"].values():
+        assert check["valid"] + len(check["failures"]) == check["n"] == 2
+        assert all(isinstance(why, str) and why for _, why in check["failures"])
