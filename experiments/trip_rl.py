@@ -22,8 +22,8 @@ To fit the window, the info tools' results are rendered as compact tables (`trip
 about half the characters of the JSON rows) in the expert's runs, in GRPO and in the evaluation
 alike; every tool and every row is still there.
 
-    python -m experiments.trip_rl --out /tmp/trip-prep --prepare                  # CPU: envs, tokenizer, SFT data
-    python -m experiments.trip_rl --out runs/trip --data /tmp/trip-prep/data      # one H100, about 9 min
+    python -m experiments.trip_rl --out runs/trip-prep --prepare                  # CPU: envs, tokenizer, SFT data
+    python -m experiments.trip_rl --out runs/trip --data runs/trip-prep/data      # one H100, about 9 min
     python -m experiments.trip_rl --out runs/trip_quick --quick                   # CPU smoke run, < 2 min
 
 Writes results.json (after every stage, so a cut run keeps what it measured), episodes.jsonl (the
