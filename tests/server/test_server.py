@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from scripted import MODEL, Server, engine_args, script, scripted_engine, tiny_v32_dir
+from scripted import MODEL, Server, script, scripted_engine
 
 from dsv32.chat import EOS, encode_completion
 from dsv32.engine import SamplingParams
-from dsv32.server import load_engine
 from dsv32.server.terminal import stream_reply
 
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
@@ -32,19 +31,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                                "city": {"type": "string"}, "days": {"type": "integer"}}}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return tiny_v32_dir(tmp_path_factory.mktemp("tiny-test"))
-
-
-@pytest.fixture(scope="module")
-def real(model_dir):
-    engine, tok = load_engine(engine_args(model_dir))
-    server = Server(engine, tok)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from scripted import MODEL, Server, engine_args, script, scripted_engine, tiny_v32_dir
+from scripted import MODEL, Server, script, scripted_engine
 
-from dsv32.server import load_engine
 from dsv32.server.prompts import PromptEncoder
 from dsv32.tokenizer import TooManyTokens
 
 HELLO = [{"role": "user", "content": "def decode(self, s):"}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_v32_dir(tmp_path_factory.mktemp("tiny-robust"))
-
-
-@pytest.fixture(scope="module")
-def real(model_dir):
-    engine, tok = load_engine(engine_args(model_dir))
-    server = Server(engine, tok)
-    yield server
-    server.stop()
 
 
 def rss_mb(pid: str = "self") -> float:
