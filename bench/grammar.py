@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsv32.chat.grammar import chat_grammar
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.grammar import Grammar, GrammarVocab, fill_masks
 from dsv32.engine.sampler import apply_grammar
@@ -45,11 +45,15 @@ SCHEMA = {"type": "array", "minItems": 64, "items": RECORD}
 ASK = [{"role": "user", "content": "List 64 people as JSON records with name, age and email."}]
 
 
-def small_random(device):
-    """(a 2-layer random LlamaDSA, SmolLM2's ChatML tokenizer): the real vocabulary, a tiny model."""
-    from gguf import GGUFReader  # the smollm2 extra
+def small_random(device, tokenizer: str | None = None):
+    """(a 2-layer random LlamaDSA, SmolLM2's ChatML tokenizer): the real vocabulary, a tiny model.
+    tokenizer: SmolLM2's tokenizer.json, saved from the GGUF (for a machine without the GGUF)."""
+    if tokenizer:
+        hf = Tokenizer.from_file(tokenizer)
+    else:
+        from gguf import GGUFReader  # the smollm2 extra
 
-    hf = tokenizer_from_metadata(read_metadata(GGUFReader(str(smollm2_gguf()))))
+        hf = tokenizer_from_metadata(read_metadata(GGUFReader(str(smollm2_gguf()))))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -104,6 +108,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a dsv32.load source (default: SmolLM2-DSA)")
     ap.add_argument("--small-random", action="store_true", help="2 random layers over SmolLM2's vocabulary")
+    ap.add_argument("--tokenizer", default=None,
+                    help="with --small-random: SmolLM2's tokenizer.json instead of the one in its GGUF")
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--tokens", type=int, default=128)
@@ -114,16 +120,15 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tok = small_random(device) if args.small_random else load(args.model, device=str(device))
+    model, tok = small_random(device, args.tokenizer) if args.small_random else load(args.model, device=str(device))
     engine = Engine(model, EngineConfig(max_num_seqs=max(args.batches), cuda_graphs=args.cuda_graphs,
                                         max_model_len=512))
     prompt = tok.apply_chat_template(ASK, thinking_mode="chat")
-    special = {t: tok.tok.token_to_id(t) for t in ("｜DSML｜", "<｜end▁of▁sentence｜>", "</think>", "<|im_end|>")}
     t0 = time.perf_counter()
     vocab = GrammarVocab(tok.tok.to_str(), list(tok.stop_ids), engine.vocab_size)
     vocab_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    grammar = Grammar.compile(chat_grammar(tok.chat_format, special, response_format={
+    grammar = Grammar.compile(tok.reply_grammar(response_format={
         "type": "json_schema", "json_schema": {"name": "people", "schema": SCHEMA}}), vocab)
     compile_s = time.perf_counter() - t0
     free = SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=0)
