@@ -8,18 +8,17 @@ the same path (engine deltas -> Detokenizer -> parser -> OpenAI deltas), a non-s
 being the deltas accumulated. Errors use
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}; no request can stop the server.
 `response_format` and a forced `tool_choice` are held by constrained decoding (request_grammar;
-docs/structured-outputs.md).
+docs/structured-outputs.md). The request bodies are in bodies.py, the reply's shapes in reply.py,
+the error shape in errors.py; this module holds the server's state and its routes.
 """
 
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,282 +31,38 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from dsv32 import __version__
-from dsv32.chat import ChatFormatError, render_tool_calls
+from dsv32.chat import ChatFormatError
 from dsv32.engine import SamplingParams
 from dsv32.engine.grammar import Grammar, GrammarError, GrammarVocab
+from dsv32.server.bodies import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    NamedToolChoice,
+    Sampling,
+    TokenizeRequest,
+    ToolCallRequest,
+    chat_messages,
+    chat_tools,
+    check_text,
+    response_schema,
+    split_prefill,
+    thinking_mode,
+)
 from dsv32.server.config import ServerConfig
+from dsv32.server.errors import APIError, ClientGone, error_response
 from dsv32.server.middleware import ApiKey, BodyLimit, Latency, ReleaseMemory
 from dsv32.server.prompts import PromptEncoder
-from dsv32.server.runner import SHUTTING_DOWN, Delta, EngineRunner, Overloaded
+from dsv32.server.reply import ChatReply, Reply, TextReply, usage
+from dsv32.server.runner import SHUTTING_DOWN, EngineRunner, Overloaded
 from dsv32.server.web import add_web_page
-from dsv32.tokenizer import Detokenizer, TooManyTokens
+from dsv32.tokenizer import TooManyTokens
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
-
-
-class ClientGone(Exception):
-    """The client hung up before its request got its first token (answered 499, to nobody)."""
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
-        self.headers = headers
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
-
-
-# ---- request bodies (fields we do not know are ignored, as vLLM does) ----
-class FunctionDef(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None
-
-
-class Tool(BaseModel):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
-    function: dict[str, str]
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str | dict
-
-
-class ToolCall(BaseModel):
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class Message(BaseModel):
-    role: str
-    content: str | list[dict] | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    prefix: bool | None = None          # DeepSeek's API: a final assistant message to continue
-
-
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict | None = None
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    """Fields both endpoints share. None (JSON null) means the default."""
-    model_config = ConfigDict(allow_inf_nan=False)   # NaN / Infinity in a number field: a 400 naming it
-    model: str
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)           # -1 or 0: off
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)   # int64, as OpenAI's
-    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
-    # vLLM's extras
-    repetition_penalty: float | None = Field(None, gt=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    min_tokens: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = False
-    # accepted by OpenAI or vLLM but not served here: a 400 unless left at their no-op value
-    best_of: int | None = None
-    use_beam_search: bool | None = None
-    length_penalty: float | None = None
-    prompt_logprobs: int | None = None
-    include_stop_str_in_output: bool | None = None
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
-
-    def refuse_unserved(self) -> None:
-        """Every parameter a request sets either acts or is refused: these are refused."""
-        noop = {"best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
-                "prompt_logprobs": (None,), "include_stop_str_in_output": (None, False),
-                "allowed_token_ids": (None,), "bad_words": (None, [])}
-        for name, values in noop.items():
-            if getattr(self, name) not in values:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
-
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        self.refuse_unserved()
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        stop = [s for s in stop if s]  # an empty stop string would end every text at once: it stops nothing
-        bias = {}
-        for k, v in (self.logit_bias or {}).items():
-            if not k.strip().isdigit():
-                raise APIError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
-            bias[int(k)] = v
-        try:
-            return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
-                                  top_p=self.top_p or 1.0, top_k=max(0, self.top_k or 0), max_tokens=max_tokens,
-                                  seed=self.seed, stop=stop, logprobs=logprobs, ignore_eos=bool(self.ignore_eos),
-                                  presence_penalty=self.presence_penalty or 0.0,
-                                  frequency_penalty=self.frequency_penalty or 0.0,
-                                  repetition_penalty=self.repetition_penalty or 1.0, min_p=self.min_p or 0.0,
-                                  min_tokens=self.min_tokens or 0, logit_bias=bias)
-        except ValueError as e:
-            field = str(e).split(" ")[0].split("[")[0]
-            raise APIError(400, str(e), param=field if field in type(self).model_fields else None) from None
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None          # False: a forced call is one call
-    response_format: ResponseFormat | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    chat_template_kwargs: dict | None = None         # vLLM / SGLang: {"thinking": true}
-    thinking: bool | dict | None = None              # true, or {"type": "enabled"}
-    continue_final_message: bool | None = False      # vLLM: continue the final assistant message
-    add_generation_prompt: bool | None = None         # vLLM: false only with continue_final_message
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool | None = False
-    suffix: str | None = None
-
-    def refuse_unserved(self) -> None:
-        super().refuse_unserved()
-        if self.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo")
-        if self.suffix:
-            raise APIError(400, "suffix is not supported by this server (no fill-in-the-middle)", param="suffix")
-
-
-# ---- request -> prompt ----
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def find_surrogate(value, path: str = "") -> str | None:
-    """The path (messages.0.content) of the first string in a request holding a lone UTF-16
-    surrogate ("\\ud800" in JSON: no tokenizer can encode it), or None."""
-    if isinstance(value, str):
-        return path if _SURROGATE.search(value) else None
-    if isinstance(value, BaseModel):
-        value = {k: getattr(value, k) for k in type(value).model_fields}
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return None
-    for k, v in items:
-        where = f"{path}.{k}" if path else str(k)
-        if isinstance(k, str) and _SURROGATE.search(k):
-            return where
-        if (hit := find_surrogate(v, where)) is not None:
-            return hit
-    return None
-
-
-def check_text(req: BaseModel) -> None:
-    if (path := find_surrogate(req)) is not None:
-        raise APIError(400, f"{path}: contains a lone UTF-16 surrogate; text must be valid Unicode", param=path)
-
-
-def thinking_mode(req: ChatRequest) -> str:
-    """Thinking is off unless asked for, in any of the conventions clients use."""
-    kwargs = req.chat_template_kwargs or {}
-    for v in (req.thinking, kwargs.get("thinking"), kwargs.get("enable_thinking")):
-        if isinstance(v, dict):
-            v = v.get("type") == "enabled"
-        if v is not None:
-            return "thinking" if v else "chat"
-    return "chat"
-
-
-def chat_messages(req: ChatRequest) -> list[dict]:
-    """OpenAI messages -> the dicts the encoder takes (text parts joined; roles checked there)."""
-    out = []
-    for i, m in enumerate(req.messages):
-        msg = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list):
-            if any(part.get("type") != "text" for part in m.content):
-                raise APIError(400, f"messages[{i}]: only text content parts are supported",
-                               param=f"messages.{i}.content")
-            msg["content"] = "".join(str(part.get("text", "")) for part in m.content)
-        elif m.content is None and m.role in ("system", "assistant"):
-            msg["content"] = ""
-        out.append(msg)
-    return out
-
-
-def split_prefill(req: ChatRequest, messages: list[dict], mode: str) -> tuple[list[dict], str | None]:
-    """(messages to render, the text the reply continues) for an assistant prefill: a final
-    assistant message with `prefix: true`, or any final assistant message under
-    `continue_final_message`. Its text is the open turn's start: the content (in thinking mode, the
-    reasoning, closed by `</think>` when content follows)."""
-    last = messages[-1]
-    if not (req.continue_final_message or last.get("prefix")):
-        return messages, None
-    if last["role"] != "assistant" or last.get("tool_calls"):
-        raise APIError(400, "an assistant prefill (continue_final_message, prefix) needs a final assistant message "
-                       "without tool_calls", param=f"messages.{len(messages) - 1}")
-    if len(messages) == 1:
-        raise APIError(400, "an assistant prefill needs a message before it", param="messages")
-    content, reasoning = last.get("content") or "", last.get("reasoning_content") or ""
-    if mode == "thinking":
-        return messages[:-1], f"{reasoning}</think>{content}" if content else reasoning
-    return messages[:-1], content
-
-
-def chat_tools(req: ChatRequest) -> list[dict] | None:
-    """The tools to render. "none" renders none; "auto" and "required" render all; a named function
-    renders only that one. "required" and a named function are enforced by the request's grammar
-    (request_grammar)."""
-    choice = req.tool_choice
-    if isinstance(choice, NamedToolChoice) and not req.tools:
-        raise APIError(400, "tool_choice names a function but no tools were given", param="tool_choice")
-    if not req.tools or choice == "none":
-        return None
-    tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    if isinstance(choice, NamedToolChoice):
-        tools = [t for t in tools if t["function"]["name"] == choice.function.get("name")]
-        if not tools:
-            raise APIError(400, f"tool_choice names {choice.function.get('name')!r}, which is not among the tools",
-                           param="tool_choice")
-    return tools
-
-
-def response_schema(rf: ResponseFormat | None) -> dict | None:
-    if rf is None or rf.type == "text":
-        return None
-    if rf.type == "json_object":
-        return {"type": "object"}
-    schema = (rf.json_schema or {}).get("schema")
-    if not isinstance(schema, dict):
-        raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
-                       param="response_format")
-    return schema
 
 
 async def request_grammar(state: "ServerState", req: ChatRequest, mode: str) -> Grammar | None:
@@ -326,141 +81,6 @@ async def request_grammar(state: "ServerState", req: ChatRequest, mode: str) -> 
         return await asyncio.to_thread(lambda: Grammar.compile(text, state.grammar_vocab()))
     except (ChatFormatError, GrammarError) as e:
         raise APIError(400, str(e), param=param) from None
-
-
-# ---- engine output -> OpenAI shapes ----
-class Reply:
-    """One generated reply: counts tokens for usage and collects log-probs (taken by each
-    streamed chunk, or all at the end)."""
-
-    def __init__(self, tokenizer, stop: list[str], logprobs: bool, hidden: tuple[int, ...] = ()):
-        self.tok, self.want_logprobs, self.hidden = tokenizer, logprobs, hidden
-        self.detok = Detokenizer(tokenizer, stop)
-        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.logprobs: list[tuple] = []          # (token id, logprob, [(id, logprob)])
-        self.taken = 0
-
-    def track(self, d: Delta) -> str:
-        """Account for d; return the text it adds."""
-        self.prompt_tokens, self.cached_tokens = d.prompt_len, d.num_cached
-        self.completion_tokens += len(d.token_ids)
-        if self.want_logprobs:
-            tops = d.top_logprobs or [[]] * len(d.token_ids)
-            self.logprobs += zip(d.token_ids, d.logprobs, tops)
-        self.finish_reason = d.finish_reason
-        text_ids = [t for t in d.token_ids if t not in self.hidden]
-        text = self.detok.feed(text_ids, final=d.finish_reason is not None)
-        if self.detok.stopped:  # a stop string ended the text: the request is aborted (ServerState.generate)
-            self.finish_reason = "stop"
-        return text
-
-    def take_logprobs(self) -> list[tuple]:
-        new, self.taken = self.logprobs[self.taken:], len(self.logprobs)
-        return new
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-    def piece(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
-
-
-class ChatReply(Reply):
-    """An assistant reply parsed as it streams; `feed` returns the OpenAI deltas a delta adds."""
-
-    def __init__(self, tokenizer, mode: str, stop: list[str], logprobs: bool, prefill: str | None = None,
-                 tools: list[str] | None = None):
-        """tools: the names of the request's tools (None or empty: no tools, or tool_choice "none": a
-        tool-call block the model writes is content). A call of any other tool is left in the
-        content as the model wrote it (re-rendered in the format's markup), not returned as a call."""
-        super().__init__(tokenizer, stop, logprobs)
-        self.mode, self.calls, self.tools = mode, [], set(tools or ())
-        self.parser = tokenizer.stream_parser(mode, lenient=True, tools=bool(self.tools), tool_deltas=True)
-        self.open: dict | None = None   # the call being streamed: {"index", "id", "sent", "shown"}
-        if prefill:  # the parser reads the open turn's start (its state: reasoning or content); the reply is the rest
-            self.parser.feed(prefill)
-            self.parser.message.update(content="", reasoning_content="")
-
-    def feed(self, d: Delta) -> list[dict]:
-        events = self.parser.feed(self.track(d))
-        if self.finish_reason is not None:
-            events += self.parser.finish()
-        deltas = []
-        for kind, value in events:
-            if kind in ("reasoning", "content"):
-                deltas.append({"reasoning_content" if kind == "reasoning" else "content": value})
-            elif kind == "tool_call_start":
-                # OpenAI's convention: id, type and name first, then the arguments as string deltas
-                self.open = {"index": len(self.calls), "id": f"call_{uuid.uuid4().hex[:24]}", "sent": "",
-                             "shown": value in self.tools}
-                if self.open["shown"]:
-                    deltas.append({"tool_calls": [{"index": self.open["index"], "id": self.open["id"],
-                                                   "type": "function", "function": {"name": value, "arguments": ""}}]})
-            elif kind == "tool_call_arguments":
-                if self.open["shown"]:
-                    self.open["sent"] += value
-                    deltas.append({"tool_calls": [{"index": self.open["index"], "function": {"arguments": value}}]})
-            else:
-                deltas += self._close_call(value)
-        return deltas
-
-    def _close_call(self, value: dict) -> list[dict]:
-        """The deltas that complete a tool call: the rest of its arguments (all of them for a call
-        that arrived whole), or, for a tool the request did not declare, its markup as content."""
-        name, args = value["function"]["name"], value["function"]["arguments"]
-        opened, self.open = self.open or {"index": len(self.calls), "id": f"call_{uuid.uuid4().hex[:24]}",
-                                          "sent": None, "shown": name in self.tools}, None
-        if not opened["shown"]:
-            text = render_tool_calls([value])
-            self.parser.message["content"] += text
-            return [{"content": text}]
-        call = {"id": opened["id"], **value}
-        self.calls.append(call)
-        deltas = []
-        if opened["sent"] is None:
-            deltas.append({"tool_calls": [{"index": opened["index"], "id": call["id"], "type": "function",
-                                           "function": {"name": name, "arguments": ""}}]})
-        rest = args[len(opened["sent"] or ""):]
-        if rest:
-            deltas.append({"tool_calls": [{"index": opened["index"], "function": {"arguments": rest}}]})
-        return deltas
-
-    def openai_finish_reason(self) -> str | None:
-        """tool_calls when calls end the reply; length when a tool-call block was cut off (by
-        max_tokens or a stop string: the unfinished call is dropped, never passed on as content)."""
-        if getattr(self.parser, "truncated", False):  # (ChatML's parser has no tool calls to cut off)
-            return "length"
-        return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
-
-    def message(self) -> dict:
-        m = self.parser.message
-        msg = {"role": "assistant", "content": m["content"] or (None if self.calls else "")}
-        if self.mode == "thinking":
-            msg["reasoning_content"] = m["reasoning_content"]
-        if self.calls:
-            msg["tool_calls"] = self.calls
-        return msg
-
-    def format_logprobs(self, items: list[tuple]) -> dict | None:
-        if not self.want_logprobs:
-            return None
-
-        def entry(token_id, logprob):
-            s = self.piece(token_id)
-            return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
-
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(*x) for x in top]} for t, lp, top in items]}
-
-
-class TextReply(Reply):
-    def format_logprobs(self, items: list[tuple]) -> dict | None:
-        if not self.want_logprobs:
-            return None
-        return {"tokens": [self.piece(t) for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
-                "top_logprobs": [{self.piece(i): v for i, v in top} for _, _, top in items]}
 
 
 # ---- the server state and routes ----
@@ -628,14 +248,6 @@ async def merged(streams: list):
             await it.aclose()
 
 
-def usage(replies: list[Reply]) -> dict:
-    """Usage of a request's choices: the prompt counted once, the completions summed."""
-    u = replies[0].usage()
-    u["completion_tokens"] = sum(r.completion_tokens for r in replies)
-    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
-    return u
-
-
 async def consume(request: Request, deltas, feed) -> bool:
     """Feed every delta of a non-streamed reply; if the client hangs up first, stop (the request
     is aborted, its blocks freed) and return False."""
@@ -787,21 +399,6 @@ async def model_card(model_id: str, request: Request):
     return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "dsv32", **state.card}
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[Message] | None = None
-    tools: list[Tool] | None = None
-    chat_template_kwargs: dict | None = None
-    thinking: bool | dict | None = None
-
-
-class DetokenizeRequest(BaseModel):
-    model: str | None = None
-    tokens: list[int]
-
-
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request):
     state: ServerState = request.app.state.server
@@ -881,11 +478,6 @@ def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("request failed", exc_info=exc)
     return error_response(APIError(500, f"internal error: {exc}", "server_error"))
-
-
-class ToolCallRequest(BaseModel):
-    conversation: str
-    arguments: dict | str = Field(default_factory=dict)
 
 
 def agent_tools(request: Request):
