@@ -286,6 +286,9 @@ def main():
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-minutes", type=float, default=2.0, help="cap SFT's step count to fit this (0: no cap)")
+    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the episodes, the tool "
+                   "results included (they repeat cities and prices, which teaches copying), not only the expert's")
     p.add_argument("--rl-minutes", type=float, default=3.0, help="stop GRPO after this")
     p.add_argument("--rl-steps", type=int, default=40)
     p.add_argument("--budget-minutes", type=float, default=8.7, help="the whole run: GRPO stops early enough for the "
@@ -354,6 +357,8 @@ def main():
     t0 = time.time()
     examples = [e for e in examples if len(e[0]) <= args.window]
     seq_len = max(len(ids) for ids, _ in examples) - 1
+    if args.sft_all_tokens:   # every next token is a target: labels = ids
+        examples = [(ids, list(ids)) for ids, _ in examples]
     torch.manual_seed(args.seed)
     model = Transformer(model_config(tok, args.window, args.quick))
     history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
