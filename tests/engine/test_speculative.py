@@ -163,7 +163,7 @@ class OracleDrafts(ModelRunner):
         for s, p in zip(seqs, pos.tolist()):
             full = self.truth[tuple(s.tokens[:s.prompt_len])]
             s.draft = [full[p + 1 + j] if (p + 1 + j) % 3 else (full[p + 1 + j] + 1) % v for j in range(self.k)]
-            s.draft_probs = torch.nn.functional.one_hot(torch.tensor(s.draft), v).float()
+            s.draft_probs = torch.nn.functional.one_hot(torch.tensor(s.draft, device=logits.device), v).float()
 
 
 def mtp_cache_is_fresh(eng, model, seq, atol=1e-4) -> bool:
@@ -171,9 +171,9 @@ def mtp_cache_is_fresh(eng, model, seq, atol=1e-4) -> bool:
     of a running sequence equal those computed from scratch: a full forward of its tokens, then the
     MTP module over them with the next token at each position."""
     cfg, bs, n = model.cfg, eng.runner.cache.block_size, seq.num_computed
-    dev = model.embed_tokens.weight.device
+    dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     toks = torch.tensor([seq.tokens[:n + 1]], device=dev)
-    ref = KVCache(*(torch.zeros(cfg.num_hidden_layers + 1, 1, n, w, device=dev, dtype=torch.float32)
+    ref = KVCache(*(torch.zeros(cfg.num_hidden_layers + 1, 1, n, w, device=dev, dtype=dtype)
                     for w in cfg.cache_widths))
     with torch.no_grad():
         out = model(toks[:, :-1], cache=ref)
@@ -182,7 +182,7 @@ def mtp_cache_is_fresh(eng, model, seq, atol=1e-4) -> bool:
     for layer in (0, cfg.num_hidden_layers):
         kv, pe, ik = (t[0].float() for t in eng.runner.cache.read(layer, slots))
         for got, want in ((kv, ref.kv[layer, 0]), (pe, ref.pe[layer, 0]), (ik, ref.ik[layer, 0])):
-            if not torch.allclose(got, want, atol=atol, rtol=atol):
+            if not torch.allclose(got, want.float(), atol=atol, rtol=atol):
                 return False
     return True
 
@@ -275,7 +275,10 @@ def test_speculative_decoding_on_cuda(kv, k):
     token is the argmax of a cache-free forward over the engine's own sequence (within bf16
     rounding) with the engine's log-prob, and the MTP cache stays fresh after every step."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).to(torch.bfloat16).cuda().eval()
+    # index_topk at the context length: the paged sparse kernels still run, over every key. With a
+    # small k, bf16 rounding of near-tied index scores picks other keys than the reference forward
+    # does (seen in bf16 on CPU: MTP cache entries off by 0.3 at a few positions), not what this checks
+    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=256)).to(torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(1)
     ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 50, 120)]
     full = [greedy_reference(model, p, 12 + 2 * k) for p in ps]
