@@ -34,6 +34,7 @@ from dsv32.checkpoint import load_model, save_model
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
+from dsv32.rl.agreement import bitwise_agreement, kept_sizes
 from dsv32.rl.rewards import RewardConfig, reward
 from dsv32.rl.rollout import rollout
 from dsv32.rl.tasks import Domain, TaskMix
@@ -175,9 +176,7 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
         for routing in (True, False):
             for mask in (True, False):
                 lp = replay_logprobs(tr.policy, batch, cfg.temperature, routing, mask, tr.autocast)
-                d = (lp - batch.logp_old)[batch.action].abs()
-                out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = {
-                    "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean())}
+                out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = replay_agreement(lp, batch)
     # the batch-invariant mode: engine and replay with its arithmetic, the replay on bf16 weights as
     # the engine's (bit-equality needs the same dtype on both sides)
     cfg = replace(base, engine_dtype="bfloat16", dtype="bfloat16", sampler_noise=0.0, steps=1, batch_invariant=True)
@@ -186,11 +185,20 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
     batch = pack(trajs, tok.eos_id, tr.device)
     t0 = time.time()
     lp = replay_logprobs(copy.deepcopy(tr.policy).to(torch.bfloat16), batch, cfg.temperature, batch_invariant=True)
-    d = (lp - batch.logp_old)[batch.action].abs()
-    out["batch_invariant/trainer_bfloat16_weights"] = {
-        "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean()),
-        "replay_s": round(time.time() - t0, 1)}
+    out["batch_invariant/trainer_bfloat16_weights"] = {**replay_agreement(lp, batch), "replay_s": round(time.time() - t0, 1)}
     return out
+
+
+def replay_agreement(lp: torch.Tensor, batch) -> dict:
+    """lp: [B, S] replayed log-probs of a packed rollout batch -> mean and max |lp - logp_old| over
+    its sampled tokens, and the bit-equal shares: `bitwise_equal_multi` (the headline) among tokens
+    whose kept set held more than one candidate, `bitwise_equal_all` over every sampled token (a
+    lone kept token has log-prob 0 on both sides whatever the arithmetic)."""
+    d = (lp - batch.logp_old)[batch.action].abs()
+    agree = bitwise_agreement(lp[batch.action], batch.logp_old[batch.action], kept_sizes(batch.keep))
+    return {"bitwise_equal_multi": agree["bit_equal_share_multi"], "multi_candidate_tokens": agree["multi_candidate_tokens"],
+            "sampled_tokens": agree["sampled_tokens"], "bitwise_equal_all": agree["bit_equal_share"],
+            "mean_multi": agree["mean_abs_diff_multi"], "mean": float(d.mean()), "max": float(d.max())}
 
 
 def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_start: float) -> None:
