@@ -143,11 +143,12 @@ def plan(args, k: int, seed: int, out: Path, common: dict) -> dict[str, TrainCon
                                           **{**kw, "index_topk": k}, attention="dense")}
 
 
-def run_stage(model, data, cfg: TrainConfig, log_every: int = 20):
-    """cfg.steps optimizer steps -> (per-step metrics, tokens spent, seconds)."""
+def run_stage(model, data, cfg: TrainConfig, log_every: int = 20, budget_s: float = math.inf):
+    """cfg.steps optimizer steps -> (per-step metrics, tokens spent, seconds). The parity stages
+    run them all; `budget_s` lets a benchmark stop early (its schedule then ends undecayed)."""
     tr = Trainer(cfg, model, data)
     t0, hist = time.time(), []
-    while tr.step < cfg.steps:
+    while tr.step < cfg.steps and time.time() - t0 < budget_s:
         m = tr.train_step()
         hist.append(m)
         if tr.step % log_every == 0 or tr.step == cfg.steps:
