@@ -5,7 +5,9 @@
 2. SFT warm start on reference solutions (dsv32.train.Trainer), so that rewards start non-zero;
 3. main run: mixed RL in one stage: arithmetic (beta 0) and arithmetic with a calculator tool
    (multi-turn, thinking kept across the call; beta 0.01), all stabilisers on; greedy accuracy
-   on fixed held-out prompts every few steps;
+   every few steps on fixed held-out prompts, which every SFT and RL prompt excludes by hash, and
+   on an out-of-distribution split (longer expressions, two-digit operands); results.json:
+   splits counts the held-out prompts the training streams drew (0);
 4. the train-rollout mismatch with a bfloat16 sampler, replayed in fp32 and in bf16 autocast;
 5. ablation under deliberately off-policy conditions (4 optimizer steps per rollout batch, a
    bfloat16 sampler with perturbed weights, a larger learning rate, beta > 0): all stabilisers on,
