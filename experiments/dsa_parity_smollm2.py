@@ -34,7 +34,7 @@ from dsv32.checkpoint import load_indexer, save_indexer
 from dsv32.llama.gguf import SMOLLM2_GGUF, load_gguf
 from dsv32.llama.tokenizer import PlainTokenizer
 from dsv32.train.data import PackedData
-from experiments.dsa_parity_moe import Windows, evaluate, mean_se, merge, plot, run_stage, stage_config, summarise
+from experiments.dsa_parity_moe import Windows, evaluate, merge, plot, run_stage, stage_config, summarise
 
 
 def split_files(tok, seq_len: int, n_eval: int, every: int = 1):
