@@ -33,7 +33,7 @@ from dsv32.loader import load
 from dsv32.model import Transformer
 from dsv32.tokenizer import train_tokenizer
 from dsv32.train.data import PackedData
-from experiments.dsa_parity_moe import model_config, run_stage, stdlib_split
+from experiments.dsa_parity_moe import model_config, run_stage, stage_config, stdlib_split
 
 
 def sync():
@@ -64,9 +64,10 @@ def trained_model(args, work: Path):
                           n_group=2, topk_group=1, index_n_heads=2, index_head_dim=16)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
-    hist, _, secs = run_stage(model, train, "pretrain", work, args.train_budget_s, seq_len=args.seq_len,
-                              batch_size=args.batch_size, device=dev, warmup=min(20, args.train_steps),
-                              index_topk=args.index_topk, steps=args.train_steps, lr=1e-3, attention="dense")
+    hist, _, secs = run_stage(model, train, stage_config("pretrain", args.train_steps, 1e-3, work / "pretrain",
+                                                      seq_len=args.seq_len, batch_size=args.batch_size, device=dev,
+                                                      warmup=min(20, args.train_steps), index_topk=args.index_topk,
+                                                      attention="dense"), budget_s=args.train_budget_s)
     last = hist[-1] if hist else {}
     info = {"train_steps": len(hist), "train_seconds": round(secs, 1), "final_lm_loss": last.get("lm"),
             "final_mtp_loss": last.get("mtp"), "params": sum(p.numel() for p in model.parameters())}

@@ -5,7 +5,9 @@
 2. SFT warm start on reference solutions (dsv32.train.Trainer), so that rewards start non-zero;
 3. main run: mixed RL in one stage: arithmetic (beta 0) and arithmetic with a calculator tool
    (multi-turn, thinking kept across the call; beta 0.01), all stabilisers on; greedy accuracy
-   on fixed held-out prompts every few steps;
+   every few steps on fixed held-out prompts, which every SFT and RL prompt excludes by hash, and
+   on an out-of-distribution split (longer expressions, two-digit operands); results.json:
+   splits counts the held-out prompts the training streams drew (0);
 4. the train-rollout mismatch with a bfloat16 sampler, replayed in fp32 and in bf16 autocast;
 5. ablation under deliberately off-policy conditions (4 optimizer steps per rollout batch, a
    bfloat16 sampler with perturbed weights, a larger learning rate, beta > 0): all stabilisers on,
@@ -23,7 +25,6 @@ docs/rl.md reports a GPU run.
 import argparse
 import copy
 import json
-import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -34,9 +35,10 @@ from dsv32.checkpoint import load_model, save_model
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
+from dsv32.rl.agreement import bitwise_agreement, kept_sizes
 from dsv32.rl.rewards import RewardConfig, reward
 from dsv32.rl.rollout import rollout
-from dsv32.rl.tasks import Domain, TaskMix
+from dsv32.rl.tasks import OOD_DOMAINS, Domain, Task, TaskMix, held_out_split, prompt_hash
 from dsv32.rl.trainer import (
     STABILISERS,
     RLConfig,
@@ -64,15 +66,42 @@ def moe_config(tok, quick: bool):
         torch_dtype="float32")
 
 
+def clean_splits(eval_mixes: dict[str, TaskMix], n: int, n_ood: int) -> dict[str, list[Task]]:
+    """{name: n held-out prompts of that mix} and {"ood": n_ood prompts of the out-of-distribution
+    domains (longer expressions, two-digit operands)}, the OOD ones sharing no hash with the others.
+    Every training mix then excludes all their hashes (TaskMix.excluding)."""
+    out, hashes = {}, set()
+    for name, mix in eval_mixes.items():
+        out[name] = held_out_split(mix, n)
+        hashes |= {prompt_hash(t) for t in out[name]}
+    out["ood"] = held_out_split(TaskMix([Domain(d) for d in OOD_DOMAINS]), n_ood, seed=54321, exclude=hashes)
+    return out
+
+
+def hashes_of(tasks) -> set[str]:
+    return {prompt_hash(t) for t in tasks}
+
+
+def split_report(splits: dict[str, list[Task]], training: list[TaskMix], sft_checked: bool = True) -> dict:
+    """How many held-out and OOD prompts (by hash) the training mixes drew (SFT and RL prompts):
+    0 by construction, counted here from what the mixes actually drew."""
+    seen = set().union(*(m.seen for m in training))
+    held = set().union(*(hashes_of(v) for k, v in splits.items() if k != "ood"))
+    ood = hashes_of(splits["ood"])
+    return {"held_out_prompts": len(held), "ood_prompts": len(ood), "training_prompts_drawn": len(seen),
+            "held_out_in_training": len(held & seen), "ood_in_training": len(ood & seen),
+            "held_out_in_ood": len(held & ood), "sft_prompts_checked": sft_checked}
+
+
 @torch.no_grad()
-def held_out(model, tok, mix: TaskMix, n: int, cfg: RLConfig, samples: int) -> dict:
-    """On n fixed held-out prompts (never trained on), per domain: the greedy accuracy, and the
-    policy's expected reward as RL samples it (cfg's temperature and top-p, `samples` draws per
-    prompt, a fixed seed). The training reward changes prompts every step; this curve does not."""
-    tasks = mix.sample(random.Random(12345), n)
-    rows = n * (1 + samples)
+def held_out(model, tok, tasks: list[Task], cfg: RLConfig, samples: int) -> dict:
+    """On fixed held-out prompts (excluded by hash from every training prompt), per domain (the
+    OOD domains among them): the greedy accuracy, and the policy's expected reward as RL samples
+    it (cfg's temperature and top-p, `samples` draws per prompt, a fixed seed). The training
+    reward changes prompts every step; this curve does not."""
+    rows = len(tasks) * (1 + samples)
     eng = Engine(model, EngineConfig(max_num_seqs=rows, num_blocks=rows * 8 + 1, max_model_len=512,
-                                     max_num_batched_tokens=8192), tok)
+                                     max_num_batched_tokens=8192))
     greedy = rollout(eng, tok, tasks, SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens),
                      max_turns=cfg.max_turns)
     cuda = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
@@ -103,7 +132,7 @@ def summarise(history: list[dict], k: int = 5) -> dict:
             "step_s": mean("rollout_s", history) + mean("train_s", history) if history else None}
 
 
-def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_every: int, results: dict,
+def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_tasks: list[Task], eval_every: int, results: dict,
            deadline: float = float("inf")) -> list[dict]:
     """RL steps with a held-out evaluation (greedy accuracy and sampled reward) every `eval_every`
     steps and after the last; past `deadline` (time.time()) no new step starts."""
@@ -113,14 +142,14 @@ def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_n: int, eval_ev
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     tr = RLTrainer(replace(cfg, out=str(run_dir)), copy.deepcopy(model), tok, mix)
-    evals = [(0, held_out(tr.policy, tok, mix, eval_n, cfg, EVAL_SAMPLES))]
+    evals = [(0, held_out(tr.policy, tok, eval_tasks, cfg, EVAL_SAMPLES))]
     history = []
     with (run_dir / "metrics.jsonl").open("w") as f:
         for _ in tqdm(range(cfg.steps), desc=name, dynamic_ncols=True):
             m = tr.train_step()
             last = tr.step == cfg.steps or time.time() > deadline
             if tr.step % eval_every == 0 or last:
-                evals.append((tr.step, held_out(tr.policy, tok, mix, eval_n, cfg, EVAL_SAMPLES)))
+                evals.append((tr.step, held_out(tr.policy, tok, eval_tasks, cfg, EVAL_SAMPLES)))
                 m.update({f"eval/{k}": v for k, v in evals[-1][1].items()})
             history.append(m)
             f.write(json.dumps(m) + "\n")
@@ -175,9 +204,7 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
         for routing in (True, False):
             for mask in (True, False):
                 lp = replay_logprobs(tr.policy, batch, cfg.temperature, routing, mask, tr.autocast)
-                d = (lp - batch.logp_old)[batch.action].abs()
-                out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = {
-                    "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean())}
+                out[f"trainer_{trainer_dtype}/routing_{routing}/mask_{mask}"] = replay_agreement(lp, batch)
     # the batch-invariant mode: engine and replay with its arithmetic, the replay on bf16 weights as
     # the engine's (bit-equality needs the same dtype on both sides)
     cfg = replace(base, engine_dtype="bfloat16", dtype="bfloat16", sampler_noise=0.0, steps=1, batch_invariant=True)
@@ -186,24 +213,40 @@ def bf16_mismatch(model, tok, mix, base: RLConfig) -> dict:
     batch = pack(trajs, tok.eos_id, tr.device)
     t0 = time.time()
     lp = replay_logprobs(copy.deepcopy(tr.policy).to(torch.bfloat16), batch, cfg.temperature, batch_invariant=True)
-    d = (lp - batch.logp_old)[batch.action].abs()
-    out["batch_invariant/trainer_bfloat16_weights"] = {
-        "mean": float(d.mean()), "max": float(d.max()), "bitwise_equal": float((d == 0).float().mean()),
-        "replay_s": round(time.time() - t0, 1)}
+    out["batch_invariant/trainer_bfloat16_weights"] = {**replay_agreement(lp, batch), "replay_s": round(time.time() - t0, 1)}
     return out
+
+
+def replay_agreement(lp: torch.Tensor, batch) -> dict:
+    """lp: [B, S] replayed log-probs of a packed rollout batch -> mean and max |lp - logp_old| over
+    its sampled tokens, and the bit-equal shares: `bitwise_equal_multi` (the headline) among tokens
+    whose kept set held more than one candidate, `bitwise_equal_all` over every sampled token (a
+    lone kept token has log-prob 0 on both sides whatever the arithmetic)."""
+    d = (lp - batch.logp_old)[batch.action].abs()
+    agree = bitwise_agreement(lp[batch.action], batch.logp_old[batch.action], kept_sizes(batch.keep))
+    return {"bitwise_equal_multi": agree["bit_equal_share_multi"], "multi_candidate_tokens": agree["multi_candidate_tokens"],
+            "sampled_tokens": agree["sampled_tokens"], "bitwise_equal_all": agree["bit_equal_share"],
+            "mean_multi": agree["mean_abs_diff_multi"], "mean": float(d.mean()), "max": float(d.max())}
 
 
 def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_start: float) -> None:
     """The small MoE of ours: warm start, mixed-domain main run, bf16 mismatch, ablation."""
     q = args.quick
-    # 1-2: tokenizer, model, warm start (or a warm-started model from an earlier run)
+    # held-out prompts of the main mix and of the ablation's, and an OOD split: every training
+    # mix (SFT and RL) excludes their hashes
     eval_n = 8 if q else 128
+    abl_domains = [Domain("arithmetic", beta=0.02)]
+    splits = clean_splits({"main": TaskMix(base.domain_specs), "ablation": TaskMix(abl_domains)}, eval_n,
+                          4 if q else 64)
+    exclude = set().union(*map(hashes_of, splits.values()))
+    # 1-2: tokenizer, model, warm start (or a warm-started model from an earlier run)
     if args.from_sft:
         model, tok = load_model(args.from_sft, dtype=torch.float32), Tokenizer.from_file(args.from_sft)
-        mix = TaskMix(base.domain_specs)
+        mix = TaskMix(base.domain_specs, exclude=exclude)
         results["sft"] = {"from": Path(args.from_sft).name}
     else:
         _, tok, mix, _ = build(base)
+        mix = mix.excluding(exclude)
         torch.manual_seed(0)
         model = Transformer(moe_config(tok, q))
         t0 = time.time()
@@ -212,7 +255,7 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
         save_model(model, out / "sft_model")
         tok.tok.save(str(out / "sft_model" / "tokenizer.json"))
     results["model"] = {"params": sum(p.numel() for p in model.parameters()), **model.cfg.to_hf()}
-    results["sft"]["held_out"] = held_out(model.to(device), tok, mix, eval_n, base, EVAL_SAMPLES)
+    results["sft"]["held_out"] = held_out(model.to(device), tok, splits["main"] + splits["ood"], base, EVAL_SAMPLES)
     print(f"[sft] {json.dumps(results['sft'])}", flush=True)
 
     # 3: main run, mixed domains, all stabilisers on
@@ -220,17 +263,18 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
     eval_every = args.eval_every or (2 if q else 10)
     if "main" in args.stages:
         torch.manual_seed(args.seed)
-        rl_run(args.run_name, model, tok, mix, replace(base, steps=steps, seed=args.seed), out, eval_n, eval_every,
-               results, args.deadline)
+        rl_run(args.run_name, model, tok, mix, replace(base, steps=steps, seed=args.seed), out,
+               splits["main"] + splits["ood"], eval_every, results, args.deadline)
         plot_eval(results, [args.run_name], out / "main_eval.png")
     if "mismatch" in args.stages:
         results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
         print(f"[bf16 mismatch] {json.dumps(results['bf16_mismatch'])}", flush=True)
+    abl_mix = TaskMix(abl_domains, exclude=exclude)
+    results["splits"] = split_report(splits, [mix, abl_mix], sft_checked=not args.from_sft)
     if "ablation" not in args.stages:
         return
 
     # 4: ablation under off-policy conditions, arithmetic only with a KL term
-    abl_mix = TaskMix([Domain("arithmetic", beta=0.02)])
     abl = replace(base, domains=["arithmetic:0.02"], max_turns=1, minibatches=args.ablation_minibatches,
                   engine_dtype="bfloat16", sampler_noise=args.ablation_noise or (0.01 if q else 0.005), lr=base.lr * 3)
     variants = [(n, sw) for n, sw in ABLATIONS if not args.variants or n in args.variants]
@@ -241,8 +285,9 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
         "minibatches": abl.minibatches, "engine_dtype": "bfloat16", "sampler_noise": abl.sampler_noise, "lr": abl.lr,
         "beta": 0.02, "mask_delta": abl.mask_delta}}
     for name, switch in variants:
-        rl_run(f"ablation/{name}", model, tok, abl_mix, replace(abl, steps=abl_steps, **switch), out, eval_n,
-               args.eval_every or max(1, abl_steps // 3), results, args.deadline)
+        rl_run(f"ablation/{name}", model, tok, abl_mix, replace(abl, steps=abl_steps, **switch), out,
+               splits["ablation"] + splits["ood"], args.eval_every or max(1, abl_steps // 3), results, args.deadline)
+    results["splits"] = split_report(splits, [mix, abl_mix], sft_checked=not args.from_sft)
     plot_ablation(results, out)
 
 
@@ -283,10 +328,15 @@ def smollm2_stage(args, base: RLConfig, out: Path, results: dict, device: str) -
                      sft_steps=0 if q else args.smollm2_sft_steps, sft_lr=5e-5, sft_batch_size=32,
                      prompts_per_step=args.prompts or 8, out=str(out / "smollm2"))
     sm_model, sm_tok, sm_mix, _ = build(sm_cfg)
+    splits = clean_splits({"smollm2": TaskMix(sm_cfg.domain_specs)}, eval_n, 4 if q else 64)
+    sm_mix = sm_mix.excluding(set().union(*map(hashes_of, splits.values())))
     if sm_cfg.sft_steps:
         warm_start(sm_model, sm_tok, sm_mix, sm_cfg)
-    rl_run(f"smollm2-lr{args.smollm2_lr:g}", sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out, eval_n, eval_every,
-           results, args.deadline)
+    name = f"smollm2-lr{args.smollm2_lr:g}"
+    results["splits_smollm2"] = split_report(splits, [sm_mix])
+    rl_run(name, sm_model.to(device), sm_tok, sm_mix, replace(sm_cfg, steps=steps), out,
+           splits["smollm2"] + splits["ood"], eval_every, results, args.deadline)
+    results["splits_smollm2"] = split_report(splits, [sm_mix])
 
 
 def main():

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from dsv32.checkpoint import load_indexer, save_indexer
-from dsv32.llama.gguf import SMOLLM2_FILE
-from experiments.dsa_parity_moe import evaluate, run_stage
+from dsv32.llama.gguf import SMOLLM2_GGUF
+from experiments.dsa_parity_moe import evaluate, run_stage, stage_config
 from experiments.dsa_parity_smollm2 import setup
 
 
@@ -41,17 +41,18 @@ def main():
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "steps": args.steps,
            "train_len": args.train_len, "held_out_files": held_names, "evals": {}}
     t0 = time.time()
-    hist, tokens, secs = run_stage(model, train, "dsa-warmup", out, 1e9, seq_len=args.train_len, batch_size=1,
-                                   device=dev, warmup=20, steps=args.steps, lr=1e-3, index_topk=args.topk[0],
-                                   mtp_weight=0.0, balance_alpha=0.0, bias_update_rate=0.0)
+    hist, tokens, secs = run_stage(model, train, stage_config("dsa-warmup", args.steps, 1e-3, out / "dsa-warmup",
+                                                             seq_len=args.train_len, batch_size=1, device=dev, warmup=20,
+                                                             index_topk=args.topk[0], mtp_weight=0.0, balance_alpha=0.0,
+                                                             bias_update_rate=0.0))
     res.update(tokens=tokens, train_seconds=round(secs, 1),
                kl_first=hist[0].get("indexer_kl"), kl_last=hist[-1].get("indexer_kl"))
-    res["evals"]["stage 1"] = evaluate(model, held_data, args.topk, n_windows=len(held_names), batch=1)
+    res["evals"]["stage 1"] = evaluate(model, held_data, args.topk, batch=1)
     print("stage 1", res["evals"]["stage 1"], flush=True)
     path = out / "smollm2_indexer.safetensors"
-    save_indexer(model, path, {"base": SMOLLM2_FILE, "stage": "dsa-warmup", "tokens": str(tokens)})
+    save_indexer(model, path, {"base": Path(SMOLLM2_GGUF.member).name, "stage": "dsa-warmup", "tokens": str(tokens)})
     load_indexer(model, path)  # evaluate what ships
-    res["evals"]["stage 1, FP8 indexer weights"] = evaluate(model, held_data, args.topk, n_windows=len(held_names), batch=1)
+    res["evals"]["stage 1, FP8 indexer weights"] = evaluate(model, held_data, args.topk, batch=1)
     print("fp8", res["evals"]["stage 1, FP8 indexer weights"], flush=True)
     res["total_seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(res, indent=1))

@@ -27,6 +27,7 @@ from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.runner import ModelRunner
 from dsv32.model import Transformer
+from dsv32.rl.agreement import bitwise_agreement, kept_sizes
 from dsv32.rl.rollout import new_trajectory, pack, replay_logprobs
 from dsv32.rl.tasks import Task
 
@@ -123,14 +124,18 @@ def bisect(model: Transformer, prompts: list[list[int]], params: SamplingParams,
                 first[diff[0]] += 1
                 earliest = earliest or {"request": i, "position": pos, "module": diff[0], "max_abs_diff": diff[1]}
         per_request.append(earliest)
-    n = equal_lp = 0
+    got, want = [], []
     for i, o in enumerate(outs):
         p0 = len(o.prompt_token_ids)
-        for j, want in enumerate(o.logprobs):  # the token sampled from position p0 - 1 + j's logits
-            got = lp[i, p0 - 1 + j].float()
-            n += 1
-            equal_lp += bool(torch.equal(got, torch.tensor(want, dtype=torch.float32, device=got.device)))
-    return {"sampled_tokens": n, "bit_equal_logprobs": equal_lp, "bit_equal_share": equal_lp / max(1, n),
+        for j, w in enumerate(o.logprobs):  # the token sampled from position p0 - 1 + j's logits
+            got.append(lp[i, p0 - 1 + j].float().cpu())
+            want.append(w)
+    # the sampled tokens in row-major order, as the batch's kept sets are
+    agree = bitwise_agreement(torch.stack(got), torch.tensor(want, dtype=torch.float32), kept_sizes(batch.keep).cpu())
+    n = agree["sampled_tokens"]
+    return {"bit_equal_share_multi": agree["bit_equal_share_multi"], "multi_candidate_tokens": agree["multi_candidate_tokens"],
+            "sampled_tokens": n, "bit_equal_logprobs": round(agree["bit_equal_share"] * n),
+            "bit_equal_share": agree["bit_equal_share"], "mean_abs_diff_multi": agree["mean_abs_diff_multi"],
             "first_differing_module": dict(first.most_common()), "first_difference_per_request": per_request,
             "batch_invariant": config.batch_invariant}
 

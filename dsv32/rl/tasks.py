@@ -4,10 +4,11 @@ alignment tasks in one GRPO stage, each domain with its own reward and KL streng
 """
 
 import ast
+import hashlib
 import json
 import operator
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dsv32.chat import math_prompt
@@ -82,6 +83,8 @@ def run_tool(call: dict) -> str:
 
 # ---- multi-step arithmetic ----
 
+_TWO_DIGITS = range(10, 100)
+
 def arithmetic_steps(terms: list[int], ops: list[str]) -> list[str]:
     """The expression rewritten one operation at a time (products first, then left to right)."""
     terms, ops, out = list(terms), list(ops), []
@@ -94,12 +97,12 @@ def arithmetic_steps(terms: list[int], ops: list[str]) -> list[str]:
     return out
 
 
-def arithmetic_task(rng: random.Random, min_terms: int = 2, max_terms: int = 4, max_operand: int = 9,
+def arithmetic_task(rng: random.Random, min_terms: int = 2, max_terms: int = 4, operands: range = range(10),
                     tool: bool = False) -> Task:
     """'What is 3+4*2-5?' with an exact integer answer. The reference solution rewrites the
     expression step by step, or (tool=True, thinking mode) calls the calculator, then boxes."""
     n = rng.randint(min_terms, max_terms)
-    terms = [rng.randint(0, max_operand) for _ in range(n)]
+    terms = [operands[rng.randrange(len(operands))] for _ in range(n)]
     ops = [rng.choice("+-*") for _ in range(n - 1)]
     expr = "".join(str(t) + o for t, o in zip(terms, ops + [""]))
     steps = arithmetic_steps(terms, ops)
@@ -121,7 +124,12 @@ def arithmetic_task(rng: random.Random, min_terms: int = 2, max_terms: int = 4, 
 GENERATORS = {
     "arithmetic": lambda rng: arithmetic_task(rng),
     "arithmetic-tool": lambda rng: arithmetic_task(rng, tool=True),
+    # out of distribution for a policy trained on the two above: longer expressions (5-6 terms),
+    # and two-digit operands; no prompt of theirs can be one of 2-4 one-digit terms
+    "arithmetic-long": lambda rng: replace(arithmetic_task(rng, 5, 6), domain="arithmetic-long"),
+    "arithmetic-2digit": lambda rng: replace(arithmetic_task(rng, 2, 3, _TWO_DIGITS), domain="arithmetic-2digit"),
 }
+OOD_DOMAINS = ("arithmetic-long", "arithmetic-2digit")
 
 
 def load_tasks(path: str | Path) -> list[Task]:
@@ -159,24 +167,81 @@ class Domain:
             raise ValueError(f"domain spec {spec!r}: beta and weight must be numbers") from None
 
 
+def prompt_text(task: Task) -> str:
+    """The prompt as a reader compares prompts: its user turns' text, whitespace collapsed and
+    case folded (a system turn's tool list does not make 'What is 3+4?' another question)."""
+    return "\n".join(" ".join(str(m.get("content") or "").split()).casefold()
+                     for m in task.messages if m.get("role") == "user")
+
+
+def prompt_hash(task: Task) -> str:
+    """sha256 (hex) of prompt_text: what held-out prompts are excluded from training by."""
+    return hashlib.sha256(prompt_text(task).encode("utf-8")).hexdigest()
+
+
+MAX_REDRAWS = 1000  # draws of one excluded prompt after another before TaskMix.sample gives up
+
+
 @dataclass
 class TaskMix:
-    """Draws prompts: a domain by weight, then a task from its generator or its pool (JSONL)."""
+    """Draws prompts: a domain by weight, then a task from its generator or its pool (JSONL).
+    A prompt whose hash (prompt_hash) is in `exclude` (held-out prompts) is never drawn: a
+    generator draws again, a pool leaves it out. `seen` collects the hash of every prompt drawn,
+    so a run can count what its training streams shared with its held-out sets."""
     domains: list[Domain]
     pools: dict[str, list[Task]] = field(default_factory=dict)
+    exclude: frozenset = frozenset()
+    seen: set = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self):
+        self.exclude = frozenset(self.exclude)
+        if self.exclude:
+            self.pools = {k: [t for t in v if prompt_hash(t) not in self.exclude] for k, v in self.pools.items()}
         for d in self.domains:
             if d.name not in GENERATORS and not self.pools.get(d.name):
                 raise ValueError(f"domain {d.name!r} has neither a generator ({', '.join(GENERATORS)}) "
-                                 "nor tasks in the tasks file")
+                                 "nor tasks in the tasks file" + (" outside the excluded held-out prompts"
+                                                                  if self.exclude else ""))
             if d.beta < 0 or d.weight <= 0:
                 raise ValueError(f"domain {d.name!r}: beta must be >= 0 and weight > 0")
 
     def beta(self, name: str) -> float:
         return next(d.beta for d in self.domains if d.name == name)
 
+    def excluding(self, hashes) -> "TaskMix":
+        """The same mix, never drawing a prompt whose hash is in `hashes` (nor in self.exclude)."""
+        return TaskMix(self.domains, self.pools, self.exclude | frozenset(hashes))
+
     def sample(self, rng: random.Random, n: int) -> list[Task]:
         picks = rng.choices(self.domains, weights=[d.weight for d in self.domains], k=n)
-        return [rng.choice(self.pools[d.name]) if self.pools.get(d.name) else GENERATORS[d.name](rng)
-                for d in picks]
+        out = [self._draw(rng, d) for d in picks]
+        self.seen.update(prompt_hash(t) for t in out)
+        return out
+
+    def _draw(self, rng: random.Random, d: Domain) -> Task:
+        if self.pools.get(d.name):
+            return rng.choice(self.pools[d.name])
+        for _ in range(MAX_REDRAWS):
+            task = GENERATORS[d.name](rng)
+            if not self.exclude or prompt_hash(task) not in self.exclude:
+                return task
+        raise ValueError(f"domain {d.name!r}: {MAX_REDRAWS} draws in a row were excluded held-out prompts; "
+                         "the held-out sets cover (nearly) all of its prompts")
+
+
+def held_out_split(mix: TaskMix, n: int, seed: int = 12345, exclude=frozenset()) -> list[Task]:
+    """n distinct prompts of `mix` (by prompt_hash), drawn with their own seed and none of whose
+    hashes is in `exclude`: a held-out set. Training mixes then exclude their hashes."""
+    rng, out, hashes = random.Random(seed), [], set(exclude)
+    draw = TaskMix(mix.domains, mix.pools)  # its own `seen`: held-out draws are not training draws
+    for _ in range(MAX_REDRAWS * max(1, n)):
+        if len(out) == n:
+            break
+        task = draw.sample(rng, 1)[0]
+        if (h := prompt_hash(task)) not in hashes:
+            hashes.add(h)
+            out.append(task)
+    if len(out) == n:
+        return out
+    raise ValueError(f"the mix has fewer than {n} distinct prompts outside the excluded ones "
+                     f"(found {len(out)}): ask for a smaller held-out set")
