@@ -1,0 +1,68 @@
+"""The repository's virtualenv: built once, reused while the dependency files stay the same,
+rebuilt when one changes, and a failed install rejects the commit as setup-failed with pip's log."""
+
+import json
+
+from calc_history import git
+from tiny_repos import bug_fix_history, make_history
+
+from dsv32.synth.code_miner import MineOptions, mine
+from dsv32.synth.code_task import CodeTask
+from dsv32.synth.code_venv import STAMP, VenvOptions, ensure_venv, stamp_of
+from dsv32.synth.git_history import archive
+
+
+def snapshot(repo, rev, tmp_path):
+    tar = tmp_path / f"{rev[:8]}.tar"
+    archive(repo, rev, tar)
+    return tar
+
+
+def test_a_dependency_that_is_not_installable_offline_rejects_the_commit_with_pips_log(run_options, tmp_path):
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("nosuchdep-dsv32-test==1.0\n"))
+    rows = mine(repo, tmp_path / "out", options=MineOptions(run=run_options, venv=VenvOptions()))
+    fix = next(r for r in rows if r["commit"] == shas[1])
+    assert fix["reason"] == "setup-failed"
+    assert "requirements.txt" in fix["detail"]
+    assert "nosuchdep-dsv32-test" in fix["output"]  # pip's own words name the requirement it could not find
+    stamp = json.loads((tmp_path / "out" / "venv" / STAMP).read_text())
+    assert stamp["ok"] is False and "--no-index" in stamp["log"]  # offline by default
+
+
+def test_a_repository_without_dependencies_gets_a_venv_built_once_and_its_tests_run_with_its_python(
+        run_options, tmp_path):
+    # the new test asserts it runs in the venv: sys.prefix is the venv, not this interpreter's prefix
+    test = ("import os, sys\nfrom calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+            "    assert sys.prefix == os.environ['VIRTUAL_ENV'] and sys.prefix.endswith('venv')\n")
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("# no dependencies\n", test))
+    out = tmp_path / "out"
+    rows = mine(repo, out, options=MineOptions(run=run_options, venv=VenvOptions()))
+    fix = next(r for r in rows if r["commit"] == shas[1])
+    assert fix["reason"] == "accepted", fix
+    assert fix["f2p"] == ["tests.test_add::test_add"]
+    task = CodeTask.from_json(fix["task"])
+    assert task.venv == "venv" and (out / task.venv / "bin" / "python").exists()
+
+
+def test_the_venv_is_reused_while_the_stamp_matches_and_rebuilt_when_a_dependency_file_changes(
+        run_options, tmp_path):
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("# no dependencies\n"))
+    (repo / "requirements.txt").write_text("# still none, but the file changed\n")
+    git(repo, "commit", "-q", "-am", "Touch the requirements")
+    changed = git(repo, "rev-parse", "HEAD")
+    venv, boxes = tmp_path / "venv", run_options.sandbox_root
+    first = ensure_venv(venv, snapshot(repo, shas[0], tmp_path), boxes, unsafe_no_sandbox=run_options.unsafe_no_sandbox)
+    assert first.ok and first.built
+    assert first.stamp == stamp_of({"requirements.txt": b"# no dependencies\n"})  # the hash of the file itself
+    mtime = (venv / STAMP).stat().st_mtime_ns
+    again = ensure_venv(venv, snapshot(repo, shas[1], tmp_path), boxes,  # same requirements.txt
+                        unsafe_no_sandbox=run_options.unsafe_no_sandbox)
+    assert again.ok and not again.built and (venv / STAMP).stat().st_mtime_ns == mtime
+    rebuilt = ensure_venv(venv, snapshot(repo, changed, tmp_path), boxes,
+                          unsafe_no_sandbox=run_options.unsafe_no_sandbox)
+    assert rebuilt.ok and rebuilt.built and rebuilt.stamp != first.stamp
+    assert (venv / STAMP).stat().st_mtime_ns > mtime
+    assert json.loads((venv / STAMP).read_text())["stamp"] == rebuilt.stamp
