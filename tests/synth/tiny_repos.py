@@ -30,3 +30,26 @@ def bug_fix_history(requirements: str, test: str = TEST_ADD) -> list[tuple[str, 
     return [("Start", {"calc.py": CALC, "requirements.txt": requirements, "tests/test_base.py": "def test_ok():\n"
                        "    pass\n"}),
             ("Fix add", {"calc.py": CALC_FIXED, "tests/test_add.py": test})]
+
+CALC_MUL = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n"
+TEST_MUL = "from calc import add, mul\n\n\ndef test_mul():\n    assert mul(2, 3) == 6\n"
+# the test patch makes the module import div, which the parent lacks: before the fix the whole
+# module fails to import, so test_mul is absent from the before-run
+TEST_MUL_DIV = TEST_MUL.replace("add, mul", "add, div, mul") + "\n\ndef test_div():\n    assert div(6, 3) == 2\n"
+DIV = "\n\ndef div(a, b):\n    return a / b\n"
+
+
+def hidden_test_history(break_mul: bool) -> list[tuple[str, dict[str, str]]]:
+    """mul and its test; then div with a test in the same module, the fix breaking mul or not."""
+    source = CALC_MUL.replace("return a * b", "return a * b + 1") if break_mul else CALC_MUL
+    return [("Start", {"calc.py": CALC_MUL, "tests/test_calc.py": TEST_MUL}),
+            ("Add div", {"calc.py": source + DIV, "tests/test_calc.py": TEST_MUL_DIV})]
+
+
+def flaky_history(mark: Path) -> list[tuple[str, dict[str, str]]]:
+    """A fix whose new test passes once and then fails: it passes only while `mark` (a file
+    outside the repository, created by the first run that gets past the assertion) is absent."""
+    test = (f"from pathlib import Path\n\nfrom calc import add\n\nMARK = Path({str(mark)!r})\n\n\n"
+            "def test_add():\n    assert add(2, 3) == 5\n    first = not MARK.exists()\n    MARK.touch()\n"
+            "    assert first\n")
+    return bug_fix_history("", test)
