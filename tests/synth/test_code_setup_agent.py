@@ -3,60 +3,19 @@ supplies the missing dependency gets the commit accepted; one that never does is
 its turns and the commit is rejected as setup-failed; a failing policy ends it at once."""
 
 import json
-import shlex
 
 import pytest
-from tiny_repos import bug_fix_history, make_history
+from tiny_repos import Scripted, make_history, shim_history, site_packages
 
-from dsv32.agent.policy import PolicyError, Reply
+from dsv32.agent.policy import PolicyError
 from dsv32.synth.code_miner import MineOptions, mine
 from dsv32.synth.code_setup_agent import SetupAgent
 from dsv32.synth.code_venv import STAMP, VenvOptions
 
-# the dependency is declared and imported by the tests at every commit, and no index has it
-REQUIREMENTS = "shimdep==1.0\n"
-TEST_ADD = "import shimdep\nfrom calc import add\n\n\ndef test_add():\n    assert add(2, 3) == shimdep.FIVE\n"
-
-
-def history():
-    commits = bug_fix_history(REQUIREMENTS, TEST_ADD)
-    commits[0][1]["tests/test_base.py"] = "import shimdep\n\n\ndef test_ok():\n    assert shimdep.FIVE == 5\n"
-    return commits
-
-
-class Scripted:
-    """A policy that returns the bash commands it was given, one turn each, then a plain answer;
-    keeps the messages of every call."""
-
-    context_window = 1_000_000
-
-    def __init__(self, commands):
-        self.commands, self.seen = list(commands), []
-
-    def count(self, messages, tools):
-        return 0
-
-    def __call__(self, messages, tools, sampling):
-        self.seen.append([dict(m) for m in messages])
-        if not self.commands:
-            return Reply({"role": "assistant", "content": "I cannot fix it.", "reasoning_content": "",
-                          "tool_calls": []}, "", "stop", 0, 0)
-        cmd = self.commands.pop(0)
-        if isinstance(cmd, Exception):
-            raise cmd
-        call = {"id": f"c{len(self.seen)}", "type": "function",
-                "function": {"name": "bash", "arguments": json.dumps({"command": cmd})}}
-        return Reply({"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": [call]},
-                     "", "stop", 0, 0)
-
-
-def site_packages(venv):
-    return f"$({shlex.quote(str(venv / 'bin' / 'python'))} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
-
 
 def mine_with(agent, run_options, tmp_path):
     repo = tmp_path / "repo"
-    shas = make_history(repo, history())
+    shas = make_history(repo, shim_history())
     out = tmp_path / "out"
     options = MineOptions(run=run_options, venv=VenvOptions(fixer="scripted"), fixer=agent)
     rows = mine(repo, out, options=options)

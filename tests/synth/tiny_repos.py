@@ -1,9 +1,13 @@
 """Tiny git repositories written in a test: a list of commits, each a message and the files it
 writes, so each test knows what its history must make the miner decide."""
 
+import json
+import shlex
 from pathlib import Path
 
 from calc_history import git
+
+from dsv32.agent.policy import Reply
 
 CALC = "def add(a, b):\n    return a - b\n"
 CALC_FIXED = "def add(a, b):\n    return a + b\n"
@@ -53,3 +57,47 @@ def flaky_history(mark: Path) -> list[tuple[str, dict[str, str]]]:
             "def test_add():\n    assert add(2, 3) == 5\n    first = not MARK.exists()\n    MARK.touch()\n"
             "    assert first\n")
     return bug_fix_history("", test)
+
+
+# the dependency is declared and imported by the tests at every commit, and no index has it
+REQUIREMENTS = "shimdep==1.0\n"
+TEST_ADD = "import shimdep\nfrom calc import add\n\n\ndef test_add():\n    assert add(2, 3) == shimdep.FIVE\n"
+
+
+def shim_history() -> list[tuple[str, dict[str, str]]]:
+    """The bug fix, with a dependency (shimdep) that requirements.txt declares and no index has."""
+    commits = bug_fix_history(REQUIREMENTS, TEST_ADD)
+    commits[0][1]["tests/test_base.py"] = "import shimdep\n\n\ndef test_ok():\n    assert shimdep.FIVE == 5\n"
+    return commits
+
+
+class Scripted:
+    """A policy that returns the bash commands it was given, one turn each, then a plain answer;
+    keeps the messages of every call."""
+
+    context_window = 1_000_000
+
+    def __init__(self, commands):
+        self.commands, self.seen = list(commands), []
+
+    def count(self, messages, tools):
+        return 0
+
+    def __call__(self, messages, tools, sampling):
+        self.seen.append([dict(m) for m in messages])
+        if not self.commands:
+            return Reply({"role": "assistant", "content": "I cannot fix it.", "reasoning_content": "",
+                          "tool_calls": []}, "", "stop", 0, 0)
+        cmd = self.commands.pop(0)
+        if isinstance(cmd, Exception):
+            raise cmd
+        call = {"id": f"c{len(self.seen)}", "type": "function",
+                "function": {"name": "bash", "arguments": json.dumps({"command": cmd})}}
+        return Reply({"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": [call]},
+                     "", "stop", 0, 0)
+
+
+def site_packages(venv: Path) -> str:
+    """A shell word that expands to the venv's site-packages."""
+    python = shlex.quote(str(venv / "bin" / "python"))
+    return f"$({python} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
