@@ -100,7 +100,14 @@ def unstable(runs: list[dict[str, str]]) -> set[str]:
 
 def decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions) -> dict:
     """Mine one commit: its decision row, and for an accepted one its environment directory
-    `out/envs/<id>` (the row then holds the task)."""
+    `out/envs/<id>` (the row then holds the task). With a venv, the row says whether this commit
+    built it (`venv`: the stamp's first 12 digits, built, seconds)."""
+    venv_info: dict = {}
+    row = _decide(repo, sha, out, name, options, venv_info)
+    return {**row, "venv": venv_info} if venv_info else row
+
+
+def _decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions, venv_info: dict) -> dict:
     start = time.monotonic()
     c = read_commit(repo, sha)
     if c.parent is None:
@@ -128,6 +135,7 @@ def decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions) -> 
         if o.venv is not None:
             state = ensure_venv(out / VENV, tar, sandbox_root(o.run), o.venv, fixer=o.fixer,
                                 unsafe_no_sandbox=o.run.unsafe_no_sandbox, memory_gb=o.run.memory_gb)
+            venv_info.update(stamp=state.stamp[:12], built=state.built, seconds=round(state.seconds, 2))
             if not state.ok:
                 return _rejected(sha, "setup-failed", state.detail, seconds=round(time.monotonic() - start, 2),
                                  output=state.log[-1000:])

@@ -44,6 +44,7 @@ def test_a_repository_without_dependencies_gets_a_venv_built_once_and_its_tests_
     assert fix["f2p"] == ["tests.test_add::test_add"]
     task = CodeTask.from_json(fix["task"])
     assert task.venv == "venv" and (out / task.venv / "bin" / "python").exists()
+    assert fix["venv"]["built"] and fix["venv"]["stamp"] == json.loads((out / "venv" / STAMP).read_text())["stamp"][:12]
 
 
 def test_the_venv_is_reused_while_the_stamp_matches_and_rebuilt_when_a_dependency_file_changes(
