@@ -10,6 +10,8 @@ repository installs goes into the venv's own site-packages, which comes first on
 
 The install, in the sandbox with the venv bound writable, from the snapshot's root:
 - `pip install -r F` for each `requirements*.txt`, sorted by name;
+- `pip install R...` for pyproject.toml's `[build-system] requires` (the build backend: the
+  build below is not isolated, so the backend must be in the venv, or reachable from it);
 - `pip install --no-build-isolation .` when there is a `pyproject.toml`, `setup.py` or
   `setup.cfg` (not `-e`: an editable install would point at the sandbox's work directory, which
   is gone after the build; the runs put their own checkout first on PYTHONPATH instead, `src/`
@@ -39,6 +41,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,17 +110,30 @@ def stamp_of(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def install_commands(files: list[str], venv: Path, options: VenvOptions) -> list[str]:
-    """The pip commands that install the dependencies, run from the repository's root."""
+def build_requires(pyproject: bytes) -> list[str]:
+    """`[build-system] requires` of a pyproject.toml ([] when it has none or does not parse)."""
+    try:
+        data = tomllib.loads(pyproject.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    requires = data.get("build-system", {}).get("requires", [])
+    return [r for r in requires if isinstance(r, str)] if isinstance(requires, list) else []
+
+
+def install_commands(files: dict[str, bytes], venv: Path, options: VenvOptions) -> list[tuple[str, str]]:
+    """(what, the pip command) for each install step, run from the repository's root."""
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
            "--no-input"]
     if not options.allow_network:
         pip.append("--no-index")
     for d in options.find_links:
         pip += ["--find-links", str(Path(d).resolve())]
-    cmds = [shlex.join(pip + ["-r", f]) for f in files if fnmatch.fnmatch(f, REQUIREMENTS)]
+    cmds = [(f"-r {f}", shlex.join(pip + ["-r", f])) for f in files if fnmatch.fnmatch(f, REQUIREMENTS)]
     if any(f in PROJECT_FILES for f in files):
-        cmds.append(shlex.join(pip + ["--no-build-isolation", "."]))
+        # the build backend first: the build is not isolated, so it must be in (or reachable from) the venv
+        if requires := build_requires(files.get("pyproject.toml", b"")):
+            cmds.append((f"the build requirements {' '.join(requires)}", shlex.join(pip + requires)))
+        cmds.append((". (the project)", shlex.join(pip + ["--no-build-isolation", "."])))
     return cmds
 
 
@@ -179,12 +195,12 @@ def ensure_venv(venv: Path, tar_path: Path, sandbox_root: Path, options: VenvOpt
         hand_over(box, repo)
         hand_over(box, venv)
         log, ok, detail = [], True, f"installed {', '.join(files) or 'nothing (no dependency files)'}"
-        for cmd in install_commands(list(files), venv, options):
+        for what, cmd in install_commands(files, venv, options):
             r = box.run(["sh", "-c", run_env(venv) + cmd], timeout=options.timeout, max_output=LOG_TAIL)
             log.append(f"$ {cmd}\n{r.output}")
             if r.timed_out or r.exit_code != 0:
                 why = f"timed out after {options.timeout:g}s" if r.timed_out else f"exit status {r.exit_code}"
-                ok, detail = False, f"pip install {why}: {cmd.split(' install ', 1)[1]}"
+                ok, detail = False, f"pip install {what}: {why}"
                 break
         text = "\n".join(log)
         if not ok and fixer is not None:

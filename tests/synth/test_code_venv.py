@@ -8,7 +8,7 @@ from tiny_repos import bug_fix_history, make_history
 
 from dsv32.synth.code_miner import MineOptions, mine
 from dsv32.synth.code_task import CodeTask
-from dsv32.synth.code_venv import STAMP, VenvOptions, ensure_venv, stamp_of
+from dsv32.synth.code_venv import STAMP, VenvOptions, ensure_venv, install_commands, stamp_of
 from dsv32.synth.git_history import archive
 
 
@@ -24,7 +24,7 @@ def test_a_dependency_that_is_not_installable_offline_rejects_the_commit_with_pi
     rows = mine(repo, tmp_path / "out", options=MineOptions(run=run_options, venv=VenvOptions()))
     fix = next(r for r in rows if r["commit"] == shas[1])
     assert fix["reason"] == "setup-failed"
-    assert "requirements.txt" in fix["detail"]
+    assert fix["detail"] == "pip install -r requirements.txt: exit status 1"
     assert "nosuchdep-dsv32-test" in fix["output"]  # pip's own words name the requirement it could not find
     stamp = json.loads((tmp_path / "out" / "venv" / STAMP).read_text())
     assert stamp["ok"] is False and "--no-index" in stamp["log"]  # offline by default
@@ -67,3 +67,15 @@ def test_the_venv_is_reused_while_the_stamp_matches_and_rebuilt_when_a_dependenc
     assert rebuilt.ok and rebuilt.built and rebuilt.stamp != first.stamp
     assert (venv / STAMP).stat().st_mtime_ns > mtime
     assert json.loads((venv / STAMP).read_text())["stamp"] == rebuilt.stamp
+
+
+def test_the_install_steps_are_the_requirements_files_then_the_build_backend_then_the_project(tmp_path):
+    files = {"pyproject.toml": b'[build-system]\nrequires = ["flit_core >=4,<5"]\nbuild-backend = "flit_core.buildapi"\n',
+             "requirements-dev.txt": b"", "requirements.txt": b""}
+    steps = install_commands(files, tmp_path / "v", VenvOptions(find_links=(str(tmp_path),)))
+    assert [what for what, _ in steps] == ["-r requirements-dev.txt", "-r requirements.txt",
+                                            "the build requirements flit_core >=4,<5", ". (the project)"]
+    assert all(f"--no-index --find-links {tmp_path}" in cmd for _, cmd in steps)
+    assert steps[2][1].endswith("'flit_core >=4,<5'") and steps[3][1].endswith("--no-build-isolation .")
+    online = install_commands({"setup.py": b""}, tmp_path / "v", VenvOptions(allow_network=True))
+    assert len(online) == 1 and "--no-index" not in online[0][1]  # no pyproject: no build requirements step
