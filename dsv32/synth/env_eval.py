@@ -14,6 +14,7 @@ with the same --out skips the environments already in results.jsonl.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -122,6 +123,8 @@ def main(argv: list[str]) -> int:
         return 2
     finally:
         runner.close()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     for k, p in summary["pass_at_k"].items():
         print(f"pass@{k} = {p['mean']:.4f} ± {p['stderr']:.4f} over {p['tasks']} environments")
     print(f"report in {args.out}/report.md")
