@@ -4,7 +4,7 @@ after-runs rejects the commit as flaky."""
 
 from dataclasses import replace
 
-from tiny_repos import flaky_history, hidden_test_history, make_history
+from tiny_repos import counted_history, flaky_history, hidden_test_history, make_history
 
 from dsv32.synth.code_miner import MineOptions, before_status, mine, unstable
 
@@ -45,6 +45,16 @@ def test_with_one_after_run_the_same_flaky_test_is_accepted(run_options, tmp_pat
     options = MineOptions(run=replace(run_options, unsafe_no_sandbox=True), repeat=1)
     row = decide_fix(tmp_path, flaky_history(tmp_path / "mark"), options)
     assert row["reason"] == "accepted" and row["f2p"] == ["tests.test_add::test_add"]
+
+
+def test_a_passing_test_that_fails_in_the_second_after_run_is_left_out_of_p2p(run_options, tmp_path):
+    # runs in order: plain, before, after 1 pass (the counter reads 0, 1, 2); after 2 fails (3)
+    options = MineOptions(run=replace(run_options, unsafe_no_sandbox=True))
+    row = decide_fix(tmp_path, counted_history(tmp_path / "counter"), options)
+    assert row["reason"] == "accepted" and row["f2p"] == ["tests.test_add::test_add"]
+    assert row["flaky"] == ["tests.test_counted::test_counted"]
+    assert row["task"]["p2p"] == ["tests.test_base::test_ok"]             # test_counted left out
+    assert (tmp_path / "counter").read_text() == "4"                       # four runs, as counted above
 
 
 def test_before_status_fills_in_only_tests_absent_before_and_present_after():

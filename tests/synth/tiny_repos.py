@@ -101,3 +101,14 @@ def site_packages(venv: Path) -> str:
     """A shell word that expands to the venv's site-packages."""
     python = shlex.quote(str(venv / "bin" / "python"))
     return f"$({python} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
+
+
+def counted_history(counter: Path) -> list[tuple[str, dict[str, str]]]:
+    """The bug fix, beside a test at the parent that passes on its first three runs only: it
+    counts its runs in `counter`, a file outside the repository."""
+    test = (f"from pathlib import Path\n\nCOUNTER = Path({str(counter)!r})\n\n\ndef test_counted():\n"
+            "    n = int(COUNTER.read_text()) if COUNTER.exists() else 0\n    COUNTER.write_text(str(n + 1))\n"
+            "    assert n < 3\n")
+    commits = bug_fix_history("")
+    commits[0][1]["tests/test_counted.py"] = test
+    return commits
