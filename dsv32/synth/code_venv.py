@@ -187,8 +187,9 @@ def ensure_venv(venv: Path, tar_path: Path, sandbox_root: Path, options: VenvOpt
     create(venv)
     limits = Limits(cpu_seconds=int(options.timeout) + 60, memory_bytes=int(memory_gb * (1 << 30)),
                     processes=512, file_size_bytes=4 << 30, open_files=4096, tmp_bytes=2 << 30)
+    links = tuple(str(Path(d).resolve()) for d in options.find_links)  # read-only inside, at the same paths
     box = Sandbox(sandbox_root, "venv", limits=limits, unsafe_no_sandbox=unsafe_no_sandbox, rw_paths=(str(venv),),
-                  network=options.allow_network)
+                  ro_paths=links, network=options.allow_network)
     try:
         repo = box.work / "repo"
         extract(tar_path, repo)

@@ -2,6 +2,8 @@
 rebuilt when one changes, and a failed install rejects the commit as setup-failed with pip's log."""
 
 import json
+import subprocess
+import sys
 
 from calc_history import git
 from tiny_repos import bug_fix_history, make_history
@@ -79,3 +81,25 @@ def test_the_install_steps_are_the_requirements_files_then_the_build_backend_the
     assert steps[2][1].endswith("'flit_core >=4,<5'") and steps[3][1].endswith("--no-build-isolation .")
     online = install_commands({"setup.py": b""}, tmp_path / "v", VenvOptions(allow_network=True))
     assert len(online) == 1 and "--no-index" not in online[0][1]  # no pyproject: no build requirements step
+
+
+def test_a_dependency_from_a_find_links_folder_is_installed_offline_and_the_fix_accepted(run_options, tmp_path):
+    # a wheel of a one-module package, built here offline with this interpreter's setuptools
+    pkg = tmp_path / "tinydep"
+    pkg.mkdir()
+    (pkg / "tinydep.py").write_text("FIVE = 5\n")
+    (pkg / "setup.py").write_text("from setuptools import setup\nsetup(name='tinydep', version='1.0', "
+                                  "py_modules=['tinydep'])\n")
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-index", "--no-build-isolation", "--no-deps", "-q",
+                    "-w", str(wheels), str(pkg)], check=True, capture_output=True)
+    test = "import tinydep\nfrom calc import add\n\n\ndef test_add():\n    assert add(2, 3) == tinydep.FIVE\n"
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("tinydep==1.0\n", test))
+    offline = mine(repo, tmp_path / "offline", options=MineOptions(run=run_options, venv=VenvOptions()))
+    assert next(r for r in offline if r["commit"] == shas[1])["reason"] == "setup-failed"  # no index, no wheel
+    options = MineOptions(run=run_options, venv=VenvOptions(find_links=(str(wheels),)))
+    rows = mine(repo, tmp_path / "out", options=options)
+    fix = next(r for r in rows if r["commit"] == shas[1])
+    assert fix["reason"] == "accepted" and fix["f2p"] == ["tests.test_add::test_add"]
+    assert list((tmp_path / "out" / "venv").glob("lib/python*/site-packages/tinydep.py"))  # installed in the venv
