@@ -213,6 +213,7 @@ def ensure_venv(venv: Path, tar_path: Path, sandbox_root: Path, options: VenvOpt
         box.remove()
         _take_back(venv)
     state = VenvState(venv, stamp, list(files), ok, detail, text[-LOG_TAIL:], True, time.monotonic() - start)
+    (venv / STAMP).unlink(missing_ok=True)  # the install could write there: a link must not be followed
     (venv / STAMP).write_text(json.dumps({"stamp": state.stamp, "files": state.files, "ok": ok, "detail": detail,
                                           "log": state.log, "options": options.key(),
                                           "seconds": round(state.seconds, 2)}, indent=1) + "\n", encoding="utf-8")

@@ -103,3 +103,19 @@ def test_a_dependency_from_a_find_links_folder_is_installed_offline_and_the_fix_
     fix = next(r for r in rows if r["commit"] == shas[1])
     assert fix["reason"] == "accepted" and fix["f2p"] == ["tests.test_add::test_add"]
     assert list((tmp_path / "out" / "venv").glob("lib/python*/site-packages/tinydep.py"))  # installed in the venv
+
+
+def test_a_stamp_link_left_by_the_install_is_replaced_not_followed(run_options, tmp_path):
+    # the install runs the repository's own code with the venv writable: setup.py plants a link
+    # where the stamp goes, pointing at a file of ours
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    setup = (f"import os\nfrom setuptools import setup\nos.symlink({str(victim)!r}, "
+             f"os.path.join(os.environ['VIRTUAL_ENV'], {STAMP!r}))\nsetup(name='calc', version='0', py_modules=['calc'])\n")
+    repo = tmp_path / "repo"
+    shas = make_history(repo, [("Start", {"calc.py": "X = 1\n", "setup.py": setup})])
+    state = ensure_venv(tmp_path / "venv", snapshot(repo, shas[0], tmp_path), run_options.sandbox_root,
+                        unsafe_no_sandbox=run_options.unsafe_no_sandbox)
+    assert victim.read_text() == "untouched\n"
+    assert not (tmp_path / "venv" / STAMP).is_symlink() and json.loads((tmp_path / "venv" / STAMP).read_text())
+    assert state.built
