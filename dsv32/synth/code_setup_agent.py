@@ -32,11 +32,11 @@ from dsv32.synth.code_venv import LOG_TAIL, collects
 SYSTEM = """You set up the test environment of a Python repository so that its test suite can run.
 The plain install of its dependencies failed; the log is below. You have a bash tool. Its commands run in a
 sandbox{network}, from the directory that holds the checkout (`repo/`). The repository's virtualenv is {venv}:
-its python is {venv}/bin/python, and `python` on PATH is that one inside `repo/`. Install what is missing into the
-virtualenv (pip with --no-index and local wheels, a vendored copy, a small shim module in its site-packages);
+use its python, {venv}/bin/python, by that path (`python` on PATH is another interpreter). Install what is
+missing into the virtualenv (pip with local wheels, a vendored copy, a small shim module in its site-packages);
 changes to the checkout itself are NOT kept, only the virtualenv is. You are done when
-`cd repo && python -m pytest --collect-only -q` collects the tests without errors; that is checked after every
-turn."""
+`cd repo && {venv}/bin/python -m pytest --collect-only -q` collects the tests without errors; that is checked
+after every turn."""
 
 TASK = """The install failed:
 
