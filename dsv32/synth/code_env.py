@@ -12,9 +12,9 @@ An environment directory holds everything one task needs, runnable later and els
 network, read-only system and Python install, private writable work directory, rlimits), applies
 the patches in order, runs the optional setup command, then the test command, which must write
 JUnit XML to `{junit}`. The environment is the current interpreter with the repository first on
-PYTHONPATH (`python -m pytest` from the repository root); `setup` is the hook for anything more
-(a build step, `pip install --no-index --no-deps --target ...`), run in the sandbox before the
-tests of every run.
+PYTHONPATH (`python -m pytest` from the repository root), or, given a venv (the repository's, built
+once by dsv32.synth.code_venv and bound read-only), that venv's python; `setup` is the hook for
+anything more (a build step), run in the sandbox before the tests of every run.
 """
 
 from __future__ import annotations
