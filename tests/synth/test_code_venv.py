@@ -10,7 +10,13 @@ from tiny_repos import bug_fix_history, make_history
 
 from dsv32.synth.code_miner import MineOptions, mine
 from dsv32.synth.code_task import CodeTask
-from dsv32.synth.code_venv import STAMP, VenvOptions, ensure_venv, install_commands, stamp_of
+from dsv32.synth.code_venv import (
+    STAMP,
+    VenvOptions,
+    ensure_venv,
+    install_commands,
+    stamp_of,
+)
 from dsv32.synth.git_history import archive
 
 
