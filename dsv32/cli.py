@@ -136,6 +136,15 @@ def _passthrough(name: str, argv: list[str]) -> int:
     if name == "eval":
         from dsv32.eval.cli import main as eval_main
 
+        spec = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                     if (a == "--tasks" and i + 1 < len(argv)) or a.startswith("--tasks=")), "")
+        index = "environments.jsonl"  # what `dsv32 synth general` writes
+        if spec and (Path(spec).name == index or (Path(spec).is_dir() and (Path(spec) / index).is_file())):
+            from dsv32.synth.env_eval import (
+                main as environments_main,  # their tools and verifiers live in synth
+            )
+
+            return environments_main(argv)
         return eval_main(argv)
     if name == "convert":
         from dsv32.registry import CONVERT, resolve

@@ -3,13 +3,15 @@
 The code tools (python, bash) run model-written code, so each task gets (spec §5, "Code agent" and
 "Code interpreter": real environments, a Jupyter notebook and coding tools):
 
-- a **fresh network namespace** (`--unshare-net`): only its own loopback, no route anywhere; and
-  fresh pid, ipc, uts (and, where the kernel allows, cgroup) namespaces;
+- a **fresh network namespace** (`--unshare-net`): only its own loopback, no route anywhere
+  (`network=True` keeps the host's, for an install step the user allows to download); and fresh
+  pid, ipc, uts (and, where the kernel allows, cgroup) namespaces;
 - a **read-only view of the system**: /usr, /etc, /bin, /lib* and the Python install (the prefixes
   of `sys.executable`), nothing else of the host: no home directories, no other checkouts;
 - a fresh /tmp and /dev/shm (tmpfs of bounded size), a minimal /dev and a /proc of its own;
 - its **work directory as the only writable bind** (plus, for the Python kernel, a directory for
-  its IPC sockets), at the same path as outside, so that paths mean the same on both sides. The
+  its IPC sockets, and any `rw_paths` the caller names, e.g. a virtualenv being built), at the
+  same path as outside, so that paths mean the same on both sides. The
   sandbox root is covered by an empty read-only tmpfs first, so other tasks' directories under
   the same root are invisible. The task directory around `work` belongs to the caller: connection
   files and logs the caller writes there cannot be swapped for symlinks from inside;
@@ -130,11 +132,14 @@ class Sandbox:
     completion with a timeout and an output cap, `kill()` ends one with all it started."""
 
     def __init__(self, root: str | os.PathLike, name: str = "task", *, limits: Limits = Limits(),
-                 bwrap: str = "bwrap", unsafe_no_sandbox: bool = False, ro_paths: tuple[str, ...] = ()):
+                 bwrap: str = "bwrap", unsafe_no_sandbox: bool = False, ro_paths: tuple[str, ...] = (),
+                 rw_paths: tuple[str, ...] = (), network: bool = False):
         self.root = Path(root).resolve()
         self.limits = limits
         self.isolated = not unsafe_no_sandbox
         self.ro_paths = tuple(ro_paths)
+        self.rw_paths = tuple(str(Path(p).resolve()) for p in rw_paths)  # bound writable in every command
+        self.network = network  # keep the host's network (an install step that may download; off by default)
         self.bwrap = None
         if self.isolated:
             self.bwrap = shutil.which(bwrap)
@@ -209,8 +214,9 @@ class Sandbox:
         return [self.bwrap, *self._bwrap_args(limits, writable, readable), "--", *launch]
 
     def _bwrap_args(self, limits: Limits, writable: tuple[Path, ...], readable: tuple[Path, ...]) -> list[str]:
-        args = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                "--hostname", "sandbox", "--die-with-parent", "--new-session"]
+        args = ([] if self.network else ["--unshare-net"]) + [
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
+            "--die-with-parent", "--new-session"]
         if os.geteuid() == 0:  # bwrap drops every capability but these; the launcher drops them too
             args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
@@ -244,7 +250,7 @@ class Sandbox:
         root = str(self.root)
         args += parents(root) + ["--perms", "0755", "--tmpfs", root]  # hide the other tasks
         made.add(root)
-        for path in (self.work, *writable):
+        for path in (self.work, *self.rw_paths, *writable):
             args += parents(str(path)) + ["--bind", str(path), str(path)]
         for path in readable:
             args += parents(str(path)) + ["--ro-bind", str(path), str(path)]

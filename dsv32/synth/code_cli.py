@@ -16,6 +16,7 @@ from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.synth.code_env import DEFAULT_TEST_CMD, RunOptions, sandbox_root
 from dsv32.synth.code_miner import REJECTIONS, SCOPES, MineOptions, mine, summary
 from dsv32.synth.code_reward import verify
+from dsv32.synth.code_venv import VenvOptions
 from dsv32.synth.git_history import GitError
 
 
@@ -32,6 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "modules the commit changed (touched: faster, but P2F is then checked in those files only)")
     p.add_argument("--setup", help="shell command run in the sandbox, from the repository root, before the tests "
                    "of every run (a build step, an offline install); default: none, the repository is on PYTHONPATH")
+    p.add_argument("--repeat", type=int, default=2, help="after-runs (with the gold patch); a fail-to-pass test "
+                   "that changes status between them rejects the commit as flaky (default: %(default)s)")
+    p.add_argument("--venv", action="store_true", help="run the tests with a virtualenv of the repository, built "
+                   "once under --out with its declared dependencies (requirements*.txt, pyproject.toml/setup.py) "
+                   "and rebuilt when a dependency file changes")
+    p.add_argument("--allow-network", action="store_true", help="with --venv: let pip reach the network (default: "
+                   "offline, pip --no-index)")
+    p.add_argument("--find-links", action="append", default=[], metavar="DIR", help="with --venv: a folder of "
+                   "wheels pip may install from (repeatable)")
+    p.add_argument("--setup-agent", action="store_true", help="with --venv: when the install fails, an LLM agent "
+                   "with a bash tool in the sandbox tries to make the tests collect (needs --base-url)")
+    p.add_argument("--base-url", help="--setup-agent: an OpenAI-compatible endpoint")
+    p.add_argument("--model", help="--setup-agent: the model name at the endpoint (default: the first it serves)")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--setup-turns", type=int, default=8, help="--setup-agent: turns before it gives up")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (default: %(default)s)")
     p.add_argument("--memory-gb", type=float, default=16.0, help="address-space limit per process")
     p.add_argument("--sandbox-root", help="where sandboxes are made (default: the system temp dir)")
@@ -63,8 +79,34 @@ def run(args: argparse.Namespace) -> int:
     if not args.repo or not args.out:
         print("error: mining needs REPO and --out DIR", file=sys.stderr)
         return 2
+    if (args.setup_agent or args.allow_network or args.find_links) and not args.venv:
+        print("error: --setup-agent, --allow-network and --find-links act on the venv: add --venv", file=sys.stderr)
+        return 2
+    if args.setup_agent and not args.base_url:
+        print("error: --setup-agent needs --base-url (an OpenAI-compatible endpoint)", file=sys.stderr)
+        return 2
+    if missing := [d for d in args.find_links if not Path(d).is_dir()]:
+        print(f"error: --find-links {missing[0]}: not a folder", file=sys.stderr)
+        return 2
+    fixer, venv = None, None
     try:
-        mopts = MineOptions(args.test_cmd, args.scope, args.setup, options)
+        if args.setup_agent:
+            from dsv32.agent.policy import (  # needs the openai package (the agent extra)
+                OpenAIPolicy,
+                PolicyError,
+            )
+            from dsv32.synth.code_setup_agent import SetupAgent
+
+            try:
+                policy = OpenAIPolicy(args.base_url, args.model, api_key=args.api_key, thinking_mode="chat")
+            except PolicyError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            fixer = SetupAgent(policy, max_turns=args.setup_turns)
+        if args.venv:
+            venv = VenvOptions(args.allow_network, tuple(args.find_links), max(args.timeout, 900.0),
+                               f"{args.base_url} {policy.model}" if fixer else None)
+        mopts = MineOptions(args.test_cmd, args.scope, args.setup, options, args.repeat, venv, fixer)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,9 +12,9 @@ An environment directory holds everything one task needs, runnable later and els
 network, read-only system and Python install, private writable work directory, rlimits), applies
 the patches in order, runs the optional setup command, then the test command, which must write
 JUnit XML to `{junit}`. The environment is the current interpreter with the repository first on
-PYTHONPATH (`python -m pytest` from the repository root); `setup` is the hook for anything more
-(a build step, `pip install --no-index --no-deps --target ...`), run in the sandbox before the
-tests of every run.
+PYTHONPATH (`python -m pytest` from the repository root), or, given a venv (the repository's, built
+once by dsv32.synth.code_venv and bound read-only), that venv's python; `setup` is the hook for
+anything more (a build step), run in the sandbox before the tests of every run.
 """
 
 from __future__ import annotations
@@ -74,22 +74,35 @@ def extract(tar_path: Path, dest: Path) -> None:
         tar.extractall(dest, filter="data")  # no absolute paths, no links out of dest
 
 
+def run_env(venv: Path | None) -> str:
+    """The shell prefix of every command, run from the sandbox's work directory: into the checkout,
+    which is first on PYTHONPATH; with a venv (dsv32.synth.code_venv), its python first on PATH and
+    the checkout's src/, when there is one, first on PYTHONPATH too."""
+    if venv is None:
+        return 'cd repo && export PYTHONPATH="$PWD" && '
+    v = shlex.quote(str(venv))
+    return (f'cd repo && export VIRTUAL_ENV={v} PATH={v}/bin:"$PATH" PYTHONPATH="$PWD" && '
+            '{ [ -d src ] && export PYTHONPATH="$PWD/src:$PWD" || true; } && ')
+
+
 def run_tests(tar_path: Path, patches: list[tuple[str, str]], test_cmd: str, test_files: list[str] | tuple[str, ...],
-              setup: str | None = None, options: RunOptions = RunOptions()) -> TestRun:
+              setup: str | None = None, options: RunOptions = RunOptions(), venv: Path | None = None) -> TestRun:
     """Snapshot + `patches` ([(name, text)], applied in order) in a fresh sandbox; run `setup`, then
-    the tests; read the JUnit report. A patch that does not apply raises PatchError."""
+    the tests (with `venv`'s python when given: it is bound read-only); read the JUnit report. A
+    patch that does not apply raises PatchError."""
     root = sandbox_root(options)
     limits = Limits(cpu_seconds=int(options.timeout) + 60, memory_bytes=int(options.memory_gb * (1 << 30)),
                     processes=512, file_size_bytes=4 << 30, open_files=4096, tmp_bytes=2 << 30)
     start = time.monotonic()
-    box = Sandbox(root, "code", limits=limits, unsafe_no_sandbox=options.unsafe_no_sandbox)
+    box = Sandbox(root, "code", limits=limits, unsafe_no_sandbox=options.unsafe_no_sandbox,
+                  ro_paths=(str(venv),) if venv is not None else ())
     try:
         repo = box.work / "repo"
         extract(tar_path, repo)
         for name, text in patches:
             apply_patch(repo, text, name)
-        _hand_over(box, repo)
-        env = 'cd repo && export PYTHONPATH="$PWD" && '
+        hand_over(box, repo)
+        env = run_env(venv)
         if setup:
             r = box.run(["sh", "-c", env + setup], timeout=options.timeout, max_output=OUTPUT_TAIL)
             if r.timed_out or r.exit_code != 0:
@@ -113,7 +126,7 @@ def run_tests(tar_path: Path, patches: list[tuple[str, str]], test_cmd: str, tes
         box.remove()
 
 
-def _hand_over(box: Sandbox, tree: Path) -> None:
+def hand_over(box: Sandbox, tree: Path) -> None:
     """Give the extracted tree to the sandbox's uid, so the tests may write where they expect to."""
     box.own(tree)
     for dirpath, dirnames, filenames in os.walk(tree):

@@ -1,9 +1,13 @@
 """The code-task miner: walk a repository's commits and keep those whose source change makes
 tests pass without breaking any (spec §5, "Code agent": F2P > 0 and P2F = 0).
 
-For each commit with a parent, a test part and a source part: snapshot the parent, run the tests
-with the commit's test part applied (before), then with its source part too (after), both in the
-sandbox, both read as JUnit XML. Accept iff some test goes fail→pass and none pass→fail. Every
+For each commit with a parent, a test part and a source part: snapshot the parent, run its tests
+as they are (plain), with the commit's test part applied (before), then with its source part too
+(after, `repeat` times), all in the sandbox, all read as JUnit XML. A test's status before is its
+before-run status, or, when the test patch kept it from being collected (absent before, present
+after), its plain-run status. Accept iff some test goes fail→pass, none pass→fail, and no
+fail→pass test changes status between the after-runs (else `flaky`); tests that change status
+between the after-runs are left out of P2P and P2F. Every
 decision, accepted or not, is one line of `decisions.jsonl`; each accepted task is one line of
 `tasks.jsonl` and a directory `envs/<task id>/` (see dsv32.synth.code_env).
 
@@ -19,20 +23,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv32.synth.code_env import DEFAULT_TEST_CMD, RunOptions, run_tests
+from dsv32.synth.code_env import DEFAULT_TEST_CMD, RunOptions, run_tests, sandbox_root
 from dsv32.synth.code_reward import transitions
 from dsv32.synth.code_task import CodeTask
+from dsv32.synth.code_venv import Fixer, VenvOptions, ensure_venv
 from dsv32.synth.git_history import archive, commits, diff, is_test_module, read_commit
 from dsv32.synth.patch import PatchError
 
 REJECTIONS = ("no-parent", "no-tests-changed", "no-source-changed", "patch-failed", "setup-failed",
-              "tests-error", "timeout", "f2p=0", "p2f>0")
+              "tests-error", "timeout", "flaky", "f2p=0", "p2f>0")
+VENV = "venv"   # the repository's virtualenv, under the output folder
 SCOPES = ("all", "touched")
 
 
@@ -42,8 +49,13 @@ class MineOptions:
     scope: str = "all"          # "all": the whole suite each run; "touched": only the test files the commit changed
     setup: str | None = None
     run: RunOptions = RunOptions()
+    repeat: int = 2                     # after-runs; a fail→pass test must pass in every one
+    venv: VenvOptions | None = None     # None: the current interpreter; else the repository's venv
+    fixer: Fixer | None = None          # the environment-setup agent, when the venv's install fails
 
     def __post_init__(self):
+        if self.repeat < 1:
+            raise ValueError(f"repeat must be at least 1, got {self.repeat}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if "{junit}" not in self.test_cmd:
@@ -73,9 +85,29 @@ def _rejected(sha: str, reason: str, detail: str = "", **more) -> dict:
     return {"commit": sha, "accepted": False, "reason": reason, "detail": detail, **more}
 
 
+def before_status(plain: dict[str, str], before: dict[str, str], after: dict[str, str]) -> dict[str, str]:
+    """Each test's status before the fix: the before-run's, or, for a test the test patch kept
+    from being collected (absent before, present after), the plain run's. A test absent both
+    before and after (the test patch deleted it) is not filled in."""
+    return {**{t: s for t, s in plain.items() if t not in before and t in after}, **before}
+
+
+def unstable(runs: list[dict[str, str]]) -> set[str]:
+    """The tests whose status (absent included) is not the same in every run."""
+    tests = set().union(*runs)
+    return {t for t in tests if len({r.get(t, "absent") for r in runs}) > 1}
+
+
 def decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions) -> dict:
     """Mine one commit: its decision row, and for an accepted one its environment directory
-    `out/envs/<id>` (the row then holds the task)."""
+    `out/envs/<id>` (the row then holds the task). With a venv, the row says whether this commit
+    built it (`venv`: the stamp's first 12 digits, built, seconds)."""
+    venv_info: dict = {}
+    row = _decide(repo, sha, out, name, options, venv_info)
+    return {**row, "venv": venv_info} if venv_info else row
+
+
+def _decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions, venv_info: dict) -> dict:
     start = time.monotonic()
     c = read_commit(repo, sha)
     if c.parent is None:
@@ -99,32 +131,55 @@ def decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions) -> 
         (staging / "test.patch").write_text(test_patch, encoding="utf-8")
         (staging / "gold.patch").write_text(gold_patch, encoding="utf-8")
         tar, o = staging / "repo.tar", options
+        venv = None
+        if o.venv is not None:
+            state = ensure_venv(out / VENV, tar, sandbox_root(o.run), o.venv, fixer=o.fixer,
+                                unsafe_no_sandbox=o.run.unsafe_no_sandbox, memory_gb=o.run.memory_gb)
+            venv_info.update(stamp=state.stamp[:12], built=state.built, seconds=round(state.seconds, 2))
+            if not state.ok:
+                return _rejected(sha, "setup-failed", state.detail, seconds=round(time.monotonic() - start, 2),
+                                 output=state.log[-1000:])
+            venv = state.path
+        plain_files = test_files
+        if test_files:  # the plain run can only name the test modules that exist at the parent
+            with tarfile.open(tar) as t:
+                plain_files = [f for f in test_files if f in set(t.getnames())]
+        plans = [("plain", [])] if plain_files or not test_files else []
+        plans += [("before", [("test patch", test_patch)])]
+        plans += [(f"after {i + 1}", [("test patch", test_patch), ("gold patch", gold_patch)])
+                  for i in range(o.repeat)]
         runs = {}
-        for which, patches in (("before", [("test patch", test_patch)]),
-                               ("after", [("test patch", test_patch), ("gold patch", gold_patch)])):
+        for which, patches in plans:
             try:
-                run = run_tests(tar, patches, o.test_cmd, test_files, o.setup, o.run)
+                run = run_tests(tar, patches, o.test_cmd, plain_files if which == "plain" else test_files, o.setup,
+                                o.run, venv)
             except PatchError as e:
                 return _rejected(sha, "patch-failed", str(e), seconds=round(time.monotonic() - start, 2))
             if run.outcomes is None:
                 return _rejected(sha, run.error, f"{which}: {run.detail}", seconds=round(time.monotonic() - start, 2),
                                  output=run.output[-1000:])
             runs[which] = run.outcomes
-        t = transitions(runs["before"], runs["after"])
+        afters = [runs[f"after {i + 1}"] for i in range(o.repeat)]
+        flaky = unstable(afters)
+        t = transitions(before_status(runs.get("plain", {}), runs["before"], afters[0]), afters[0])
         seconds = round(time.monotonic() - start, 2)
-        if t.p2f:
-            return _rejected(sha, "p2f>0", f"{len(t.p2f)} tests pass before and not after", f2p=t.f2p, p2f=t.p2f,
+        if bad := [x for x in t.f2p if x in flaky]:
+            return _rejected(sha, "flaky", f"{len(bad)} fail-to-pass tests change status between the "
+                             f"{o.repeat} after-runs", f2p=t.f2p, p2f=t.p2f, flaky=bad, seconds=seconds)
+        p2f, p2p = [x for x in t.p2f if x not in flaky], [x for x in t.p2p if x not in flaky]
+        if p2f:
+            return _rejected(sha, "p2f>0", f"{len(p2f)} tests pass before and not after", f2p=t.f2p, p2f=p2f,
                              seconds=seconds)
         if not t.f2p:
             return _rejected(sha, "f2p=0", "no test goes from failing to passing", seconds=seconds)
         task = CodeTask(task_id, name, sha, c.parent, c.message, o.test_cmd, test_files, list(c.test_paths),
-                        t.f2p, t.p2p, o.setup, f"envs/{task_id}")
+                        t.f2p, p2p, o.setup, f"envs/{task_id}", VENV if venv is not None else None)
         task.save(staging)
         final = out / "envs" / task_id
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        return {"commit": sha, "accepted": True, "reason": "accepted", "detail": f"{len(t.f2p)} F2P, {len(t.p2p)} P2P",
-                "f2p": t.f2p, "p2f": [], "seconds": seconds, "task": task.to_json()}
+        return {"commit": sha, "accepted": True, "reason": "accepted", "detail": f"{len(t.f2p)} F2P, {len(p2p)} P2P",
+                "f2p": t.f2p, "p2f": [], "flaky": sorted(flaky), "seconds": seconds, "task": task.to_json()}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

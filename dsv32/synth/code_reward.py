@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv32.synth.code_env import RunOptions, run_tests
+from dsv32.synth.code_env import RunOptions, run_tests, sandbox_root
 from dsv32.synth.code_task import CodeTask
+from dsv32.synth.code_venv import ensure_venv
 from dsv32.synth.git_history import is_test_path
 from dsv32.synth.patch import PatchError, patch_paths
 
@@ -73,9 +74,16 @@ def verify(task_dir: str | Path, patch: str, options: RunOptions = RunOptions())
     except PatchError as e:
         return Verdict(0.0, "bad-patch", str(e))
     test_patch = (task_dir / "test.patch").read_text(encoding="utf-8")
+    venv = None
+    if task.venv is not None:  # the repository's venv, beside envs/: reused, or rebuilt offline if its stamp differs
+        state = ensure_venv(task_dir.parent.parent / task.venv, task_dir / "repo.tar", sandbox_root(options),
+                            unsafe_no_sandbox=options.unsafe_no_sandbox, memory_gb=options.memory_gb)
+        if not state.ok:
+            return Verdict(0.0, "setup-failed", state.detail, seconds=time.monotonic() - start)
+        venv = state.path
     try:
         run = run_tests(task_dir / "repo.tar", [("candidate patch", patch), ("test patch", test_patch)],
-                        task.test_cmd, task.test_files, task.setup, options)
+                        task.test_cmd, task.test_files, task.setup, options, venv)
     except PatchError as e:
         return Verdict(0.0, "patch-failed", str(e), seconds=time.monotonic() - start)
     if run.outcomes is None:

@@ -27,6 +27,8 @@ class CodeTask:
     p2p: list[str]               # pass before and after
     setup: str | None = None     # shell command run in the sandbox before the tests
     env: str = ""                # the environment directory, relative to tasks.jsonl
+    venv: str | None = None      # the repository's virtualenv, relative to tasks.jsonl (None: the
+                                 # current interpreter)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -34,7 +36,7 @@ class CodeTask:
     @classmethod
     def from_json(cls, row: dict) -> CodeTask:
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name not in ("setup", "env")}
+        required = {f.name for f in fields(cls) if f.name not in ("setup", "env", "venv")}
         if missing := required - row.keys():
             raise TaskFormatError(f"task {row.get('id', '?')!r} lacks {', '.join(sorted(missing))}")
         for name in ("test_files", "test_paths", "f2p", "p2p"):

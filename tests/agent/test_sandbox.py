@@ -91,3 +91,18 @@ def test_the_network_is_unreachable_even_the_hosts_loopback(make_sandbox):
         listener.accept()  # nothing reached us
     listener.close()
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_rw_paths_are_writable_inside_and_other_host_folders_are_not_there(make_sandbox, tmp_path):
+    make_sandbox()  # skips without bubblewrap
+    shared, other = tmp_path / "venv", tmp_path / "elsewhere"
+    shared.mkdir()
+    other.mkdir()
+    box = Sandbox(tmp_path / "root2", "rw", rw_paths=(str(shared),))
+    try:
+        box.own(shared)
+        r = box.run(["sh", "-c", f"echo kept > {shared}/f && ls {other}"], timeout=30, max_output=1000)
+        assert (shared / "f").read_text() == "kept\n"          # the host sees the write
+        assert r.exit_code != 0 and "No such file" in r.output  # a folder beside it was never bound
+    finally:
+        box.remove()
