@@ -54,6 +54,7 @@ from dsv32.rl.trainer import RLConfig, RLTrainer, plot_rl, task_examples
 from dsv32.tokenizer import Tokenizer, train_tokenizer
 from dsv32.train import TrainConfig, Trainer
 from dsv32.train.data import SFTData
+from dsv32.train.losses import IGNORE
 
 TRAINED_ON = ("none", "summary", "discard-75", "discard-all")  # parallel attempts are "none" runs
 
@@ -278,6 +279,20 @@ def cuda_memory() -> dict:
             "torch_reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
 
 
+def tool_token_labels(examples: list[tuple[list[int], list[int]]], weight: float,
+                      seed: int) -> list[tuple[list[int], list[int]]]:
+    """Labels on the tokens the expert did not write (tool results, the task) at a weight in
+    [0, 1], by sampling: each becomes a target with probability `weight` (seeded), so its expected
+    share of the loss is `weight` times its share of the tokens. 0: the expert's tokens only; 1: every
+    token. A loss on the environment's tokens teaches copying from them, and at full weight also
+    teaches the model to write them in its own turns (docs/agent-context.md)."""
+    if not 0 <= weight <= 1:
+        raise ValueError(f"the tool-token weight must be in [0, 1], got {weight}")
+    rng = random.Random(seed)
+    return [(ids, [lab if lab != IGNORE or rng.random() >= weight else tok for tok, lab in zip(ids, labels)])
+            for ids, labels in examples]
+
+
 def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
     """(ids, labels) pairs as flat int32 arrays with offsets (no pickle)."""
     import numpy as np
@@ -347,6 +362,9 @@ def main():
     p.add_argument("--from-model", help="a trained model directory (skip SFT and RL)")
     p.add_argument("--sft-from", help="a model directory to start SFT from instead of a fresh model (same tokenizer)")
     p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-tool-weight", type=float, default=0.0,
+                   help="the loss on tokens the expert did not write (tool results), in [0, 1], by sampling "
+                        "them as targets with this probability (--sft-all-tokens: 1)")
     p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the trajectories, "
                    "the tool results included (they repeat names, which teaches copying), not only the expert's")
     p.add_argument("--expert-only", action="store_true", help="only the scripted expert under each strategy (CPU)")
@@ -445,8 +463,8 @@ def main():
             model, _ = load(args.sft_from, dtype=torch.float32, device="cpu")
         else:
             model = Transformer(model_config(tok, args.window, args.quick))
-        if args.sft_all_tokens:   # every next token is a target: labels = ids
-            examples = [(ids, list(ids)) for ids, _ in examples]
+        if args.sft_all_tokens or args.sft_tool_weight:   # targets on the environment's tokens too
+            examples = tool_token_labels(examples, 1.0 if args.sft_all_tokens else args.sft_tool_weight, args.seed)
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
         torch.cuda.empty_cache() if device == "cuda" else None
