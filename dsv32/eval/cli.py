@@ -21,6 +21,7 @@ from dsv32.agent.sandbox import SandboxError
 from dsv32.eval.code import CodeJudge
 from dsv32.eval.contest import PROTOCOLS, load_problems, run_contest
 from dsv32.eval.longctx.cli import main as longctx_main
+from dsv32.eval.passk import parse_ks
 from dsv32.eval.proof_run import load_proof_problems, run_proofs
 from dsv32.eval.run import run_eval
 from dsv32.eval.sample import EndpointSampler, EngineSampler, SamplingConfig
@@ -74,12 +75,9 @@ def main(argv=None) -> int:
         return longctx_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        ks = sorted({int(k) for k in args.k.split(",")})
-    except ValueError:
-        print(f"error: -k takes comma-separated integers, got {args.k!r}", file=sys.stderr)
-        return 2
-    if ks[0] < 1 or ks[-1] > args.n:  # before loading a model only to fail
-        print(f"error: pass@k needs 1 <= k <= n, got k={args.k} with n={args.n}", file=sys.stderr)
+        ks = parse_ks(args.k, args.n)  # before loading a model only to fail
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.max_rounds < 1 or args.verifications < 1:
         print(f"error: --max-rounds and --verifications must be >= 1, got {args.max_rounds} and "
@@ -119,7 +117,9 @@ def _run(args, tasks, ks: list[int], judge: CodeJudge | None) -> int:
         sampler, what = EndpointSampler(args.base_url, args.api_model, args.api_key, args.concurrency), args.base_url
     else:
         from dsv32.engine import LLM, EngineConfig
-        from dsv32.loader import load  # the composition root, a layer above eval (as in engine/llm.py)
+        from dsv32.loader import (
+            load,  # the composition root, a layer above eval (as in engine/llm.py)
+        )
 
         model, tok = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
         sampler, what = EngineSampler(LLM(model, EngineConfig(num_blocks=args.num_blocks), tokenizer=tok)), args.model

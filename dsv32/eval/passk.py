@@ -45,3 +45,15 @@ def aggregate(counts: list[tuple[int, int]], k: int) -> PassK:
         return PassK(k, mean, 0.0, len(values))
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return PassK(k, mean, math.sqrt(var / len(values)), len(values))
+
+
+def parse_ks(text: str, n: int) -> list[int]:
+    """`-k 1,4,16` -> [1, 4, 16], sorted and unique; ValueError naming the problem unless every k
+    is an integer with 1 <= k <= n (pass@k needs k of the n samples)."""
+    try:
+        ks = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        raise ValueError(f"-k takes comma-separated integers, got {text!r}") from None
+    if ks[0] < 1 or ks[-1] > n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={text} with n={n}")
+    return ks

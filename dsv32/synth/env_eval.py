@@ -25,6 +25,7 @@ from dsv32.agent.loop import AgentConfig
 from dsv32.agent.policy import EnginePolicy, OpenAIPolicy, PolicyError
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.eval.cli import build_parser
+from dsv32.eval.passk import parse_ks
 from dsv32.eval.report import read_results, render, summarize
 from dsv32.synth.env_attempt import Attempt, attempt
 from dsv32.synth.environment import INDEX, EnvironmentFormatError, read_index
@@ -92,12 +93,9 @@ def make_policy(args, thinking_mode: str):
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ks = sorted({int(k) for k in args.k.split(",")})
-    except ValueError:
-        print(f"error: -k takes comma-separated integers, got {args.k!r}", file=sys.stderr)
-        return 2
-    if ks[0] < 1 or ks[-1] > args.n:
-        print(f"error: pass@k needs 1 <= k <= n, got k={args.k} with n={args.n}", file=sys.stderr)
+        ks = parse_ks(args.k, args.n)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.protocol:
         print("error: --protocol does not apply to environments", file=sys.stderr)

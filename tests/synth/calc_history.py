@@ -73,12 +73,12 @@ def git(repo: Path, *args: str) -> str:
                           env=env).stdout.strip()
 
 
-def make_repo(path: Path) -> list[str]:
-    """Write HISTORY as commits in a new repository at `path`; their shas, oldest first."""
+def make_history(path: Path, commits: list[tuple[str, dict[str, str]]]) -> list[str]:
+    """Commit each (message, {path: text}) in a new repository at `path`; the shas, oldest first."""
     path.mkdir(parents=True)
     git(path, "init", "-q", "-b", "main")
     shas = []
-    for message, files, _ in HISTORY:
+    for message, files in commits:
         for name, text in files.items():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             (path / name).write_text(text)
@@ -86,3 +86,8 @@ def make_repo(path: Path) -> list[str]:
         git(path, "commit", "-q", "-m", message)
         shas.append(git(path, "rev-parse", "HEAD"))
     return shas
+
+
+def make_repo(path: Path) -> list[str]:
+    """Write HISTORY as commits in a new repository at `path`; their shas, oldest first."""
+    return make_history(path, [(message, files) for message, files, _ in HISTORY])

@@ -5,28 +5,13 @@ import json
 import shlex
 from pathlib import Path
 
-from calc_history import git
+from calc_history import git, make_history  # noqa: F401 (tests import it from here)
 
 from dsv32.agent.policy import Reply
 
 CALC = "def add(a, b):\n    return a - b\n"
 CALC_FIXED = "def add(a, b):\n    return a + b\n"
 TEST_ADD = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
-
-
-def make_history(path: Path, commits: list[tuple[str, dict[str, str]]]) -> list[str]:
-    """Commit each (message, {path: text}) in a new repository at `path`; the shas, oldest first."""
-    path.mkdir(parents=True)
-    git(path, "init", "-q", "-b", "main")
-    shas = []
-    for message, files in commits:
-        for name, text in files.items():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            (path / name).write_text(text)
-        git(path, "add", "-A")
-        git(path, "commit", "-q", "-m", message)
-        shas.append(git(path, "rev-parse", "HEAD"))
-    return shas
 
 
 def bug_fix_history(requirements: str, test: str = TEST_ADD) -> list[tuple[str, dict[str, str]]]:
