@@ -18,6 +18,13 @@ from dsv32.parallel.layers import RowParallelLinear, local_linear
 from dsv32.parallel.load import fp8_part
 
 BLOCK = (128, 128)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: cuBLASLt or Triton compiled
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    with torch.device(DEV):
+        yield
 
 
 def _full(out_features, in_features, seed=0):
