@@ -136,7 +136,7 @@ class MoE(nn.Module):
     def _grouped(self, x: torch.Tensor) -> bool:
         """Whether this forward runs the stacked experts: inference, stacks still backing the
         parameters (a .to() or a re-sharding replaces them), and an input dtype the device's
-        grouped GEMM takes (bf16 on CUDA; any on CPU)."""
+        grouped GEMM takes (dense: bf16 on CUDA, any on CPU; FP8 experts: any float, quantised)."""
         if self.stacked is None or torch.is_grad_enabled():
             return False
         w13, w2 = self.stacked[0], self.stacked[1 if len(self.stacked) == 2 else 2]
