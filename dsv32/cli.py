@@ -35,6 +35,8 @@ def _load_for_generate(args, device):
     from dsv32.loader import load
     from dsv32.registry import DEFAULT_NAME
 
+    if args.preset and getattr(args, "fp8_weights", False):
+        raise ValueError("--fp8-weights keeps an FP8 checkpoint's weights in FP8: pass --model DIR, not --preset")
     if args.preset:
         print(f"NOTE: --preset {args.preset} builds the model with RANDOM weights on the fly: the text below "
               "is noise. It shows the pipeline (prefill, cached DSA decode, sampling) working.", file=sys.stderr)

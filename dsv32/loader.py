@@ -37,12 +37,13 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
     checkpoint directory, one device or sharded): keep the e4m3 weights and multiply in FP8
     (`dsv32.model.fp8.fp8_linear`) instead of dequantising them at load."""
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if fp8_weights and (source is None or not Path(source).is_dir()):
+        raise ValueError(f"fp8_weights keeps an FP8 checkpoint directory's weights in FP8; "
+                         f"{source or 'the default model'} is no such directory")
     if source is None:
         model, tok = resolve(DEFAULT_MODEL)(device, _dtype(dtype, device))
         return model, tok
     path = Path(source)
-    if fp8_weights and not path.is_dir():
-        raise ValueError(f"fp8_weights keeps an FP8 checkpoint directory's weights in FP8; {source} is none")
     if path.is_dir():
         return _load_dir(path, dtype, device, tokenizer, parallel, fp8_weights)
     if path.suffix == ".gguf" and path.is_file():

@@ -88,8 +88,9 @@ def test_load_fp8_weights_on_one_device(ckpt, tmp_path):
     assert isinstance(model.layers[1].mlp.experts[0].down_proj, FP8Linear)
     model, _ = load(ckpt, dtype="float32", device="cpu")     # the default: dequantised at load
     assert model.layers[1].self_attn.q_b_proj.weight.dtype == torch.float32
-    with pytest.raises(ValueError, match="fp8_weights"):
-        load("tiny", device="cpu", fp8_weights=True)
+    for source in ("tiny", None):   # a preset, the default model: no FP8 checkpoint to keep
+        with pytest.raises(ValueError, match="fp8_weights"):
+            load(source, device="cpu", fp8_weights=True)
     save_model(model, tmp_path / "bf16")
     with pytest.raises(ValueError, match="keep_fp8 needs an FP8 checkpoint"):
         load(tmp_path / "bf16", device="cpu", fp8_weights=True)
