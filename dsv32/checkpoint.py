@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
-from dsv32.model.fp8 import FP8, to_fp8_linears, weight_dequant, weight_quant
+from dsv32.model.fp8 import FP8, log_fp8_paths, to_fp8_linears, weight_dequant, weight_quant
 
 INDEX = "model.safetensors.index.json"
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -89,7 +89,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                cfg: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
     """Build the model of `path/config.json` on `device` and fill it from the safetensors shards,
     one tensor at a time (the full model is never held twice). keep_fp8 (FP8 checkpoints only):
-    the FP8 projections (but kv_b_proj) stay e4m3 + scales in FP8Linear layers, not dequantised.
+    the FP8 projections (but kv_b_proj) stay e4m3 + scales in FP8Linear layers, not dequantised,
+    and multiply through `dsv32.model.fp8.fp8_linear` (act_quant + FP8 GEMM); the engine stacks the
+    routed experts for two grouped FP8 GEMMs a layer (MoE.stack_experts). `dsv32.load(...,
+    fp8_weights=True)` and `--fp8-weights` on the command line reach it.
     Any model family: `dsv32.load`."""
     path = Path(path)
     if not path.is_dir():
@@ -161,6 +164,8 @@ def load_weights(cls, cfg, path: Path, dtype, device, keep_fp8: bool = False):
     missing = [hf_name(n, cfg) for n in params if n not in loaded and n not in tied]
     if missing:
         raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}")
+    if keep_fp8:
+        log_fp8_paths(model, device)
     return model.eval()
 
 

@@ -35,12 +35,14 @@ def _load_for_generate(args, device):
     from dsv32.loader import load
     from dsv32.registry import DEFAULT_NAME
 
+    if args.preset and getattr(args, "fp8_weights", False):
+        raise ValueError("--fp8-weights keeps an FP8 checkpoint's weights in FP8: pass --model DIR, not --preset")
     if args.preset:
         print(f"NOTE: --preset {args.preset} builds the model with RANDOM weights on the fly: the text below "
               "is noise. It shows the pipeline (prefill, cached DSA decode, sampling) working.", file=sys.stderr)
         model, _ = load(args.preset, dtype=args.dtype, device=device, seed=args.seed or 0)
         return model, None, False, f"'{args.preset}' preset"
-    model, tok = load(args.model, dtype=args.dtype, device=device)
+    model, tok = load(args.model, dtype=args.dtype, device=device, fp8_weights=getattr(args, "fp8_weights", False))
     return model, tok, args.model is None, args.model or DEFAULT_NAME
 
 
@@ -293,6 +295,8 @@ Each command's own --help lists its options.""")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: the checkpoint's torch_dtype, else bfloat16 on CUDA and float32 on CPU")
+    g.add_argument("--fp8-weights", action="store_true", help="with --model an FP8 checkpoint: keep its weights "
+                   "e4m3 and multiply in FP8 (act_quant + FP8 GEMM) instead of dequantising them at load")
     g.set_defaults(func=cmd_generate)
 
     from dsv32.train.trainer import STAGES, TrainConfig

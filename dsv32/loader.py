@@ -12,6 +12,7 @@ no family reads, a truncated safetensors file, a tokenizer too big for the model
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -32,9 +33,13 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
     device: default cuda when there is one. tokenizer: a tokenizer.json (or its directory) to use
     instead of the model directory's own; for a preset, the model's vocabulary is sized to it.
     seed: a preset's random init (None: the global RNG as it stands). parallel (a
-    `dsv32.parallel.Parallel`): load only this rank's shard of a directory, FP8 weights kept as
-    such with fp8_weights."""
+    `dsv32.parallel.Parallel`): load only this rank's shard of a directory. fp8_weights (an FP8
+    checkpoint directory, one device or sharded): keep the e4m3 weights and multiply in FP8
+    (`dsv32.model.fp8.fp8_linear`) instead of dequantising them at load."""
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if fp8_weights and (source is None or not Path(source).is_dir()):
+        raise ValueError(f"fp8_weights keeps an FP8 checkpoint directory's weights in FP8; "
+                         f"{source or 'the default model'} is no such directory")
     if source is None:
         model, tok = resolve(DEFAULT_MODEL)(device, _dtype(dtype, device))
         return model, tok
@@ -83,6 +88,11 @@ def _load_dir(path: Path, dtype, device: str, tokenizer, parallel, fp8_weights: 
     dtype = _dtype(dtype, device)
     if parallel is not None:
         model = fam.get("load_sharded")(path, parallel, dtype, device, fp8=fp8_weights)
+    elif fp8_weights:
+        loader = fam.get("load")
+        if "keep_fp8" not in inspect.signature(loader).parameters:
+            raise ValueError(f"fp8_weights: the {hf.get('model_type')} family loads no FP8 weights")
+        model = loader(path, dtype, device, keep_fp8=True)
     else:
         model = fam.get("load")(path, dtype, device)
     tok_path = tokenizer or (path if (path / "tokenizer.json").is_file() else None)

@@ -39,6 +39,7 @@ from dsv32.engine.scheduler import Plan, Sequence
 from dsv32.engine.speculative import draw, verify_drafts
 from dsv32.model import ModelOutput
 from dsv32.model.batch_invariant import batch_invariant
+from dsv32.model.fp8 import FP8
 from dsv32.model.indexer import pack_selection
 from dsv32.model.moe import MoE
 
@@ -48,9 +49,11 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model, config: EngineConfig, max_model_len: int):
         self.model, self.config = model.eval(), config
-        for m in model.modules():  # routed experts as grouped GEMMs: no host sync per MoE layer
-            if type(m) is MoE:
-                m.stack_experts()
+        stacked = [m.stack_experts() and m.stacked[0].dtype for m in model.modules() if type(m) is MoE]
+        if stacked:  # routed experts as grouped GEMMs: no host sync per MoE layer
+            fp8 = sum(d == FP8 for d in stacked)
+            log.info("routed experts: %d MoE layers as grouped GEMMs (%d of them grouped FP8 GEMMs), %d one "
+                     "expert at a time", sum(map(bool, stacked)), fp8, stacked.count(False))
         cfg, ec = model.cfg, config
         self.mha_below = 0 if ec.batch_invariant else ec.mha_prefill_below or cfg.index_topk
         w = model.embed_tokens.weight

@@ -5,14 +5,19 @@ e4m3 values back into real ones: w = w_fp8 * scale_inv). Activations: one scale 
 along the last dim, rounded up to a power of two ("ue8m0") in the official indexer.
 """
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsv32.kernels import use_triton
 from dsv32.kernels.fp8_gemm import act_quant, cublas_weight_scale, fp8_gemm, fp8_gemm_cublas, fp8_grouped_gemm
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+
+log = logging.getLogger(__name__)
 
 
 def _pad_to(x: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
@@ -21,14 +26,15 @@ def _pad_to(x: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
 
 
 def weight_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128),
-                   dtype=torch.bfloat16) -> torch.Tensor:
-    """w: [M, N] e4m3; scale_inv: [ceil(M/bm), ceil(N/bn)] fp32 -> [M, N] in dtype."""
-    (m, n), (bm, bn) = w.shape, block
-    expected = (-(-m // bm), -(-n // bn))
+                   dtype=torch.bfloat16, offset=(0, 0)) -> torch.Tensor:
+    """w: [M, N] e4m3; scale_inv: [ceil((r+M)/bm), ceil((c+N)/bn)] fp32 -> [M, N] in dtype, where
+    offset (r, c) is where w starts inside its first block (a shard cut from a larger weight)."""
+    (m, n), (bm, bn), (r, c) = w.shape, block, offset
+    expected = (-(-(r + m) // bm), -(-(c + n) // bn))
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {m}x{n} "
-                         f"with {bm}x{bn} blocks (expected {expected})")
-    s = scale_inv.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:m, :n]
+                         f"at offset {tuple(offset)} with {bm}x{bn} blocks (expected {expected})")
+    s = scale_inv.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[r:r + m, c:c + n]
     return (w.float() * s).to(dtype)
 
 
@@ -55,6 +61,73 @@ def act_quant_dequant(x: torch.Tensor, block: int = 128, pow2_scale: bool = True
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return (q.float() * scale).flatten(-2).to(x.dtype)
+
+
+def fp8_backend(device) -> str:
+    """The multiply fp8_linear runs on `device` (for log lines): cuBLASLt on an H100, else Triton on
+    a GPU, else the torch reference (the same FP8 arithmetic in fp32, no FP8 tensor cores)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        return "cuBLASLt blockwise FP8 GEMM"
+    if use_triton(torch.empty(0, device=device)):  # a GPU, or the interpreter where forced
+        return "Triton FP8 GEMM"
+    return "torch reference of the FP8 GEMM"
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """The one FP8 linear of the serving path: x [..., K] -> [..., N] in x's dtype, x quantised per
+    1x128 block (act_quant) and multiplied with weight [N, K] e4m3 and its 128x128 scales
+    scale_inv [ceil(N/128), K/128] (fp8_kernel_misfit says whether a weight fits): cuBLASLt's
+    blockwise recipe on an H100, the Triton kernel on other GPUs, the torch reference on CPU.
+    Both FP8Linear here and the sharded layers of dsv32.parallel multiply through it."""
+    shape = x.shape
+    q, scale = act_quant(x.reshape(-1, shape[-1]))
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0):
+        # cuBLASLt's blockwise recipe: 1.7x our Triton GEMM at M=4096 on an H100 (bench/results)
+        y = fp8_gemm_cublas(q, scale, weight, cublas_weight_scale(scale_inv), x.dtype)
+    else:
+        y = fp8_gemm(q, scale, weight, scale_inv, out_dtype=x.dtype)
+    return y.view(*shape[:-1], weight.shape[0])
+
+
+def fp8_kernel_misfit(weight: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128),
+                      offset=(0, 0)) -> str | None:
+    """Why fp8_linear cannot take this e4m3 weight [N, K] (None: it can). It needs 128x128 blocks
+    that start at the weight's first row and column (a shard cut on block boundaries), K a
+    multiple of 128 (activations are quantised per 1x128) and scale_inv [ceil(N/128), K/128]."""
+    n, k = weight.shape
+    if tuple(block) != (128, 128):
+        return f"{block[0]}x{block[1]} scale blocks, not 128x128"
+    if tuple(offset) != (0, 0):
+        return f"the shard starts inside a 128x128 block (at row {offset[0]}, column {offset[1]} of it)"
+    if k % 128:
+        return f"in_features {k} is not a multiple of 128"
+    if tuple(scale_inv.shape) != (-(-n // 128), k // 128):
+        return f"scale_inv {tuple(scale_inv.shape)} is not [ceil({n}/128), {k}/128]"
+    return None
+
+
+def fp8_paths(model: nn.Module) -> dict[str, list[str]]:
+    """The modules of `model` holding e4m3 weights, by the path their forward takes: "kernel"
+    (fp8_linear) or "dequantise" (the weight dequantised per call; a shard that cuts a block)."""
+    out = {"kernel": [], "dequantise": []}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dtype == FP8 and hasattr(m, "weight_scale_inv"):
+            misfit = fp8_kernel_misfit(w, m.weight_scale_inv, getattr(m, "fp8_block", (128, 128)),
+                                       getattr(m, "fp8_offset", (0, 0)))
+            out["kernel" if misfit is None else "dequantise"].append(name)
+    return out
+
+
+def log_fp8_paths(model: nn.Module, device) -> dict[str, list[str]]:
+    """One log line: how many FP8 linears multiply through fp8_linear (and on what), how many
+    dequantise per call. Returns fp8_paths(model)."""
+    paths = fp8_paths(model)
+    kernel, deq = paths["kernel"], paths["dequantise"]
+    log.info("FP8 linears: %d through act_quant + %s, %d dequantised per call%s", len(kernel),
+             fp8_backend(device), len(deq), f" (e.g. {', '.join(deq[:3])})" if deq else "")
+    return paths
 
 
 class FP8Linear(nn.Module):
@@ -87,14 +160,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out] in x's dtype."""
-        shape = x.shape
-        q, scale = act_quant(x.reshape(-1, shape[-1]))
-        if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0):
-            # cuBLASLt's blockwise recipe: 1.7x our Triton GEMM at M=4096 on an H100 (bench/results)
-            y = fp8_gemm_cublas(q, scale, self.weight, cublas_weight_scale(self.weight_scale_inv), x.dtype)
-        else:
-            y = fp8_gemm(q, scale, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        return fp8_linear(x, self.weight, self.weight_scale_inv)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 128x128 blocks"

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
+from dsv32.model.fp8 import FP8, fp8_kernel_misfit, moe_experts_fp8, stack_fp8_experts
 
 
 class MLP(nn.Module):
@@ -88,19 +89,25 @@ class MoE(nn.Module):
                                      for _ in range(cfg.n_routed_experts))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None   # (w13, w2), see stack_experts
+        self.stacked: tuple[torch.Tensor, ...] | None = None   # (w13, w2) or FP8 (w13, s13, w2, s2), see stack_experts
 
     @torch.no_grad()
     def stack_experts(self) -> bool:
         """For serving: move the routed experts' weights into two stacked tensors, w13 [E, 2I, D]
         and w2 [E, D, I], and make each expert's parameters views of them, so inference runs the
         experts as grouped GEMMs (no host sync, CUDA-graph safe) with no second copy of the
-        weights; loading or copying into the parameters writes the stacks. Returns False (and
-        changes nothing) where the experts are not plain dense linears on one device."""
+        weights; loading or copying into the parameters writes the stacks. FP8 experts (e4m3
+        weights on whole 128x128 blocks, as keep_fp8 loads them) stack their scales too and run as
+        two grouped FP8 GEMMs (moe_experts_fp8). Returns False (and changes nothing) where the
+        experts are neither plain dense linears nor such FP8 linears on one device."""
         linears = [lin for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj)]
         w = linears[0].weight
-        if any(type(lin) is not nn.Linear or lin.weight.device != w.device or lin.weight.dtype != w.dtype
-               or lin.weight.device.type == "meta" for lin in linears):
+        if any(lin.weight.device != w.device or lin.weight.dtype != w.dtype or lin.weight.device.type == "meta"
+               for lin in linears):
+            return False
+        if w.dtype == FP8:
+            return self._stack_fp8(linears)
+        if any(type(lin) is not nn.Linear for lin in linears):
             return False
         w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
         w2 = torch.stack([e.down_proj.weight for e in self.experts])
@@ -111,16 +118,34 @@ class MoE(nn.Module):
         self.stacked = (w13, w2)
         return True
 
+    def _stack_fp8(self, linears) -> bool:
+        inter = self.cfg.moe_intermediate_size
+        if inter % 128 or any(getattr(lin, "bias", None) is not None or not hasattr(lin, "weight_scale_inv")
+                              or fp8_kernel_misfit(lin.weight, lin.weight_scale_inv, getattr(lin, "fp8_block", (128, 128)),
+                                                   getattr(lin, "fp8_offset", (0, 0))) for lin in linears):
+            return False
+        w13, s13, w2, s2 = stack_fp8_experts(self.experts)
+        for i, e in enumerate(self.experts):
+            e.gate_proj.weight.data, e.up_proj.weight.data = w13[i, :inter], w13[i, inter:]
+            e.gate_proj.weight_scale_inv.data = s13[i, :inter // 128]
+            e.up_proj.weight_scale_inv.data = s13[i, inter // 128:]
+            e.down_proj.weight.data, e.down_proj.weight_scale_inv.data = w2[i], s2[i]
+        self.stacked = (w13, s13, w2, s2)
+        return True
+
     def _grouped(self, x: torch.Tensor) -> bool:
         """Whether this forward runs the stacked experts: inference, stacks still backing the
         parameters (a .to() or a re-sharding replaces them), and an input dtype the device's
-        grouped GEMM takes (bf16 on CUDA; any on CPU)."""
+        grouped GEMM takes (dense: bf16 on CUDA, any on CPU; FP8 experts: any float, quantised)."""
         if self.stacked is None or torch.is_grad_enabled():
             return False
-        w13, w2 = self.stacked
+        w13, w2 = self.stacked[0], self.stacked[1 if len(self.stacked) == 2 else 2]
         e = self.experts[-1]
-        return (e.gate_proj.weight.data_ptr() == w13[-1].data_ptr() and e.down_proj.weight.data_ptr() == w2[-1].data_ptr()
-                and x.dtype == w13.dtype and (x.device.type == "cpu" or x.dtype == torch.bfloat16))
+        backed = (e.gate_proj.weight.data_ptr() == w13[-1].data_ptr()
+                  and e.down_proj.weight.data_ptr() == w2[-1].data_ptr())
+        if w13.dtype == FP8:  # act_quant takes any float input
+            return backed and e.down_proj.weight_scale_inv.data_ptr() == self.stacked[3][-1].data_ptr()
+        return backed and x.dtype == w13.dtype and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None):
         """x: [B, S, D] -> (y [B, S, D], expert ids [B*S, k], gate scores [B*S, E])."""
@@ -128,7 +153,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])                                    # [T, D]
         weights, ids, scores = self.gate(x, forced_ids)
         if self._grouped(x):
-            y = grouped_experts(x, weights, ids, *self.stacked)
+            y = (moe_experts_fp8(x, ids, weights, *self.stacked) if len(self.stacked) == 4
+                 else grouped_experts(x, weights, ids, *self.stacked))
         else:  # one expert at a time (training; its autograd is torch's), summed in fp32 in the
             # grouped path's order (by expert) and arithmetic, so both give the same bits
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -2,18 +2,24 @@
 collectives they use: plain torch.distributed calls, wrapped for autograd where training needs them.
 
 Row-parallel linears and the vocabulary-parallel embedding add up partial results (all-reduce);
-the vocabulary-parallel head gathers its logits. FP8Linear keeps the checkpoint's e4m3 weight and
-its 128x128 scales and dequantises per call (the plain-torch path; an FP8 GEMM kernel replaces it).
+the vocabulary-parallel head gathers its logits. FP8Linear and RowParallelLinear with an e4m3
+weight multiply through `dsv32.model.fp8.fp8_linear`, the same function as the single-device
+FP8Linear (activations quantised per 1x128, FP8 GEMM with the 128x128 scales), whenever the
+shard lies on whole 128x128 blocks; a shard that cuts a block dequantises per call (see local_linear).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsv32.model.fp8 import FP8, weight_dequant
+from dsv32.model.fp8 import FP8, fp8_kernel_misfit, fp8_linear, weight_dequant
+
+log = logging.getLogger(__name__)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -54,25 +60,54 @@ def all_gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def weight_of(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
-    """The weight to multiply with: dequantised if it is stored in FP8."""
+    """The weight as a matrix in dtype: dequantised if it is stored in FP8 (from `fp8_offset`,
+    where the shard starts inside its first block, (0, 0) unless the loader set it)."""
     w = linear.weight
     if w.dtype == FP8:
-        return weight_dequant(w, linear.weight_scale_inv, linear.fp8_block, dtype)
+        return weight_dequant(w, linear.weight_scale_inv, linear.fp8_block, dtype,
+                              getattr(linear, "fp8_offset", (0, 0)))
     return w
 
 
+dequantised_calls = 0  # forwards that took local_linear's dequantise-per-call fallback (logged once)
+
+
+def local_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ W_local^T -> [..., out], no bias, no communication. An e4m3 weight goes through
+    fp8_linear (act_quant + the FP8 GEMM, as dsv32.model.fp8.FP8Linear) when it lies on whole
+    128x128 blocks; where the shard cuts a block (its rows or columns start inside one, or its
+    width is no multiple of 128) the weight is dequantised per call and multiplied unquantised: a
+    fallback, counted in `dequantised_calls` and logged the first time. At V3.2's shapes every
+    shard for tp = 2, 4, 8, 16 lies on whole blocks."""
+    global dequantised_calls
+    w = linear.weight
+    if w.dtype != FP8:
+        return F.linear(x, w)
+    misfit = fp8_kernel_misfit(w, linear.weight_scale_inv, linear.fp8_block, getattr(linear, "fp8_offset", (0, 0)))
+    if misfit is None:
+        return fp8_linear(x, w, linear.weight_scale_inv)
+    if not dequantised_calls:
+        log.warning("an FP8 shard is dequantised per call, not multiplied in FP8: %s (weight %s)", misfit,
+                    tuple(w.shape))
+    dequantised_calls += 1
+    return F.linear(x, weight_of(linear, x.dtype))
+
+
 class FP8Linear(nn.Linear):
-    """A Linear whose weight stays e4m3 with `weight_scale_inv` [ceil(out/bm), ceil(in/bn)]."""
+    """A Linear whose weight stays e4m3 with `weight_scale_inv` (the scale blocks it overlaps),
+    `fp8_block` and, for a shard that starts inside a block, `fp8_offset`; see local_linear."""
 
     def forward(self, x):
-        return F.linear(x, weight_of(self, x.dtype), self.bias)
+        y = local_linear(self, x)
+        return y + self.bias if self.bias is not None else y
 
 
 class RowParallelLinear(nn.Linear):
-    """Holds columns [in/tp] of the full weight: y = all_reduce(x_local @ W_local^T) + bias."""
+    """Holds columns [in/tp] of the full weight: y = all_reduce(x_local @ W_local^T) + bias, the
+    local product by local_linear (FP8 or not)."""
 
     def forward(self, x):
-        y = all_reduce(F.linear(x, weight_of(self, x.dtype)), self.tp_group)
+        y = all_reduce(local_linear(self, x), self.tp_group)
         return y + self.bias if self.bias is not None else y
 
 

@@ -2,10 +2,11 @@
 device, parallelized there, allocated, and filled with `safe_open(...).get_slice(...)` reads of
 just the rows/columns (and experts) this rank holds. No rank ever holds the full model.
 
-FP8 weights come with one scale per 128x128 block; a slice reads the blocks it overlaps. With
-`fp8=True` the e4m3 values stay e4m3 (FP8Linear) where the model only calls the module; where a
-slice does not start on a block boundary the rank's part is requantised on its own blocks.
-kv_b_proj is always dequantised: absorbed MLA reads its weight directly.
+FP8 weights come with one scale per 128x128 block; a slice reads the blocks it overlaps (fp8_part).
+With `fp8=True` the e4m3 bytes stay as the checkpoint has them (FP8Linear, RowParallelLinear) where
+the model only calls the module, and multiply through the FP8 GEMM (dsv32.parallel.layers.local_linear);
+where a slice starts inside a block, the module keeps the blocks it overlaps and `fp8_offset`, and
+dequantises per call. kv_b_proj is always dequantised: absorbed MLA reads its weight directly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from dsv32.checkpoint import INDEX, CheckpointError, hf_name, is_fp8_weight
 from dsv32.config import ModelConfig
 from dsv32.model import Transformer
-from dsv32.model.fp8 import FP8, weight_quant
+from dsv32.model.fp8 import FP8, log_fp8_paths, weight_dequant
 from dsv32.parallel.layers import FP8Linear
 from dsv32.parallel.mesh import Parallel
 from dsv32.parallel.parallelize import parallelize
@@ -48,9 +49,19 @@ def _bounds(s: slice, n: int) -> tuple[int, int]:
 def dequant_slice(w: torch.Tensor, scale: torch.Tensor, offset: tuple[int, int], block, dtype) -> torch.Tensor:
     """w: [m, n] e4m3 cut from a full weight at `offset` (row, col); scale: the scale blocks it
     overlaps -> w in dtype."""
-    (m, n), (bm, bn), (r, c) = w.shape, block, offset
-    s = scale.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)
-    return (w.float() * s[r % bm:r % bm + m, c % bn:c % bn + n]).to(dtype)
+    (bm, bn), (r, c) = block, offset
+    return weight_dequant(w, scale, block, dtype, (r % bm, c % bn))
+
+
+def fp8_part(weight, scale, idx: tuple[slice, ...], full: tuple[int, int], block):
+    """This rank's part of an FP8 weight, as the sharded loader reads it. weight: [M, N] e4m3 and
+    scale [ceil(M/bm), ceil(N/bn)], tensors or safetensors slices; idx: the part's (rows, cols),
+    full: (M, N) -> (e4m3 part [m, n], the scale blocks it overlaps, (row, col) where the part
+    starts inside its first block: (0, 0) when it starts on a block boundary)."""
+    (r0, r1), (c0, c1) = (_bounds(s, n) for s, n in zip(idx, full))
+    bm, bn = block
+    sidx = (slice(r0 // bm, -(-r1 // bm)), slice(c0 // bn, -(-c1 // bn)))
+    return weight[idx], scale[sidx], (r0 % bm, c0 % bn)
 
 
 def keep_fp8(model: Transformer, cfg: ModelConfig) -> None:
@@ -110,22 +121,25 @@ def load_sharded(path: str | Path, par: Parallel, dtype: torch.dtype = torch.bfl
             sl = opened(key).get_slice(key)
             full = tuple(sl.get_shape())
             idx = shard_index(name, full, cfg, par)
-            t = sl[idx]
             target = targets[name]
-            if t.dtype == FP8:
-                (r0, r1), (c0, c1) = (_bounds(s, n) for s, n in zip(idx, full))
-                bm, bn = block
-                sidx = (slice(r0 // bm, -(-r1 // bm)), slice(c0 // bn, -(-c1 // bn)))
-                scale = opened(key + "_scale_inv").get_slice(key + "_scale_inv")[sidx]
-                if target.dtype == FP8:
+            if sl.get_dtype() != "F8_E4M3":
+                t = sl[idx]
+            else:
+                t, scale, offset = fp8_part(sl, opened(key + "_scale_inv").get_slice(key + "_scale_inv"),
+                                            idx, full, block)
+                if target.dtype == FP8:  # the checkpoint's bytes and blocks, as they are
                     module = model.get_submodule(name.rpartition(".")[0])
-                    if r0 % bm and r0 // bm != (r1 - 1) // bm or c0 % bn and c0 // bn != (c1 - 1) // bn:
-                        t, scale = weight_quant(dequant_slice(t, scale, (r0, c0), block, torch.float32), block)
-                    module.weight_scale_inv.copy_(scale)
+                    if offset != (0, 0):
+                        module.fp8_offset = offset
+                        module.register_buffer("weight_scale_inv", scale.to(module.weight_scale_inv.device))
+                    else:
+                        module.weight_scale_inv.copy_(scale)
                 else:
-                    t = dequant_slice(t, scale, (r0, c0), block, torch.float32)
+                    t = weight_dequant(t, scale, block, torch.float32, offset)
             if tuple(t.shape) != tuple(target.shape):
                 raise CheckpointError(f"tensor {key} gives this rank a part of shape {tuple(t.shape)}, "
                                       f"the model expects {tuple(target.shape)}")
             target.copy_(t)
+    if fp8:
+        log_fp8_paths(model, device)
     return model.eval()

@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks; default: sized from memory")
+    p.add_argument("--fp8-weights", action="store_true", help="an FP8 checkpoint's weights stay e4m3 and multiply "
+                   "in FP8 (act_quant + FP8 GEMM; grouped for the routed experts), on one GPU or with --tp/--ep; "
+                   "default: dequantised to --dtype at load")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft this many tokens per decode step with the model's MTP module (0: off)")
 
@@ -90,7 +93,6 @@ def serve(argv: list[str] | None = None) -> int:
                    "requests may still run before they end with an error (default 30)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (1 or all; run under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (1 or all; run under torchrun)")
-    p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (with --tp/--ep)")
     p.add_argument("--agent-tools", default="", help="comma-separated, from python, bash, search: run the agent's "
                    "tools for the web page (POST /v1/agent/tools/NAME), one sandbox per conversation; off by default")
     p.add_argument("--corpus", help="the search tools' corpus directory (dsv32 corpus build --out DIR)")

@@ -15,8 +15,9 @@ from dsv32.checkpoint import load_model, save_model
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
-from dsv32.model.fp8 import weight_dequant
+from dsv32.model.fp8 import FP8Linear, fp8_paths, weight_dequant
 from dsv32.parallel import init_distributed, make_parallel, parallelize
+from dsv32.parallel import layers
 from dsv32.parallel.engine import distributed_engine, follow
 from dsv32.parallel.load import load_sharded
 from dsv32.parallel.plan import shard_index
@@ -83,21 +84,34 @@ def check_load(world, out):
         res[f"{fmt} q_b_proj by hand"] = torch.equal(mine["layers.0.self_attn.q_b_proj.weight"],
                                                      full["layers.0.self_attn.q_b_proj.weight"][rows])
         res[f"{fmt} owns experts"] = sorted({int(n.split(".")[4]) for n in mine if ".experts." in n})
-    # FP8 kept as e4m3: dequantised parts equal the full tensor's slices (bit for bit where the
-    # part starts on a 128-block boundary, to FP8 rounding where it was requantised)
+    # FP8 kept as e4m3: dequantised parts equal the full tensor's slices bit for bit (the
+    # checkpoint's bytes and scale blocks, with an offset where the part starts inside a block)
     path = out / "ckpt-fp8"
     full = load_model(path, dtype=torch.float32).state_dict()
     par = make_parallel(world, world)
     model = load_sharded(path, par, torch.float32, fp8=True)
+    paths = fp8_paths(model)
     for name in ("layers.1.self_attn.o_proj", "layers.1.self_attn.q_b_proj", "layers.1.mlp.shared_experts.down_proj"):
         lin = model.get_submodule(name)
-        w = weight_dequant(lin.weight, lin.weight_scale_inv, lin.fp8_block, torch.float32)
+        w = layers.weight_of(lin, torch.float32)
         ref = full[name + ".weight"][shard_index(name + ".weight", full[name + ".weight"].shape, cfg, par)]
         res[f"fp8 kept {name}"] = {"dtype": str(lin.weight.dtype), "rel_err": ((w - ref).abs().max() / ref.abs().max()).item()}
+        res[f"fp8 path {name}"] = "kernel" if name in paths["kernel"] else "dequantise"
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, 24))
     a, b = load_model(path, dtype=torch.float32)(ids).logits, model(ids).logits
     res["fp8 kept logits rel_err"] = ((a - b).abs().max() / a.abs().max()).item()
+    # one device, FP8 kept, each layer on the path its shards take (dequantised where they fall back)
+    one = load_model(path, dtype=torch.float32, keep_fp8=True)
+    for name in paths["dequantise"]:
+        lin = one.get_submodule(name)
+        if isinstance(lin, FP8Linear):
+            plain = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+            plain.weight.data = weight_dequant(lin.weight, lin.weight_scale_inv, dtype=torch.float32)
+            parent, _, child = name.rpartition(".")
+            setattr(one.get_submodule(parent), child, plain)
+    c = one(ids).logits
+    res["fp8 kept vs keep_fp8 logits rel_err"] = ((c - b).abs().max() / c.abs().max()).item()
     return res
 
 

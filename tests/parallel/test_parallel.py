@@ -37,10 +37,22 @@ def assert_loaded_shards(ranks, world, n_experts):
             assert ld[f"{fmt} names"] and ld[f"{fmt} q_b_proj by hand"]
             assert ld[f"{fmt} max_diff"] == 0.0
             assert ld[f"{fmt} owns experts"] == list(range(rank * per, (rank + 1) * per))
-        for name in ("layers.1.self_attn.o_proj", "layers.1.mlp.shared_experts.down_proj"):
+        for name in ("layers.1.self_attn.o_proj", "layers.1.mlp.shared_experts.down_proj",
+                     "layers.1.self_attn.q_b_proj"):   # the last starts inside a block: kept, not requantised
             assert ld[f"fp8 kept {name}"] == {"dtype": "torch.float8_e4m3fn", "rel_err": 0.0}
-        assert ld["fp8 kept layers.1.self_attn.q_b_proj"]["rel_err"] < 0.07  # requantised: FP8 rounding
-        assert ld["fp8 kept logits rel_err"] < 0.02
+        # q_b_proj's input (q_lora_rank 96) is no multiple of 128; o_proj's is per rank at tp=2
+        # (4 heads x 32), not at tp=4; the shared expert is replicated
+        assert ld["fp8 path layers.1.self_attn.q_b_proj"] == "dequantise"
+        assert ld["fp8 path layers.1.self_attn.o_proj"] == ("kernel" if world == 2 else "dequantise")
+        assert ld["fp8 path layers.1.mlp.shared_experts.down_proj"] == "kernel"
+        # the same FP8 arithmetic as load_model(keep_fp8=True) with the same layers dequantised;
+        # only fp32 summation order differs (all-reduce, split K), which e4m3 rounding turns into
+        # whole e4m3 steps where an activation sits on a rounding boundary: 0.017 measured at tp=2,
+        # against 0.2-0.3 for FP8 against dequantised weights (below)
+        assert ld["fp8 kept vs keep_fp8 logits rel_err"] < 0.05
+        # against all weights dequantised: 1x128 activation rounding (e4m3: up to 2^-4 an
+        # element), amplified by a random 2-layer model (and a routing flip) to ~0.2-0.3 of the max
+        assert ld["fp8 kept logits rel_err"] < 0.5
 
 
 def test_two_ranks_logits_loading_and_engine(torchrun, tmp_path):
