@@ -90,7 +90,7 @@ class RetrievalMix:
 
     @classmethod
     def from_documents(cls, texts: list[str], tokenizer, seq_len: int, share: float, seed: int = 0,
-                       held_out_fraction: float = 0.1, **kw) -> "RetrievalMix":
+                       held_out_fraction: float = 0.1, **kw) -> RetrievalMix:
         """From texts and a tokenizer (encode, bos_id, eos_id, vocab_size): every text outside the
         held-out split, opened with BOS and closed with EOS; random spans draw from the vocabulary
         less BOS and EOS."""

@@ -123,8 +123,8 @@ def test_windows_are_a_pure_function_of_seed_and_step():
     assert xa.shape == (3, 256) and (xa[:, 1:] == ya[:, :-1]).all()
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(share=1.5), "share"), (dict(share=0.5, kinds={"copy": 1.0}), "kinds"),
-                                     (dict(share=0.5, span=(0, 8)), "span"), (dict(share=0.5, n_keys=20), "keys")])
+@pytest.mark.parametrize("kw, msg", [({"share": 1.5}, "share"), ({"share": 0.5, "kinds": {"copy": 1.0}}, "kinds"),
+                                     ({"share": 0.5, "span": (0, 8)}, "span"), ({"share": 0.5, "n_keys": 20}, "keys")])
 def test_bad_requests_are_named(kw, msg):
     with pytest.raises(RetrievalMixError, match=msg):
         make(texts(20), TOK, 256, **kw)
