@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dsv32.checkpoint import load_indexer, save_indexer
 from dsv32.config import preset
 from dsv32.eval.cli import main as eval_main
 from dsv32.eval.longctx.score import (
@@ -273,6 +274,39 @@ def test_dsv32_eval_longctx_writes_results_and_a_table(tmp_path, tokenizer_dir):
     report = (out / "report.md").read_text()
     assert all(f"| {v} |" in report for v in variants)
     assert eval_main(["longctx", "--model", str(model_dir), "--variants", "dense,ring", "--out", str(out)]) == 2
+
+
+def test_eval_longctx_indexer_scores_as_the_model_that_holds_those_indexers(tmp_path, tokenizer_dir):
+    """--indexer FILE on model A gives exactly the rows of model B, whose indexers are the file's
+    (read back, FP8 dequantised); dense rows are unchanged, DSA rows differ from A's own."""
+    a = tiny()
+    b = tiny()
+    with torch.no_grad():
+        for n, p in b.named_parameters():
+            if ".indexer." in n and p.dim() == 2:
+                p.copy_(p.flip(0))
+    file = tmp_path / "indexer.safetensors"
+    save_indexer(b, file)
+    load_indexer(b, file)
+    dirs = {"a": save(a, tmp_path / "a", tokenizer=tokenizer_dir), "b": save(b, tmp_path / "b", tokenizer=tokenizer_dir)}
+    common = ["--lengths", "256", "--keys", "16", "--variants", "dense,dsa", "--tasks", "copy_random,ppl"]
+
+    def rows(model_dir, *extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert eval_main(["longctx", "--model", str(model_dir), *common, *extra, "--out", str(out)]) == 0
+        return {(r["variant"], r["sample"]): r["nll"] for r in json.loads((out / "results.json").read_text())["rows"]}
+
+    with_file, own_b, own_a = rows(dirs["a"], "--indexer", str(file)), rows(dirs["b"]), rows(dirs["a"])
+    assert with_file.keys() == own_b.keys()
+    for key in with_file:
+        assert with_file[key] == pytest.approx(own_b[key], abs=1e-5), key
+    assert with_file[("dense", "ppl")] == pytest.approx(own_a[("dense", "ppl")], abs=1e-5)
+    assert any(abs(with_file[k] - own_a[k]) > 1e-3 for k in with_file if k[0].startswith("dsa"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    for wrong in (tmp_path / "none", bad):  # absent, not safetensors
+        assert eval_main(["longctx", "--model", str(dirs["a"]), *common, "--indexer", str(wrong),
+                          "--out", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.gpu

@@ -3,10 +3,13 @@ under dense attention, DSA and the baselines at the same number of attended keys
 
     dsv32 eval longctx --lengths 2048,8192 --variants dense,dsa,window,sinks,quest --out runs/longctx
     dsv32 eval longctx --model DIR --keys 256,512 --samples 4 --out runs/longctx
+    dsv32 eval longctx --indexer runs/indexer/smollm2_indexer.safetensors --lengths 1024 --keys 64 --out runs/lc
 
-Without --model it runs the default model (SmolLM2-135M-Instruct with its DSA indexers). Writes
-results.json (every sample's metrics and the means) and report.md (the tables) under --out, and
-rows.jsonl as it goes (a run cut short keeps what it scored).
+Without --model it runs the default model (SmolLM2-135M-Instruct with its DSA indexers); --indexer
+replaces the model's indexers with a `save_indexer` file (e.g. one experiments/smollm2_indexer.py
+trained), the rest of the model as loaded. Writes results.json (every sample's metrics and the
+means) and report.md (the tables) under --out, and rows.jsonl as it goes (a run cut short keeps
+what it scored).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a model for dsv32.load (default: the default model)")
     p.add_argument("--tokenizer", help="a tokenizer.json (or its directory) for --model")
+    p.add_argument("--indexer", default=None, help="load the indexers from this save_indexer file (safetensors)")
     p.add_argument("--lengths", default="2048", help="comma-separated sequence lengths in tokens")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--keys", default=None, help="attended keys per query for the sparse variants, comma-separated "
@@ -71,9 +75,18 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # the composition root, a layer above eval (as in eval/cli.py)
+    from safetensors import SafetensorError
+
+    from dsv32.checkpoint import CheckpointError, load_indexer
     from dsv32.loader import load
 
     model, tok = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    if args.indexer:
+        try:
+            load_indexer(model, args.indexer)
+        except (CheckpointError, SafetensorError, OSError) as e:
+            print(f"error: --indexer {args.indexer}: {e}", file=sys.stderr)
+            return 2
     if tok is None:
         print("error: the model has no tokenizer; pass --tokenizer", file=sys.stderr)
         return 2
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
         rows = run_suite(lambda sel: model_forward(model, sel), samples, chosen, keep)
     wall = time.perf_counter() - start
     what = args.model or "the default model"
-    meta = {"model": what, "lengths": lengths, "keys": keys, "variants": [v for v, _ in chosen], "tasks": tasks,
+    meta = {"model": what, "indexer": args.indexer, "lengths": lengths, "keys": keys, "variants": [v for v, _ in chosen], "tasks": tasks,
             "depths": depths, "samples": args.samples, "seed": args.seed, "device": str(next(model.parameters()).device),
             "wall_s": round(wall, 1)}
     write_results(args.out, meta, rows, f"Long-context suite: {what}, keys {','.join(map(str, keys))}")
