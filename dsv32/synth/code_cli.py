@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="--setup-agent: the model name at the endpoint (default: the first it serves)")
     p.add_argument("--api-key", default="none")
     p.add_argument("--setup-turns", type=int, default=8, help="--setup-agent: turns before it gives up")
+    p.add_argument("--min-issue-words", type=int, default=0, help="reject commits whose message (the task's issue "
+                   "text) has fewer words (issue-too-short); default: keep every message")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (default: %(default)s)")
     p.add_argument("--memory-gb", type=float, default=16.0, help="address-space limit per process")
     p.add_argument("--sandbox-root", help="where sandboxes are made (default: the system temp dir)")
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         if args.venv:
             venv = VenvOptions(args.allow_network, tuple(args.find_links), max(args.timeout, 900.0),
                                f"{args.base_url} {policy.model}" if fixer else None)
-        mopts = MineOptions(args.test_cmd, args.scope, args.setup, options, args.repeat, venv, fixer)
+        mopts = MineOptions(args.test_cmd, args.scope, args.setup, options, args.repeat, venv, fixer,
+                            args.min_issue_words)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from dsv32.synth.code_venv import Fixer, VenvOptions, ensure_venv
 from dsv32.synth.git_history import archive, commits, diff, is_test_module, read_commit
 from dsv32.synth.patch import PatchError
 
-REJECTIONS = ("no-parent", "no-tests-changed", "no-source-changed", "patch-failed", "setup-failed",
+REJECTIONS = ("no-parent", "issue-too-short", "no-tests-changed", "no-source-changed", "patch-failed", "setup-failed",
               "tests-error", "timeout", "flaky", "f2p=0", "p2f>0")
 VENV = "venv"   # the repository's virtualenv, under the output folder
 SCOPES = ("all", "touched")
@@ -52,8 +52,11 @@ class MineOptions:
     repeat: int = 2                     # after-runs; a fail→pass test must pass in every one
     venv: VenvOptions | None = None     # None: the current interpreter; else the repository's venv
     fixer: Fixer | None = None          # the environment-setup agent, when the venv's install fails
+    min_issue_words: int = 0            # reject commits whose message (the issue text) is shorter
 
     def __post_init__(self):
+        if self.min_issue_words < 0:
+            raise ValueError(f"min_issue_words must be >= 0, got {self.min_issue_words}")
         if self.repeat < 1:
             raise ValueError(f"repeat must be at least 1, got {self.repeat}")
         if self.scope not in SCOPES:
@@ -85,6 +88,21 @@ def _rejected(sha: str, reason: str, detail: str = "", **more) -> dict:
     return {"commit": sha, "accepted": False, "reason": reason, "detail": detail, **more}
 
 
+def test_module(path: str) -> str:
+    """tests/test_calc.py -> tests.test_calc: the dotted module pytest writes as a JUnit classname."""
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def task_kind(f2p: list[str], added_sources: list[str], added_tests: list[str]) -> str:
+    """"new-module" when the commit adds source files and every fail-to-pass test lives in a test
+    module the commit adds (an "implement this module" task: the tests fail before only because the
+    module does not exist); "fix" otherwise (a bug fix or a change to existing code)."""
+    modules = tuple(test_module(p) for p in added_tests)
+    if added_sources and f2p and all(t.split("::")[0].startswith(modules) for t in f2p):
+        return "new-module"
+    return "fix"
+
+
 def before_status(plain: dict[str, str], before: dict[str, str], after: dict[str, str]) -> dict[str, str]:
     """Each test's status before the fix: the before-run's, or, for a test the test patch kept
     from being collected (absent before, present after), the plain run's. A test absent both
@@ -112,6 +130,9 @@ def _decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions, ve
     c = read_commit(repo, sha)
     if c.parent is None:
         return _rejected(sha, "no-parent", "a root commit")
+    if len(c.message.split()) < options.min_issue_words:
+        return _rejected(sha, "issue-too-short", f"the commit message has {len(c.message.split())} words, "
+                         f"fewer than {options.min_issue_words}")
     if not c.test_paths:
         return _rejected(sha, "no-tests-changed", f"changes {len(c.source_paths) + len(c.doc_paths)} files, no tests")
     if not c.source_paths:
@@ -140,10 +161,9 @@ def _decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions, ve
                 return _rejected(sha, "setup-failed", state.detail, seconds=round(time.monotonic() - start, 2),
                                  output=state.log[-1000:])
             venv = state.path
-        plain_files = test_files
-        if test_files:  # the plain run can only name the test modules that exist at the parent
-            with tarfile.open(tar) as t:
-                plain_files = [f for f in test_files if f in set(t.getnames())]
+        with tarfile.open(tar) as t:
+            at_parent = set(t.getnames())
+        plain_files = [f for f in test_files if f in at_parent]  # the plain run can only name those that exist
         plans = [("plain", [])] if plain_files or not test_files else []
         plans += [("before", [("test patch", test_patch)])]
         plans += [(f"after {i + 1}", [("test patch", test_patch), ("gold patch", gold_patch)])
@@ -172,13 +192,16 @@ def _decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions, ve
                              seconds=seconds)
         if not t.f2p:
             return _rejected(sha, "f2p=0", "no test goes from failing to passing", seconds=seconds)
+        kind = task_kind(t.f2p, [p for p in c.source_paths if p not in at_parent and p not in c.deleted],
+                         [p for p in c.test_paths if p not in at_parent and p not in c.deleted])
         task = CodeTask(task_id, name, sha, c.parent, c.message, o.test_cmd, test_files, list(c.test_paths),
-                        t.f2p, p2p, o.setup, f"envs/{task_id}", VENV if venv is not None else None)
+                        t.f2p, p2p, o.setup, f"envs/{task_id}", VENV if venv is not None else None, kind)
         task.save(staging)
         final = out / "envs" / task_id
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        return {"commit": sha, "accepted": True, "reason": "accepted", "detail": f"{len(t.f2p)} F2P, {len(p2p)} P2P",
+        return {"commit": sha, "accepted": True, "reason": "accepted",
+                "detail": f"{len(t.f2p)} F2P, {len(p2p)} P2P, {kind}", "kind": kind,
                 "f2p": t.f2p, "p2f": [], "flaky": sorted(flaky), "seconds": seconds, "task": task.to_json()}
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -29,6 +29,7 @@ class CodeTask:
     env: str = ""                # the environment directory, relative to tasks.jsonl
     venv: str | None = None      # the repository's virtualenv, relative to tasks.jsonl (None: the
                                  # current interpreter)
+    kind: str = ""               # "fix" or "new-module" (code_miner.task_kind); "" in older files
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -36,7 +37,7 @@ class CodeTask:
     @classmethod
     def from_json(cls, row: dict) -> CodeTask:
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name not in ("setup", "env", "venv")}
+        required = {f.name for f in fields(cls) if f.name not in ("setup", "env", "venv", "kind")}
         if missing := required - row.keys():
             raise TaskFormatError(f"task {row.get('id', '?')!r} lacks {', '.join(sorted(missing))}")
         for name in ("test_files", "test_paths", "f2p", "p2p"):

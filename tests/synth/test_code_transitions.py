@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from tiny_repos import counted_history, flaky_history, hidden_test_history, make_history
 
-from dsv32.synth.code_miner import MineOptions, before_status, mine, unstable
+from dsv32.synth.code_miner import MineOptions, before_status, mine, task_kind, unstable
 
 
 def decide_fix(tmp_path, history, options):
@@ -68,3 +68,30 @@ def test_unstable_counts_a_test_missing_from_one_run_as_a_change():
     assert unstable([{"a": "passed", "b": "failed"}, {"a": "passed"}]) == {"b"}
     assert unstable([{"a": "passed"}, {"a": "failed"}, {"a": "passed"}]) == {"a"}
     assert unstable([{"a": "skipped"}, {"a": "skipped"}]) == set()
+
+
+def test_a_commit_that_adds_a_module_with_its_tests_is_a_new_module_task_and_a_fix_is_a_fix(run_options, tmp_path):
+    base = {"calc.py": "def add(a, b):\n    return a - b\n", "tests/test_base.py": "def test_ok():\n    pass\n"}
+    new_module = [("Start", base),
+                  ("Add mul", {"mul.py": "def mul(a, b):\n    return a * b\n",
+                               "tests/test_mul.py": "from mul import mul\n\n\ndef test_mul():\n    assert mul(2, 3) == 6\n"})]
+    row = decide_fix(tmp_path / "a", new_module, MineOptions(run=run_options))
+    assert row["reason"] == "accepted" and row["kind"] == "new-module" and row["task"]["kind"] == "new-module"
+    fix = [("Start", base),
+           ("Fix add", {"calc.py": "def add(a, b):\n    return a + b\n",
+                        "tests/test_add.py": "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"})]
+    row = decide_fix(tmp_path / "b", fix, MineOptions(run=run_options))
+    assert row["reason"] == "accepted" and row["kind"] == "fix"   # a new test, but for code that existed
+
+
+def test_a_commit_message_shorter_than_the_minimum_is_rejected_before_anything_runs(run_options, tmp_path):
+    history = [("Start", {"calc.py": "x = 1\n", "tests/test_base.py": "def test_ok():\n    pass\n"}),
+               ("Fix add", {"calc.py": "x = 2\n", "tests/test_x.py": "def test_x():\n    pass\n"})]
+    row = decide_fix(tmp_path, history, MineOptions(run=run_options, min_issue_words=3))
+    assert row["reason"] == "issue-too-short" and "2 words" in row["detail"]
+
+
+def test_the_task_kind_follows_where_the_fail_to_pass_tests_live():
+    assert task_kind(["tests.test_mul::test_mul"], ["mul.py"], ["tests/test_mul.py"]) == "new-module"
+    assert task_kind(["tests.test_calc::test_mul"], ["mul.py"], ["tests/test_mul.py"]) == "fix"   # an old module's test
+    assert task_kind(["tests.test_mul::test_mul"], [], ["tests/test_mul.py"]) == "fix"             # no new source
