@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -27,6 +30,15 @@ _trim = malloc_trim()
 def _init(tokenizer) -> None:
     global _tokenizer
     _tokenizer = tokenizer
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """End this child when the server that spawned it is gone (killed, or shut down while this
+    child was still tokenising a big prompt): it is then reparented, and nothing else would stop it."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(0)
 
 
 def _render(tokenizer, messages, mode, tools, response_format, prefill, limit):

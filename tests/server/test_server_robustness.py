@@ -151,3 +151,37 @@ def test_the_prompt_encoder_gives_the_tokenizers_ids_from_its_child_process(real
         assert encoder.pool is not None  # it ran there
     finally:
         encoder.close()
+
+
+PARENT = """
+import asyncio, sys
+from dsv32.server.prompts import PromptEncoder
+from dsv32.tokenizer import Tokenizer
+
+if __name__ == "__main__":   # the child is spawned: it imports this module again
+    encoder = PromptEncoder(Tokenizer.from_file(sys.argv[1]), min_chars=8)
+    asyncio.run(encoder.encode("def f(x): return x\\n" * 4))   # starts the child
+    print(*encoder.pool._processes, flush=True)                 # its pid
+    sys.stdin.read()                                            # wait to be killed
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_tokenizer_child_ends_when_its_server_is_killed(model_dir, tmp_path):
+    """A server killed outright (SIGKILL: no shutdown code runs) leaves no tokenizer process behind."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(model_dir / "tokenizer.json")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert Path(f"/proc/{child}").exists()
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone = not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+        assert gone, f"the tokenizer child {child} outlived its server"
+    finally:
+        parent.kill()
