@@ -9,8 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tiny_tokenizers import chatml_bpe
 
 from dsv32.chat import (
     EOS,
@@ -50,12 +49,7 @@ def v32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chatml():
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([json.decoder.__file__], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = chatml_bpe()
     return tok, GrammarVocab(tok.to_str(), [tok.token_to_id(IM_END), 0], tok.get_vocab_size())
 
 

@@ -13,8 +13,7 @@ import httpx
 import openai
 import torch
 import uvicorn
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tiny_tokenizers import chatml_bpe
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig
@@ -63,12 +62,7 @@ def tiny_v32_dir(path, **changes):
 def tiny_chatml_dir(path, max_position_embeddings=512):
     """A random small LlamaDSA saved as a `llama_dsa` directory with a ChatML tokenizer; its EOS is
     `<|endoftext|>`, so a reply ended by `<|im_end|>` shows the server stops on the format's end token."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([json.decoder.__file__], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = chatml_bpe()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_position_embeddings,

@@ -32,11 +32,9 @@ def chatml_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real(chatml_dir):
-    engine, tok = load_engine(engine_args(chatml_dir))
-    server = Server(engine, tok)
-    yield server
-    server.stop()
+def model_dir(chatml_dir):
+    """conftest's `real` serves this module's ChatML model."""
+    return chatml_dir
 
 
 @pytest.fixture(scope="module")
