@@ -12,6 +12,7 @@ from hand_world import ROWS
 
 from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.synth.code_env import RunOptions
+from dsv32.synth.cli import main as synth_main
 from dsv32.synth.code_miner import MineOptions, mine
 from dsv32.synth.trip_world import SCHEMA
 
@@ -67,3 +68,11 @@ def mined(calc_repo, mine_options, tmp_path_factory) -> tuple[Path, list[dict]]:
     """The calc repository mined once: the output directory and its decision rows."""
     out = tmp_path_factory.mktemp("mined")
     return out, mine(calc_repo[0], out, options=mine_options)
+
+
+@pytest.fixture
+def trip_envs(tmp_path):
+    """The three level-1 trip environments env_policies.BEHAVIOUR names, in tmp_path/envs."""
+    out = tmp_path / "envs"
+    assert synth_main(["general", "--family", "trip", "--n", "3", "--difficulty", "1", "--out", str(out)]) == 0
+    return out

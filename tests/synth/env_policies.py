@@ -5,7 +5,12 @@ policy that submits an empty plan, and one that alternates between the two by at
 import json
 
 from dsv32.agent.policy import Reply
+from dsv32.synth.environment import read_index
 from dsv32.synth.trip_expert import TripExpert
+
+# three level-1 trip environments (`dsv32 synth general --family trip --n 3 --difficulty 1`, the
+# `trip_envs` fixture) and what ByTask does on each: pass@k per environment is known by hand
+BEHAVIOUR = {"trip-d1-s0": "solve", "trip-d1-s1": "fail", "trip-d1-s2": "alternate"}
 
 EMPTY = {"role": "assistant", "reasoning_content": "", "content": "",
          "tool_calls": [{"id": "s", "type": "function", "function": {
@@ -42,3 +47,8 @@ class ByTask:
         submitted = any(c["function"]["name"] == "submit_result" for m in messages if m["role"] == "assistant"
                         for c in m.get("tool_calls") or [])
         return Reply(DONE if submitted else EMPTY, "", "stop", 0, 0)
+
+
+def behaviour_plan(envs) -> dict[str, str]:
+    """ByTask's plan for the environments in folder `envs`: each task text -> its BEHAVIOUR."""
+    return {r["task"]: BEHAVIOUR[r["name"]] for r in read_index(envs)}

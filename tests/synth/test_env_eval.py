@@ -4,25 +4,14 @@ each attempt graded by the environment's verifier, against pass@k worked out by 
 import json
 
 import pytest
-from env_policies import ByTask
+from env_policies import ByTask, behaviour_plan
 
 import dsv32.synth.env_eval
 from dsv32.cli import main as dsv32_main
-from dsv32.synth.cli import main as synth_main
 from dsv32.synth.environment import read_index
 
-BEHAVIOUR = {"trip-d1-s0": "solve", "trip-d1-s1": "fail", "trip-d1-s2": "alternate"}
-
-
-@pytest.fixture
-def envs(tmp_path):
-    out = tmp_path / "envs"
-    assert synth_main(["general", "--family", "trip", "--n", "3", "--difficulty", "1", "--out", str(out)]) == 0
-    return out
-
-
-def test_eval_on_an_environments_file_gives_the_pass_at_k_computed_by_hand(envs, tmp_path, capsys, monkeypatch):
-    policy = ByTask({r["task"]: BEHAVIOUR[r["name"]] for r in read_index(envs)})
+def test_eval_on_an_environments_file_gives_the_pass_at_k_computed_by_hand(trip_envs, tmp_path, capsys, monkeypatch):
+    policy = ByTask(behaviour_plan(trip_envs))
     seen = {}
 
     def endpoint(base_url, model, api_key, thinking_mode):
@@ -31,7 +20,7 @@ def test_eval_on_an_environments_file_gives_the_pass_at_k_computed_by_hand(envs,
 
     monkeypatch.setattr(dsv32.synth.env_eval, "OpenAIPolicy", endpoint)
     out = tmp_path / "run"
-    argv = ["eval", "--tasks", str(envs / "environments.jsonl"), "--base-url", "http://endpoint/v1", "-n", "2",
+    argv = ["eval", "--tasks", str(trip_envs / "environments.jsonl"), "--base-url", "http://endpoint/v1", "-n", "2",
             "-k", "1,2", "--seed", "0", "--out", str(out)]
     assert dsv32_main(argv) == 0
     assert seen == {"base_url": "http://endpoint/v1", "thinking_mode": "chat"}
@@ -49,9 +38,9 @@ def test_eval_on_an_environments_file_gives_the_pass_at_k_computed_by_hand(envs,
     assert dsv32_main(argv) == 0 and policy.calls == calls   # resumed: every environment is in results.jsonl
 
 
-def test_a_folder_of_environments_is_read_as_its_index(envs, tmp_path, monkeypatch):
+def test_a_folder_of_environments_is_read_as_its_index(trip_envs, tmp_path, monkeypatch):
     monkeypatch.setattr(dsv32.synth.env_eval, "OpenAIPolicy", lambda *a: ByTask(
-        {r["task"]: "solve" for r in read_index(envs)}))
-    argv = ["eval", "--tasks", str(envs), "--base-url", "http://endpoint/v1", "-n", "1", "--out", str(tmp_path / "r")]
+        {r["task"]: "solve" for r in read_index(trip_envs)}))
+    argv = ["eval", "--tasks", str(trip_envs), "--base-url", "http://endpoint/v1", "-n", "1", "--out", str(tmp_path / "r")]
     assert dsv32_main(argv) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["pass_at_k"]["1"]["mean"] == 1.0
