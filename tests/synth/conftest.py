@@ -11,8 +11,8 @@ from calc_history import make_repo
 from hand_world import ROWS
 
 from dsv32.agent.sandbox import Sandbox, SandboxError
-from dsv32.synth.code_env import RunOptions
 from dsv32.synth.cli import main as synth_main
+from dsv32.synth.code_env import RunOptions
 from dsv32.synth.code_miner import MineOptions, mine
 from dsv32.synth.trip_world import SCHEMA
 

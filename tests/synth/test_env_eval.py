@@ -10,6 +10,7 @@ import dsv32.synth.env_eval
 from dsv32.cli import main as dsv32_main
 from dsv32.synth.environment import read_index
 
+
 def test_eval_on_an_environments_file_gives_the_pass_at_k_computed_by_hand(trip_envs, tmp_path, capsys, monkeypatch):
     policy = ByTask(behaviour_plan(trip_envs))
     seen = {}
@@ -41,6 +42,7 @@ def test_eval_on_an_environments_file_gives_the_pass_at_k_computed_by_hand(trip_
 def test_a_folder_of_environments_is_read_as_its_index(trip_envs, tmp_path, monkeypatch):
     monkeypatch.setattr(dsv32.synth.env_eval, "OpenAIPolicy", lambda *a: ByTask(
         {r["task"]: "solve" for r in read_index(trip_envs)}))
-    argv = ["eval", "--tasks", str(trip_envs), "--base-url", "http://endpoint/v1", "-n", "1", "--out", str(tmp_path / "r")]
+    argv = ["eval", "--tasks", str(trip_envs), "--base-url", "http://endpoint/v1", "-n", "1",
+            "--out", str(tmp_path / "r")]
     assert dsv32_main(argv) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["pass_at_k"]["1"]["mean"] == 1.0

@@ -12,6 +12,7 @@ from dsv32.synth.environment import read_index
 from dsv32.synth.rl_env import EnvironmentRunner
 from dsv32.synth.solvability import environment_solvability
 
+
 def test_pass_at_k_per_environment_counts_the_attempts_the_verifier_passes(trip_envs):
     policy, runner = ByTask(behaviour_plan(trip_envs)), EnvironmentRunner()
     dirs = [str(trip_envs / name) for name in BEHAVIOUR]
