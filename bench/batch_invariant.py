@@ -25,6 +25,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.model import Transformer
+from dsv32.rl.agreement import bitwise_agreement, kept_sizes
 from dsv32.rl.rollout import new_trajectory, pack, replay_logprobs
 from dsv32.rl.tasks import Task
 
@@ -60,12 +61,11 @@ def measure(model, policy, prompts, params, invariant: bool, device: str) -> dic
     policy.zero_grad(set_to_none=True)
     got, want = lp.detach()[batch.action].float(), batch.logp_old[batch.action].float()
     n = int(batch.action.sum())
-    # a token whose kept set held only itself has log-prob 0 on both sides whatever the arithmetic:
     # the share that says something is the one among tokens with more than one kept candidate
-    multi = want != 0
-    return {"batch_invariant": invariant, "sampled_tokens": n, "bit_equal_share": float((got == want).float().mean()),
-            "multi_candidate_tokens": int(multi.sum()),
-            "bit_equal_share_multi": float((got[multi] == want[multi]).float().mean()) if multi.any() else None,
+    agree = bitwise_agreement(got, want, kept_sizes(batch.keep))
+    return {"batch_invariant": invariant, "sampled_tokens": n, "bit_equal_share": agree["bit_equal_share"],
+            "multi_candidate_tokens": agree["multi_candidate_tokens"],
+            "bit_equal_share_multi": agree["bit_equal_share_multi"],
             "max_abs_diff": float((got - want).abs().max()), "engine_tokens_per_s": round(n / engine_s, 1),
             "engine_s": round(engine_s, 3), "replay_fwd_bwd_s": round(replay_s, 3)}
 
