@@ -270,6 +270,35 @@ def rl(trainer: RLTrainer, deadline: float) -> tuple[list[dict], str | None]:
     return history, None
 
 
+@torch.no_grad()
+def expert_nll(model, examples: list[tuple[list[int], list[int]]], device: str) -> dict:
+    """Teacher-forced NLL of the expert's tokens (mean nats, and how many cost more than 3 nats):
+    on a held-out world it says whether the model copies names from what it reads or recalls the
+    training worlds' names (low on the training worlds, high on the held-out one: recall)."""
+    model.eval()
+    total, n, hard = 0.0, 0, 0
+    for ids, labels in examples:
+        logits = model(torch.tensor([ids], device=device))                          # [1, S, V]
+        logits = getattr(logits, "logits", logits)[0, :-1].float()
+        target = torch.tensor(labels[1:], device=device)                              # [S-1]
+        keep = target != IGNORE
+        nll = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="none")
+        total, n, hard = total + nll.sum().item(), n + int(keep.sum()), hard + int((nll > 3).sum())
+    model.train()
+    return {"nll": round(total / max(1, n), 4), "tokens": n, "over_3_nats": hard}
+
+
+def copy_check(model, tok, tools, worlds: dict[str, tuple[World, Corpus]], setup: Setup, device: str) -> dict:
+    """expert_nll on three questions (1-3 hops, no management) of each named world."""
+    count = lambda s: len(tok.encode(s))
+    out = {}
+    for name, (world, corpus) in worlds.items():
+        rng = random.Random(5)
+        _, segs = expert_runs(world, corpus, [world.question(rng, h) for h in (1, 2, 3)], ("none",), setup, count)
+        out[name] = expert_nll(model, [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= setup.window], device)
+    return out
+
+
 def cuda_memory() -> dict:
     """GiB in use by the process (the driver's view) and held by PyTorch's allocator."""
     if not torch.cuda.is_available():
@@ -493,6 +522,13 @@ def main():
              reward_last5=sum(h["reward"] for h in rl_hist[-5:]) / max(1, len(rl_hist[-5:])), error=rl_error,
              **cuda_memory())
         del trainer
+
+    t0 = time.time()
+    model = model.to(device)
+    check = copy_check(model, tok, tools, {"training world": (train_worlds[0], train_corpora[0]),
+                                           "held-out world": (world, corpus)}, setup, device)
+    results["copy_check"] = check
+    done("copy check", t0, **check)
 
     # 5. the five strategies on held-out questions, in rounds (each round a slice of every hop
     # count, all strategies side by side) so a run cut short still has a balanced table
