@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import dsv32.engine.runner as runner_module
+import dsv32.model.mla as mla_module
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.cache import BoundCache
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.speculative import accepted_lengths, recovery_probs, verify_drafts
 from dsv32.model import KVCache, Transformer
@@ -215,6 +217,46 @@ def test_greedy_output_is_the_plain_greedy_output(tiny, k):
             assert sum(eng.runner.accepted) > 0 and eng.runner.accepted[0] < eng.runner.verified
 
 
+@pytest.fixture(scope="module")
+def paged_tiny():
+    """The tiny preset with 128-wide latents and a DSA top-k of 8: with an FP8 cache, the layout the
+    paged decode kernels read (their torch references on CPU)."""
+    torch.manual_seed(0)
+    return Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).eval()
+
+
+def greedy_engine(model, prompts, k, runner_class=ModelRunner):
+    """Greedy outputs of the engine with an FP8 cache and k drafts."""
+    eng = Engine(model, EngineConfig(num_blocks=32, block_size=16, kv_cache_dtype="fp8", speculative_tokens=k),
+                 runner_class=runner_class)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    seqs = [eng.add_request(p, params) for p in prompts]
+    while eng.has_work():
+        eng.step()
+    return [eng.output(s).token_ids for s in seqs], eng.runner
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_verifying_decodes_of_any_k_run_on_the_paged_kernels(paged_tiny, k, monkeypatch):
+    """k drafts make 1 + k tokens a row (k = 1 made 2, all the paged kernels took before): every
+    verifying and MTP forward of those reads the cache in place (no gathered [B, T] copy), and the
+    greedy tokens, with drafts right two times in three, equal plain greedy decoding's (one token
+    a row, the same FP8 cache)."""
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    plain, _ = greedy_engine(paged_tiny, ps, 0)
+    OracleDrafts.truth = {tuple(p): p + out + [0] * (2 * k) for p, out in zip(ps, plain)}
+    widths, gathered = [], []
+    real_paged, real_update = mla_module.indexer_logits_paged, BoundCache.update
+    monkeypatch.setattr(mla_module, "indexer_logits_paged",
+                        lambda q, *a, **kw: widths.append(q.shape[1]) or real_paged(q, *a, **kw))
+    monkeypatch.setattr(BoundCache, "update",
+                        lambda self, *a: gathered.append(self.batch.input_ids.shape[1]) or real_update(self, *a))
+    got, runner = greedy_engine(paged_tiny, ps, k, OracleDrafts)
+    assert got == plain
+    assert 1 + k in widths and 1 + k not in gathered and sum(runner.accepted[1:]) > 0
+
+
 def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(tiny):
     """Greedy with drafts right two times in three, in a pool of 6 blocks of 16 tokens for three
     sequences that need 4 each (drafts' slots included) (preemption, recompute, prefix-cache hits of their own blocks), and
@@ -279,8 +321,8 @@ def test_rl_records_are_those_of_the_verifying_forward(peaked):
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_speculative_decoding_on_cuda(kv, k):
-    """On CUDA in bf16 (k = 1: the verifying and MTP forwards feed 2 tokens a row, what the paged
-    decode kernels serve; k = 2: the gathering path), with drafts right two times in three: every
+    """On CUDA in bf16 (the verifying and MTP forwards feed 1 + k tokens a row, on the paged decode
+    kernels), with drafts right two times in three: every
     token is the argmax of a cache-free forward over the engine's own sequence (within bf16
     rounding) with the engine's log-prob, and the MTP cache stays fresh after every step."""
     torch.manual_seed(0)

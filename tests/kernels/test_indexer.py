@@ -151,7 +151,7 @@ def paged_setup(lens, h=4, d=32, n=2, bs=16, fp8_cache=True, fp8_q=False, max_bl
 
 
 @pytest.mark.parametrize("fp8_cache,fp8_q", [(True, True), (True, False), (False, False), (False, True)])
-@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_paged_kernel(fp8_cache, fp8_q, n):
     q, w, cache, table, lens, qs, bs = paged_setup([n, 16, 37, 96], n=n, fp8_cache=fp8_cache, fp8_q=fp8_q)
     got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs)
