@@ -32,8 +32,9 @@ class Batch:
     mode: str = "mqa"                # MLA execution mode: "mha" (short prefill chunks) or "mqa"
     sample_rows: tuple[int, ...] = ()  # rows whose last position's logits are sampled
     return_topk: bool = False        # keep each layer's selected keys (what RL records)
-    decode_shaped: bool = False      # 1 to DECODE_TOKENS consecutive new tokens per row (a decode,
-                                     # or a verifying one with drafts): what the paged decode kernels serve
+    decode_shaped: bool = False      # absorbed MQA over 1 to DECODE_TOKENS consecutive new tokens per row
+                                     # (a decode, or a verifying one with drafts): what the paged decode
+                                     # kernels serve
     context_len: int | None = None   # T fixed by static inputs (graph-shaped decode: the whole table);
                                      # None: one past the largest position
     static: bool = False             # a DecodeGraphs bucket's buffers, refilled each step (graphs.py)
@@ -52,7 +53,7 @@ class Batch:
         j = torch.arange(int(positions.max()) + 1, device=dev)                                # [T]
         gather = table[:, (j // bs).clamp(max=width - 1)] * bs + j % bs                       # [B, T]
         s = positions.shape[1]
-        decode_shaped = s == 1 or (s <= DECODE_TOKENS and bool((positions == positions[:, :1] + torch.arange(
-            s, device=dev)).all()))
+        decode_shaped = mode == "mqa" and (s == 1 or (s <= DECODE_TOKENS and bool(
+            (positions == positions[:, :1] + torch.arange(s, device=dev)).all())))
         return cls(input_ids, positions, slots, gather, table.int(), (positions.amax(1) + 1).int(), mode,
                    tuple(sample_rows), return_topk, decode_shaped)

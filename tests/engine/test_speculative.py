@@ -257,6 +257,64 @@ def test_verifying_decodes_of_any_k_run_on_the_paged_kernels(paged_tiny, k, monk
     assert 1 + k in widths and 1 + k not in gathered and sum(runner.accepted[1:]) > 0
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_graph_shaped_speculative_decoding_equals_plain_greedy(tiny, k):
+    """cuda_graphs=True with drafts: the verifying forward, the MTP module over its positions and
+    the chained drafts read graph buckets' static inputs (rows padded onto the scratch block; off
+    CUDA they run eagerly, so this checks the layout). Three sequences (padded to a bucket of 4)
+    finishing at different steps, drafts right two times in three: the greedy tokens equal the
+    full-forward reference, the MTP cache stays fresh after every step, and every graph family
+    served its steps."""
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    lengths = [12, 5, 9]
+    full = [greedy_reference(tiny, p, 12 + 2 * k) for p in ps]
+    OracleDrafts.truth = {tuple(p): f for p, f in zip(ps, full)}
+    eng = Engine(tiny, EngineConfig(num_blocks=16, block_size=16, max_num_seqs=4, max_model_len=128,
+                                    cuda_graphs=True, speculative_tokens=k), runner_class=OracleDrafts)
+    r = eng.runner
+    families = [r.graphs, r.mtp_graphs] + ([r.chain_graphs] if k > 1 else [])
+    assert [f.width for f in families] == [1 + k, 1 + k, 1][:len(families)] and (k > 1) == (r.chain_graphs is not None)
+    loaded = {id(f): [] for f in families}
+    for f in families:
+        f.load = (lambda f, load: lambda *a: loaded[id(f)].append(len(a[2])) or load(*a))(f, f.load)
+    seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            for p, n in zip(ps, lengths)]
+    while eng.has_work():
+        eng.step()
+        assert all(r.graphs.scratch not in s.block_table for s in seqs)
+        for s in eng.scheduler.running:
+            if s.prefill_done:
+                assert not (stale := stale_entries(eng, tiny, s)), stale
+    assert [eng.output(s).token_ids for s in seqs] == [f[len(p):len(p) + n] for p, f, n in zip(ps, full, lengths)]
+    assert all(3 in loaded[id(f)] for f in families) and sum(r.accepted) > 0
+
+
+class DraftLog(ModelRunner):
+    """The model's own MTP module drafting, every draft kept in `drafted` (one list per _draft call)."""
+
+    def _draft(self, seqs, h, logits, pos):
+        super()._draft(seqs, h, logits, pos)
+        self.drafted = getattr(self, "drafted", []) + [[list(s.draft) for s in seqs]]
+
+
+def test_graph_shaped_drafts_equal_eager_drafts(tiny):
+    """k = 3 greedy drafts from the model's own MTP module (the first from the MTP forward over a
+    verifying decode's positions, two chained): the same drafts at every step with graph-shaped
+    inputs as eagerly, and the same tokens."""
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (9, 30, 17)]
+    runs = []
+    for graphs in (False, True):
+        eng = Engine(tiny, EngineConfig(num_blocks=16, block_size=16, max_num_seqs=4, max_model_len=128,
+                                        cuda_graphs=graphs, speculative_tokens=3), runner_class=DraftLog)
+        seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)) for p in ps]
+        while eng.has_work():
+            eng.step()
+        runs.append(([eng.output(s).token_ids for s in seqs], eng.runner.drafted))
+    assert runs[0] == runs[1] and len(runs[0][1]) > 3
+
+
 def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(tiny):
     """Greedy with drafts right two times in three, in a pool of 6 blocks of 16 tokens for three
     sequences that need 4 each (drafts' slots included) (preemption, recompute, prefix-cache hits of their own blocks), and
