@@ -408,3 +408,80 @@ def test_speculative_decoding_on_cuda(kv, k):
         chosen = lp.gather(1, torch.tensor(o.token_ids, device="cuda")[:, None])[:, 0]
         assert (chosen - torch.tensor(o.logprobs, device="cuda")).abs().max() < 0.05
         assert (lp.max(-1).values - chosen).max() < 0.1
+
+
+def graph_replays_without_host_sync(graphs) -> None:
+    """One captured graph of a DecodeGraphs replayed under sync-debug "error": a host sync inside
+    the step would have failed its capture, and would fail here."""
+    assert graphs.graphs, "no step of this kind was captured"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphs.graphs[next(iter(graphs.graphs))][0].replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_graphed_speculative_decoding_equals_eager_on_cuda(kv, k):
+    """On CUDA in bf16, drafts right two times in three, 5 sequences (a bucket of 8, padded): the
+    speculative steps replayed from CUDA graphs (verifying forward, MTP module, chained drafts) give
+    the eager speculative engine's greedy tokens and log-probs and accept the same drafts; every
+    graph family was captured and replays without a host sync."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).to(torch.bfloat16).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 50, 120, 33, 90)]
+    OracleDrafts.truth = {tuple(p): greedy_reference(model, p, 12 + 2 * k) for p in ps}
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs, accepted = {}, {}
+    for graphs in (False, True):
+        eng = Engine(model, EngineConfig(num_blocks=64, block_size=16, kv_cache_dtype=kv, max_model_len=256,
+                                         max_num_seqs=8, cuda_graphs=graphs, speculative_tokens=k),
+                     runner_class=OracleDrafts)
+        seqs = [eng.add_request(p, params) for p in ps]
+        while eng.has_work():
+            eng.step()
+        outs[graphs] = [eng.output(s) for s in seqs]
+        accepted[graphs] = (eng.runner.verified, list(eng.runner.accepted))
+        if graphs:
+            r = eng.runner
+            for family in (r.graphs, r.mtp_graphs) + ((r.chain_graphs,) if k > 1 else ()):
+                graph_replays_without_host_sync(family)
+    assert accepted[False] == accepted[True] and sum(accepted[True][1]) > 0
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 2])
+def test_graphed_speculative_sampling_runs_on_cuda(k):
+    """Temperature 1.0 (seeded and unseeded requests) with the model's own MTP module drafting,
+    graphs on: every request gets its tokens, drafts are verified, and each token's log-prob is its
+    log-prob in a cache-free forward over the engine's own sequence (within bf16 rounding). (The
+    distribution itself: the chi-square tests on CPU.)"""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8, vocab_size=64)).to(
+        torch.bfloat16).cuda().eval()
+    model.lm_head.weight.mul_(10)  # peaked: drafts are accepted at times
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (7, 50, 33)]
+    params = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=s) for s in (None, 3, 4)]
+    eng = Engine(model, EngineConfig(num_blocks=64, block_size=16, max_model_len=256, max_num_seqs=4,
+                                     cuda_graphs=True, speculative_tokens=k))
+    seqs = [eng.add_request(p, sp) for p, sp in zip(ps, params)]
+    while eng.has_work():
+        eng.step()
+    assert eng.runner.graphs.graphs and eng.runner.mtp_graphs.graphs and eng.runner.verified > 0
+    for p, s in zip(ps, seqs):
+        o = eng.output(s)
+        assert len(o.token_ids) == 16
+        seq = torch.tensor([p + o.token_ids], device="cuda")
+        lp = model(seq).logits[0, len(p) - 1:-1].float().log_softmax(-1)                          # [16, V]
+        chosen = lp.gather(1, torch.tensor(o.token_ids, device="cuda")[:, None])[:, 0]
+        assert (chosen - torch.tensor(o.logprobs, device="cuda")).abs().max() < 0.1
