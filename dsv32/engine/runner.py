@@ -167,8 +167,9 @@ class ModelRunner:
                            return_topk=_rl(seqs))
 
     def _decode(self, seqs: list[Sequence]) -> Batch:
-        """Each sequence's last token, every row sampled; a graph bucket's static Batch where one
-        applies (not for RL, whose records need the eager forward's outputs)."""
+        """Each sequence's last token (and its k drafts with speculative decoding), every row
+        sampled; a graph bucket's static Batch where one applies (not for RL, whose records need the
+        eager forward's outputs)."""
         # the last token, with speculative decoding followed by its k drafts, at their positions
         fed = [[s.tokens[-1]] + (s.draft if self.k else []) for s in seqs]                     # [B, 1 + k]
         first = [len(s.tokens) - 1 for s in seqs]
