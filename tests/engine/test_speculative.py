@@ -346,15 +346,18 @@ def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(t
     assert bm.num_free == len(bm.ref)
 
 
-def test_rl_records_are_those_of_the_verifying_forward(peaked):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_rl_records_are_those_of_the_verifying_forward(peaked, graphs):
     """Log-probs, kept sets and expert ids of speculatively decoded tokens (k = 2, temperature 0.9,
     top-p 0.8) equal those a full forward of the finished sequence gives, one per generated token
-    and one expert row per fed position: none of a rejected draft, none past the last token."""
+    and one expert row per fed position: none of a rejected draft, none past the last token. With
+    cuda_graphs the RL steps' forwards stay eager (their records), the chained drafts use graph
+    buckets."""
     params = SamplingParams(temperature=0.9, top_p=0.8, max_tokens=11, seed=5, ignore_eos=True,
                             return_rl_data=True)
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(0, 16, (n,), generator=g).tolist() for n in (12, 12, 20)]
-    eng = Engine(peaked, EngineConfig(num_blocks=16, block_size=16, speculative_tokens=2))
+    eng = Engine(peaked, EngineConfig(num_blocks=16, block_size=16, speculative_tokens=2, cuda_graphs=graphs))
     seqs = [eng.add_request(p, params) for p in ps]
     while eng.has_work():
         eng.step()
