@@ -276,8 +276,13 @@ def test_graph_shaped_speculative_decoding_equals_plain_greedy(tiny, k):
     families = [r.graphs, r.mtp_graphs] + ([r.chain_graphs] if k > 1 else [])
     assert [f.width for f in families] == [1 + k, 1 + k, 1][:len(families)] and (k > 1) == (r.chain_graphs is not None)
     loaded = {id(f): [] for f in families}
+
+    def counting(family):
+        load = family.load
+        return lambda *a: loaded[id(family)].append(len(a[2])) or load(*a)
+
     for f in families:
-        f.load = (lambda f, load: lambda *a: loaded[id(f)].append(len(a[2])) or load(*a))(f, f.load)
+        f.load = counting(f)
     seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
             for p, n in zip(ps, lengths)]
     while eng.has_work():
