@@ -320,17 +320,20 @@ def test_graph_shaped_drafts_equal_eager_drafts(tiny):
     assert runs[0] == runs[1] and len(runs[0][1]) > 3
 
 
-def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(tiny):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(tiny, graphs):
     """Greedy with drafts right two times in three, in a pool of 6 blocks of 16 tokens for three
     sequences that need 4 each (drafts' slots included) (preemption, recompute, prefix-cache hits of their own blocks), and
     two prompts sharing 32 tokens: after every step every running sequence's MTP cache equals a
-    recomputation from scratch, and the tokens equal the full-forward reference."""
+    recomputation from scratch, and the tokens equal the full-forward reference; eagerly and with
+    graph-shaped inputs (cuda_graphs, run eagerly off CUDA)."""
     g = torch.Generator().manual_seed(1)
     shared = torch.randint(2, 512, (32,), generator=g).tolist()
     ps = [shared + [7, 8], shared + [9], torch.randint(2, 512, (30,), generator=g).tolist()]
     full = [greedy_reference(tiny, p, 20 + 4) for p in ps]
     OracleDrafts.truth = {tuple(p): f for p, f in zip(ps, full)}
-    eng = Engine(tiny, EngineConfig(num_blocks=6, block_size=16, max_num_seqs=3, speculative_tokens=2),
+    eng = Engine(tiny, EngineConfig(num_blocks=6, block_size=16, max_num_seqs=3, speculative_tokens=2,
+                                    cuda_graphs=graphs, max_model_len=64),
                  runner_class=OracleDrafts)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     seqs = [eng.add_request(p, params) for p in ps[::2]]
