@@ -139,6 +139,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
+    modes = [m == "graphs" for m in args.modes if m == "eager" or cuda]  # cuda_graphs of each mode
+    if not modes:
+        raise SystemExit("--modes graphs needs CUDA")
     with tempfile.TemporaryDirectory() as work:
         if args.model:
             model, tok = load(args.model)
@@ -152,9 +155,6 @@ def main():
     rows = []
     base = EngineConfig(max_num_seqs=max(args.batch), prefill_chunk=512, prefix_caching=False,
                         max_model_len=args.prompt_len + args.new_tokens + 8)
-    modes = [m == "graphs" for m in args.modes if m == "eager" or cuda]
-    if not modes:
-        raise SystemExit("--modes graphs needs CUDA")
     settings = [(name + ("+graphs" if graphs else ""), k, graphs) for graphs in modes
                 for name, k in [("plain", 0)] + [(f"mtp k={k}", k) for k in args.k]]
     for temperature in (0.0, 1.0):
