@@ -4,14 +4,18 @@ tokens per second with and without drafting, at temperature 0 and 1.
     python bench/speculative.py --train-steps 600 --out runs/spec          # one GPU, < 5 minutes
     python bench/speculative.py --model path/to/model_dir --out runs/spec  # a model directory
     python bench/speculative.py --train-steps 3 --tiny --out /tmp/spec     # CPU smoke run
+    python bench/speculative.py --train-steps 4000 --train-budget-s 110 --modes graphs --out runs/spec
 
 With --train-steps N the model is the small MoE of experiments/dsa_parity_moe.py (its config, its
 stdlib data split, its training stage, MTP loss on), pretrained N steps from scratch (a tokenizer
 trained first); --tiny shrinks it to seconds on a CPU. The prompts are windows of held-out stdlib
-sources. Each setting runs one engine over all prompts (a warm-up run first, for Triton's
-compiles); tokens/s = generated tokens / wall time of the run. Speculative decode steps run
-eagerly, so plain decoding is timed eagerly and with CUDA graphs. Writes speculative-<device>.json
-and .md under --out.
+sources. Each setting runs one engine over all prompts, after a warm-up on the same engine whose
+requests end one step apart (so Triton compiles and autotunes, and every CUDA-graph bucket a
+shrinking batch uses is captured, before the clock starts); tokens/s = generated tokens / wall time
+of the timed run. Plain and speculative decoding (k drafts) are timed eagerly and, on CUDA, with
+CUDA graphs (--modes picks); each row's speed-up is against plain decoding in the same mode, and
+greedy output is compared with that of plain decoding in the same mode. Writes
+speculative-<device>.json and .md under --out.
 """
 
 import argparse
@@ -82,8 +86,15 @@ def prompts(held: PackedData, n: int, length: int) -> list[list[int]]:
 
 
 def run(model, ps, params, config: EngineConfig) -> dict:
-    """One engine over the prompts: generated tokens, seconds, acceptance by draft position."""
+    """One engine over the prompts, after a warm-up on it: generated tokens, seconds, acceptance by
+    draft position."""
     eng = Engine(model, config)
+    for i, p in enumerate(ps):  # ending one step apart: the batch shrinks one by one
+        eng.add_request(p, replace(params, max_tokens=2 + i))
+    while eng.has_work():
+        eng.step()
+    r = eng.runner
+    r.verified, r.accepted = 0, [0] * r.k
     seqs = [eng.add_request(p, params) for p in ps]
     sync()
     t0 = time.perf_counter()
@@ -94,7 +105,6 @@ def run(model, ps, params, config: EngineConfig) -> dict:
     sync()
     secs = time.perf_counter() - t0
     n = sum(len(eng.output(s).token_ids) for s in seqs)
-    r = eng.runner
     return {"tokens": n, "seconds": round(secs, 4), "tokens_per_s": round(n / secs, 1), "steps": steps,
             "tokens_per_step_per_seq": round(n / max(1, steps) / len(ps), 3),
             "acceptance_by_position": [round(a / r.verified, 4) for a in r.accepted] if r.verified else [],
@@ -110,6 +120,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2], help="speculative_tokens to measure")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="concurrent requests")
+    ap.add_argument("--modes", nargs="+", choices=["eager", "graphs"], default=["eager", "graphs"],
+                    help="decode eagerly and/or with CUDA graphs (graphs: on CUDA only)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512, help="training window")
@@ -127,6 +139,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
+    modes = [m == "graphs" for m in args.modes if m == "eager" or cuda]  # cuda_graphs of each mode
+    if not modes:
+        raise SystemExit("--modes graphs needs CUDA")
     with tempfile.TemporaryDirectory() as work:
         if args.model:
             model, tok = load(args.model)
@@ -138,30 +153,30 @@ def main():
     if not len(model.mtp):
         raise SystemExit("the model has no MTP module (num_nextn_predict_layers = 0): nothing drafts")
     rows = []
-    base = EngineConfig(max_num_seqs=max(args.batch), prefill_chunk=512,
+    base = EngineConfig(max_num_seqs=max(args.batch), prefill_chunk=512, prefix_caching=False,
                         max_model_len=args.prompt_len + args.new_tokens + 8)
-    settings = [("plain", 0, False)] + ([("plain+graphs", 0, True)] if cuda else []) + \
-        [(f"mtp k={k}", k, False) for k in args.k]
+    settings = [(name + ("+graphs" if graphs else ""), k, graphs) for graphs in modes
+                for name, k in [("plain", 0)] + [(f"mtp k={k}", k) for k in args.k]]
     for temperature in (0.0, 1.0):
         params = SamplingParams(temperature=temperature, max_tokens=args.new_tokens, ignore_eos=True, seed=None)
         for b in args.batch:
             ps = prompts(held, b, args.prompt_len)
-            greedy_plain = None
+            greedy_plain = {}
             for name, k, graphs in settings:
                 config = replace(base, speculative_tokens=k, cuda_graphs=graphs)
-                run(model, ps[:1], replace(params, max_tokens=4), config)  # warm-up: compiles, graphs
                 torch.manual_seed(0)
                 r = run(model, ps, params, config)
-                if temperature == 0.0 and name == "plain":
-                    greedy_plain = r["outputs"]
-                same = r["outputs"] == greedy_plain if temperature == 0.0 else None
+                if temperature == 0.0 and k == 0:
+                    greedy_plain[graphs] = r["outputs"]
+                same = r["outputs"] == greedy_plain[graphs] if temperature == 0.0 else None
                 del r["outputs"]
                 rows.append({"setting": name, "k": k, "cuda_graphs": graphs, "temperature": temperature,
                              "batch": b, "greedy_equal_to_plain": same, **r})
                 print(rows[-1], flush=True)
-    plain = {(r["temperature"], r["batch"]): r["tokens_per_s"] for r in rows if r["setting"] == "plain"}
+    plain = {(r["temperature"], r["batch"], r["cuda_graphs"]): r["tokens_per_s"] for r in rows if r["k"] == 0}
     for r in rows:
-        r["speedup_vs_plain_eager"] = round(r["tokens_per_s"] / plain[(r["temperature"], r["batch"])], 3)
+        r["speedup_vs_plain_same_mode"] = round(r["tokens_per_s"] / plain[(r["temperature"], r["batch"],
+                                                                            r["cuda_graphs"])], 3)
     result = {"device": device, "dtype": str(next(model.parameters()).dtype), **info,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows}
     stem = "speculative-" + device.replace(" ", "_")
@@ -169,12 +184,12 @@ def main():
     lines = [f"# Speculative decoding with the MTP module on {device}", "",
              "Model: " + ", ".join(f"{k}={v}" for k, v in info.items()) +
              f"; prompts of {args.prompt_len} held-out tokens, {args.new_tokens} new tokens each.", "",
-             ("| setting | T | batch | tokens/s | speed-up vs plain eager | tokens/step/seq | "
-              "acceptance by draft position | greedy = plain |"),
+             ("| setting | T | batch | tokens/s | speed-up vs plain (same mode) | tokens/step/seq | "
+              "acceptance by draft position | greedy = plain (same mode) |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['temperature']} | {r['batch']} | {r['tokens_per_s']} | "
-                     f"{r['speedup_vs_plain_eager']} | {r['tokens_per_step_per_seq']} | "
+                     f"{r['speedup_vs_plain_same_mode']} | {r['tokens_per_step_per_seq']} | "
                      f"{', '.join(str(a) for a in r['acceptance_by_position']) or '-'} | "
                      f"{'-' if r['greedy_equal_to_plain'] is None else r['greedy_equal_to_plain']} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+DECODE_TOKENS = 16  # the most consecutive new tokens per row a forward runs on the paged decode kernels
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -30,7 +32,8 @@ class Batch:
     mode: str = "mqa"                # MLA execution mode: "mha" (short prefill chunks) or "mqa"
     sample_rows: tuple[int, ...] = ()  # rows whose last position's logits are sampled
     return_topk: bool = False        # keep each layer's selected keys (what RL records)
-    decode_shaped: bool = False      # 1 or 2 consecutive new tokens per row: what the paged decode
+    decode_shaped: bool = False      # absorbed MQA over 1 to DECODE_TOKENS consecutive new tokens per row
+                                     # (a decode, or a verifying one with drafts): what the paged decode
                                      # kernels serve
     context_len: int | None = None   # T fixed by static inputs (graph-shaped decode: the whole table);
                                      # None: one past the largest position
@@ -50,6 +53,7 @@ class Batch:
         j = torch.arange(int(positions.max()) + 1, device=dev)                                # [T]
         gather = table[:, (j // bs).clamp(max=width - 1)] * bs + j % bs                       # [B, T]
         s = positions.shape[1]
-        decode_shaped = s == 1 or (s == 2 and bool((positions[:, 1] == positions[:, 0] + 1).all()))
+        decode_shaped = mode == "mqa" and (s == 1 or (s <= DECODE_TOKENS and bool(
+            (positions == positions[:, :1] + torch.arange(s, device=dev)).all())))
         return cls(input_ids, positions, slots, gather, table.int(), (positions.amax(1) + 1).int(), mode,
                    tuple(sample_rows), return_topk, decode_shaped)

@@ -21,8 +21,8 @@ class EngineConfig:
     cuda_graphs: bool = False                # decode with static inputs, replayed as CUDA graphs on
                                              # CUDA (eagerly elsewhere); RL steps stay eager (graphs.py)
     speculative_tokens: int = 0              # k drafts per decode step from the MTP module (chained
-                                             # for k > 1), verified by one forward; 0 = off. Decode
-                                             # then runs eagerly (no CUDA graphs)
+                                             # for k > 1), verified by one forward; 0 = off. With
+                                             # cuda_graphs its fixed-shape forwards are graphed
     batch_invariant: bool = False            # every forward's numbers per row independent of the batch
                                              # (model/batch_invariant.py): absorbed MQA everywhere, fixed
                                              # key sets, tiled GEMMs, no paged kernels or graphs. With the

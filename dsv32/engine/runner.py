@@ -18,14 +18,18 @@ overwritten by the next step's). From its output at a sequence's last position i
 *sampling* the processed distribution (temperature, top-k, top-p; argmax when greedy), chained k
 times. A decode step feeds the last token and the k drafts, and accepts by exact rejection
 sampling (speculative.py); the log-probs, kept sets, expert ids and key selections it records are
-the verifying forward's, of the positions it accepts. These decode steps run eagerly: with k > 0
-CUDA graphs are off.
+the verifying forward's, of the positions it accepts. With CUDA graphs the fixed-shape parts of a
+speculative step are graphed per batch-size bucket (graphs.py): the verifying forward over [B, 1 + k]
+tokens, the MTP module over the same positions, and each chained draft's MTP forward over [B, 1];
+the rejection sampling, sampling and drafting between them run eagerly (their shapes depend on
+what is accepted). RL steps stay eager, as for plain decode.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -70,13 +74,34 @@ class ModelRunner:
         self.cache = PagedCache(cfg, self.num_blocks + 1, ec.block_size, ec.kv_cache_dtype == "fp8", self.dtype,
                                 self.device, ec.paged_decode and not ec.batch_invariant, max_model_len + ec.draft_slots,
                                 mtp_layers)
-        if ec.cuda_graphs and (self.k or ec.batch_invariant):
-            log.info("speculative decoding and the batch-invariant mode run decode eagerly: CUDA graphs are off")
-        self.graphs = (DecodeGraphs(self._call_model, self.device, ec.block_size, ec.max_num_seqs, max_model_len,
-                                    scratch_block=self.num_blocks)
-                       if ec.cuda_graphs and not (self.k or ec.batch_invariant) else None)
+        if ec.cuda_graphs and ec.batch_invariant:
+            log.info("the batch-invariant mode runs decode eagerly: CUDA graphs are off")
+        graphed = ec.cuda_graphs and not ec.batch_invariant
+        self.graphs = self.mtp_graphs = self.chain_graphs = None
+        if graphed:  # plain decode, or a verifying one (the last token and k drafts a row)
+            self.graphs = self._graphs(self._call_model, max_model_len, 1 + self.k)
+        if graphed and self.k:  # the MTP module over a verifying decode's positions, and its chained drafts
+            rows, d = self.graphs.sizes[-1], cfg.hidden_size
+            self.mtp_hidden = torch.zeros(rows, 1 + self.k, d, dtype=self.dtype, device=self.device)
+            self.mtp_graphs = self._graphs(lambda b: self._mtp_static(self.mtp_hidden, b), max_model_len, 1 + self.k)
+            if self.k > 1:
+                self.chain_hidden = torch.zeros(rows, 1, d, dtype=self.dtype, device=self.device)
+                self.chain_graphs = self._graphs(lambda b: self._mtp_static(self.chain_hidden, b), max_model_len, 1)
         self.mask_executor = None  # grammar masks' thread pool (constrained decoding), made on first need
         log.info("paged cache: %d blocks of %d tokens (%s)", self.num_blocks, ec.block_size, ec.kv_cache_dtype)
+
+    def _graphs(self, forward, max_model_len: int, width: int) -> DecodeGraphs:
+        """Graph buckets of `forward` over `width` tokens a row, for sequences up to max_model_len
+        tokens and the draft slots past them."""
+        ec = self.config
+        return DecodeGraphs(forward, self.device, ec.block_size, ec.max_num_seqs, max_model_len + ec.draft_slots,
+                            scratch_block=self.num_blocks, width=width)
+
+    def _mtp_static(self, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over a graph bucket's static Batch (its token ids: the token after each
+        position), on the first rows of the static hidden states hidden [rows, W, D]."""
+        return self.model.mtp_forward(hidden[:batch.input_ids.shape[0]], batch.input_ids, batch.positions,
+                                      self.cache.bind(batch))
 
     def _auto_blocks(self, bytes_per_block: int, max_model_len: int) -> int:
         ec = self.config
@@ -142,20 +167,17 @@ class ModelRunner:
                            return_topk=_rl(seqs))
 
     def _decode(self, seqs: list[Sequence]) -> Batch:
-        """Each sequence's last token, every row sampled; a graph bucket's static Batch where one
-        applies (not for RL, whose records need the eager forward's outputs)."""
-        if self.k:  # the last token and its drafts, at their positions
-            ids = torch.tensor([[s.tokens[-1]] + s.draft for s in seqs], device=self.device)          # [B, 1 + k]
-            pos = torch.arange(self.k + 1, device=self.device) + torch.tensor(
-                [len(s.tokens) - 1 for s in seqs], device=self.device)[:, None]                      # [B, 1 + k]
-            return Batch.build(ids, pos, [s.block_table for s in seqs], self.config.block_size, mode="mqa",
-                               sample_rows=tuple(range(len(seqs))), return_topk=_rl(seqs))
-        last, pos = [s.tokens[-1] for s in seqs], [len(s.tokens) - 1 for s in seqs]
+        """Each sequence's last token (and its k drafts with speculative decoding), every row
+        sampled; a graph bucket's static Batch where one applies (not for RL, whose records need the
+        eager forward's outputs)."""
+        # the last token, with speculative decoding followed by its k drafts, at their positions
+        fed = [[s.tokens[-1]] + (s.draft if self.k else []) for s in seqs]                     # [B, 1 + k]
+        first = [len(s.tokens) - 1 for s in seqs]
+        tables = [s.block_table for s in seqs]
         if self.graphs is not None and not _rl(seqs) and self.graphs.fits(len(seqs)):
-            return self.graphs.load(last, pos, [s.block_table for s in seqs])
-        return Batch.build(torch.tensor(last, device=self.device)[:, None],
-                           torch.tensor(pos, device=self.device)[:, None],
-                           [s.block_table for s in seqs], self.config.block_size, mode="mqa",
+            return self.graphs.load(fed, first, tables)
+        pos = torch.arange(self.k + 1, device=self.device) + torch.tensor(first, device=self.device)[:, None]
+        return Batch.build(torch.tensor(fed, device=self.device), pos, tables, self.config.block_size, mode="mqa",
                            sample_rows=tuple(range(len(seqs))), return_topk=_rl(seqs))
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -207,7 +229,13 @@ class ModelRunner:
         """A verifying decode: accept each row's drafts by rejection sampling against the processed
         distributions of this forward (out.logits [B, 1 + k, V]), record what RL replays of the
         accepted positions, run the MTP module over them and draft anew. -> (sequence, sample) of
-        every accepted draft and the token after them, in order."""
+        every accepted draft and the token after them, in order. A graph bucket's batch and outputs
+        have padding rows past len(seqs): they are cut off first."""
+        static = batch.static
+        if static:
+            rows = len(seqs)
+            out = replace(out, logits=out.logits[:rows], hidden=out.hidden[:rows])
+            batch = replace(batch, input_ids=batch.input_ids[:rows], positions=batch.positions[:rows])
         b, k1 = batch.input_ids.shape
         params = [s.params for s in seqs for _ in range(k1)]
         lp, keep, greedy, truncates = processed_logprobs(out.logits.flatten(0, 1), params)     # [B * (1 + k), V]
@@ -232,7 +260,13 @@ class ModelRunner:
         at = torch.tensor(n, device=self.device)                                               # [B]
         following = torch.cat([drafts, drafts[:, -1:]], 1)                                     # [B, 1 + k]
         following[torch.arange(b, device=self.device), at] = torch.tensor(nxt, device=self.device)
-        h, logits = self.model.mtp_forward(out.hidden, following, batch.positions, self.cache.bind(batch))
+        if static:  # its graph, on the verifying forward's positions
+            step = self.mtp_graphs.load(following, batch.positions[:, 0], [s.block_table for s in seqs])
+            self.mtp_hidden[:b].copy_(out.hidden)
+            h, logits = self.mtp_graphs.replay(step)
+            h, logits = h[:b], logits[:b]
+        else:
+            h, logits = self.model.mtp_forward(out.hidden, following, batch.positions, self.cache.bind(batch))
         rows_b = torch.arange(b, device=self.device)
         self._draft(seqs, h[rows_b, at][:, None], logits[rows_b, at], batch.positions[:, 0] + at + 1)
         return list(zip(owners, got))
@@ -265,7 +299,12 @@ class ModelRunner:
             d = draw(q, gens)                                                                  # [B]
             drafts.append(d)
             probs.append(q)
-            if j + 1 < self.k:  # chain: the module again, on the draft at its position
+            if j + 1 < self.k and self.chain_graphs is not None:  # chain: the module again, on the draft
+                step = self.chain_graphs.load(d[:, None], pos + j, tables)                     # at its position
+                self.chain_hidden[:len(seqs)].copy_(h)
+                h, logits = self.chain_graphs.replay(step)
+                h, logits = h[:len(seqs)], logits[:len(seqs), -1]
+            elif j + 1 < self.k:
                 step = Batch.build(d[:, None], (pos + j)[:, None], tables, self.config.block_size)
                 h, logits = self.model.mtp_forward(h, d[:, None], step.positions, self.cache.bind(step))
                 logits = logits[:, -1]

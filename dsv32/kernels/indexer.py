@@ -6,13 +6,14 @@ scores [.., H, T] never exist:
 `indexer_logits` is the prefill op: every query of a sequence against all of its keys, -inf at
 keys t >= k_end[b, s] (causality); it is differentiable in q, k and w (stage 1 and 2 train the
 indexer through it), with a backward that recomputes the per-head dots a query chunk at a time
-instead of storing them. `indexer_logits_paged` is the decode op: n in {1, 2} new
-queries per sequence against the paged indexer cache of dsv32/engine/cache.py, either bf16 rows
-[num_slots, D] (slot = block * PAGE + offset) or FP8 pages [num_blocks, PAGE * (D + 4)] uint8,
-DeepGEMM's and vLLM's layout: a page's PAGE keys of D e4m3 bytes each, then their PAGE fp32
-scales. 132 B per token at D = 128, the bytes that bound decode at long context (kernel-anchors
-§2.2, §3); keeping the scales apart starts every key at a multiple of D bytes, so the kernel
-loads keys in 16-byte vectors (132-byte interleaved rows allowed only 4-byte loads).
+instead of storing them. `indexer_logits_paged` is the decode op: n >= 1 new queries per sequence (1
+or 2 held in registers; more, a verifying decode's, reloaded per key tile) against the paged indexer
+cache of dsv32/engine/cache.py, either bf16 rows [num_slots, D] (slot = block * PAGE + offset) or
+FP8 pages [num_blocks, PAGE * (D + 4)] uint8, DeepGEMM's and vLLM's layout: a page's PAGE keys of D
+e4m3 bytes each, then their PAGE fp32 scales. 132 B per token at D = 128, the bytes that bound
+decode at long context (kernel-anchors §2.2, §3); keeping the scales apart starts every key at a
+multiple of D bytes, so the kernel loads keys in 16-byte vectors (132-byte interleaved rows allowed
+only 4-byte loads).
 
 FP8 inputs run the dot on the raw e4m3 values (Hopper's FP8 tensor cores). The scales are
 positive, so relu(d * qs * ks) * w = relu(d) * (w * qs) * ks: w absorbs the query scale before
@@ -171,8 +172,8 @@ class _IndexerLogits(torch.autograd.Function):
 def indexer_logits_paged(q, w, cache, block_table, seq_lens, q_scale=None, block_size=64) -> torch.Tensor:
     """Decode indexer logits [B, n, max_blocks * block_size] fp32 over the paged cache: see the
     module docstring. seq_lens must not exceed max_blocks * block_size."""
-    if q.dim() != 4 or q.shape[1] not in (1, 2):
-        raise ValueError(f"q must be [B, n, H, D] with n in (1, 2), got {tuple(q.shape)}")
+    if q.dim() != 4 or q.shape[1] < 1:
+        raise ValueError(f"q must be [B, n, H, D] with n >= 1, got {tuple(q.shape)}")
     b, n, h, d = q.shape
     _check("q", q, (b, n, h, d), _DTYPES)
     _check("w", w, (b, n, h), (torch.float32,))
@@ -392,17 +393,29 @@ if triton is not None:
             # with PAGE % 4 == 0) and runs D contiguous elements: 16-byte vector loads
             row = tl.multiple_of(block * page_stride + off * row_stride, ROW_ALIGN)
             kt = tl.load(cache_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            l0 = _head_sum(kt, q0, w0, UPCAST)
-            if NQ == 2:
-                l1 = _head_sum(kt, q1, w1, UPCAST)
-            if HAS_KS:
-                ks = tl.load(ks_ptr + block * ks_stride + off, mask=ok, other=0.0)
-                l0 *= ks
+            if NQ <= 2:  # the queries stay in registers across the tiles
+                l0 = _head_sum(kt, q0, w0, UPCAST)
                 if NQ == 2:
-                    l1 *= ks
-            tl.store(out0 + offs, tl.where(offs < seq_len - NQ + 1, l0, float("-inf")), mask=offs < stop)
-            if NQ == 2:
-                tl.store(out0 + max_len + offs, tl.where(ok, l1, float("-inf")), mask=offs < stop)
+                    l1 = _head_sum(kt, q1, w1, UPCAST)
+                if HAS_KS:
+                    ks = tl.load(ks_ptr + block * ks_stride + off, mask=ok, other=0.0)
+                    l0 *= ks
+                    if NQ == 2:
+                        l1 *= ks
+                tl.store(out0 + offs, tl.where(offs < seq_len - NQ + 1, l0, float("-inf")), mask=offs < stop)
+                if NQ == 2:
+                    tl.store(out0 + max_len + offs, tl.where(ok, l1, float("-inf")), mask=offs < stop)
+            else:  # more queries (a verifying decode's drafts): each is reloaded per tile (L1/L2 hits)
+                if HAS_KS:
+                    ks = tl.load(ks_ptr + block * ks_stride + off, mask=ok, other=0.0)
+                for j in tl.static_range(NQ):
+                    qj = tl.load(q_ptr + (b * NQ + j) * H * D + hd)
+                    wj = tl.load(w_ptr + (b * NQ + j) * H + tl.arange(0, H))
+                    lj = _head_sum(kt, qj, wj, UPCAST)
+                    if HAS_KS:
+                        lj *= ks
+                    tl.store(out0 + j * max_len + offs, tl.where(offs < seq_len - NQ + 1 + j, lj, float("-inf")),
+                             mask=offs < stop)
         for t0 in range(tl.maximum(live, start), stop, BLOCK_T):   # past the end: no reads
             offs = t0 + tl.arange(0, BLOCK_T)
             for j in tl.static_range(NQ):

@@ -158,9 +158,9 @@ if has_triton():
         ptr = PTR + t * stride_t + heads[:, None] * stride_h + off + tl.arange(0, D)[None, :]
         return tl.load(ptr, mask=h_ok[:, None], other=0.0)
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=["H", "TOPK", "D_V", "D_PE"])
+    @triton.autotune(configs=_FWD_CONFIGS, key=["H", "TOPK_BUCKET", "D_V", "D_PE"])
     @triton.jit
-    def _fwd_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK,
+    def _fwd_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, TOPK_BUCKET,
                     stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh,
                     D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_K: tl.constexpr):
@@ -211,9 +211,9 @@ if has_triton():
         delta = tl.load(DELTA + t * H + heads, mask=h_ok, other=0.0)
         return t, heads, h_ok, q_lat, q_pe, do, lse2, delta
 
-    @triton.autotune(configs=_DQ_CONFIGS, key=["H", "TOPK", "D_V", "D_PE"])
+    @triton.autotune(configs=_DQ_CONFIGS, key=["H", "TOPK_BUCKET", "D_V", "D_PE"])
     @triton.jit
-    def _dq_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, scale, scale_log2, H, TOPK,
+    def _dq_kernel(Q, KV, IDX, DO, LSE, DELTA, DQ, scale, scale_log2, H, TOPK, TOPK_BUCKET,
                    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh,
                    D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_K: tl.constexpr):
@@ -237,9 +237,9 @@ if has_triton():
         tl.store(ptr + D_V + tl.arange(0, D_PE)[None, :], (dq_pe * scale).to(DQ.dtype.element_ty),
                  mask=h_ok[:, None])
 
-    @triton.autotune(configs=_DKV_CONFIGS, key=["H", "TOPK", "D_V", "D_PE"], reset_to_zero=["DKV"])
+    @triton.autotune(configs=_DKV_CONFIGS, key=["H", "TOPK_BUCKET", "D_V", "D_PE"], reset_to_zero=["DKV"])
     @triton.jit
-    def _dkv_kernel(Q, KV, IDX, DO, LSE, DELTA, DKV, scale, scale_log2, H, TOPK,
+    def _dkv_kernel(Q, KV, IDX, DO, LSE, DELTA, DKV, scale, scale_log2, H, TOPK, TOPK_BUCKET,
                     stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh,
                     D_V: tl.constexpr, D_PE: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_K: tl.constexpr):
@@ -278,6 +278,13 @@ def _check_triton(q, d_v):
             raise ValueError(f"the Triton kernel needs {name} a power of two >= 16, got {d}")
 
 
+def _bucket(topk: int) -> int:
+    """The autotuners' key for TOPK: its next power of two. Keyed on TOPK itself, a context shorter
+    than index_topk (TOPK = min(index_topk, T)) re-tuned every config at every new length: each
+    step of a decode that runs this kernel (a verifying decode off the paged path: 3.5 tokens/s)."""
+    return triton.next_power_of_2(max(1, topk))
+
+
 def _grid(t, h):
     return lambda meta: (t * triton.cdiv(h, meta["BLOCK_H"]),)
 
@@ -292,7 +299,7 @@ def sparse_mla_fwd(q, kv, idx, scale: float, d_v: int = 512):
     lse = torch.empty(t, h, dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
-    _fwd_kernel[_grid(t, h)](q, kv, idx, out, lse, scale * LOG2E, h, idx.shape[1],
+    _fwd_kernel[_grid(t, h)](q, kv, idx, out, lse, scale * LOG2E, h, idx.shape[1], _bucket(idx.shape[1]),
                              q.stride(0), q.stride(1), kv.stride(0), idx.stride(0),
                              out.stride(0), out.stride(1), D_V=d_v, D_PE=d - d_v)
     return out, lse
@@ -310,7 +317,7 @@ def sparse_mla_bwd(q, kv, idx, out, lse, dout, scale: float, d_v: int = 512):
         return dq, dkv.to(kv.dtype)
     delta = (dout.float() * out.float()).sum(-1)                            # [T, H]
     lse = lse.float().contiguous()
-    args = (scale, scale * LOG2E, h, idx.shape[1], q.stride(0), q.stride(1), kv.stride(0),
+    args = (scale, scale * LOG2E, h, idx.shape[1], _bucket(idx.shape[1]), q.stride(0), q.stride(1), kv.stride(0),
             idx.stride(0), dout.stride(0), dout.stride(1))
     _dq_kernel[_grid(t, h)](q, kv, idx, dout, lse, delta, dq, *args, D_V=d_v, D_PE=d - d_v)
     _dkv_kernel[_grid(t, h)](q, kv, idx, dout, lse, delta, dkv, *args, D_V=d_v, D_PE=d - d_v)

@@ -9,7 +9,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.engine.batch import Batch
+from dsv32.engine.batch import DECODE_TOKENS, Batch
 from dsv32.engine.cache import PagedCache
 from dsv32.kernels import force
 from dsv32.model import Transformer
@@ -75,7 +75,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
 def test_paged_decode_logits_equal_the_gathered_path(tiny, fp8, s_q):
     pairs, dense = compare_steps(tiny, [9, 30, 75, 140], s_q, steps=3, fp8=fp8, block_size=16)
     assert rel_err(pairs[0][1], dense) > 1e-2  # contexts beyond index_topk: selection matters
@@ -90,12 +90,14 @@ def test_paged_decode_logits_equal_the_gathered_path(tiny, fp8, s_q):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter on CPU tensors")
-def test_paged_decode_through_the_triton_kernels_under_the_interpreter():
+@pytest.mark.parametrize("s_q", [2, 3])
+def test_paged_decode_through_the_triton_kernels_under_the_interpreter(s_q):
     """The paged indexer, top-k and sparse MLA decode kernels, wired as on the GPU (dtypes, strides,
-    slot ids), against the gathered path's kernels; Triton's interpreter, one small case."""
+    slot ids), against the gathered path's kernels; Triton's interpreter, one small case of 2 and
+    of 3 new tokens a row (a verifying decode with 2 drafts)."""
     torch.manual_seed(0)
     model = Transformer(TINY.replace(qk_rope_head_dim=16, num_hidden_layers=1)).to(torch.bfloat16).eval()
-    pairs, _ = compare_steps(model, [9, 40, 75], 2, steps=1, fp8=True, block_size=16, backend="triton")
+    pairs, _ = compare_steps(model, [9, 40, 75], s_q, steps=1, fp8=True, block_size=16, backend="triton")
     for paged, gathered in pairs:  # FP8: the indexer keys' bf16 rounding on the gathered path
         assert rel_err(paged, gathered) < 1e-2
 
@@ -133,7 +135,9 @@ def test_paged_decode_stays_off_where_it_does_not_apply(tiny):
     def bound(tables, pos):
         return cache.bind(Batch.build(torch.zeros_like(pos), pos, tables, 16))
 
-    assert bound([[0, 1], [2, 3]], torch.tensor([[3, 4, 5], [7, 8, 9]])).paged_view(0) is None  # a prefill chunk
+    long = torch.arange(DECODE_TOKENS + 1).repeat(2, 1)
+    assert bound([[0, 1], [2, 3]], long).paged_view(0) is None                       # a longer prefill chunk
+    assert bound([[0, 1], [2, 3]], torch.tensor([[3, 4, 5], [7, 8, 9]])).paged_view(0) is not None  # 2 drafts
     assert bound([[0, 1], [2, 3]], torch.tensor([[3, 5], [7, 8]])).paged_view(0) is None        # not consecutive
     view = bound([[0, 1], [3, 2]], torch.tensor([[4, 5], [17, 18]])).paged_view(1)
     assert view.seq_lens.tolist() == [6, 19] and view.block_table.tolist() == [[0, 1], [3, 2]]
@@ -142,7 +146,7 @@ def test_paged_decode_stays_off_where_it_does_not_apply(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("s_q", [1, 2, 3])
 def test_paged_decode_on_cuda_small(fp8, s_q):
     """On the `small` preset, contexts beyond its index_topk = 512: with the references the paged
     path equals the gathered one bit for bit on the GPU too (bf16 cache); with the kernels, and a top-k that

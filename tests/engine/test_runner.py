@@ -6,7 +6,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.engine.batch import Batch
+from dsv32.engine.batch import DECODE_TOKENS, Batch
 from dsv32.model import Transformer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -68,14 +68,20 @@ def test_a_mixed_steps_batches_are_what_a_hand_computation_gives(tiny):
 
 def test_a_prefill_chunk_samples_only_the_rows_whose_prompt_it_ends():
     """Two prompts prefilled as one forward over positions 4..7 (tokens 4..7 of each): only the one
-    whose prompt has 8 tokens is sampled; two new tokens at consecutive positions are
-    decode-shaped, at positions that skip one are not."""
+    whose prompt has 8 tokens is sampled. Up to DECODE_TOKENS new tokens at consecutive positions
+    are decode-shaped (the paged kernels' path: a decode, a verifying one with drafts), more are
+    not, nor tokens at positions that skip one."""
     ids = torch.zeros(2, 4, dtype=torch.long)
     pos = torch.arange(4, 8).repeat(2, 1)
     batch = Batch.build(ids, pos, [[1, 0], [2, 3, 4]], 4, mode="mqa", sample_rows=(1,))
-    assert batch.sample_rows == (1,) and not batch.decode_shaped
+    assert batch.sample_rows == (1,) and batch.decode_shaped
     assert batch.slots.tolist() == [[0, 1, 2, 3], [12, 13, 14, 15]]
     assert batch.gather.tolist() == [[4, 5, 6, 7, 0, 1, 2, 3], [8, 9, 10, 11, 12, 13, 14, 15]]
     pair = torch.tensor([[5, 6], [9, 10]])
     assert Batch.build(pair, pair, [[1, 0], [2, 3, 4]], 4).decode_shaped
     assert not Batch.build(pair, torch.tensor([[5, 7], [9, 10]]), [[1, 0], [2, 3, 4]], 4).decode_shaped
+    n = DECODE_TOKENS + 1
+    long = torch.arange(n).repeat(2, 1)
+    tables = [list(range(-(-n // 4)))] * 2
+    assert Batch.build(long[:, 1:], long[:, 1:], tables, 4).decode_shaped
+    assert not Batch.build(long, long, tables, 4).decode_shaped

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import dsv32.engine.runner as runner_module
+import dsv32.model.mla as mla_module
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.engine.cache import BoundCache
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.speculative import accepted_lengths, recovery_probs, verify_drafts
 from dsv32.model import KVCache, Transformer
@@ -215,17 +217,123 @@ def test_greedy_output_is_the_plain_greedy_output(tiny, k):
             assert sum(eng.runner.accepted) > 0 and eng.runner.accepted[0] < eng.runner.verified
 
 
-def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(tiny):
+@pytest.fixture(scope="module")
+def paged_tiny():
+    """The tiny preset with 128-wide latents and a DSA top-k of 8: with an FP8 cache, the layout the
+    paged decode kernels read (their torch references on CPU)."""
+    torch.manual_seed(0)
+    return Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).eval()
+
+
+def greedy_engine(model, prompts, k, runner_class=ModelRunner):
+    """Greedy outputs of the engine with an FP8 cache and k drafts."""
+    eng = Engine(model, EngineConfig(num_blocks=32, block_size=16, kv_cache_dtype="fp8", speculative_tokens=k),
+                 runner_class=runner_class)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    seqs = [eng.add_request(p, params) for p in prompts]
+    while eng.has_work():
+        eng.step()
+    return [eng.output(s).token_ids for s in seqs], eng.runner
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_verifying_decodes_of_any_k_run_on_the_paged_kernels(paged_tiny, k, monkeypatch):
+    """k drafts make 1 + k tokens a row (k = 1 made 2, all the paged kernels took before): every
+    verifying and MTP forward of those reads the cache in place (no gathered [B, T] copy), and the
+    greedy tokens, with drafts right two times in three, equal plain greedy decoding's (one token
+    a row, the same FP8 cache)."""
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    plain, _ = greedy_engine(paged_tiny, ps, 0)
+    OracleDrafts.truth = {tuple(p): p + out + [0] * (2 * k) for p, out in zip(ps, plain)}
+    widths, gathered = [], []
+    real_paged, real_update = mla_module.indexer_logits_paged, BoundCache.update
+    monkeypatch.setattr(mla_module, "indexer_logits_paged",
+                        lambda q, *a, **kw: widths.append(q.shape[1]) or real_paged(q, *a, **kw))
+    monkeypatch.setattr(BoundCache, "update",
+                        lambda self, *a: gathered.append(self.batch.input_ids.shape[1]) or real_update(self, *a))
+    got, runner = greedy_engine(paged_tiny, ps, k, OracleDrafts)
+    assert got == plain
+    assert 1 + k in widths and 1 + k not in gathered and sum(runner.accepted[1:]) > 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_graph_shaped_speculative_decoding_equals_plain_greedy(tiny, k):
+    """cuda_graphs=True with drafts: the verifying forward, the MTP module over its positions and
+    the chained drafts read graph buckets' static inputs (rows padded onto the scratch block; off
+    CUDA they run eagerly, so this checks the layout). Three sequences (padded to a bucket of 4)
+    finishing at different steps, drafts right two times in three: the greedy tokens equal the
+    full-forward reference, the MTP cache stays fresh after every step, and every graph family
+    served its steps."""
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    lengths = [12, 5, 9]
+    full = [greedy_reference(tiny, p, 12 + 2 * k) for p in ps]
+    OracleDrafts.truth = {tuple(p): f for p, f in zip(ps, full)}
+    eng = Engine(tiny, EngineConfig(num_blocks=16, block_size=16, max_num_seqs=4, max_model_len=128,
+                                    cuda_graphs=True, speculative_tokens=k), runner_class=OracleDrafts)
+    r = eng.runner
+    families = [r.graphs, r.mtp_graphs] + ([r.chain_graphs] if k > 1 else [])
+    assert [f.width for f in families] == [1 + k, 1 + k, 1][:len(families)] and (k > 1) == (r.chain_graphs is not None)
+    loaded = {id(f): [] for f in families}
+
+    def counting(family):
+        load = family.load
+        return lambda *a: loaded[id(family)].append(len(a[2])) or load(*a)
+
+    for f in families:
+        f.load = counting(f)
+    seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            for p, n in zip(ps, lengths)]
+    while eng.has_work():
+        eng.step()
+        assert all(r.graphs.scratch not in s.block_table for s in seqs)
+        for s in eng.scheduler.running:
+            if s.prefill_done:
+                assert not (stale := stale_entries(eng, tiny, s)), stale
+    assert [eng.output(s).token_ids for s in seqs] == [f[len(p):len(p) + n] for p, f, n in zip(ps, full, lengths)]
+    assert all(3 in loaded[id(f)] for f in families) and sum(r.accepted) > 0
+
+
+class DraftLog(ModelRunner):
+    """The model's own MTP module drafting, every draft kept in `drafted` (one list per _draft call)."""
+
+    def _draft(self, seqs, h, logits, pos):
+        super()._draft(seqs, h, logits, pos)
+        self.drafted = getattr(self, "drafted", []) + [[list(s.draft) for s in seqs]]
+
+
+def test_graph_shaped_drafts_equal_eager_drafts(tiny):
+    """k = 3 greedy drafts from the model's own MTP module (the first from the MTP forward over a
+    verifying decode's positions, two chained): the same drafts at every step with graph-shaped
+    inputs as eagerly, and the same tokens."""
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (9, 30, 17)]
+    runs = []
+    for graphs in (False, True):
+        eng = Engine(tiny, EngineConfig(num_blocks=16, block_size=16, max_num_seqs=4, max_model_len=128,
+                                        cuda_graphs=graphs, speculative_tokens=3), runner_class=DraftLog)
+        seqs = [eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)) for p in ps]
+        while eng.has_work():
+            eng.step()
+        runs.append(([eng.output(s).token_ids for s in seqs], eng.runner.drafted))
+    assert runs[0] == runs[1] and len(runs[0][1]) > 3
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(tiny, graphs):
     """Greedy with drafts right two times in three, in a pool of 6 blocks of 16 tokens for three
     sequences that need 4 each (drafts' slots included) (preemption, recompute, prefix-cache hits of their own blocks), and
     two prompts sharing 32 tokens: after every step every running sequence's MTP cache equals a
-    recomputation from scratch, and the tokens equal the full-forward reference."""
+    recomputation from scratch, and the tokens equal the full-forward reference; eagerly and with
+    graph-shaped inputs (cuda_graphs, run eagerly off CUDA)."""
     g = torch.Generator().manual_seed(1)
     shared = torch.randint(2, 512, (32,), generator=g).tolist()
     ps = [shared + [7, 8], shared + [9], torch.randint(2, 512, (30,), generator=g).tolist()]
     full = [greedy_reference(tiny, p, 20 + 4) for p in ps]
     OracleDrafts.truth = {tuple(p): f for p, f in zip(ps, full)}
-    eng = Engine(tiny, EngineConfig(num_blocks=6, block_size=16, max_num_seqs=3, speculative_tokens=2),
+    eng = Engine(tiny, EngineConfig(num_blocks=6, block_size=16, max_num_seqs=3, speculative_tokens=2,
+                                    cuda_graphs=graphs, max_model_len=64),
                  runner_class=OracleDrafts)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     seqs = [eng.add_request(p, params) for p in ps[::2]]
@@ -246,15 +354,18 @@ def test_mtp_cache_stays_in_sync_through_rejections_preemption_and_prefix_hits(t
     assert bm.num_free == len(bm.ref)
 
 
-def test_rl_records_are_those_of_the_verifying_forward(peaked):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_rl_records_are_those_of_the_verifying_forward(peaked, graphs):
     """Log-probs, kept sets and expert ids of speculatively decoded tokens (k = 2, temperature 0.9,
     top-p 0.8) equal those a full forward of the finished sequence gives, one per generated token
-    and one expert row per fed position: none of a rejected draft, none past the last token."""
+    and one expert row per fed position: none of a rejected draft, none past the last token. With
+    cuda_graphs the RL steps' forwards stay eager (their records), the chained drafts use graph
+    buckets."""
     params = SamplingParams(temperature=0.9, top_p=0.8, max_tokens=11, seed=5, ignore_eos=True,
                             return_rl_data=True)
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(0, 16, (n,), generator=g).tolist() for n in (12, 12, 20)]
-    eng = Engine(peaked, EngineConfig(num_blocks=16, block_size=16, speculative_tokens=2))
+    eng = Engine(peaked, EngineConfig(num_blocks=16, block_size=16, speculative_tokens=2, cuda_graphs=graphs))
     seqs = [eng.add_request(p, params) for p in ps]
     while eng.has_work():
         eng.step()
@@ -279,8 +390,8 @@ def test_rl_records_are_those_of_the_verifying_forward(peaked):
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_speculative_decoding_on_cuda(kv, k):
-    """On CUDA in bf16 (k = 1: the verifying and MTP forwards feed 2 tokens a row, what the paged
-    decode kernels serve; k = 2: the gathering path), with drafts right two times in three: every
+    """On CUDA in bf16 (the verifying and MTP forwards feed 1 + k tokens a row, on the paged decode
+    kernels), with drafts right two times in three: every
     token is the argmax of a cache-free forward over the engine's own sequence (within bf16
     rounding) with the engine's log-prob, and the MTP cache stays fresh after every step."""
     torch.manual_seed(0)
@@ -308,3 +419,80 @@ def test_speculative_decoding_on_cuda(kv, k):
         chosen = lp.gather(1, torch.tensor(o.token_ids, device="cuda")[:, None])[:, 0]
         assert (chosen - torch.tensor(o.logprobs, device="cuda")).abs().max() < 0.05
         assert (lp.max(-1).values - chosen).max() < 0.1
+
+
+def graph_replays_without_host_sync(graphs) -> None:
+    """One captured graph of a DecodeGraphs replayed under sync-debug "error": a host sync inside
+    the step would have failed its capture, and would fail here."""
+    assert graphs.graphs, "no step of this kind was captured"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphs.graphs[next(iter(graphs.graphs))][0].replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_graphed_speculative_decoding_equals_eager_on_cuda(kv, k):
+    """On CUDA in bf16, drafts right two times in three, 5 sequences (a bucket of 8, padded): the
+    speculative steps replayed from CUDA graphs (verifying forward, MTP module, chained drafts) give
+    the eager speculative engine's greedy tokens and log-probs and accept the same drafts; every
+    graph family was captured and replays without a host sync."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).to(torch.bfloat16).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 50, 120, 33, 90)]
+    OracleDrafts.truth = {tuple(p): greedy_reference(model, p, 12 + 2 * k) for p in ps}
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs, accepted = {}, {}
+    for graphs in (False, True):
+        eng = Engine(model, EngineConfig(num_blocks=64, block_size=16, kv_cache_dtype=kv, max_model_len=256,
+                                         max_num_seqs=8, cuda_graphs=graphs, speculative_tokens=k),
+                     runner_class=OracleDrafts)
+        seqs = [eng.add_request(p, params) for p in ps]
+        while eng.has_work():
+            eng.step()
+        outs[graphs] = [eng.output(s) for s in seqs]
+        accepted[graphs] = (eng.runner.verified, list(eng.runner.accepted))
+        if graphs:
+            r = eng.runner
+            for family in (r.graphs, r.mtp_graphs) + ((r.chain_graphs,) if k > 1 else ()):
+                graph_replays_without_host_sync(family)
+    assert accepted[False] == accepted[True] and sum(accepted[True][1]) > 0
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 2])
+def test_graphed_speculative_sampling_runs_on_cuda(k):
+    """Temperature 1.0 (seeded and unseeded requests) with the model's own MTP module drafting,
+    graphs on: every request gets its tokens, drafts are verified, and each token's log-prob is its
+    log-prob in a cache-free forward over the engine's own sequence (within bf16 rounding). (The
+    distribution itself: the chi-square tests on CPU.)"""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8, vocab_size=64)).to(
+        torch.bfloat16).cuda().eval()
+    model.lm_head.weight.mul_(10)  # peaked: drafts are accepted at times
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (7, 50, 33)]
+    params = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=s) for s in (None, 3, 4)]
+    eng = Engine(model, EngineConfig(num_blocks=64, block_size=16, max_model_len=256, max_num_seqs=4,
+                                     cuda_graphs=True, speculative_tokens=k))
+    seqs = [eng.add_request(p, sp) for p, sp in zip(ps, params)]
+    while eng.has_work():
+        eng.step()
+    assert eng.runner.graphs.graphs and eng.runner.mtp_graphs.graphs and eng.runner.verified > 0
+    for p, s in zip(ps, seqs):
+        o = eng.output(s)
+        assert len(o.token_ids) == 16
+        seq = torch.tensor([p + o.token_ids], device="cuda")
+        lp = model(seq).logits[0, len(p) - 1:-1].float().log_softmax(-1)                          # [16, V]
+        chosen = lp.gather(1, torch.tensor(o.token_ids, device="cuda")[:, None])[:, 0]
+        assert (chosen - torch.tensor(o.logprobs, device="cuda")).abs().max() < 0.1
