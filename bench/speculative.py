@@ -33,7 +33,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dsv32.engine import Engine, EngineConfig, SamplingParams
-from dsv32.loader import load
+from dsv32.loader import load, save
 from dsv32.model import Transformer
 from dsv32.tokenizer import train_tokenizer
 from dsv32.train.data import PackedData
@@ -77,6 +77,9 @@ def trained_model(args, work: Path):
             "final_mtp_loss": last.get("mtp"), "params": sum(p.numel() for p in model.parameters())}
     if dev == "cuda":
         model = model.to(torch.bfloat16)
+    if args.save_model:  # for a later run with --model (e.g. timings on an otherwise idle GPU)
+        save(model, Path(args.save_model), tokenizer=tok)
+        (Path(args.save_model) / "training.json").write_text(json.dumps(info, indent=1))
     return model.eval(), held, info
 
 
@@ -118,6 +121,8 @@ def main():
     src.add_argument("--train-steps", type=int, help="pretrain dsa_parity_moe's small MoE this many steps")
     ap.add_argument("--tiny", action="store_true", help="with --train-steps: a tiny model (CPU smoke run)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--save-model", help="with --train-steps: write the trained model here (a --model directory)")
+    ap.add_argument("--train-only", action="store_true", help="with --save-model: stop after training")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2], help="speculative_tokens to measure")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="concurrent requests")
     ap.add_argument("--modes", nargs="+", choices=["eager", "graphs"], default=["eager", "graphs"],
@@ -148,8 +153,12 @@ def main():
             held_files = stdlib_split()[1]
             held = PackedData.from_documents(read(held_files), tok, args.prompt_len + 1, seed=1)
             info = {"model": Path(args.model).name}
+            if (Path(args.model) / "training.json").exists():
+                info.update(json.loads((Path(args.model) / "training.json").read_text()))
         else:
             model, held, info = trained_model(args, Path(work))
+            if args.train_only:
+                return
     if not len(model.mtp):
         raise SystemExit("the model has no MTP module (num_nextn_predict_layers = 0): nothing drafts")
     rows = []
