@@ -14,7 +14,14 @@ from tqdm import tqdm
 
 from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.synth.code_env import DEFAULT_TEST_CMD, RunOptions, sandbox_root
-from dsv32.synth.code_miner import JUDGE_ERRORS, REJECTIONS, SCOPES, MineOptions, mine, summary
+from dsv32.synth.code_miner import (
+    JUDGE_ERRORS,
+    REJECTIONS,
+    SCOPES,
+    MineOptions,
+    mine,
+    summary,
+)
 from dsv32.synth.code_reward import verify
 from dsv32.synth.code_venv import VenvOptions
 from dsv32.synth.git_history import GitError

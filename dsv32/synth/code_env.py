@@ -97,7 +97,7 @@ def inherits(venv: Path) -> bool:
         cfg = (Path(venv) / "pyvenv.cfg").read_text(encoding="utf-8")
     except OSError:
         return False
-    return re.search(r"^include-system-site-packages\s*=\s*true\s*$", cfg, re.M | re.I) is not None
+    return re.search(r"^include-system-site-packages\s*=\s*true\s*$", cfg, re.MULTILINE | re.IGNORECASE) is not None
 
 
 def run_tests(tar_path: Path, patches: list[tuple[str, str]], test_cmd: str, test_files: list[str] | tuple[str, ...],

@@ -155,8 +155,8 @@ def test_a_package_the_miner_imports_is_not_importable_in_the_isolated_venvs_tes
     assert task.venv_inherit is False
     # outside the sandbox too: the venv's sys.path holds none of the miner's site-packages, and its
     # pytest is its own copy
-    probe = subprocess.run([str(out / "venv" / "bin" / "python"), "-c", "import json, sys, pytest; "
-                            "print(json.dumps([sys.path, pytest.__file__]))"], capture_output=True, text=True,
+    code = "import json, sys, pytest; print(json.dumps([sys.path, pytest.__file__]))"
+    probe = subprocess.run([str(out / "venv" / "bin" / "python"), "-c", code], capture_output=True, text=True,
                            check=True, cwd=tmp_path)
     path, pytest_file = json.loads(probe.stdout)
     miner_sites = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
