@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-issue-words", type=int, default=0, help="reject commits whose message (the task's issue "
                    "text) has fewer words (issue-too-short); default: keep every message")
     p.add_argument("--judge-base-url", help="judge each otherwise accepted commit's message with an LLM at this "
-                   "OpenAI-compatible endpoint; an unusable issue rejects it (issue-judged-unusable); default: no judge")
+                   "OpenAI-compatible endpoint; an unusable issue rejects it (issue-judged-unusable); default: no "
+                   "judge")
     p.add_argument("--judge-model", help="--judge-base-url: the model name (default: the first it serves)")
     p.add_argument("--judge-api-key", default="none")
     p.add_argument("--judge-errors", choices=JUDGE_ERRORS, default="keep", help="what a judge-error (no verdict: a "

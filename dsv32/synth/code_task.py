@@ -40,7 +40,8 @@ class CodeTask:
     @classmethod
     def from_json(cls, row: dict) -> CodeTask:
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name not in ("setup", "env", "venv", "kind", "venv_inherit", "judge")}
+        optional = ("setup", "env", "venv", "kind", "venv_inherit", "judge")
+        required = {f.name for f in fields(cls) if f.name not in optional}
         if missing := required - row.keys():
             raise TaskFormatError(f"task {row.get('id', '?')!r} lacks {', '.join(sorted(missing))}")
         for name in ("test_files", "test_paths", "f2p", "p2p"):
