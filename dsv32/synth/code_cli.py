@@ -14,7 +14,14 @@ from tqdm import tqdm
 
 from dsv32.agent.sandbox import Sandbox, SandboxError
 from dsv32.synth.code_env import DEFAULT_TEST_CMD, RunOptions, sandbox_root
-from dsv32.synth.code_miner import REJECTIONS, SCOPES, MineOptions, mine, summary
+from dsv32.synth.code_miner import (
+    JUDGE_ERRORS,
+    REJECTIONS,
+    SCOPES,
+    MineOptions,
+    mine,
+    summary,
+)
 from dsv32.synth.code_reward import verify
 from dsv32.synth.code_venv import VenvOptions
 from dsv32.synth.git_history import GitError
@@ -38,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--venv", action="store_true", help="run the tests with a virtualenv of the repository, built "
                    "once under --out with its declared dependencies (requirements*.txt, pyproject.toml/setup.py) "
                    "and rebuilt when a dependency file changes")
+    p.add_argument("--venv-inherit", action="store_true", help="with --venv: the venv also sees every package the "
+                   "miner's interpreter can import (default: isolated, seeded with pip, setuptools, wheel and pytest "
+                   "only)")
     p.add_argument("--allow-network", action="store_true", help="with --venv: let pip reach the network (default: "
                    "offline, pip --no-index)")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR", help="with --venv: a folder of "
@@ -50,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setup-turns", type=int, default=8, help="--setup-agent: turns before it gives up")
     p.add_argument("--min-issue-words", type=int, default=0, help="reject commits whose message (the task's issue "
                    "text) has fewer words (issue-too-short); default: keep every message")
+    p.add_argument("--judge-base-url", help="judge each otherwise accepted commit's message with an LLM at this "
+                   "OpenAI-compatible endpoint; an unusable issue rejects it (issue-judged-unusable); default: no "
+                   "judge")
+    p.add_argument("--judge-model", help="--judge-base-url: the model name (default: the first it serves)")
+    p.add_argument("--judge-api-key", default="none")
+    p.add_argument("--judge-errors", choices=JUDGE_ERRORS, default="keep", help="what a judge-error (no verdict: a "
+                   "malformed reply, a failed call) does: keep the commit, or reject it (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (default: %(default)s)")
     p.add_argument("--memory-gb", type=float, default=16.0, help="address-space limit per process")
     p.add_argument("--sandbox-root", help="where sandboxes are made (default: the system temp dir)")
@@ -81,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.repo or not args.out:
         print("error: mining needs REPO and --out DIR", file=sys.stderr)
         return 2
-    if (args.setup_agent or args.allow_network or args.find_links) and not args.venv:
-        print("error: --setup-agent, --allow-network and --find-links act on the venv: add --venv", file=sys.stderr)
+    if (args.setup_agent or args.allow_network or args.find_links or args.venv_inherit) and not args.venv:
+        print("error: --setup-agent, --allow-network, --find-links and --venv-inherit act on the venv: add --venv",
+              file=sys.stderr)
+        return 2
+    if args.judge_model and not args.judge_base_url:
+        print("error: --judge-model needs --judge-base-url (an OpenAI-compatible endpoint)", file=sys.stderr)
         return 2
     if args.setup_agent and not args.base_url:
         print("error: --setup-agent needs --base-url (an OpenAI-compatible endpoint)", file=sys.stderr)
@@ -90,13 +111,23 @@ def run(args: argparse.Namespace) -> int:
     if missing := [d for d in args.find_links if not Path(d).is_dir()]:
         print(f"error: --find-links {missing[0]}: not a folder", file=sys.stderr)
         return 2
-    fixer, venv = None, None
+    fixer, venv, judge = None, None, None
     try:
-        if args.setup_agent:
+        if args.setup_agent or args.judge_base_url:
             from dsv32.agent.policy import (  # needs the openai package (the agent extra)
                 OpenAIPolicy,
                 PolicyError,
             )
+        if args.judge_base_url:
+            from dsv32.synth.issue_judge import IssueJudge
+
+            try:
+                judge = IssueJudge(OpenAIPolicy(args.judge_base_url, args.judge_model, api_key=args.judge_api_key,
+                                                thinking_mode="chat"))
+            except PolicyError as e:
+                print(f"error: the judge: {e}", file=sys.stderr)
+                return 2
+        if args.setup_agent:
             from dsv32.synth.code_setup_agent import SetupAgent
 
             try:
@@ -107,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
             fixer = SetupAgent(policy, max_turns=args.setup_turns)
         if args.venv:
             venv = VenvOptions(args.allow_network, tuple(args.find_links), max(args.timeout, 900.0),
-                               f"{args.base_url} {policy.model}" if fixer else None)
+                               f"{args.base_url} {policy.model}" if fixer else None, args.venv_inherit)
         mopts = MineOptions(args.test_cmd, args.scope, args.setup, options, args.repeat, venv, fixer,
-                            args.min_issue_words)
+                            args.min_issue_words, judge, args.judge_errors)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

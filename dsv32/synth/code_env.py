@@ -20,6 +20,7 @@ anything more (a build step), run in the sandbox before the tests of every run.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tarfile
 import tempfile
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv32.agent.sandbox import PATH as SYSTEM_PATH
 from dsv32.agent.sandbox import Limits, Sandbox
 from dsv32.synth.junit import JUnitError, read_junit
 from dsv32.synth.patch import apply_patch
@@ -76,13 +78,26 @@ def extract(tar_path: Path, dest: Path) -> None:
 
 def run_env(venv: Path | None) -> str:
     """The shell prefix of every command, run from the sandbox's work directory: into the checkout,
-    which is first on PYTHONPATH; with a venv (dsv32.synth.code_venv), its python first on PATH and
-    the checkout's src/, when there is one, first on PYTHONPATH too."""
+    which is first on PYTHONPATH (and the only entry there: the sandbox passes nothing of the
+    caller's environment on); with a venv (dsv32.synth.code_venv), its bin/ first on PATH and the
+    checkout's src/, when there is one, first on PYTHONPATH too. An isolated venv's PATH is its
+    bin/ and the system's, without the miner's bin/ (whose `pytest` would run the miner's)."""
     if venv is None:
         return 'cd repo && export PYTHONPATH="$PWD" && '
     v = shlex.quote(str(venv))
-    return (f'cd repo && export VIRTUAL_ENV={v} PATH={v}/bin:"$PATH" PYTHONPATH="$PWD" && '
+    rest = '"$PATH"' if inherits(venv) else shlex.quote(SYSTEM_PATH)
+    return (f'cd repo && export VIRTUAL_ENV={v} PATH={v}/bin:{rest} PYTHONPATH="$PWD" && '
             '{ [ -d src ] && export PYTHONPATH="$PWD/src:$PWD" || true; } && ')
+
+
+def inherits(venv: Path) -> bool:
+    """Whether the venv at `venv` sees the packages of the interpreter it was made from (its
+    pyvenv.cfg says include-system-site-packages = true)."""
+    try:
+        cfg = (Path(venv) / "pyvenv.cfg").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return re.search(r"^include-system-site-packages\s*=\s*true\s*$", cfg, re.MULTILINE | re.IGNORECASE) is not None
 
 
 def run_tests(tar_path: Path, patches: list[tuple[str, str]], test_cmd: str, test_files: list[str] | tuple[str, ...],

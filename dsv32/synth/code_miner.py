@@ -35,10 +35,12 @@ from dsv32.synth.code_reward import transitions
 from dsv32.synth.code_task import CodeTask
 from dsv32.synth.code_venv import Fixer, VenvOptions, ensure_venv
 from dsv32.synth.git_history import archive, commits, diff, is_test_module, read_commit
+from dsv32.synth.issue_judge import IssueVerdict
 from dsv32.synth.patch import PatchError
 
 REJECTIONS = ("no-parent", "issue-too-short", "no-tests-changed", "no-source-changed", "patch-failed", "setup-failed",
-              "tests-error", "timeout", "flaky", "f2p=0", "p2f>0")
+              "tests-error", "timeout", "flaky", "f2p=0", "p2f>0", "issue-judged-unusable", "judge-error")
+JUDGE_ERRORS = ("keep", "reject")   # what a judge-error verdict does to a commit that passed every other rule
 VENV = "venv"   # the repository's virtualenv, under the output folder
 SCOPES = ("all", "touched")
 
@@ -53,8 +55,12 @@ class MineOptions:
     venv: VenvOptions | None = None     # None: the current interpreter; else the repository's venv
     fixer: Fixer | None = None          # the environment-setup agent, when the venv's install fails
     min_issue_words: int = 0            # reject commits whose message (the issue text) is shorter
+    judge: Callable[[str, str, str], IssueVerdict] | None = None   # (issue, gold patch, test patch): an IssueJudge
+    judge_errors: str = "keep"          # a judge-error verdict keeps the commit, or rejects it ("reject")
 
     def __post_init__(self):
+        if self.judge_errors not in JUDGE_ERRORS:
+            raise ValueError(f"judge_errors must be one of {', '.join(JUDGE_ERRORS)}, got {self.judge_errors!r}")
         if self.min_issue_words < 0:
             raise ValueError(f"min_issue_words must be >= 0, got {self.min_issue_words}")
         if self.repeat < 1:
@@ -192,17 +198,30 @@ def _decide(repo: Path, sha: str, out: Path, name: str, options: MineOptions, ve
                              seconds=seconds)
         if not t.f2p:
             return _rejected(sha, "f2p=0", "no test goes from failing to passing", seconds=seconds)
+        judged = None
+        if o.judge is not None:  # last: one call per commit that every other rule accepts
+            verdict = o.judge(c.message, gold_patch, test_patch)
+            judged = verdict.to_json()
+            seconds = round(time.monotonic() - start, 2)
+            if verdict.verdict == "unusable":
+                return _rejected(sha, "issue-judged-unusable", verdict.reason, f2p=t.f2p, p2f=[], judge=judged,
+                                 seconds=seconds)
+            if verdict.verdict == "judge-error" and o.judge_errors == "reject":
+                return _rejected(sha, "judge-error", verdict.reason, f2p=t.f2p, p2f=[], judge=judged,
+                                 seconds=seconds)
         kind = task_kind(t.f2p, [p for p in c.source_paths if p not in at_parent and p not in c.deleted],
                          [p for p in c.test_paths if p not in at_parent and p not in c.deleted])
         task = CodeTask(task_id, name, sha, c.parent, c.message, o.test_cmd, test_files, list(c.test_paths),
-                        t.f2p, p2p, o.setup, f"envs/{task_id}", VENV if venv is not None else None, kind)
+                        t.f2p, p2p, o.setup, f"envs/{task_id}", VENV if venv is not None else None, kind,
+                        o.venv is not None and o.venv.inherit, judged)
         task.save(staging)
         final = out / "envs" / task_id
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         return {"commit": sha, "accepted": True, "reason": "accepted",
                 "detail": f"{len(t.f2p)} F2P, {len(p2p)} P2P, {kind}", "kind": kind,
-                "f2p": t.f2p, "p2f": [], "flaky": sorted(flaky), "seconds": seconds, "task": task.to_json()}
+                "f2p": t.f2p, "p2f": [], "flaky": sorted(flaky), "seconds": seconds, "task": task.to_json(),
+                **({"judge": judged} if judged is not None else {})}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dsv32.synth.code_env import RunOptions, run_tests, sandbox_root
 from dsv32.synth.code_task import CodeTask
-from dsv32.synth.code_venv import ensure_venv
+from dsv32.synth.code_venv import VenvOptions, ensure_venv
 from dsv32.synth.git_history import is_test_path
 from dsv32.synth.patch import PatchError, patch_paths
 
@@ -77,7 +77,8 @@ def verify(task_dir: str | Path, patch: str, options: RunOptions = RunOptions())
     venv = None
     if task.venv is not None:  # the repository's venv, beside envs/: reused, or rebuilt offline if its stamp differs
         state = ensure_venv(task_dir.parent.parent / task.venv, task_dir / "repo.tar", sandbox_root(options),
-                            unsafe_no_sandbox=options.unsafe_no_sandbox, memory_gb=options.memory_gb)
+                            VenvOptions(inherit=task.venv_inherit), unsafe_no_sandbox=options.unsafe_no_sandbox,
+                            memory_gb=options.memory_gb)
         if not state.ok:
             return Verdict(0.0, "setup-failed", state.detail, seconds=time.monotonic() - start)
         venv = state.path

@@ -30,6 +30,9 @@ class CodeTask:
     venv: str | None = None      # the repository's virtualenv, relative to tasks.jsonl (None: the
                                  # current interpreter)
     kind: str = ""               # "fix" or "new-module" (code_miner.task_kind); "" in older files
+    venv_inherit: bool = False   # the venv also sees the miner's packages (code_venv, inherit); rows
+                                 # from before isolation lack it and are read as True when they have a venv
+    judge: dict | None = None    # the issue judge's verdict (issue_judge.IssueVerdict.to_json()), when judged
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -37,12 +40,15 @@ class CodeTask:
     @classmethod
     def from_json(cls, row: dict) -> CodeTask:
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name not in ("setup", "env", "venv", "kind")}
+        optional = ("setup", "env", "venv", "kind", "venv_inherit", "judge")
+        required = {f.name for f in fields(cls) if f.name not in optional}
         if missing := required - row.keys():
             raise TaskFormatError(f"task {row.get('id', '?')!r} lacks {', '.join(sorted(missing))}")
         for name in ("test_files", "test_paths", "f2p", "p2p"):
             if not isinstance(row[name], list):
                 raise TaskFormatError(f"task {row['id']!r}: {name} must be a list, got {type(row[name]).__name__}")
+        if "venv_inherit" not in row:   # mined before the venv was isolated: it inherited
+            row = {**row, "venv_inherit": row.get("venv") is not None}
         return cls(**{k: v for k, v in row.items() if k in names})
 
     @classmethod

@@ -2,11 +2,15 @@
 declared dependencies installed, and reused by every run of its tests (issue 18: "a per-repo
 virtualenv with its dependencies installed once and reused").
 
-The venv is `python -m venv --system-site-packages --without-pip` of the current interpreter, plus
-a `.pth` line naming the current interpreter's own site-packages when that interpreter is itself a
-venv (`--system-site-packages` alone reaches only the base install's). So the test runner
-(pytest), pip, setuptools and whatever this process can import stay reachable, and what the
-repository installs goes into the venv's own site-packages, which comes first on `sys.path`.
+By default the venv is isolated from the miner: `python -m venv --without-pip` of the current
+interpreter, without `--system-site-packages`, so neither the base install's site-packages nor
+this process's (when it runs in a venv) are on its `sys.path`. It is then seeded with copies of
+the build and test tools only (`SEEDS`: pip, setuptools, wheel, pytest, and what they require,
+as installed here), with their dist-info (so pip sees them installed and may replace them) and
+console scripts that run the venv's python. Everything else the repository needs, it must
+install. `inherit=True` gives the venv of before: `--system-site-packages`, plus a `.pth` line
+naming this interpreter's own site-packages when it is a venv, so whatever the miner can import
+stays reachable behind what the repository installs.
 
 The install, in the sandbox with the venv bound writable, from the snapshot's root:
 - `pip install -r F` for each `requirements*.txt`, sorted by name;
@@ -20,20 +24,22 @@ pip runs with `--no-index` unless the network is allowed (`allow_network`, which
 host's network in the sandbox); `--find-links DIR` adds local wheels either way.
 
 The stamp, `dsv32-venv.json` in the venv, holds the SHA-256 of the dependency files (their names
-and bytes) and whether the install worked. A later build with the same hash reuses the venv; a
-changed dependency file rebuilds it from nothing. A failed install is reused as failed (with its
-pip log) only under the same install options, so rerunning with `--find-links` or the setup agent
-tries again. When a `fixer` is given (the environment-setup agent, dsv32.synth.code_setup_agent),
-a failed install is handed to it, and the venv counts as built when the fixer makes the test
-suite collect.
+and bytes), whether the venv inherits the miner's packages, and whether the install worked. A
+later build with the same hash and the same `inherit` reuses the venv; a changed dependency file
+rebuilds it from nothing. A failed install is reused as failed (with its pip log) only under the
+same install options, so rerunning with `--find-links` or the setup agent tries again. When a
+`fixer` is given (the environment-setup agent, dsv32.synth.code_setup_agent), a failed install is
+handed to it, and the venv counts as built when the fixer makes the test suite collect.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,6 +60,7 @@ PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
 REQUIREMENTS = "requirements*.txt"
 LOG_TAIL = 4000
 COLLECT_CMD = "python -m pytest --collect-only -q -p no:cacheprovider"
+SEEDS = ("pip", "setuptools", "wheel", "pytest")   # what an isolated venv gets from the miner (with their requirements)
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,11 @@ class VenvOptions:
     find_links: tuple[str, ...] = ()
     timeout: float = 900.0      # seconds for the whole install
     fixer: str | None = None    # the setup agent's name (its model), recorded in the stamp
+    inherit: bool = False       # True: the venv also sees the miner's packages (--system-site-packages and more)
 
     def key(self) -> dict:
         return {"allow_network": self.allow_network, "find_links": [str(Path(d).resolve()) for d in self.find_links],
-                "fixer": self.fixer}
+                "fixer": self.fixer, "inherit": self.inherit}
 
 
 @dataclass
@@ -153,15 +161,70 @@ def _parent_site_packages() -> list[str]:
     return sorted({paths["purelib"], paths["platlib"]})
 
 
-def create(venv: Path) -> None:
-    """An empty venv of this interpreter at `venv` that sees what this interpreter sees."""
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, capture_output=True)
+def _requirement_names(dist: importlib.metadata.Distribution) -> list[str]:
+    """The names of what `dist` requires, leaving out the requirements of its extras."""
+    out = []
+    for req in dist.requires or []:
+        if not re.search(r"\bextra\s*==", req) and (m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", req)):
+            out.append(m.group())
+    return out
+
+
+def seed_distributions(names: tuple[str, ...] = SEEDS) -> list[importlib.metadata.Distribution]:
+    """The distributions `names`, as this interpreter has them installed, and, recursively, the
+    ones they require (extras' requirements left out; one not installed here is skipped, so a
+    requirement for another platform or Python costs nothing)."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in found:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found[name] = dist
+        todo += _requirement_names(dist)
+    return [found[n] for n in sorted(found)]
+
+
+def seed(venv: Path, site: Path, dists: list[importlib.metadata.Distribution]) -> list[str]:
+    """Copy each distribution's files that live in its site-packages (modules and dist-info) into
+    the venv's `site`, and write its console scripts into the venv's bin/, run by the venv's
+    python. Returns "name version" for each."""
+    for dist in dists:
+        for f in dist.files or []:
+            src = Path(dist.locate_file(f))
+            if ".." in f.parts or not src.is_file():   # scripts in bin/, or listed and gone
+                continue
+            dest = site / f
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest)
+        for ep in dist.entry_points.select(group="console_scripts"):
+            script = venv / "bin" / ep.name
+            head = ep.attr.split(".")[0]
+            script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {ep.module} import {head}\n"
+                              f"sys.exit({ep.attr}())\n", encoding="utf-8")
+            script.chmod(0o755)
+    return [f"{d.metadata['Name']} {d.version}" for d in dists]
+
+
+def create(venv: Path, inherit: bool = False) -> list[str]:
+    """An empty venv of this interpreter at `venv`: isolated and seeded with the build and test
+    tools (returned as "name version"), or, with `inherit`, one that sees what this interpreter
+    sees (returns [])."""
+    flags = ["--system-site-packages"] if inherit else []
+    subprocess.run([sys.executable, "-m", "venv", *flags, "--without-pip", str(venv)], check=True,
+                   capture_output=True)
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
                                 "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
+    if not inherit:
+        return seed(venv, site, seed_distributions())
     if parents := _parent_site_packages():
         (site / "_dsv32_parent.pth").write_text("".join(p + "\n" for p in parents), encoding="utf-8")
+    return []
 
 
 def collects(box: Sandbox, venv: Path, timeout: float) -> tuple[bool, str]:
@@ -173,18 +236,19 @@ def collects(box: Sandbox, venv: Path, timeout: float) -> tuple[bool, str]:
 
 def ensure_venv(venv: Path, tar_path: Path, sandbox_root: Path, options: VenvOptions = VenvOptions(), *,
                 unsafe_no_sandbox: bool = False, memory_gb: float = 16.0, fixer: Fixer | None = None) -> VenvState:
-    """The venv for the snapshot `tar_path`: reused when its stamp matches, else built (the install
-    runs in a sandbox under `sandbox_root`)."""
+    """The venv for the snapshot `tar_path`: reused when its stamp matches (the dependency files'
+    hash, and `options.inherit`), else built (the install runs in a sandbox under `sandbox_root`)."""
     venv = Path(venv).resolve()
     files = dependency_files(tar_path)
     stamp = stamp_of(files)
     rec = read_stamp(venv)
-    if rec is not None and rec.get("stamp") == stamp and (rec.get("ok") or rec.get("options") == options.key()):
+    if (rec is not None and rec.get("stamp") == stamp and rec.get("inherit", True) == options.inherit
+            and (rec.get("ok") or rec.get("options") == options.key())):  # a stamp without "inherit" predates isolation
         return VenvState(venv, stamp, list(files), bool(rec["ok"]), rec.get("detail", ""), rec.get("log", ""))
     start = time.monotonic()
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    create(venv)
+    seeded = create(venv, options.inherit)
     limits = Limits(cpu_seconds=int(options.timeout) + 60, memory_bytes=int(memory_gb * (1 << 30)),
                     processes=512, file_size_bytes=4 << 30, open_files=4096, tmp_bytes=2 << 30)
     links = tuple(str(Path(d).resolve()) for d in options.find_links)  # read-only inside, at the same paths
@@ -215,7 +279,8 @@ def ensure_venv(venv: Path, tar_path: Path, sandbox_root: Path, options: VenvOpt
     state = VenvState(venv, stamp, list(files), ok, detail, text[-LOG_TAIL:], True, time.monotonic() - start)
     (venv / STAMP).unlink(missing_ok=True)  # the install could write there: a link must not be followed
     (venv / STAMP).write_text(json.dumps({"stamp": state.stamp, "files": state.files, "ok": ok, "detail": detail,
-                                          "log": state.log, "options": options.key(),
+                                          "log": state.log, "options": options.key(), "inherit": options.inherit,
+                                          "seeded": seeded,
                                           "seconds": round(state.seconds, 2)}, indent=1) + "\n", encoding="utf-8")
     return state
 

@@ -25,6 +25,7 @@ def flags(run_options):
 @pytest.mark.parametrize("argv, message", [
     (["--setup-agent", "--base-url", "http://x/v1"], "add --venv"),
     (["--find-links", "."], "add --venv"),
+    (["--venv-inherit"], "add --venv"),
     (["--venv", "--setup-agent"], "needs --base-url"),
     (["--venv", "--find-links", "no/such/folder"], "not a folder"),
     (["--repeat", "0"], "repeat must be at least 1"),

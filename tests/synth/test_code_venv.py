@@ -1,9 +1,12 @@
 """The repository's virtualenv: built once, reused while the dependency files stay the same,
 rebuilt when one changes, and a failed install rejects the commit as setup-failed with pip's log."""
 
+import importlib.util
 import json
+import site
 import subprocess
 import sys
+import sysconfig
 
 from calc_history import git
 from tiny_repos import bug_fix_history, make_history
@@ -15,6 +18,7 @@ from dsv32.synth.code_venv import (
     VenvOptions,
     ensure_venv,
     install_commands,
+    seed_distributions,
     stamp_of,
 )
 from dsv32.synth.git_history import archive
@@ -125,3 +129,69 @@ def test_a_stamp_link_left_by_the_install_is_replaced_not_followed(run_options, 
     assert victim.read_text() == "untouched\n"
     assert not (tmp_path / "venv" / STAMP).is_symlink() and json.loads((tmp_path / "venv" / STAMP).read_text())
     assert state.built
+
+
+MINER_ONLY = "tqdm"   # a dependency of dsv32: importable by the miner, and not a seed of the venv
+ISOLATION_TEST = (f"import importlib.util, os, shutil\nfrom calc import add\n\n\ndef test_add():\n"
+                  f"    assert add(2, 3) == 5\n\n\ndef test_the_miners_package_is_not_importable():\n"
+                  f"    assert importlib.util.find_spec({MINER_ONLY!r}) is None\n\n\n"
+                  f"def test_pytest_on_path_is_the_venvs():\n"
+                  f"    assert shutil.which('pytest').startswith(os.environ['VIRTUAL_ENV'] + '/')\n")
+
+
+def test_a_package_the_miner_imports_is_not_importable_in_the_isolated_venvs_test_run(run_options, tmp_path):
+    assert importlib.util.find_spec(MINER_ONLY) is not None  # the oracle: this process, the miner, can import it
+    assert MINER_ONLY not in {d.metadata["Name"].lower() for d in seed_distributions()}
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("# no dependencies\n", ISOLATION_TEST))
+    out = tmp_path / "isolated"
+    fix = next(r for r in mine(repo, out, options=MineOptions(run=run_options, venv=VenvOptions()))
+               if r["commit"] == shas[1])
+    task = CodeTask.from_json(fix["task"])
+    assert fix["reason"] == "accepted" and fix["f2p"] == ["tests.test_add::test_add"], fix
+    # the two tests that look at the environment pass before the fix and after it
+    assert task.p2p == ["tests.test_add::test_pytest_on_path_is_the_venvs",
+                        "tests.test_add::test_the_miners_package_is_not_importable", "tests.test_base::test_ok"]
+    assert task.venv_inherit is False
+    # outside the sandbox too: the venv's sys.path holds none of the miner's site-packages, and its
+    # pytest is its own copy
+    code = "import json, sys, pytest; print(json.dumps([sys.path, pytest.__file__]))"
+    probe = subprocess.run([str(out / "venv" / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                           check=True, cwd=tmp_path)
+    path, pytest_file = json.loads(probe.stdout)
+    miner_sites = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    assert not miner_sites & set(path)
+    assert pytest_file.startswith(str((out / "venv").resolve()) + "/")
+    assert json.loads((out / "venv" / STAMP).read_text())["inherit"] is False
+
+
+def test_an_inheriting_venv_sees_the_miners_packages(run_options, tmp_path):
+    """The control: with --venv-inherit the two tests that look at the environment fail before and
+    after the fix, so they are neither fail-to-pass nor pass-to-pass."""
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("# no dependencies\n", ISOLATION_TEST))
+    rows = mine(repo, tmp_path / "inherited", options=MineOptions(run=run_options, venv=VenvOptions(inherit=True)))
+    fix = next(r for r in rows if r["commit"] == shas[1])
+    task = CodeTask.from_json(fix["task"])
+    assert fix["reason"] == "accepted" and fix["f2p"] == ["tests.test_add::test_add"]
+    assert task.p2p == ["tests.test_base::test_ok"]
+    assert task.venv_inherit is True
+
+
+def test_a_venv_built_the_other_way_is_rebuilt_not_reused(run_options, tmp_path):
+    repo = tmp_path / "repo"
+    shas = make_history(repo, bug_fix_history("# no dependencies\n"))
+    tar, venv = snapshot(repo, shas[0], tmp_path), tmp_path / "venv"
+    kw = {"unsafe_no_sandbox": run_options.unsafe_no_sandbox}
+    assert ensure_venv(venv, tar, run_options.sandbox_root, VenvOptions(inherit=True), **kw).built
+    assert not ensure_venv(venv, tar, run_options.sandbox_root, VenvOptions(inherit=True), **kw).built
+    assert ensure_venv(venv, tar, run_options.sandbox_root, VenvOptions(), **kw).built
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+
+
+def test_a_task_row_from_before_isolation_reads_as_inheriting_its_venv():
+    old = {"id": "r-1", "repo": "r", "commit": "c", "parent": "p", "issue": "Fix add", "test_cmd": "{junit}",
+           "test_files": [], "test_paths": ["tests/test_add.py"], "f2p": ["t::a"], "p2p": []}
+    assert CodeTask.from_json({**old, "venv": "venv"}).venv_inherit is True
+    assert CodeTask.from_json({**old, "venv": None}).venv_inherit is False
+    assert CodeTask.from_json({**old, "venv": "venv", "venv_inherit": False}).venv_inherit is False
