@@ -82,12 +82,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
     Both FP8Linear here and the sharded layers of dsv32.parallel multiply through it."""
     shape = x.shape
     q, scale = act_quant(x.reshape(-1, shape[-1]))
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0):
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and cublas_fp8_fits(weight):
         # cuBLASLt's blockwise recipe: 1.7x our Triton GEMM at M=4096 on an H100 (bench/results)
         y = fp8_gemm_cublas(q, scale, weight, cublas_weight_scale(scale_inv), x.dtype)
     else:
         y = fp8_gemm(q, scale, weight, scale_inv, out_dtype=x.dtype)
     return y.view(*shape[:-1], weight.shape[0])
+
+
+def cublas_fp8_fits(weight: torch.Tensor) -> bool:
+    """Whether cuBLASLt's FP8 GEMM takes this weight [N, K]: it refuses a second operand [K, N] whose
+    dimensions are not multiples of 16 (seen on an H100: N = 136 raised "mat2 shape (128x136) must be
+    divisible by 16"); such a weight goes through the Triton kernel instead."""
+    n, k = weight.shape
+    return n % 16 == 0 and k % 16 == 0
 
 
 def fp8_kernel_misfit(weight: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128),

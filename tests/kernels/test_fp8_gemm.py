@@ -153,6 +153,21 @@ def test_fp8_linear_matches_reference_and_the_bf16_layer():
         FP8Linear(100, 64)
 
 
+def test_weights_cublas_refuses_go_to_the_triton_kernel_and_still_match():
+    """cuBLASLt's FP8 GEMM needs both weight dimensions to be multiples of 16 (an H100 refused
+    N = 136): such a layer is not sent there, and the Triton kernel (the interpreter here) gives the
+    reference's output for it."""
+    from dsv32.model.fp8 import cublas_fp8_fits
+    fl = FP8Linear.from_linear(nn.Linear(128, 136, bias=False))
+    assert not cublas_fp8_fits(fl.weight)
+    assert cublas_fp8_fits(FP8Linear.from_linear(nn.Linear(256, 2112, bias=False)).weight)
+    x = torch.randn(3, 128)
+    with force("ref"):
+        y_ref = fl(x)
+    with force("triton"):
+        _close(fl(x), y_ref, 1e-6)
+
+
 def test_keep_fp8_load_keeps_checkpoint_bytes(tmp_path):
     # dims that are multiples of 128 where the FP8 projections read their input
     cfg = preset("tiny").replace(hidden_size=128, q_lora_rank=128, kv_lora_rank=128, intermediate_size=256,
