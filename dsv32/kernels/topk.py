@@ -21,6 +21,7 @@ So the scores are read once (plus a 3% sample), not once per digit as in a plain
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -32,9 +33,30 @@ try:
 except ImportError:  # the reference still works
     triton = None
 
-SAMPLE_GROUPS, SAMPLE_RUN = 256, 8  # 2048 samples: 256 runs of 8 contiguous scores (one 32 B sector)
+SAMPLE_RUN = 8  # samples come in runs of 8 contiguous scores (one 32 B sector)
 SIGMAS = 4.5  # bracket half-width in standard deviations of the sample rank
 MAX_CAP = 8192  # candidates a select program holds in registers
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Fixed launch parameters of one shape class (no autotuning: see docs/kernels.md).
+    groups: sample runs per row (groups * SAMPLE_RUN samples); *_warps: warps per program of
+    each kernel; block: scores a partition program scans per step; programs_per_sm: partition
+    programs launched per SM when rows are split across programs."""
+    groups: int
+    bracket_warps: int
+    select_warps: int
+    block: int
+    partition_warps: int
+    programs_per_sm: int = 4
+
+
+# few rows (decode): a larger sample narrows the bracket, so the one-program select holds
+# 4096 candidates instead of 8192; many rows (prefill): one program per row partitions it with
+# its counters in registers (no atomics), and the 2048-sample bracket is cheaper per row
+FEW_ROWS = Launch(groups=512, bracket_warps=8, select_warps=8, block=2048, partition_warps=4)
+MANY_ROWS = Launch(groups=256, bracket_warps=4, select_warps=8, block=2048, partition_warps=8)
 
 
 def topk_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,19 +83,20 @@ MODE_SAMPLE, MODE_ALL_CANDIDATES, MODE_ALL, MODE_FULL = 0, 1, 2, 3
 
 
 @functools.lru_cache(maxsize=None)
-def _plan(n: int, k: int) -> tuple[int, int, int, int]:
-    """(mode, r_hi, r_lo, cap) for rows of n scores: sample ranks that bracket the k-th largest
-    at SIGMAS standard deviations, and the candidate capacity (a power of two)."""
+def _plan(n: int, k: int, groups: int) -> tuple[int, int, int, int]:
+    """(mode, r_hi, r_lo, cap) for rows of n scores and a sample of groups * SAMPLE_RUN: sample
+    ranks that bracket the k-th largest at SIGMAS standard deviations, and the candidate capacity
+    (a power of two holding the expected candidates plus 5 standard deviations of their count)."""
     if k >= n:
         return MODE_ALL, 0, 0, 1024
     if n <= MAX_CAP:
         return MODE_ALL_CANDIDATES, 0, 0, max(1024, triton.next_power_of_2(n))
-    s = SAMPLE_GROUPS * SAMPLE_RUN
+    s = groups * SAMPLE_RUN
     m = k * s / n  # expected sample rank of the k-th largest
     half = SIGMAS * math.sqrt(m * (1 - k / n)) + 2
     r_hi, r_lo = max(0, math.floor(m - half)), math.ceil(m + half)
     expected = (r_lo - r_hi) / s * n
-    cap = max(1024, triton.next_power_of_2(int(2 * expected)))
+    cap = max(1024, triton.next_power_of_2(int(expected * (1 + 5 / math.sqrt(r_lo - r_hi)))))
     if r_lo > s or cap > MAX_CAP:
         return MODE_FULL, 0, 0, 1024
     return MODE_SAMPLE, r_hi, r_lo, cap
@@ -84,20 +107,29 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _bracket(scores: torch.Tensor, k: int):
+def _launch(rows: int, device) -> Launch:
+    """MANY_ROWS once one partition program per row gives every SM 4 of them, else FEW_ROWS."""
+    return MANY_ROWS if rows >= 4 * _num_sms(device) else FEW_ROWS
+
+
+def _bracket(scores: torch.Tensor, k: int, launch: Launch):
     """Launch the bracket kernel: returns (mode, cap, bounds [R, 2] int64 (t_lo, t_hi) keys,
     counts [R, 2] int32 zeroed for the partition)."""
     r, n = scores.shape
-    mode, r_hi, r_lo, cap = _plan(n, k)
+    # at least two sample runs' worth of scores per group, so the sample spans the whole row
+    groups = max(1, min(launch.groups, triton.next_power_of_2(n // (2 * SAMPLE_RUN) + 1) // 2))
+    mode, r_hi, r_lo, cap = _plan(n, k, groups)
     bounds = torch.empty(r, 2, dtype=torch.int64, device=scores.device)
     counts = torch.empty(r, 2, dtype=torch.int32, device=scores.device)  # (#sure, #candidates)
-    gstride = (n // SAMPLE_GROUPS) // SAMPLE_RUN * SAMPLE_RUN
+    gstride = (n // groups) // SAMPLE_RUN * SAMPLE_RUN
     _bracket_kernel[(r, 2)](scores, scores.stride(0), counts, bounds, gstride, r_hi, r_lo,
-                            MODE=mode, GROUPS=SAMPLE_GROUPS, RUN=SAMPLE_RUN, num_warps=4)
+                            MODE=mode, GROUPS=groups, RUN=SAMPLE_RUN,
+                            num_warps=launch.bracket_warps)
     return mode, cap, bounds, counts
 
 
-def topk_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_triton(scores: torch.Tensor, k: int, launch: Launch | None = None) -> torch.Tensor:
+    """launch: fixed launch parameters to use instead of the shape class's (tests, sweeps)."""
     r, n = scores.shape
     if scores.stride(1) != 1:
         scores = scores.contiguous()
@@ -106,17 +138,19 @@ def topk_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
         return out
     if n == 0:
         return out.fill_(-1)
-    mode, cap, bounds, counts = _bracket(scores, k)
+    launch = launch or _launch(r, scores.device)
+    mode, cap, bounds, counts = _bracket(scores, k, launch)
     cand = torch.empty(r, 2, cap, dtype=torch.int32, device=scores.device)  # keys, indices
     if mode != MODE_FULL:
-        block = 1024
-        blocks = triton.cdiv(n, block)
-        per = max(1, min(blocks, (r * blocks) // (4 * _num_sms(scores.device))))  # ~4 programs per SM
-        _partition_kernel[(r, triton.cdiv(blocks, per))](
+        blocks = triton.cdiv(n, launch.block)
+        per = max(1, min(blocks, (r * blocks) // (launch.programs_per_sm * _num_sms(scores.device))))
+        split = triton.cdiv(blocks, per)
+        # one program per row counts in registers; split rows take slots with atomics
+        _partition_kernel[(r, split)](
             scores, scores.stride(0), n, k, bounds, counts, out, cand, per,
-            CAP=cap, BLOCK=block, num_warps=4)
+            CAP=cap, BLOCK=launch.block, LOCAL=split == 1, num_warps=launch.partition_warps)
     _select_kernel[(r,)](scores, scores.stride(0), n, k, bounds, counts, out, cand,
-                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=8)
+                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=launch.select_warps)
     return out
 
 
@@ -186,8 +220,10 @@ if triton is not None:
 
     @triton.jit
     def _partition_kernel(x_ptr, stride_x, n, k, bounds_ptr, counts_ptr, out_ptr, cand_ptr,
-                          blocks_per_prog, CAP: tl.constexpr, BLOCK: tl.constexpr):
-        """Keys > t_hi -> out[row, :k]; keys in [t_lo, t_hi] -> the row's candidates (<= CAP)."""
+                          blocks_per_prog, CAP: tl.constexpr, BLOCK: tl.constexpr, LOCAL: tl.constexpr):
+        """Keys > t_hi -> out[row, :k]; keys in [t_lo, t_hi] -> the row's candidates (<= CAP).
+        LOCAL: this program owns the whole row and keeps the two counts in registers, storing
+        them at the end; else slots are taken with one atomic per count and block."""
         row = tl.program_id(0)
         t_lo = tl.load(bounds_ptr + 2 * row).to(tl.uint32)
         t_hi = tl.load(bounds_ptr + 2 * row + 1).to(tl.uint32)
@@ -195,6 +231,8 @@ if triton is not None:
         out_row = out_ptr + row.to(tl.int64) * k
         cand_row = cand_ptr + row.to(tl.int64) * 2 * CAP
         start = tl.program_id(1) * blocks_per_prog * BLOCK
+        n_s = tl.zeros((), tl.int32)
+        n_m = tl.zeros((), tl.int32)
         for b in range(0, blocks_per_prog):
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             key = _keys(tl.load(x_row + offs, mask=offs < n, other=float("-inf")))
@@ -205,13 +243,21 @@ if triton is not None:
             total = tl.sum(tag)
             if total > 0:
                 rank = tl.cumsum(tag) - tag  # exclusive
-                base_s = tl.atomic_add(counts_ptr + 2 * row, total & 0xFFFF, sem="relaxed")
-                base_m = tl.atomic_add(counts_ptr + 2 * row + 1, total >> 16, sem="relaxed")
+                if LOCAL:
+                    base_s = n_s
+                    base_m = n_m
+                else:
+                    base_s = tl.atomic_add(counts_ptr + 2 * row, total & 0xFFFF, sem="relaxed")
+                    base_m = tl.atomic_add(counts_ptr + 2 * row + 1, total >> 16, sem="relaxed")
                 pos_s = base_s + (rank & 0xFFFF)
                 pos_m = base_m + (rank >> 16)
                 tl.store(out_row + pos_s, offs, mask=sure & (pos_s < k))
                 tl.store(cand_row + pos_m, key.to(tl.int32, bitcast=True), mask=mid & (pos_m < CAP))
                 tl.store(cand_row + CAP + pos_m, offs, mask=mid & (pos_m < CAP))
+                n_s += total & 0xFFFF
+                n_m += total >> 16
+        if LOCAL:
+            tl.store(counts_ptr + 2 * row + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, n_s, n_m))
 
     @triton.jit
     def _write(out_row, base, key, idx, valid, tau, ties, eq_seen, k):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv32.kernels import force
-from dsv32.kernels.topk import MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
+from dsv32.kernels.topk import FEW_ROWS, MANY_ROWS, MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
 from dsv32.model.indexer import topk_select
 
 NEG = float("-inf")
@@ -77,9 +77,9 @@ def test_strided_input_and_negative_scores():
 def test_bracket_holds_on_random_rows():
     """The fast path runs: the sample quantiles bracket the k-th largest key."""
     n, k = 20000, 1000
-    assert _plan(n, k)[0] == MODE_SAMPLE
+    assert _plan(n, k, FEW_ROWS.groups)[0] == MODE_SAMPLE
     x = torch.randn(4, n, device=DEV)
-    _, _, bounds, _ = _bracket(x, k)
+    _, _, bounds, _ = _bracket(x, k, FEW_ROWS)
     bounds, x = bounds.cpu(), x.cpu()
     kth = x.topk(k, dim=-1).values[:, -1]
     key = kth.view(torch.int32).long() & 0xFFFFFFFF
