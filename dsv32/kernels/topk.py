@@ -43,20 +43,21 @@ class Launch:
     """Fixed launch parameters of one shape class (no autotuning: see docs/kernels.md).
     groups: sample runs per row (groups * SAMPLE_RUN samples); *_warps: warps per program of
     each kernel; block: scores a partition program scans per step; programs_per_sm: partition
-    programs launched per SM when rows are split across programs."""
+    programs per SM that a row is split into, or 0 for one program per row, which keeps its
+    counts in registers instead of taking slots with atomics."""
     groups: int
     bracket_warps: int
     select_warps: int
     block: int
     partition_warps: int
-    programs_per_sm: int = 4
+    programs_per_sm: int
 
 
 # few rows (decode): a larger sample narrows the bracket, so the one-program select holds
 # 4096 candidates instead of 8192; many rows (prefill): one program per row partitions it with
 # its counters in registers (no atomics), and the 2048-sample bracket is cheaper per row
-FEW_ROWS = Launch(groups=512, bracket_warps=8, select_warps=8, block=2048, partition_warps=4)
-MANY_ROWS = Launch(groups=256, bracket_warps=4, select_warps=8, block=2048, partition_warps=8)
+FEW_ROWS = Launch(groups=512, bracket_warps=8, select_warps=8, block=2048, partition_warps=4, programs_per_sm=4)
+MANY_ROWS = Launch(groups=256, bracket_warps=4, select_warps=8, block=2048, partition_warps=8, programs_per_sm=0)
 
 
 def topk_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -143,7 +144,9 @@ def topk_triton(scores: torch.Tensor, k: int, launch: Launch | None = None) -> t
     cand = torch.empty(r, 2, cap, dtype=torch.int32, device=scores.device)  # keys, indices
     if mode != MODE_FULL:
         blocks = triton.cdiv(n, launch.block)
-        per = max(1, min(blocks, (r * blocks) // (launch.programs_per_sm * _num_sms(scores.device))))
+        per = blocks
+        if launch.programs_per_sm:
+            per = max(1, min(blocks, (r * blocks) // (launch.programs_per_sm * _num_sms(scores.device))))
         split = triton.cdiv(blocks, per)
         # one program per row counts in registers; split rows take slots with atomics
         _partition_kernel[(r, split)](

@@ -1,11 +1,13 @@
 """Top-k: the Triton radix select against torch.topk, as sets. The small cases run under Triton's
 interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from dsv32.kernels import force
-from dsv32.kernels.topk import FEW_ROWS, MANY_ROWS, MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
+from dsv32.kernels.topk import FEW_ROWS, MANY_ROWS, MAX_CAP, MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
 from dsv32.model.indexer import topk_select
 
 NEG = float("-inf")
@@ -97,6 +99,44 @@ def test_dispatch_and_errors():
         topk(x.double(), 8)
     with pytest.raises(ValueError, match="k"):
         topk(x, 0)
+
+
+SMALL = [FEW_ROWS, MANY_ROWS]
+
+
+@pytest.mark.parametrize("launch", SMALL + [replace(FEW_ROWS, programs_per_sm=1)],
+                         ids=["few_rows", "many_rows", "few_rows_one_program"])
+def test_both_launches_on_random_ties_masked_and_short_rows(launch):
+    """Each fixed launch (split partition with atomics, and one program per row counting in
+    registers) against assert_topk_set: random rows on the sampled path, tie-heavy rows whose
+    bracket cannot hold, mostly -inf rows, rows shorter than k, and a length off the block grid."""
+    n = MAX_CAP + 3 * launch.block + 517
+    x = torch.randn(6, n, device=DEV)
+    x[1] = torch.randint(0, 5, (n,), device=DEV).float()  # ties at the k-th value
+    x[2, torch.randperm(n, device=DEV)[:n - 40]] = NEG    # 40 finite scores, scattered
+    x[3] = NEG
+    x[4, : n // 2] = NEG                                   # the first half masked
+    x[5, 100:] = NEG                                       # 100 finite: fewer than k
+    assert _plan(n, 300, launch.groups)[0] == MODE_SAMPLE
+    for k in (300, 2000):
+        assert_topk_set(x, topk_triton(x, k, launch), k)
+    short = torch.randn(3, 900, device=DEV)
+    assert_topk_set(short, topk_triton(short, 1000, launch), 1000)  # k > n
+    assert_topk_set(short, topk_triton(short, 64, launch), 64)      # n <= MAX_CAP: all candidates
+
+
+def test_candidate_cap_holds_the_bracket_with_margin():
+    """_plan's capacity: the expected candidates (the bracket's share of the sample times n) plus
+    5 standard deviations of their count, rounded up to a power of two, for both sample sizes."""
+    n, k = 131072, 2048
+    for launch in SMALL:
+        mode, r_hi, r_lo, cap = _plan(n, k, launch.groups)
+        s = launch.groups * 8
+        expected = (r_lo - r_hi) / s * n
+        assert mode == MODE_SAMPLE and r_hi < k * s / n < r_lo
+        assert cap >= expected * (1 + 5 / (r_lo - r_hi) ** 0.5) and cap & (cap - 1) == 0
+        assert cap < 2 * expected * (1 + 5 / (r_lo - r_hi) ** 0.5)
+    assert _plan(n, k, FEW_ROWS.groups)[3] < _plan(n, k, MANY_ROWS.groups)[3] or FEW_ROWS.groups == MANY_ROWS.groups
 
 
 @pytest.mark.gpu
