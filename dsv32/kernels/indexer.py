@@ -211,9 +211,33 @@ def _prefill_configs():
             for bs, bt, wp, st in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]]
 
 
+# The decode launch is fixed per shape class, not autotuned (an autotuner's pick between configs
+# a few percent apart changed run to run): BLOCK_T tokens per step, warps, stages, and how many
+# tokens (span) one program scans. FEW_SEQS when the sequences alone give fewer than 2 programs
+# per SM at the longest span: the context is then split finer, down to one tile per program,
+# so a single sequence still fills the GPU (split-K over tokens: each token's logit is
+# independent, so the split needs no reduction). Else MANY_SEQS: the longest span, which
+# amortises the [H, D] query load over 2048 tokens. docs/kernels.md has the reasons.
+PAGED_FEW_SEQS = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3, "min_span": 128, "max_span": 2048}
+PAGED_MANY_SEQS = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3, "min_span": 2048, "max_span": 2048}
+PAGED_PROGRAMS_PER_SM = 2
+
+
 def _paged_configs():
-    return [triton.Config({"BLOCK_T": bt}, num_warps=wp, num_stages=st)
-            for bt, wp, st in [(64, 4, 3), (64, 4, 5), (128, 8, 4)]]
+    """The distinct fixed decode configs (tests run each)."""
+    seen = {(c["BLOCK_T"], c["num_warps"], c["num_stages"]) for c in (PAGED_FEW_SEQS, PAGED_MANY_SEQS)}
+    return [triton.Config({"BLOCK_T": bt}, num_warps=wp, num_stages=st) for bt, wp, st in sorted(seen)]
+
+
+def paged_launch(b: int, max_len: int, device) -> tuple["triton.Config", int]:
+    """(config, span): the fixed decode launch for b sequences of max_len tokens."""
+    target = PAGED_PROGRAMS_PER_SM * _num_sms(device)
+    few = b * triton.cdiv(max_len, PAGED_MANY_SEQS["max_span"]) < target
+    c = PAGED_FEW_SEQS if few else PAGED_MANY_SEQS
+    lo, hi = c["min_span"], c["max_span"]
+    # the longest span (a multiple of lo, at most hi) that still gives `target` programs
+    span = lo * max(1, min(hi // lo, b * triton.cdiv(max_len, lo) // target))
+    return triton.Config({"BLOCK_T": c["BLOCK_T"]}, num_warps=c["num_warps"], num_stages=c["num_stages"]), span
 
 
 def _row_align(element_size: int, *strides: int) -> int:
@@ -262,16 +286,17 @@ def indexer_logits_triton(q, k, w, q_scale=None, k_scale=None, k_end=None, *, co
 
 def indexer_logits_paged_triton(q, w, cache, block_table, seq_lens, q_scale=None, block_size=64, *,
                                 config=None):
-    """config: a triton.Config to run instead of autotuning (tests)."""
+    """config: a triton.Config to run instead of the fixed one of paged_launch (tests)."""
     _check_head_dim(q.shape[-1])
-    out, grid, args = _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size)
+    out, grid, args, fixed = _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size)
+    config = config or fixed
     if out.numel():
-        _launch(_paged_kernel, _paged_tuned, grid, args, config)
+        _paged_kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
 def _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size):
-    """The output [B, n, max_len] and _paged_kernel's grid and arguments."""
+    """The output [B, n, max_len], _paged_kernel's grid and arguments, and its fixed config."""
     b, n, h, d = q.shape
     max_len = block_table.shape[1] * block_size
     out = torch.empty(b, n, max_len, dtype=torch.float32, device=q.device)
@@ -291,15 +316,12 @@ def _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size):
         k_scale = w  # unread stand-in
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    # each program scans `span` tokens of one sequence: ~2 programs per SM when few sequences,
-    # at most 2048 tokens (270 KB of FP8 cache against one 16 KB load of the queries) when many
-    tiles = triton.cdiv(max_len, 128)
-    span = 128 * max(1, min(16, b * tiles // (2 * _num_sms(q.device))))
+    config, span = paged_launch(b, max_len, q.device)
     grid = (triton.cdiv(max_len, span), b)
     args = (q, w, keys, k_scale, table, lens, out, table.shape[1], max_len, span,
             page_stride, row_stride, k_scale.stride(0), n, hp, d, block_size,
             _row_align(keys.element_size(), page_stride, row_stride), fp8_cache, _interpreted())
-    return out, grid, args
+    return out, grid, args, config
 
 
 if triton is not None:
@@ -410,4 +432,3 @@ if triton is not None:
                          mask=offs < stop)
 
     _prefill_tuned = triton.autotune(_prefill_configs(), key=["H", "D", "HAS_END"])(_prefill_kernel)
-    _paged_tuned = triton.autotune(_paged_configs(), key=["NQ", "H", "D", "PAGE", "ROW_ALIGN"])(_paged_kernel)

@@ -11,7 +11,7 @@ from dsv32.config import preset
 from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
-from dsv32.kernels.indexer import (FP8, _paged_args, _paged_configs, _paged_kernel, _prefill_configs, indexer_logits,
+from dsv32.kernels.indexer import (FP8, _num_sms, _paged_args, _paged_configs, _paged_kernel, paged_launch, _prefill_configs, indexer_logits,
                                    indexer_logits_paged, indexer_logits_paged_ref, indexer_logits_paged_triton,
                                    indexer_logits_ref, indexer_logits_triton)
 from dsv32.model.indexer import Indexer
@@ -161,10 +161,36 @@ def test_paged_kernel(fp8_cache, fp8_q, n):
 
 @pytest.mark.parametrize("config", _paged_configs(), ids=str)
 def test_paged_kernel_every_config_and_odd_heads(config):
-    """Each config the autotuner may pick; 6 heads (padded to 16 for the MMA); 64-token pages."""
+    """Each fixed decode config; 6 heads (padded to 16 for the MMA); 64-token pages."""
     q, w, cache, table, lens, qs, bs = paged_setup([5, 64, 80, 128], h=6, n=2, fp8_q=True, bs=64, max_blocks=2)
     got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs, config=config)
     assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs))
+
+
+def test_paged_launch_splits_the_context_of_few_sequences():
+    """paged_launch: few sequences get spans short enough for 2 programs per SM (at least one
+    128-token tile each), many get the longest span (2048); every span is a whole number of tiles."""
+    sms = _num_sms(torch.device("cuda")) if torch.cuda.is_available() else 4
+    for b, max_len in [(1, 32768), (1, 131072), (2, 4096), (64, 32768), (64, 131072), (1, 100)]:
+        config, span = paged_launch(b, max_len, torch.device(DEV))
+        assert span % config.kwargs["BLOCK_T"] == 0 and 128 <= span <= 2048
+        programs = b * -(-max_len // span)
+        if b * -(-max_len // 2048) >= 2 * sms:
+            assert span == 2048
+        else:
+            assert programs >= min(2 * sms, b * -(-max_len // 128)), (b, max_len, span)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_paged_kernel_context_split_across_programs(n):
+    """A context of 6 pages of 64 split over programs of 128 tokens (the few-sequences launch):
+    ragged lengths, a program wholly past its sequence's end (only -inf written), a full one."""
+    q, w, cache, table, lens, qs, bs = paged_setup([n, 200, 384], h=4, n=n, fp8_q=True, bs=64, max_blocks=6)
+    _, grid, _, _ = _paged_args(q, w, cache, table, lens, qs, bs)
+    assert grid[0] == 3  # three programs per sequence
+    got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs)
+    assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs))
+    assert torch.isneginf(got[0, 0, 1:]).all() and torch.isfinite(got[2, n - 1]).all()
 
 
 @torch.no_grad()
@@ -286,7 +312,7 @@ def test_gpu_paged_keys_arrive_in_16_byte_copies(config):
     16-byte cp.async (132-byte interleaved rows allowed only 4-byte ones, all of the copies); the
     4-byte copies left are block ids and scales."""
     q, w, cache, table, lens, qs, bs = paged_setup([100, 64], h=64, d=128, bs=64, max_blocks=2, fp8_q=True)
-    _, grid, args = _paged_args(q, w, cache, table, lens, qs, bs)
+    _, grid, args, _ = _paged_args(q, w, cache, table, lens, qs, bs)
     kernel = _paged_kernel.warmup(*args, grid=grid, **config.kwargs, num_warps=config.num_warps,
                                   num_stages=config.num_stages)
     sizes = [int(x, 0) for x in re.findall(r"cp\.async\.c[ag]\.shared\.global\S* \[[^\]]*\], \[[^\]]*\], "
