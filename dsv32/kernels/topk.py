@@ -36,6 +36,8 @@ except ImportError:  # the reference still works
 SAMPLE_RUN = 8  # samples come in runs of 8 contiguous scores (one 32 B sector)
 SIGMAS = 4.5  # bracket half-width in standard deviations of the sample rank
 MAX_CAP = 8192  # candidates a select program holds in registers
+BRACKET_STOP = 2  # the bracket's sample quantiles are narrowed to ranges of at most 2 samples
+SELECT_STOP = 64  # the select narrows to at most 64 candidates, then ranks them pairwise
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def _plan(n: int, k: int, groups: int) -> tuple[int, int, int, int]:
     m = k * s / n  # expected sample rank of the k-th largest
     half = SIGMAS * math.sqrt(m * (1 - k / n)) + 2
     r_hi, r_lo = max(0, math.floor(m - half)), math.ceil(m + half)
-    expected = (r_lo - r_hi) / s * n
+    expected = (r_lo - r_hi + 2 * BRACKET_STOP) / s * n  # each end widens by <= BRACKET_STOP samples
     cap = max(1024, triton.next_power_of_2(int(expected * (1 + 5 / math.sqrt(r_lo - r_hi)))))
     if r_lo > s or cap > MAX_CAP:
         return MODE_FULL, 0, 0, 1024
@@ -124,7 +126,7 @@ def _bracket(scores: torch.Tensor, k: int, launch: Launch):
     counts = torch.empty(r, 2, dtype=torch.int32, device=scores.device)  # (#sure, #candidates)
     gstride = (n // groups) // SAMPLE_RUN * SAMPLE_RUN
     _bracket_kernel[(r, 2)](scores, scores.stride(0), counts, bounds, gstride, r_hi, r_lo,
-                            MODE=mode, GROUPS=groups, RUN=SAMPLE_RUN,
+                            MODE=mode, GROUPS=groups, RUN=SAMPLE_RUN, STOP=BRACKET_STOP,
                             num_warps=launch.bracket_warps)
     return mode, cap, bounds, counts
 
@@ -141,7 +143,18 @@ def topk_triton(scores: torch.Tensor, k: int, launch: Launch | None = None) -> t
         return out.fill_(-1)
     launch = launch or _launch(r, scores.device)
     mode, cap, bounds, counts = _bracket(scores, k, launch)
-    cand = torch.empty(r, 2, cap, dtype=torch.int32, device=scores.device)  # keys, indices
+    cand = _partition(scores, k, launch, mode, cap, bounds, counts, out)
+    scratch = torch.empty(r, 2, SELECT_STOP, dtype=torch.int32, device=scores.device)
+    _select_kernel[(r,)](scores, scores.stride(0), n, k, bounds, counts, out, cand, scratch,
+                         MODE=mode, CAP=cap, BLOCK=2048, STOP=SELECT_STOP, num_warps=launch.select_warps)
+    return out
+
+
+def _partition(scores, k, launch, mode, cap, bounds, counts, out):
+    """Launch the partition kernel (sure keys into out, counts filled): returns the candidate
+    buffer [R, 2, cap] int32 (keys, indices)."""
+    r, n = scores.shape
+    cand = torch.empty(r, 2, cap, dtype=torch.int32, device=scores.device)
     if mode != MODE_FULL:
         blocks = triton.cdiv(n, launch.block)
         per = blocks
@@ -152,9 +165,7 @@ def topk_triton(scores: torch.Tensor, k: int, launch: Launch | None = None) -> t
         _partition_kernel[(r, split)](
             scores, scores.stride(0), n, k, bounds, counts, out, cand, per,
             CAP=cap, BLOCK=launch.block, LOCAL=split == 1, num_warps=launch.partition_warps)
-    _select_kernel[(r,)](scores, scores.stride(0), n, k, bounds, counts, out, cand,
-                         MODE=mode, CAP=cap, BLOCK=2048, num_warps=launch.select_warps)
-    return out
+    return cand
 
 
 if triton is not None:
@@ -182,26 +193,37 @@ if triton is not None:
         return ((tl.full((), 0xFFFFFFFF, tl.int64) << shift) & 0xFFFFFFFF).to(tl.uint32)
 
     @triton.jit
-    def _kth(key, valid, rank, tau, shift):
-        """Radix select in registers: the rank-th largest (1 <= rank <= #valid) of the valid keys,
-        which all agree with tau at and above bit `shift`. Returns (that key, how many keys equal
-        to it belong to the top `rank`)."""
-        shift = tl.zeros((), tl.int32) + shift  # loop-carried: a tensor even when a literal came in
-        rem = rank
-        while shift > 0:
-            width = tl.minimum(shift, 5)
-            shift -= width
-            known = _high_bits(shift + width)
-            digit = (key >> shift) & ((1 << width) - 1).to(tl.uint32)
-            hist = tl.histogram(digit.to(tl.int32), 32, mask=valid & ((key & known) == (tau & known)))
-            bits, above = _pick_bin(hist, rem, shift)
-            tau = tau | bits
-            rem -= above
-        return tau, rem
+    def _narrow(key, valid, rank, lo, hi, STOP: tl.constexpr):
+        """key: [M] uint32, valid: [M]; the rank-th largest valid key lies in [lo, hi] (1 <= rank
+        <= #valid keys inside). Narrows [lo, hi] around it, 32 equal-width bins per pass, until at
+        most STOP valid keys lie inside or it is one key wide. Equal-width bins of the key range,
+        not radix digits: a bracket that straddles an exponent splits evenly from the first pass.
+        Returns (lo, hi) int64, the rank within them, and how many valid keys lie inside."""
+        k64 = key.to(tl.int64)
+        d32 = tl.arange(0, 32)
+        lo = tl.zeros((), tl.int64) + lo
+        hi = tl.zeros((), tl.int64) + hi
+        rank = tl.zeros((), tl.int32) + rank
+        inside = tl.sum((valid & (k64 >= lo) & (k64 <= hi)).to(tl.int32))
+        while (inside > STOP) & (hi > lo):
+            s = tl.zeros((), tl.int64)  # bins 2^s keys wide: (hi - lo) >> s < 32
+            while ((hi - lo) >> s) >= 32:
+                s += 1
+            m = valid & (k64 >= lo) & (k64 <= hi)
+            hist = tl.histogram(tl.where(m, (k64 - lo) >> s, 0).to(tl.int32), 32, mask=m)
+            higher = inside - tl.cumsum(hist)  # keys inside, in bins above each bin
+            hit = (higher < rank) & (higher + hist >= rank)
+            dig = tl.max(tl.where(hit, d32, 0))
+            rank -= tl.sum(tl.where(d32 == dig, higher, 0))
+            inside = tl.sum(tl.where(d32 == dig, hist, 0))
+            lo = lo + (dig.to(tl.int64) << s)
+            hi = tl.minimum(hi, lo + (tl.full((), 1, tl.int64) << s) - 1)
+        return lo, hi, rank, inside
 
     @triton.jit
     def _bracket_kernel(x_ptr, stride_x, counts_ptr, bounds_ptr, gstride, r_hi, r_lo,
-                        MODE: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
+                        MODE: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr,
+                        STOP: tl.constexpr):
         """Program (row, 0) zeroes the row's partition counters and stores t_lo, program (row, 1)
         stores t_hi: the two sample selections run side by side (one row is latency-bound)."""
         row, hi = tl.program_id(0), tl.program_id(1)
@@ -216,9 +238,11 @@ if triton is not None:
             keys = tl.reshape(keys, [GROUPS * RUN])
             allowed = keys > 0
             rank = tl.where(hi == 0, r_lo, r_hi)
-            if (rank > 0) & ((hi == 1) | (tl.sum(allowed.to(tl.int32)) >= r_lo)):
-                c, _ = _kth(keys, allowed, rank, tl.zeros((), tl.uint32), 32)
-                bound = c.to(tl.int64)
+            if (rank > 0) & (tl.sum(allowed.to(tl.int32)) >= rank):
+                # a range of at most STOP samples holding the rank-th: its low end bounds t_lo
+                # from below, its high end t_hi from above (the bracket only widens)
+                lo, up, _, _ = _narrow(keys, allowed, rank, 1, 0xFFFFFFFF, STOP)
+                bound = tl.where(hi == 0, lo, up)
         tl.store(bounds_ptr + 2 * row + hi, bound)
 
     @triton.jit
@@ -274,21 +298,40 @@ if triton is not None:
         return base + tl.sum(take.to(tl.int32)), eq_seen + tl.sum(eq.to(tl.int32))
 
     @triton.jit
-    def _select_candidates(cand_row, n_cand, need, t_lo, t_hi, out_row, base, k,
-                           CAP: tl.constexpr):
-        """Write the `need` largest of the row's n_cand candidates (keys in [t_lo, t_hi])."""
+    def _select_candidates(cand_row, n_cand, need, t_lo, t_hi, out_row, base, scratch_row,
+                           CAP: tl.constexpr, STOP: tl.constexpr):
+        """Write the `need` largest of the row's n_cand candidates (keys in [t_lo, t_hi]) at
+        out_row[base:]: narrow to a range holding at most STOP of them (or one key value), take
+        every key above it, and pick the rest of the range by exact pairwise rank (ties by
+        position) after compacting it through scratch_row; a one-value range takes its first."""
         i = tl.arange(0, CAP)
         valid = i < n_cand
         key = tl.load(cand_row + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
         idx = tl.load(cand_row + CAP + i, mask=valid, other=-1)
-        # every candidate agrees with t_hi above the highest bit where t_lo and t_hi differ
-        diff = (t_lo ^ t_hi).to(tl.int64)
-        shift = tl.zeros((), tl.int32)
-        while (diff >> shift) != 0:
-            shift += 1
-        tau, ties = _kth(key, valid, need, t_hi & _high_bits(shift), shift)
-        written, _ = _write(out_row, base, key, idx, valid, tau, ties, 0, k)
-        return written
+        lo, hi, rank, inside = _narrow(key, valid, need, t_lo.to(tl.int64), t_hi.to(tl.int64), STOP)
+        k64 = key.to(tl.int64)
+        gt = valid & (k64 > hi)
+        inb = valid & (k64 >= lo) & (k64 <= hi)
+        tag = gt.to(tl.int32) + (inb.to(tl.int32) << 16)  # one scan: above in low bits, inside high
+        pre = tl.cumsum(tag) - tag
+        n_gt = need - rank
+        tl.store(out_row + base + (pre & 0xFFFF), idx, mask=gt)
+        pos = pre >> 16  # order among the keys inside
+        if inside <= STOP:
+            tl.store(scratch_row + pos, key.to(tl.int32, bitcast=True), mask=inb)
+            tl.store(scratch_row + STOP + pos, idx, mask=inb)
+            tl.debug_barrier()  # the compacted range, written by all threads, read by all
+            j = tl.arange(0, STOP)
+            ok = j < inside
+            kj = tl.load(scratch_row + j, mask=ok, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+            ij = tl.load(scratch_row + STOP + j, mask=ok, other=-1)
+            # keys ahead of j: larger, or equal and earlier
+            ahead = (kj[None, :] > kj[:, None]) | ((kj[None, :] == kj[:, None]) & (j[None, :] < j[:, None]))
+            r = tl.sum((ahead & ok[None, :]).to(tl.int32), axis=1)
+            tl.store(out_row + base + n_gt + r, ij, mask=ok & (r < rank))
+        else:  # lo == hi: all ties
+            tl.store(out_row + base + n_gt + pos, idx, mask=inb & (pos < rank))
+        return base + need
 
     @triton.jit
     def _select_row(x_row, n, k, out_row, BLOCK: tl.constexpr):
@@ -325,8 +368,8 @@ if triton is not None:
         return written
 
     @triton.jit
-    def _select_kernel(x_ptr, stride_x, n, k, bounds_ptr, counts_ptr, out_ptr, cand_ptr,
-                       MODE: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+    def _select_kernel(x_ptr, stride_x, n, k, bounds_ptr, counts_ptr, out_ptr, cand_ptr, scratch_ptr,
+                       MODE: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, STOP: tl.constexpr):
         row = tl.program_id(0)
         out_row = out_ptr + row.to(tl.int64) * k
         n_sure = tl.load(counts_ptr + 2 * row)
@@ -339,7 +382,8 @@ if triton is not None:
             written = n_sure
             if need > 0:
                 written = _select_candidates(cand_ptr + row.to(tl.int64) * 2 * CAP, n_cand, need,
-                                             t_lo, t_hi, out_row, n_sure, k, CAP)
+                                             t_lo, t_hi, out_row, n_sure,
+                                             scratch_ptr + row.to(tl.int64) * 2 * STOP, CAP, STOP)
         else:  # the bracket missed: redo the row exactly
             written = _select_row(x_ptr + row.to(tl.int64) * stride_x, n, k, out_row, BLOCK)
         for s in range(0, k, BLOCK):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv32.kernels import force
-from dsv32.kernels.topk import FEW_ROWS, MANY_ROWS, MAX_CAP, MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
+from dsv32.kernels.topk import BRACKET_STOP, FEW_ROWS, SELECT_STOP, _partition, MANY_ROWS, MAX_CAP, MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
 from dsv32.model.indexer import topk_select
 
 NEG = float("-inf")
@@ -125,6 +125,32 @@ def test_both_launches_on_random_ties_masked_and_short_rows(launch):
     assert_topk_set(short, topk_triton(short, 64, launch), 64)      # n <= MAX_CAP: all candidates
 
 
+def fast_path(x: torch.Tensor, k: int, launch) -> torch.Tensor:
+    """Per row, whether the select takes the bracketed fast path (not the whole-row redo):
+    the partition's counts hold the k-th largest within the candidate capacity."""
+    mode, cap, bounds, counts = _bracket(x, k, launch)
+    out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
+    cand = _partition(x, k, launch, mode, cap, bounds, counts, out)
+    n_sure, n_cand = counts[:, 0].cpu(), counts[:, 1].cpu()
+    assert mode == MODE_SAMPLE
+    return (n_sure <= k) & (n_cand <= cap) & (n_sure + n_cand >= k)
+
+
+@pytest.mark.parametrize("launch", SMALL, ids=["few_rows", "many_rows"])
+def test_select_narrows_then_ranks_pairwise_or_takes_ties(launch):
+    """The fast path on both of its endings: random rows narrow to <= SELECT_STOP candidates and
+    rank them pairwise; rows of 200 integer values (about 85 copies each, more than SELECT_STOP)
+    narrow to one value and take the first of its ties. The rows' brackets must hold (fast_path),
+    so the whole-row redo cannot hide a wrong select."""
+    n, k = MAX_CAP + 8709, 300
+    x = torch.randn(4, n, device=DEV)
+    x[2:] = torch.randint(0, 200, (2, n), device=DEV).float()
+    x[3, ::3] = NEG
+    assert fast_path(x, k, launch).all()
+    assert (x[2] == x[2].topk(k).values[-1]).sum() > SELECT_STOP  # the ties outnumber the stop
+    assert_topk_set(x, topk_triton(x, k, launch), k)
+
+
 def test_candidate_cap_holds_the_bracket_with_margin():
     """_plan's capacity: the expected candidates (the bracket's share of the sample times n) plus
     5 standard deviations of their count, rounded up to a power of two, for both sample sizes."""
@@ -132,7 +158,7 @@ def test_candidate_cap_holds_the_bracket_with_margin():
     for launch in SMALL:
         mode, r_hi, r_lo, cap = _plan(n, k, launch.groups)
         s = launch.groups * 8
-        expected = (r_lo - r_hi) / s * n
+        expected = (r_lo - r_hi + 2 * BRACKET_STOP) / s * n
         assert mode == MODE_SAMPLE and r_hi < k * s / n < r_lo
         assert cap >= expected * (1 + 5 / (r_lo - r_hi) ** 0.5) and cap & (cap - 1) == 0
         assert cap < 2 * expected * (1 + 5 / (r_lo - r_hi) ** 0.5)
