@@ -5,18 +5,23 @@
 -inf marks a key the query may not see (NaN is not supported). The order within a row is not
 sorted; ties at the k-th value are broken arbitrarily, but exactly min(k, #finite) indices come back.
 
-The Triton path is a sample-bracketed radix select, three launches for any number of rows:
-  1. bracket: per row, radix-select two quantiles [t_lo, t_hi] (two programs) of a strided
-     sample of 2048 scores that hold the k-th largest score with overwhelming probability (4.5 sigma);
-  2. partition (rows x chunks programs, so one row still fills the GPU): one pass over the scores;
-     keys above t_hi are in the top-k and go straight to the output, keys in [t_lo, t_hi] go to a
-     per-row candidate buffer (a few thousand), slots taken with one atomic per block;
-  3. select (one program per row): an exact radix select over the candidates, held in registers,
-     5 bits per histogram pass, then a compaction that writes the keys above the threshold and
-     enough of the ties. A row whose bracket missed (too many or too few candidates: ties,
-     adversarial data) is redone exactly by the same radix select run over the whole row.
+The Triton path is a sample-bracketed select, three launches for any number of rows:
+  1. bracket: per row, two programs narrow a strided sample (4096 scores for few rows, 2048 for
+     many) to two ranges of at most 2 samples around its quantiles r_hi and r_lo; their outer
+     ends [t_lo, t_hi] hold the k-th largest score with overwhelming probability (4.5 sigma);
+  2. partition: one pass over the scores; keys above t_hi are in the top-k and go straight to
+     the output, keys in [t_lo, t_hi] go to a per-row candidate buffer (a few thousand). Few rows
+     are split across programs (so one row still fills the GPU) that take slots with one atomic
+     per block; many rows get one program each, counting in registers;
+  3. select (one program per row): the candidates, held in registers, are narrowed with 32
+     equal-width bins of the key range per pass until at most 64 remain around the k-th (about
+     two passes); keys above go out, and those 64 are ranked pairwise, exactly (or, when the
+     range is one value wide, its first ties are taken). A row whose bracket missed (too many or
+     too few candidates: ties, adversarial data) is redone exactly by a radix select over the
+     whole row.
 Scores are compared as order-preserving uint32 keys (sign-folded float bits), -inf mapped to 0.
 So the scores are read once (plus a 3% sample), not once per digit as in a plain radix select.
+Launch parameters are fixed per shape class (FEW_ROWS, MANY_ROWS), not autotuned.
 """
 
 import functools
