@@ -211,33 +211,31 @@ def _prefill_configs():
             for bs, bt, wp, st in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]]
 
 
-# The decode launch is fixed per shape class, not autotuned (an autotuner's pick between configs
-# a few percent apart changed run to run): BLOCK_T tokens per step, warps, stages, and how many
-# tokens (span) one program scans. FEW_SEQS when the sequences alone give fewer than 2 programs
-# per SM at the longest span: the context is then split finer, down to one tile per program,
-# so a single sequence still fills the GPU (split-K over tokens: each token's logit is
-# independent, so the split needs no reduction). Else MANY_SEQS: the longest span, which
-# amortises the [H, D] query load over 2048 tokens. docs/kernels.md has the reasons.
-PAGED_FEW_SEQS = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3, "min_span": 128, "max_span": 2048}
-PAGED_MANY_SEQS = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3, "min_span": 2048, "max_span": 2048}
-PAGED_PROGRAMS_PER_SM = 2
+# The decode launch is fixed, not autotuned (an autotuner's pick between configs a few percent
+# apart changed run to run): BLOCK_T = 64 tokens per step, 4 warps, 3 stages, the config the
+# autotuner chose at every benchmark shape. What depends on the shape is the span, the tokens one
+# program scans: the longest of 2048, 1024, .., 128 that still gives PAGED_PROGRAMS_PER_SM
+# programs per SM, so the last wave of programs is a small part of the run (b = 64 at 32K had
+# 1024 programs of 2048 tokens, about 2.6 waves, and reached 70% of copy where 128K's 4096
+# reached 85%). Few sequences (b = 1) get 128-token spans: the context is split across the GPU
+# (split-K over tokens; every logit is independent, so nothing is reduced). Many sequences keep
+# long spans, which load the [H, D] queries once per span. docs/kernels.md has the reasons.
+PAGED_CONFIG = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3}
+PAGED_SPANS = (2048, 1024, 512, 256, 128)
+PAGED_PROGRAMS_PER_SM = 16
 
 
 def _paged_configs():
-    """The distinct fixed decode configs (tests run each)."""
-    seen = {(c["BLOCK_T"], c["num_warps"], c["num_stages"]) for c in (PAGED_FEW_SEQS, PAGED_MANY_SEQS)}
-    return [triton.Config({"BLOCK_T": bt}, num_warps=wp, num_stages=st) for bt, wp, st in sorted(seen)]
+    """The fixed decode config, as a list (tests run each)."""
+    c = PAGED_CONFIG
+    return [triton.Config({"BLOCK_T": c["BLOCK_T"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])]
 
 
 def paged_launch(b: int, max_len: int, device) -> tuple["triton.Config", int]:
     """(config, span): the fixed decode launch for b sequences of max_len tokens."""
     target = PAGED_PROGRAMS_PER_SM * _num_sms(device)
-    few = b * triton.cdiv(max_len, PAGED_MANY_SEQS["max_span"]) < target
-    c = PAGED_FEW_SEQS if few else PAGED_MANY_SEQS
-    lo, hi = c["min_span"], c["max_span"]
-    # the longest span (a multiple of lo, at most hi) that still gives `target` programs
-    span = lo * max(1, min(hi // lo, b * triton.cdiv(max_len, lo) // target))
-    return triton.Config({"BLOCK_T": c["BLOCK_T"]}, num_warps=c["num_warps"], num_stages=c["num_stages"]), span
+    span = next((s for s in PAGED_SPANS if b * triton.cdiv(max_len, s) >= target), PAGED_SPANS[-1])
+    return _paged_configs()[0], span
 
 
 def _row_align(element_size: int, *strides: int) -> int:

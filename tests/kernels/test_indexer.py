@@ -168,22 +168,23 @@ def test_paged_kernel_every_config_and_odd_heads(config):
 
 
 def test_paged_launch_splits_the_context_of_few_sequences():
-    """paged_launch: few sequences get spans short enough for 2 programs per SM (at least one
-    128-token tile each), many get the longest span (2048); every span is a whole number of tiles."""
-    sms = _num_sms(torch.device("cuda")) if torch.cuda.is_available() else 4
+    """paged_launch: the longest span of 2048, 1024, .., 128 tokens that gives 16 programs per
+    SM, else 128; every span a whole number of BLOCK_T tiles."""
+    sms = _num_sms(torch.device(DEV))
     for b, max_len in [(1, 32768), (1, 131072), (2, 4096), (64, 32768), (64, 131072), (1, 100)]:
         config, span = paged_launch(b, max_len, torch.device(DEV))
-        assert span % config.kwargs["BLOCK_T"] == 0 and 128 <= span <= 2048
-        programs = b * -(-max_len // span)
-        if b * -(-max_len // 2048) >= 2 * sms:
-            assert span == 2048
-        else:
-            assert programs >= min(2 * sms, b * -(-max_len // 128)), (b, max_len, span)
+        assert span % config.kwargs["BLOCK_T"] == 0 and span in (128, 256, 512, 1024, 2048)
+        enough = lambda s: b * -(-max_len // s) >= 16 * sms  # noqa: E731
+        assert (enough(span) or span == 128) and (span == 2048 or not enough(2 * span)), (b, max_len, span)
+    if sms == 132:  # the H100's shapes
+        assert paged_launch(64, 131072, torch.device(DEV))[1] == 2048
+        assert paged_launch(64, 32768, torch.device(DEV))[1] == 512
+        assert paged_launch(1, 131072, torch.device(DEV))[1] == 128
 
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_paged_kernel_context_split_across_programs(n):
-    """A context of 6 pages of 64 split over programs of 128 tokens (the few-sequences launch):
+    """A context of 6 pages of 64 split over programs of 128 tokens (a few sequences' launch):
     ragged lengths, a program wholly past its sequence's end (only -inf written), a full one."""
     q, w, cache, table, lens, qs, bs = paged_setup([n, 200, 384], h=4, n=n, fp8_q=True, bs=64, max_blocks=6)
     _, grid, _, _ = _paged_args(q, w, cache, table, lens, qs, bs)
