@@ -63,7 +63,7 @@ class Launch:
 # few rows (decode): a larger sample narrows the bracket, so the one-program select holds
 # 4096 candidates instead of 8192; many rows (prefill): one program per row partitions it with
 # its counters in registers (no atomics), and the 2048-sample bracket is cheaper per row
-FEW_ROWS = Launch(groups=512, bracket_warps=8, select_warps=8, block=2048, partition_warps=4, programs_per_sm=4)
+FEW_ROWS = Launch(groups=512, bracket_warps=8, select_warps=8, block=1024, partition_warps=4, programs_per_sm=4)
 MANY_ROWS = Launch(groups=256, bracket_warps=4, select_warps=8, block=2048, partition_warps=8, programs_per_sm=0)
 
 

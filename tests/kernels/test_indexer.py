@@ -11,9 +11,21 @@ from dsv32.config import preset
 from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
-from dsv32.kernels.indexer import (FP8, _num_sms, _paged_args, _paged_configs, _paged_kernel, paged_launch, _prefill_configs, indexer_logits,
-                                   indexer_logits_paged, indexer_logits_paged_ref, indexer_logits_paged_triton,
-                                   indexer_logits_ref, indexer_logits_triton)
+from dsv32.kernels.indexer import (
+    FP8,
+    _num_sms,
+    _paged_args,
+    _paged_configs,
+    _paged_kernel,
+    _prefill_configs,
+    indexer_logits,
+    indexer_logits_paged,
+    indexer_logits_paged_ref,
+    indexer_logits_paged_triton,
+    indexer_logits_ref,
+    indexer_logits_triton,
+    paged_launch,
+)
 from dsv32.model.indexer import Indexer
 from dsv32.model.rope import apply_rope_half, rope_cos_sin
 

@@ -7,7 +7,20 @@ import pytest
 import torch
 
 from dsv32.kernels import force
-from dsv32.kernels.topk import BRACKET_STOP, FEW_ROWS, SELECT_STOP, _partition, MANY_ROWS, MAX_CAP, MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
+from dsv32.kernels.topk import (
+    BRACKET_STOP,
+    FEW_ROWS,
+    MANY_ROWS,
+    MAX_CAP,
+    MODE_SAMPLE,
+    SELECT_STOP,
+    _bracket,
+    _partition,
+    _plan,
+    topk,
+    topk_ref,
+    topk_triton,
+)
 from dsv32.model.indexer import topk_select
 
 NEG = float("-inf")
@@ -130,7 +143,7 @@ def fast_path(x: torch.Tensor, k: int, launch) -> torch.Tensor:
     the partition's counts hold the k-th largest within the candidate capacity."""
     mode, cap, bounds, counts = _bracket(x, k, launch)
     out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
-    cand = _partition(x, k, launch, mode, cap, bounds, counts, out)
+    _partition(x, k, launch, mode, cap, bounds, counts, out)
     n_sure, n_cand = counts[:, 0].cpu(), counts[:, 1].cpu()
     assert mode == MODE_SAMPLE
     return (n_sure <= k) & (n_cand <= cap) & (n_sure + n_cand >= k)
