@@ -204,18 +204,18 @@ if triton is not None:
         most STOP valid keys lie inside or it is one key wide. Equal-width bins of the key range,
         not radix digits: a bracket that straddles an exponent splits evenly from the first pass.
         Returns (lo, hi) int64, the rank within them, and how many valid keys lie inside."""
-        k64 = key.to(tl.int64)
         d32 = tl.arange(0, 32)
-        lo = tl.zeros((), tl.int64) + lo
-        hi = tl.zeros((), tl.int64) + hi
+        lo = tl.zeros((), tl.int64) + lo  # the range's ends as int64 scalars (hi + 1 may be 2^32);
+        hi = tl.zeros((), tl.int64) + hi  # the per-key work stays in uint32
         rank = tl.zeros((), tl.int32) + rank
-        inside = tl.sum((valid & (k64 >= lo) & (k64 <= hi)).to(tl.int32))
+        inside = tl.sum((valid & (key >= lo.to(tl.uint32)) & (key <= hi.to(tl.uint32))).to(tl.int32))
         while (inside > STOP) & (hi > lo):
             s = tl.zeros((), tl.int64)  # bins 2^s keys wide: (hi - lo) >> s < 32
             while ((hi - lo) >> s) >= 32:
                 s += 1
-            m = valid & (k64 >= lo) & (k64 <= hi)
-            hist = tl.histogram(tl.where(m, (k64 - lo) >> s, 0).to(tl.int32), 32, mask=m)
+            lo32 = lo.to(tl.uint32)
+            m = valid & (key >= lo32) & (key <= hi.to(tl.uint32))
+            hist = tl.histogram(tl.where(m, (key - lo32) >> s.to(tl.uint32), 0).to(tl.int32), 32, mask=m)
             higher = inside - tl.cumsum(hist)  # keys inside, in bins above each bin
             hit = (higher < rank) & (higher + hist >= rank)
             dig = tl.max(tl.where(hit, d32, 0))
@@ -314,9 +314,8 @@ if triton is not None:
         key = tl.load(cand_row + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
         idx = tl.load(cand_row + CAP + i, mask=valid, other=-1)
         lo, hi, rank, inside = _narrow(key, valid, need, t_lo.to(tl.int64), t_hi.to(tl.int64), STOP)
-        k64 = key.to(tl.int64)
-        gt = valid & (k64 > hi)
-        inb = valid & (k64 >= lo) & (k64 <= hi)
+        gt = valid & (key > hi.to(tl.uint32))
+        inb = valid & (key >= lo.to(tl.uint32)) & (key <= hi.to(tl.uint32))
         tag = gt.to(tl.int32) + (inb.to(tl.int32) << 16)  # one scan: above in low bits, inside high
         pre = tl.cumsum(tag) - tag
         n_gt = need - rank
@@ -328,7 +327,7 @@ if triton is not None:
             tl.debug_barrier()  # the compacted range, written by all threads, read by all
             j = tl.arange(0, STOP)
             ok = j < inside
-            kj = tl.load(scratch_row + j, mask=ok, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+            kj = tl.load(scratch_row + j, mask=ok, other=0).to(tl.uint32, bitcast=True)
             ij = tl.load(scratch_row + STOP + j, mask=ok, other=-1)
             # keys ahead of j: larger, or equal and earlier
             ahead = (kj[None, :] > kj[:, None]) | ((kj[None, :] == kj[:, None]) & (j[None, :] < j[:, None]))
