@@ -186,6 +186,16 @@ def test_gpu_real_shapes(rows):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", SMALL, ids=["few_rows", "many_rows"])
+def test_gpu_bracket_holds_at_the_benchmark_shape(launch):
+    """Rows of 131072 normal scores, k = 2048: every row takes the fast path with either launch
+    (a miss would be correct but redo the whole row, several times slower)."""
+    x = torch.randn(256, 131072, device="cuda")
+    assert fast_path(x, 2048, launch).all()
+    assert_topk_set(x[:16], topk_triton(x, 2048, launch)[:16], 2048)
+
+
+@pytest.mark.gpu
 def test_gpu_causal_rows_and_ties():
     n = 131072
     x = torch.randn(64, n, device="cuda")
