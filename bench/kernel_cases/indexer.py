@@ -66,10 +66,12 @@ def _decode_cases(quick: bool) -> list[dict]:
             q8, w, cache, table, lens, qs = _decode_inputs(b, ctx)
             nbytes = b * ctx * (D + 4)
             fn = lambda: ix.indexer_logits_paged(q8, w, cache, table, lens, qs, BLOCK)  # noqa: E731
-            got = fn()  # autotunes once per shape
+            got = fn()
             want = ix.indexer_logits_paged_ref(q8, w, cache, table, lens, qs, BLOCK)
             us = time_us(fn)
-            note = (f"{nbytes / us / 1e6 / copy:.0%} of copy; config {_config(ix._paged_tuned)}; "
+            config, span = ix.paged_launch(b, ctx, q8.device)
+            note = (f"{nbytes / us / 1e6 / copy:.0%} of copy; fixed config {config.kwargs} "
+                    f"warps={config.num_warps} stages={config.num_stages} span={span}; "
                     f"rel err {_rel_err(got, want):.1e}")
             rows.append(_row("indexer_decode", shape, "ours", us, nbytes=nbytes, note=note))
             ref_us = time_us(lambda: ix.indexer_logits_paged_ref(q8, w, cache, table, lens, qs, BLOCK),

@@ -38,6 +38,8 @@ def cases(quick: bool) -> list[dict]:
             ok = _same_sets(x, tk.topk(x, K))
             ours = time_us(lambda: tk.topk(x, K))
             ref = time_us(lambda: torch.topk(x, K, dim=-1))
-            rows.append(_row(shape, "ours", ours, f"{ref / ours:.2f}x torch.topk; sets match: {ok}"))
+            launch = "FEW_ROWS" if tk._launch(r, x.device) == tk.FEW_ROWS else "MANY_ROWS"
+            rows.append(_row(shape, "ours", ours, f"{ref / ours:.2f}x torch.topk; sets match: {ok}; "
+                                                  f"fixed launch {launch} {tk._launch(r, x.device)}"))
             rows.append(_row(shape, "torch.topk", ref))
     return rows

@@ -212,9 +212,31 @@ def _prefill_configs():
             for bs, bt, wp, st in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]]
 
 
+# The decode launch is fixed, not autotuned (an autotuner's pick between configs a few percent
+# apart changed run to run): BLOCK_T = 64 tokens per step, 4 warps, 3 stages, the config the
+# autotuner chose at every benchmark shape. What depends on the shape is the span, the tokens one
+# program scans: the longest of 2048, 1024, .., 128 that still gives PAGED_PROGRAMS_PER_SM
+# programs per SM, so the last wave of programs is a small part of the run (b = 64 at 32K had
+# 1024 programs of 2048 tokens, about 2.6 waves, and reached 70% of copy where 128K's 4096
+# reached 85%). Few sequences (b = 1) get 128-token spans: the context is split across the GPU
+# (split-K over tokens; every logit is independent, so nothing is reduced). Many sequences keep
+# long spans, which load the [H, D] queries once per span. docs/kernels.md has the reasons.
+PAGED_CONFIG = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3}
+PAGED_SPANS = (2048, 1024, 512, 256, 128)
+PAGED_PROGRAMS_PER_SM = 16
+
+
 def _paged_configs():
-    return [triton.Config({"BLOCK_T": bt}, num_warps=wp, num_stages=st)
-            for bt, wp, st in [(64, 4, 3), (64, 4, 5), (128, 8, 4)]]
+    """The fixed decode config, as a list (tests run each)."""
+    c = PAGED_CONFIG
+    return [triton.Config({"BLOCK_T": c["BLOCK_T"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])]
+
+
+def paged_launch(b: int, max_len: int, device) -> tuple["triton.Config", int]:
+    """(config, span): the fixed decode launch for b sequences of max_len tokens."""
+    target = PAGED_PROGRAMS_PER_SM * _num_sms(device)
+    span = next((s for s in PAGED_SPANS if b * triton.cdiv(max_len, s) >= target), PAGED_SPANS[-1])
+    return _paged_configs()[0], span
 
 
 def _row_align(element_size: int, *strides: int) -> int:
@@ -263,16 +285,17 @@ def indexer_logits_triton(q, k, w, q_scale=None, k_scale=None, k_end=None, *, co
 
 def indexer_logits_paged_triton(q, w, cache, block_table, seq_lens, q_scale=None, block_size=64, *,
                                 config=None):
-    """config: a triton.Config to run instead of autotuning (tests)."""
+    """config: a triton.Config to run instead of the fixed one of paged_launch (tests)."""
     _check_head_dim(q.shape[-1])
-    out, grid, args = _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size)
+    out, grid, args, fixed = _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size)
+    config = config or fixed
     if out.numel():
-        _launch(_paged_kernel, _paged_tuned, grid, args, config)
+        _paged_kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
 def _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size):
-    """The output [B, n, max_len] and _paged_kernel's grid and arguments."""
+    """The output [B, n, max_len], _paged_kernel's grid and arguments, and its fixed config."""
     b, n, h, d = q.shape
     max_len = block_table.shape[1] * block_size
     out = torch.empty(b, n, max_len, dtype=torch.float32, device=q.device)
@@ -292,15 +315,12 @@ def _paged_args(q, w, cache, block_table, seq_lens, q_scale, block_size):
         k_scale = w  # unread stand-in
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    # each program scans `span` tokens of one sequence: ~2 programs per SM when few sequences,
-    # at most 2048 tokens (270 KB of FP8 cache against one 16 KB load of the queries) when many
-    tiles = triton.cdiv(max_len, 128)
-    span = 128 * max(1, min(16, b * tiles // (2 * _num_sms(q.device))))
+    config, span = paged_launch(b, max_len, q.device)
     grid = (triton.cdiv(max_len, span), b)
     args = (q, w, keys, k_scale, table, lens, out, table.shape[1], max_len, span,
             page_stride, row_stride, k_scale.stride(0), n, hp, d, block_size,
             _row_align(keys.element_size(), page_stride, row_stride), fp8_cache, _interpreted())
-    return out, grid, args
+    return out, grid, args, config
 
 
 if triton is not None:
@@ -423,4 +443,3 @@ if triton is not None:
                          mask=offs < stop)
 
     _prefill_tuned = triton.autotune(_prefill_configs(), key=["H", "D", "HAS_END"])(_prefill_kernel)
-    _paged_tuned = triton.autotune(_paged_configs(), key=["NQ", "H", "D", "PAGE", "ROW_ALIGN"])(_paged_kernel)

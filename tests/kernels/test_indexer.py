@@ -11,9 +11,21 @@ from dsv32.config import preset
 from dsv32.engine.batch import Batch
 from dsv32.engine.cache import PagedCache, _quant_rows
 from dsv32.kernels import force
-from dsv32.kernels.indexer import (FP8, _paged_args, _paged_configs, _paged_kernel, _prefill_configs, indexer_logits,
-                                   indexer_logits_paged, indexer_logits_paged_ref, indexer_logits_paged_triton,
-                                   indexer_logits_ref, indexer_logits_triton)
+from dsv32.kernels.indexer import (
+    FP8,
+    _num_sms,
+    _paged_args,
+    _paged_configs,
+    _paged_kernel,
+    _prefill_configs,
+    indexer_logits,
+    indexer_logits_paged,
+    indexer_logits_paged_ref,
+    indexer_logits_paged_triton,
+    indexer_logits_ref,
+    indexer_logits_triton,
+    paged_launch,
+)
 from dsv32.model.indexer import Indexer
 from dsv32.model.rope import apply_rope_half, rope_cos_sin
 
@@ -162,11 +174,38 @@ def test_paged_kernel(fp8_cache, fp8_q, n):
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("config", _paged_configs(), ids=str)
 def test_paged_kernel_every_config_and_odd_heads(config, n):
-    """Each config the autotuner may pick, with 2 queries a row (held in registers) and 3 (reloaded
-    per tile); 6 heads (padded to 16 for the MMA); 64-token pages."""
+    """Each fixed decode config, with 2 queries a row (held in registers) and 3 (reloaded per tile);
+    6 heads (padded to 16 for the MMA); 64-token pages."""
     q, w, cache, table, lens, qs, bs = paged_setup([5, 64, 80, 128], h=6, n=n, fp8_q=True, bs=64, max_blocks=2)
     got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs, config=config)
     assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs))
+
+
+def test_paged_launch_splits_the_context_of_few_sequences():
+    """paged_launch: the longest span of 2048, 1024, .., 128 tokens that gives 16 programs per
+    SM, else 128; every span a whole number of BLOCK_T tiles."""
+    sms = _num_sms(torch.device(DEV))
+    for b, max_len in [(1, 32768), (1, 131072), (2, 4096), (64, 32768), (64, 131072), (1, 100)]:
+        config, span = paged_launch(b, max_len, torch.device(DEV))
+        assert span % config.kwargs["BLOCK_T"] == 0 and span in (128, 256, 512, 1024, 2048)
+        enough = lambda s: b * -(-max_len // s) >= 16 * sms  # noqa: E731
+        assert (enough(span) or span == 128) and (span == 2048 or not enough(2 * span)), (b, max_len, span)
+    if sms == 132:  # the H100's shapes
+        assert paged_launch(64, 131072, torch.device(DEV))[1] == 2048
+        assert paged_launch(64, 32768, torch.device(DEV))[1] == 512
+        assert paged_launch(1, 131072, torch.device(DEV))[1] == 128
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_paged_kernel_context_split_across_programs(n):
+    """A context of 6 pages of 64 split over programs of 128 tokens (a few sequences' launch):
+    ragged lengths, a program wholly past its sequence's end (only -inf written), a full one."""
+    q, w, cache, table, lens, qs, bs = paged_setup([n, 200, 384], h=4, n=n, fp8_q=True, bs=64, max_blocks=6)
+    _, grid, _, _ = _paged_args(q, w, cache, table, lens, qs, bs)
+    assert grid[0] == 3  # three programs per sequence
+    got = indexer_logits_paged_triton(q, w, cache, table, lens, qs, bs)
+    assert_logits_close(got, indexer_logits_paged_ref(q, w, cache, table, lens, qs, bs))
+    assert torch.isneginf(got[0, 0, 1:]).all() and torch.isfinite(got[2, n - 1]).all()
 
 
 @torch.no_grad()
@@ -288,7 +327,7 @@ def test_gpu_paged_keys_arrive_in_16_byte_copies(config):
     16-byte cp.async (132-byte interleaved rows allowed only 4-byte ones, all of the copies); the
     4-byte copies left are block ids and scales."""
     q, w, cache, table, lens, qs, bs = paged_setup([100, 64], h=64, d=128, bs=64, max_blocks=2, fp8_q=True)
-    _, grid, args = _paged_args(q, w, cache, table, lens, qs, bs)
+    _, grid, args, _ = _paged_args(q, w, cache, table, lens, qs, bs)
     kernel = _paged_kernel.warmup(*args, grid=grid, **config.kwargs, num_warps=config.num_warps,
                                   num_stages=config.num_stages)
     sizes = [int(x, 0) for x in re.findall(r"cp\.async\.c[ag]\.shared\.global\S* \[[^\]]*\], \[[^\]]*\], "

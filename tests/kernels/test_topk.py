@@ -1,11 +1,26 @@
 """Top-k: the Triton radix select against torch.topk, as sets. The small cases run under Triton's
 interpreter on CPU and compiled on a GPU; the `gpu` ones at real shapes."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from dsv32.kernels import force
-from dsv32.kernels.topk import MODE_SAMPLE, _bracket, _plan, topk, topk_ref, topk_triton
+from dsv32.kernels.topk import (
+    BRACKET_STOP,
+    FEW_ROWS,
+    MANY_ROWS,
+    MAX_CAP,
+    MODE_SAMPLE,
+    SELECT_STOP,
+    _bracket,
+    _partition,
+    _plan,
+    topk,
+    topk_ref,
+    topk_triton,
+)
 from dsv32.model.indexer import topk_select
 
 NEG = float("-inf")
@@ -77,9 +92,9 @@ def test_strided_input_and_negative_scores():
 def test_bracket_holds_on_random_rows():
     """The fast path runs: the sample quantiles bracket the k-th largest key."""
     n, k = 20000, 1000
-    assert _plan(n, k)[0] == MODE_SAMPLE
+    assert _plan(n, k, FEW_ROWS.groups)[0] == MODE_SAMPLE
     x = torch.randn(4, n, device=DEV)
-    _, _, bounds, _ = _bracket(x, k)
+    _, _, bounds, _ = _bracket(x, k, FEW_ROWS)
     bounds, x = bounds.cpu(), x.cpu()
     kth = x.topk(k, dim=-1).values[:, -1]
     key = kth.view(torch.int32).long() & 0xFFFFFFFF
@@ -99,11 +114,85 @@ def test_dispatch_and_errors():
         topk(x, 0)
 
 
+SMALL = [FEW_ROWS, MANY_ROWS]
+
+
+@pytest.mark.parametrize("launch", SMALL + [replace(FEW_ROWS, programs_per_sm=1)],
+                         ids=["few_rows", "many_rows", "few_rows_one_program"])
+def test_both_launches_on_random_ties_masked_and_short_rows(launch):
+    """Each fixed launch (split partition with atomics, and one program per row counting in
+    registers) against assert_topk_set: random rows on the sampled path, tie-heavy rows whose
+    bracket cannot hold, mostly -inf rows, rows shorter than k, and a length off the block grid."""
+    n = MAX_CAP + 3 * launch.block + 517
+    x = torch.randn(6, n, device=DEV)
+    x[1] = torch.randint(0, 5, (n,), device=DEV).float()  # ties at the k-th value
+    x[2, torch.randperm(n, device=DEV)[:n - 40]] = NEG    # 40 finite scores, scattered
+    x[3] = NEG
+    x[4, : n // 2] = NEG                                   # the first half masked
+    x[5, 100:] = NEG                                       # 100 finite: fewer than k
+    assert _plan(n, 300, launch.groups)[0] == MODE_SAMPLE
+    for k in (300, 2000):
+        assert_topk_set(x, topk_triton(x, k, launch), k)
+    short = torch.randn(3, 900, device=DEV)
+    assert_topk_set(short, topk_triton(short, 1000, launch), 1000)  # k > n
+    assert_topk_set(short, topk_triton(short, 64, launch), 64)      # n <= MAX_CAP: all candidates
+
+
+def fast_path(x: torch.Tensor, k: int, launch) -> torch.Tensor:
+    """Per row, whether the select takes the bracketed fast path (not the whole-row redo):
+    the partition's counts hold the k-th largest within the candidate capacity."""
+    mode, cap, bounds, counts = _bracket(x, k, launch)
+    out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
+    _partition(x, k, launch, mode, cap, bounds, counts, out)
+    n_sure, n_cand = counts[:, 0].cpu(), counts[:, 1].cpu()
+    assert mode == MODE_SAMPLE
+    return (n_sure <= k) & (n_cand <= cap) & (n_sure + n_cand >= k)
+
+
+@pytest.mark.parametrize("launch", SMALL, ids=["few_rows", "many_rows"])
+def test_select_narrows_then_ranks_pairwise_or_takes_ties(launch):
+    """The fast path on both of its endings: random rows narrow to <= SELECT_STOP candidates and
+    rank them pairwise; rows of 200 integer values (about 85 copies each, more than SELECT_STOP)
+    narrow to one value and take the first of its ties. The rows' brackets must hold (fast_path),
+    so the whole-row redo cannot hide a wrong select."""
+    n, k = MAX_CAP + 8709, 300
+    x = torch.randn(4, n, device=DEV)
+    x[2:] = torch.randint(0, 200, (2, n), device=DEV).float()
+    x[3, ::3] = NEG
+    assert fast_path(x, k, launch).all()
+    assert (x[2] == x[2].topk(k).values[-1]).sum() > SELECT_STOP  # the ties outnumber the stop
+    assert_topk_set(x, topk_triton(x, k, launch), k)
+
+
+def test_candidate_cap_holds_the_bracket_with_margin():
+    """_plan's capacity: the expected candidates (the bracket's share of the sample times n) plus
+    5 standard deviations of their count, rounded up to a power of two, for both sample sizes."""
+    n, k = 131072, 2048
+    for launch in SMALL:
+        mode, r_hi, r_lo, cap = _plan(n, k, launch.groups)
+        s = launch.groups * 8
+        expected = (r_lo - r_hi + 2 * BRACKET_STOP) / s * n
+        assert mode == MODE_SAMPLE and r_hi < k * s / n < r_lo
+        assert cap >= expected * (1 + 5 / (r_lo - r_hi) ** 0.5) and cap & (cap - 1) == 0
+        assert cap < 2 * expected * (1 + 5 / (r_lo - r_hi) ** 0.5)
+    assert _plan(n, k, FEW_ROWS.groups)[3] < _plan(n, k, MANY_ROWS.groups)[3] or FEW_ROWS.groups == MANY_ROWS.groups
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 8, 128, 4096])
 def test_gpu_real_shapes(rows):
     x = torch.randn(rows, 131072, device="cuda")
     assert_topk_set(x[:64], topk(x, 2048)[:64], 2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", SMALL, ids=["few_rows", "many_rows"])
+def test_gpu_bracket_holds_at_the_benchmark_shape(launch):
+    """Rows of 131072 normal scores, k = 2048: every row takes the fast path with either launch
+    (a miss would be correct but redo the whole row, several times slower)."""
+    x = torch.randn(256, 131072, device="cuda")
+    assert fast_path(x, 2048, launch).all()
+    assert_topk_set(x[:16], topk_triton(x, 2048, launch)[:16], 2048)
 
 
 @pytest.mark.gpu
