@@ -15,7 +15,7 @@ step budget.
    steps counted (a summary call is a step; parallel-fewest-step's attempts all count), and the
    expert under the same strategies as the ceiling.
 
-    python experiments/agent_context.py --out runs/agent_context         # one H100, about 9 min
+    python experiments/agent_context.py --out runs/agent_context         # one H100, about 9 min (CPU part ~17 min)
     python experiments/agent_context.py --out runs/agent_quick --quick    # CPU smoke run, ~2 min
 
 Writes results.json, episodes.jsonl (every evaluated episode's end, steps and answer), sft and rl
@@ -374,10 +374,11 @@ def main():
     p.add_argument("--budget", type=int, default=40, help="model calls per question, over all attempts")
     p.add_argument("--attempts", type=int, default=4)
     p.add_argument("--max-hops", type=int, default=8)
-    p.add_argument("--train-questions", type=int, default=800, help="per strategy the expert runs under, "
+    p.add_argument("--train-questions", type=int, default=1200, help="per strategy the expert runs under, "
                    "spread over the training worlds")
-    p.add_argument("--train-worlds", type=int, default=8, help="worlds the training questions come from "
-                   "(the evaluation world is another)")
+    p.add_argument("--train-worlds", type=int, default=200, help="worlds the training questions come from "
+                   "(the evaluation world is another); few worlds are few enough names to memorise "
+                   "(docs/agent-context.md, the copy check)")
     p.add_argument("--eval-per-hop", type=int, default=16)
     p.add_argument("--eval-round", type=int, default=4, help="questions per hop count in each evaluation round")
     p.add_argument("--sft-steps", type=int, default=1200)
