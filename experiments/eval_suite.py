@@ -68,6 +68,18 @@ def suite_tasks(families, size: int, seed: int) -> list[Task]:
     return tasks
 
 
+def save_tasks(tasks: list[Task], path: Path) -> None:
+    """The suite's tasks as JSONL (id, messages, answer, grader, entry): what --tasks-file reads on a
+    machine without reasoning-gym."""
+    path.write_text("".join(json.dumps({"id": t.id, "messages": t.messages, "answer": t.answer, "grader": t.grader,
+                                        "entry": t.entry}) + "\n" for t in tasks), encoding="utf-8")
+
+
+def read_tasks(path: Path) -> list[Task]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Task(r["id"], r["messages"], r["answer"], r["grader"], r["entry"]) for r in rows]
+
+
 def family_of(task_id: str) -> str:
     return task_id.split(":")[1]
 
@@ -350,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--regrade", action="store_true", help="grade the stored samples again with today's graders")
+    p.add_argument("--save-tasks", help="write the suite's tasks to this JSONL file and stop")
+    p.add_argument("--tasks-file", help="read the tasks from --save-tasks' file instead of reasoning-gym: sampling "
+                   "then needs no reasoning-gym (its answers grade as errors); --regrade where it is installed")
     return p
 
 
@@ -369,7 +384,16 @@ def main(argv=None) -> dict:
     ks = sorted({int(k) for k in args.k.split(",")})
     if ks[0] < 1 or ks[-1] > args.n:
         raise SystemExit(f"pass@k needs 1 <= k <= n, got k={args.k} with n={args.n}")
-    tasks = suite_tasks(families, args.tasks_per_family, args.seed)
+    if args.tasks_file:
+        tasks = read_tasks(Path(args.tasks_file))
+        if bad := sorted({family_of(t.id) for t in tasks} - set(families)):
+            raise SystemExit(f"{args.tasks_file} holds families {bad} that --families does not name")
+    else:
+        tasks = suite_tasks(families, args.tasks_per_family, args.seed)
+    if args.save_tasks:
+        save_tasks(tasks, Path(args.save_tasks))
+        print(f"{len(tasks)} tasks written to {args.save_tasks}")
+        return {"tasks": len(tasks)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for arm in arms:

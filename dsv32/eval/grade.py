@@ -21,7 +21,11 @@ import multiprocessing
 from dataclasses import dataclass
 
 from math_verify import parse, verify
-from reasoning_gym import get_score_answer_fn
+
+try:
+    from reasoning_gym import get_score_answer_fn
+except ImportError:  # the eval extra: without it, rg: answers grade as errors that name it
+    get_score_answer_fn = None
 
 from dsv32.chat import extract_boxed
 from dsv32.eval.reply import split_reply
@@ -71,6 +75,9 @@ def judge(grader: str, answer: str, gold: str, entry: dict | None = None) -> tup
         except ValueError:
             return 0.0, got
     if grader.startswith("rg:"):
+        if get_score_answer_fn is None:
+            raise ValueError(f"grader {grader!r} needs reasoning-gym (pip install 'dsv32[eval]'), which is not "
+                             "installed: sample elsewhere and grade here with the stored texts")
         return float(get_score_answer_fn(grader[3:])(got, entry)), got
     raise ValueError(f"unknown grader {grader!r}: expected math, exact, numeric or rg:DATASET")
 

@@ -19,7 +19,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reasoning_gym import create_dataset
+try:
+    from reasoning_gym import create_dataset
+except ImportError:  # the eval extra: reasoning_gym_tasks says so; JSONL tasks need nothing
+    create_dataset = None
 
 from dsv32.chat import math_prompt
 from dsv32.eval.code import CaseFormatError, check_tests
@@ -117,6 +120,8 @@ def load_jsonl(path: str | Path, template: str = "math") -> list[Task]:
 
 def reasoning_gym_tasks(name: str, size: int = 50, seed: int = 0) -> list[Task]:
     """size problems of reasoning-gym's dataset `name`, generated offline from seed."""
+    if create_dataset is None:
+        raise TaskError(f"rg:{name}: reasoning-gym is not installed (pip install 'dsv32[eval]')")
     try:
         data = create_dataset(name, size=size, seed=seed)
     except (KeyError, ValueError) as e:

@@ -76,3 +76,17 @@ def test_lenient_reading_takes_the_last_box_else_the_last_number(suite):
     assert suite.lenient_correct("it is \\boxed{12} not 13", "12")
     assert not suite.lenient_correct("6 is wrong, it is 7", "6")
     assert not suite.lenient_correct("no number here", "6")
+
+
+def test_tasks_saved_to_a_file_read_back_as_the_same_tasks(suite, tmp_path):
+    """--save-tasks then --tasks-file: the same ids, prompts, answers, graders and reasoning-gym
+    entries as the suite generates, the entries as JSON has them (tuples read back as lists), so a
+    machine without reasoning-gym samples the same problems; grading (--regrade) regenerates them."""
+    path = tmp_path / "tasks.jsonl"
+    assert suite.main(["--out", str(tmp_path / "o"), "--tasks-per-family", "3", "--save-tasks", str(path)]) == {"tasks": 12}
+    got, want = suite.read_tasks(path), suite.suite_tasks(list(suite.DEFAULT_FAMILIES), 3, 0)
+    assert [(t.id, t.messages, t.answer, t.grader) for t in got] == [(t.id, t.messages, t.answer, t.grader) for t in want]
+    assert [t.entry for t in got] == [json.loads(json.dumps(t.entry)) for t in want]
+    with pytest.raises(SystemExit, match="families"):
+        suite.main(["--out", str(tmp_path / "o"), "--families", "products", "--tasks-file", str(path),
+                    "--save-tasks", str(tmp_path / "again.jsonl")])

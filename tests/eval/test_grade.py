@@ -105,3 +105,14 @@ def test_a_chatml_models_end_of_turn_is_not_part_of_its_answer(worker):
     assert split_reply("6<|endoftext|>", thinking=False) == ("", "6")
     assert grade(worker, "6<|im_end|>", "exact", "6", thinking=False).correct
     assert grade(worker, "x</think>6<|im_end|>", "numeric", "6").correct
+
+
+def test_without_reasoning_gym_an_rg_answer_is_an_error_that_names_it(monkeypatch):
+    """Where the eval extra is missing (a GPU machine that only samples), grading an rg: answer
+    raises an error naming reasoning-gym (the worker reports it as the 'error' verdict); the
+    other graders do not need it."""
+    import dsv32.eval.grade as g
+    monkeypatch.setattr(g, "get_score_answer_fn", None)
+    with pytest.raises(ValueError, match="reasoning-gym"):
+        g.judge("rg:basic_arithmetic", "\\boxed{3}", "3", {"question": "1 + 2", "answer": "3", "metadata": {}})
+    assert g.judge("exact", "3", "3") == (1.0, "3")
