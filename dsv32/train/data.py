@@ -96,12 +96,17 @@ class SFTData:
         return cls(examples, seq_len, tokenizer.eos_id, seed)
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: [batch_size, L], rows right-padded; L is the longest row rounded up to a multiple of
+        64 (at most seq_len), not seq_len: padding past every row's end changes no loss (causal
+        attention, IGNORE labels) and costs compute (a quarter or more of it for the agent
+        experiment's trajectories)."""
         g = np.random.default_rng([self.seed, step])
-        x = torch.full((batch_size, self.seq_len), self.pad_id)
-        y = torch.full((batch_size, self.seq_len), IGNORE)
-        for row, i in enumerate(g.integers(0, len(self.examples), size=batch_size)):
-            ids, labels = self.examples[i]
-            n = len(ids) - 1
-            x[row, :n] = torch.tensor(ids[:-1])
-            y[row, :n] = torch.tensor(labels[1:])
+        rows = [self.examples[i] for i in g.integers(0, len(self.examples), size=batch_size)]
+        width = min(self.seq_len, -(-max(len(ids) - 1 for ids, _ in rows) // 64) * 64)
+        x = torch.full((batch_size, width), self.pad_id)
+        y = torch.full((batch_size, width), IGNORE)
+        for row, (ids, labels) in enumerate(rows):
+            n = min(len(ids) - 1, width)
+            x[row, :n] = torch.tensor(ids[:n])
+            y[row, :n] = torch.tensor(labels[1:n + 1])
         return x, y
