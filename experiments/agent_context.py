@@ -275,16 +275,16 @@ def expert_nll(model, examples: list[tuple[list[int], list[int]]], device: str) 
     """Teacher-forced NLL of the expert's tokens (mean nats, and how many cost more than 3 nats):
     on a held-out world it says whether the model copies names from what it reads or recalls the
     training worlds' names (low on the training worlds, high on the held-out one: recall)."""
+    was_training = model.training
     model.eval()
     total, n, hard = 0.0, 0, 0
     for ids, labels in examples:
-        logits = model(torch.tensor([ids], device=device))                          # [1, S, V]
-        logits = getattr(logits, "logits", logits)[0, :-1].float()
+        logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float()     # [S-1, V]
         target = torch.tensor(labels[1:], device=device)                              # [S-1]
         keep = target != IGNORE
         nll = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="none")
         total, n, hard = total + nll.sum().item(), n + int(keep.sum()), hard + int((nll > 3).sum())
-    model.train()
+    model.train(was_training)
     return {"nll": round(total / max(1, n), 4), "tokens": n, "over_3_nats": hard}
 
 
@@ -320,6 +320,24 @@ def tool_token_labels(examples: list[tuple[list[int], list[int]]], weight: float
     rng = random.Random(seed)
     return [(ids, [lab if lab != IGNORE or rng.random() >= weight else tok for tok, lab in zip(ids, labels)])
             for ids, labels in examples]
+
+
+def add_sft_label_args(p: argparse.ArgumentParser, repeated: str) -> None:
+    """--sft-lr, and which tokens SFT puts its loss on (sft_labels); `repeated`: what the tool
+    results repeat in this experiment, for the help text."""
+    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-tool-weight", type=float, default=0.0,
+                   help="the loss on tokens the expert did not write (tool results), in [0, 1], by sampling "
+                        "them as targets with this probability (--sft-all-tokens: 1)")
+    p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the episodes, the tool "
+                   f"results included (they repeat {repeated}, which teaches copying), not only the expert's")
+
+
+def sft_labels(examples: list[tuple[list[int], list[int]]], args) -> list[tuple[list[int], list[int]]]:
+    """The examples with targets on the environment's tokens as add_sft_label_args' flags ask."""
+    if args.sft_all_tokens or args.sft_tool_weight:
+        return tool_token_labels(examples, 1.0 if args.sft_all_tokens else args.sft_tool_weight, args.seed)
+    return examples
 
 
 def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
@@ -391,12 +409,7 @@ def main():
     p.add_argument("--workers", type=int, default=128, help="episodes run at once (engine batch)")
     p.add_argument("--from-model", help="a trained model directory (skip SFT and RL)")
     p.add_argument("--sft-from", help="a model directory to start SFT from instead of a fresh model (same tokenizer)")
-    p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--sft-tool-weight", type=float, default=0.0,
-                   help="the loss on tokens the expert did not write (tool results), in [0, 1], by sampling "
-                        "them as targets with this probability (--sft-all-tokens: 1)")
-    p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the trajectories, "
-                   "the tool results included (they repeat names, which teaches copying), not only the expert's")
+    add_sft_label_args(p, "names")
     p.add_argument("--expert-only", action="store_true", help="only the scripted expert under each strategy (CPU)")
     p.add_argument("--prepare", action="store_true", help="stop after the CPU work: tokenizer, expert runs, SFT "
                    "data (in OUT/data), for a GPU run with --data")
@@ -493,8 +506,7 @@ def main():
             model, _ = load(args.sft_from, dtype=torch.float32, device="cpu")
         else:
             model = Transformer(model_config(tok, args.window, args.quick))
-        if args.sft_all_tokens or args.sft_tool_weight:   # targets on the environment's tokens too
-            examples = tool_token_labels(examples, 1.0 if args.sft_all_tokens else args.sft_tool_weight, args.seed)
+        examples = sft_labels(examples, args)
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
         torch.cuda.empty_cache() if device == "cuda" else None

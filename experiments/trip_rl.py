@@ -59,6 +59,7 @@ from dsv32.tokenizer import Tokenizer, train_tokenizer
 from dsv32.train.data import SFTData
 from experiments.agent_context import (
     Recorder,
+    add_sft_label_args,
     cuda_memory,
     load_examples,
     model_config,
@@ -66,7 +67,7 @@ from experiments.agent_context import (
     save_examples,
     segments,
     sft,
-    tool_token_labels,
+    sft_labels,
 )
 
 DOMAIN = "trip-planning"
@@ -287,12 +288,7 @@ def main():
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-minutes", type=float, default=2.0, help="cap SFT's step count to fit this (0: no cap)")
-    p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--sft-tool-weight", type=float, default=0.0,
-                   help="the loss on tokens the expert did not write (tool results), in [0, 1], by sampling "
-                        "them as targets with this probability (--sft-all-tokens: 1)")
-    p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the episodes, the tool "
-                   "results included (they repeat cities and prices, which teaches copying), not only the expert's")
+    add_sft_label_args(p, "cities and prices")
     p.add_argument("--rl-minutes", type=float, default=3.0, help="stop GRPO after this")
     p.add_argument("--rl-steps", type=int, default=40)
     p.add_argument("--budget-minutes", type=float, default=8.7, help="the whole run: GRPO stops early enough for the "
@@ -361,8 +357,7 @@ def main():
     t0 = time.time()
     examples = [e for e in examples if len(e[0]) <= args.window]
     seq_len = max(len(ids) for ids, _ in examples) - 1
-    if args.sft_all_tokens or args.sft_tool_weight:   # targets on the environment's tokens too
-        examples = tool_token_labels(examples, 1.0 if args.sft_all_tokens else args.sft_tool_weight, args.seed)
+    examples = sft_labels(examples, args)
     torch.manual_seed(args.seed)
     model = Transformer(model_config(tok, args.window, args.quick))
     history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
