@@ -322,6 +322,53 @@ def tool_token_labels(examples: list[tuple[list[int], list[int]]], weight: float
             for ids, labels in examples]
 
 
+def copy_rows(first_id: int, vocab: int, n: int, max_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """n synthetic rows of random ordinary token ids (first_id <= id < vocab) whose targets can only
+    be read from earlier in the row, for the copying the agent needs (docs/agent-context.md):
+
+        repeat  A A: a random span, then the same span again; targets on the repeat past its first
+                token (the induction pattern: having seen a token, predict what followed it)
+        lookup  lines "k k SEP v v v END" with distinct keys, then queries "k k SEP" whose targets
+                are the value and END (find a key, copy what follows it: a name after "studied
+                under" on a page)
+
+    alternating, lengths drawn up to max_len tokens. Each row is (ids, labels) as SFTData reads it:
+    labels[i] is ids[i] where position i is a target, IGNORE elsewhere."""
+    if vocab - first_id < 64:
+        raise ValueError(f"copy rows need at least 64 ordinary token ids, got {vocab - first_id}")
+    rng = random.Random(seed)
+    sep, end = first_id, first_id + 1                  # two fixed ids mark the lines of a lookup row
+    draw = lambda k: [rng.randrange(first_id + 2, vocab) for _ in range(k)]
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            span = draw(rng.randint(16, max(16, max_len // 2)))
+            rows.append((span + span, [IGNORE] * (len(span) + 1) + span[1:]))
+            continue
+        lines = {}
+        budget = rng.randint(64, max(64, max_len - 40))
+        while 7 * (len(lines) + 5) <= budget:
+            lines.setdefault(tuple(draw(2)), draw(3))
+        keys = list(lines)
+        ids = [t for k in keys for t in (*k, sep, *lines[k], end)]
+        labels = [IGNORE] * len(ids)
+        for k in rng.sample(keys, min(4, len(keys))):
+            ids += [*k, sep, *lines[k], end]
+            labels += [IGNORE] * 3 + [*lines[k], end]
+        rows.append((ids, labels))
+    return rows
+
+
+def add_copy_rows(examples: list[tuple[list[int], list[int]]], share: float, first_id: int, vocab: int,
+                  max_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """examples and copy_rows in the proportion that makes the rows `share` of what SFTData samples
+    (it draws examples uniformly)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the copy-row share must be in [0, 1), got {share}")
+    n = round(share / (1 - share) * len(examples))
+    return examples + copy_rows(first_id, vocab, n, max_len, seed) if n else examples
+
+
 def add_sft_label_args(p: argparse.ArgumentParser, repeated: str) -> None:
     """--sft-lr, and which tokens SFT puts its loss on (sft_labels); `repeated`: what the tool
     results repeat in this experiment, for the help text."""
@@ -331,6 +378,9 @@ def add_sft_label_args(p: argparse.ArgumentParser, repeated: str) -> None:
                         "them as targets with this probability (--sft-all-tokens: 1)")
     p.add_argument("--sft-all-tokens", action="store_true", help="SFT loss on every token of the episodes, the tool "
                    f"results included (they repeat {repeated}, which teaches copying), not only the expert's")
+    p.add_argument("--sft-copy-share", type=float, default=0.0,
+                   help="share of SFT rows that are synthetic copy rows (random-token repeats and key lookups, "
+                        "copy_rows), in [0, 1): a curriculum for the copying the episodes need")
 
 
 def sft_labels(examples: list[tuple[list[int], list[int]]], args) -> list[tuple[list[int], list[int]]]:
@@ -338,6 +388,13 @@ def sft_labels(examples: list[tuple[list[int], list[int]]], args) -> list[tuple[
     if args.sft_all_tokens or args.sft_tool_weight:
         return tool_token_labels(examples, 1.0 if args.sft_all_tokens else args.sft_tool_weight, args.seed)
     return examples
+
+
+def sft_rows(examples: list[tuple[list[int], list[int]]], args, tok, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """What SFT trains on, as add_sft_label_args' flags ask: the examples with their labels
+    (sft_labels) and the --sft-copy-share of copy rows over tok's ordinary ids, each at most max_len."""
+    return add_copy_rows(sft_labels(examples, args), args.sft_copy_share, max(tok.special_ids.values()) + 1,
+                         tok.vocab_size, max_len, args.seed)
 
 
 def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
@@ -506,7 +563,7 @@ def main():
             model, _ = load(args.sft_from, dtype=torch.float32, device="cpu")
         else:
             model = Transformer(model_config(tok, args.window, args.quick))
-        examples = sft_labels(examples, args)
+        examples = sft_rows(examples, args, tok, seq_len + 1)
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
         torch.cuda.empty_cache() if device == "cuda" else None

@@ -67,7 +67,7 @@ from experiments.agent_context import (
     save_examples,
     segments,
     sft,
-    sft_labels,
+    sft_rows,
 )
 
 DOMAIN = "trip-planning"
@@ -357,7 +357,7 @@ def main():
     t0 = time.time()
     examples = [e for e in examples if len(e[0]) <= args.window]
     seq_len = max(len(ids) for ids, _ in examples) - 1
-    examples = sft_labels(examples, args)
+    examples = sft_rows(examples, args, tok, seq_len + 1)
     torch.manual_seed(args.seed)
     model = Transformer(model_config(tok, args.window, args.quick))
     history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
