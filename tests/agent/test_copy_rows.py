@@ -9,7 +9,7 @@ import pytest
 from dsv32.train.losses import IGNORE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from agent_context import add_copy_rows, copy_rows  # noqa: E402
+from agent_context import add_copy_rows, copy_rows
 
 FIRST, VOCAB = 10, 4096
 
