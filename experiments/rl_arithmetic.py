@@ -133,9 +133,10 @@ def summarise(history: list[dict], k: int = 5) -> dict:
 
 
 def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_tasks: list[Task], eval_every: int, results: dict,
-           deadline: float = float("inf")) -> list[dict]:
+           deadline: float = float("inf"), save: bool = False) -> list[dict]:
     """RL steps with a held-out evaluation (greedy accuracy and sampled reward) every `eval_every`
-    steps and after the last; past `deadline` (time.time()) no new step starts."""
+    steps and after the last; past `deadline` (time.time()) no new step starts. save: the trained
+    policy and tokenizer to OUT/name/model (a dsv32.load directory, for `dsv32 eval`)."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -157,6 +158,9 @@ def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_tasks: list[Tas
             if last:
                 break
     plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    if save:
+        save_model(tr.policy, run_dir / "model")
+        tok.tok.save(str(run_dir / "model" / "tokenizer.json"))
     r = results["runs"][name] = {**summarise(history), "held_out": evals, "wall_s": time.time() - t0,
                                  "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
     print(f"[{name}] held-out {evals[0][1]} -> {evals[-1][1]}; training reward "
@@ -264,7 +268,7 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
     if "main" in args.stages:
         torch.manual_seed(args.seed)
         rl_run(args.run_name, model, tok, mix, replace(base, steps=steps, seed=args.seed), out,
-               splits["main"] + splits["ood"], eval_every, results, args.deadline)
+               splits["main"] + splits["ood"], eval_every, results, args.deadline, save=True)
         plot_eval(results, [args.run_name], out / "main_eval.png")
     if "mismatch" in args.stages:
         results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)
