@@ -236,12 +236,13 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         sums: dict[str, float] = {}
-        expert_ids = None
+        expert_ids, positions, width = None, 0, 0
         for micro in range(cfg.grad_accum):
             # every rank and micro-step gets its own slice of the step's global batch
             x, y = self.data.batch(self.step * cfg.grad_accum * self.world + micro * self.world + self.rank,
                                    cfg.batch_size)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device), y.to(self.device)                          # [B, L], L <= seq_len
+            positions, width = positions + x.numel(), max(width, x.shape[1])
             loss, metrics, out = self.loss(x, y)
             (loss / cfg.grad_accum).backward()
             for k, v in metrics.items():
@@ -251,9 +252,9 @@ class Trainer:
                 expert_ids = ids if expert_ids is None else [torch.cat([a, b]) for a, b in zip(expert_ids, ids)]
         if self.distributed:  # log the mean over ranks, as one process with more micro-batches would
             keys = sorted(sums)
-            vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            vals = torch.tensor([sums[k] for k in keys] + [positions], dtype=torch.float64, device=self.device)
             dist.all_reduce(vals)
-            sums = dict(zip(keys, (vals / self.world).tolist()))
+            sums, positions = dict(zip(keys, (vals[:-1] / self.world).tolist())), int(vals[-1])
         norms = self.clip_gradients()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -265,7 +266,9 @@ class Trainer:
                     ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
                 losses.update_expert_bias(gate.e_score_correction_bias, ids, cfg.bias_update_rate)
         self.step += 1
-        return {"step": self.step, "lr": lr, **norms, **sums}
+        # the positions computed (every rank), and this rank's widest batch: SFT batches are as wide
+        # as their longest row (SFTData.batch), so cfg.seq_len would overstate tokens/s and MFU
+        return {"step": self.step, "lr": lr, **norms, **sums, "batch_tokens": positions, "width": width}
 
     def clip_groups(self) -> dict[str, list]:
         """Parameters clipped together, by the name of their norm in the metrics. Stage 2 clips the
@@ -359,8 +362,7 @@ class Trainer:
         self.saved_step = self.step if ours else None
         metrics_path = self.out / "metrics.jsonl"
         history = []
-        tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
-        fpt = flops_per_token(self.model.cfg, cfg.seq_len)
+        seen = self.step * cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world  # resumed: at most this
         peak = next((v for k, v in PEAK_BF16.items() if self.device.type == "cuda" and k in torch.cuda.get_device_name(self.device)), None)
         bar = None
         if self.rank == 0:
@@ -378,9 +380,10 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
-                m.update(tokens_per_s=tokens / dt, tokens=self.step * tokens)
+                seen += m["batch_tokens"]
+                m.update(tokens_per_s=m["batch_tokens"] / dt, tokens=seen)
                 if peak:
-                    m["mfu"] = fpt * tokens / dt / (peak * self.world)
+                    m["mfu"] = flops_per_token(self.model.cfg, m["width"]) * m["batch_tokens"] / dt / (peak * self.world)
                 if self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     m["eval_lm"] = self.evaluate()
                 history.append(m)

@@ -59,3 +59,19 @@ def test_the_plot_has_a_panel_per_metric_present(tmp_path):
     assert not (tmp_path / "m.tmp.png").exists()
     titles = [t for keys, t in TRAIN_PANELS if any(k in rows[0] for k in keys)]
     assert titles == ["LM loss (train, held out)", "learning rate", "grad norm (before clipping)", "tokens/s"]
+
+
+def test_tokens_per_second_counts_the_positions_a_trimmed_sft_batch_computes(tmp_path):
+    # rows of 10-40 tokens in a 256-token window: SFTData trims each batch to 64 positions, so a step
+    # computes batch_size x 64 positions, and tokens/s and the running total count those, not 256
+    from dsv32.train.data import SFTData
+
+    examples = [(list(range(1, n)), [-100] * (n // 2) + list(range(n // 2, n - 1))) for n in (10, 25, 40)]
+    cfg = TrainConfig(stage="sft", steps=3, batch_size=4, seq_len=256, out=str(tmp_path), warmup=1, device="cpu",
+                      checkpoint_every=100, plot_every=100)
+    torch.manual_seed(0)
+    Trainer(cfg, Transformer(preset("tiny")), SFTData(examples, 256, pad_id=0)).fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["batch_tokens"], r["width"]) for r in rows] == [(4 * 64, 64)] * 3
+    assert [r["tokens"] for r in rows] == [256, 512, 768]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
