@@ -40,6 +40,7 @@ def main():
                     help="share of stage-1 windows with a long-range repeat (0: the packed source files alone)")
     ap.add_argument("--init-indexer", default=None, help="start from this saved indexer (save_indexer's file)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0, help="the training windows' seed (and the trainer's)")
     args = ap.parse_args()
     if not 0.0 <= args.retrieval_share <= 1.0:
         ap.error(f"--retrieval-share is a fraction in [0, 1], got {args.retrieval_share}")
@@ -53,15 +54,15 @@ def main():
     held, train_docs = split_files(tok, args.eval_len, args.n_eval)
     held_data, held_names = Windows([w for _, w in held]), [n for n, _ in held]
     if args.retrieval_share > 0:
-        train = RetrievalMix.from_documents(train_docs, tok, args.train_len, args.retrieval_share)
+        train = RetrievalMix.from_documents(train_docs, tok, args.train_len, args.retrieval_share, seed=args.seed)
     else:
-        train = PackedData.from_documents(train_docs, tok, args.train_len, seed=0)
+        train = PackedData.from_documents(train_docs, tok, args.train_len, seed=args.seed)
     if args.init_indexer:
         load_indexer(model, args.init_indexer)
     model.cfg.index_topk = args.topk[0]
     model.to(dev)
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "steps": args.steps,
-           "train_len": args.train_len, "lr": args.lr, "retrieval_share": args.retrieval_share,
+           "train_len": args.train_len, "lr": args.lr, "retrieval_share": args.retrieval_share, "seed": args.seed,
            "init_indexer": args.init_indexer and Path(args.init_indexer).name, "held_out_files": held_names, "evals": {}}
     t0 = time.time()
     if args.init_indexer:
@@ -69,7 +70,7 @@ def main():
     hist, tokens, secs = run_stage(model, train, stage_config("dsa-warmup", args.steps, args.lr, out / "dsa-warmup",
                                                              seq_len=args.train_len, batch_size=1, device=dev, warmup=args.warmup,
                                                              index_topk=args.topk[0], mtp_weight=0.0, balance_alpha=0.0,
-                                                             bias_update_rate=0.0))
+                                                             bias_update_rate=0.0, seed=args.seed))
     res.update(tokens=tokens, train_seconds=round(secs, 1),
                kl_first=hist[0].get("indexer_kl"), kl_last=hist[-1].get("indexer_kl"))
     res["evals"]["stage 1"] = evaluate(model, held_data, args.topk, batch=1)
