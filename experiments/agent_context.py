@@ -345,9 +345,9 @@ def copy_rows(first_id: int, vocab: int, n: int, max_len: int, seed: int) -> lis
             span = draw(rng.randint(16, max(16, max_len // 2)))
             rows.append((span + span, [IGNORE] * (len(span) + 1) + span[1:]))
             continue
-        lines = {}
+        lines, line = {}, 2 + 1 + 3 + 1                # key, SEP, value, END
         budget = rng.randint(64, max(64, max_len - 40))
-        while 7 * (len(lines) + 5) <= budget:
+        while line * (len(lines) + 5) <= budget:        # the lines and four queries fit the budget
             lines.setdefault(tuple(draw(2)), draw(3))
         keys = list(lines)
         ids = [t for k in keys for t in (*k, sep, *lines[k], end)]

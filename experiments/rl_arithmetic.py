@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from dsv32.checkpoint import load_model, save_model
+from dsv32.checkpoint import load_model
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.loader import save
 from dsv32.model import Transformer
 from dsv32.rl.agreement import bitwise_agreement, kept_sizes
 from dsv32.rl.rewards import RewardConfig, reward
@@ -133,9 +134,9 @@ def summarise(history: list[dict], k: int = 5) -> dict:
 
 
 def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_tasks: list[Task], eval_every: int, results: dict,
-           deadline: float = float("inf"), save: bool = False) -> list[dict]:
+           deadline: float = float("inf"), keep_model: bool = False) -> list[dict]:
     """RL steps with a held-out evaluation (greedy accuracy and sampled reward) every `eval_every`
-    steps and after the last; past `deadline` (time.time()) no new step starts. save: the trained
+    steps and after the last; past `deadline` (time.time()) no new step starts. keep_model: the trained
     policy and tokenizer to OUT/name/model (a dsv32.load directory, for `dsv32 eval`)."""
     from tqdm import tqdm
 
@@ -158,9 +159,8 @@ def rl_run(name, model, tok, mix, cfg: RLConfig, out: Path, eval_tasks: list[Tas
             if last:
                 break
     plot_rl(run_dir / "metrics.jsonl", run_dir / "metrics.png")
-    if save:
-        save_model(tr.policy, run_dir / "model")
-        tok.tok.save(str(run_dir / "model" / "tokenizer.json"))
+    if keep_model:
+        save(tr.policy, run_dir / "model", tokenizer=tok)
     r = results["runs"][name] = {**summarise(history), "held_out": evals, "wall_s": time.time() - t0,
                                  "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
     print(f"[{name}] held-out {evals[0][1]} -> {evals[-1][1]}; training reward "
@@ -256,8 +256,7 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
         t0 = time.time()
         sft = warm_start(model, tok, mix, base)
         results["sft"] = {"steps": base.sft_steps, "lm_last": sft.get("lm"), "wall_s": time.time() - t0}
-        save_model(model, out / "sft_model")
-        tok.tok.save(str(out / "sft_model" / "tokenizer.json"))
+        save(model, out / "sft_model", tokenizer=tok)
     results["model"] = {"params": sum(p.numel() for p in model.parameters()), **model.cfg.to_hf()}
     results["sft"]["held_out"] = held_out(model.to(device), tok, splits["main"] + splits["ood"], base, EVAL_SAMPLES)
     print(f"[sft] {json.dumps(results['sft'])}", flush=True)
@@ -268,7 +267,7 @@ def moe_stages(args, base: RLConfig, out: Path, results: dict, device: str, t_st
     if "main" in args.stages:
         torch.manual_seed(args.seed)
         rl_run(args.run_name, model, tok, mix, replace(base, steps=steps, seed=args.seed), out,
-               splits["main"] + splits["ood"], eval_every, results, args.deadline, save=True)
+               splits["main"] + splits["ood"], eval_every, results, args.deadline, keep_model=True)
         plot_eval(results, [args.run_name], out / "main_eval.png")
     if "mismatch" in args.stages:
         results["bf16_mismatch"] = bf16_mismatch(model, tok, mix, base)

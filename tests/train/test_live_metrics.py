@@ -10,8 +10,8 @@ import dsv32.train.trainer as trainer_module
 from dsv32.config import preset
 from dsv32.model import Transformer
 from dsv32.train import TrainConfig, Trainer
-from dsv32.train.data import PackedData
-from dsv32.train.losses import topk_recall
+from dsv32.train.data import PackedData, SFTData
+from dsv32.train.losses import IGNORE, topk_recall
 from dsv32.train.plots import TRAIN_PANELS, plot_metrics
 
 
@@ -64,9 +64,7 @@ def test_the_plot_has_a_panel_per_metric_present(tmp_path):
 def test_tokens_per_second_counts_the_positions_a_trimmed_sft_batch_computes(tmp_path):
     # rows of 10-40 tokens in a 256-token window: SFTData trims each batch to 64 positions, so a step
     # computes batch_size x 64 positions, and tokens/s and the running total count those, not 256
-    from dsv32.train.data import SFTData
-
-    examples = [(list(range(1, n)), [-100] * (n // 2) + list(range(n // 2, n - 1))) for n in (10, 25, 40)]
+    examples = [(list(range(1, n)), [IGNORE] * (n // 2) + list(range(n // 2, n - 1))) for n in (10, 25, 40)]
     cfg = TrainConfig(stage="sft", steps=3, batch_size=4, seq_len=256, out=str(tmp_path), warmup=1, device="cpu",
                       checkpoint_every=100, plot_every=100)
     torch.manual_seed(0)
