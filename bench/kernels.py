@@ -1,7 +1,7 @@
 """Kernel benchmark (GPU): every DSA kernel of dsv32/kernels against its torch reference and its
 best published peer, measured side by side in one process on one GPU.
 
-    python bench/kernels.py [--quick] [--only indexer topk ...] [--out bench/results]
+    python bench/kernels.py [--quick] [--only indexer topk ...] [--out bench/results] [--merge]
 
 Cases live in bench/kernel_cases/<op>.py (shapes are FlashMLA's and DeepGEMM's own benchmark
 shapes, kernel-anchors §1b). Writes kernels-<gpu>.json and .md; a case that fails is recorded with
@@ -28,12 +28,21 @@ def fmt(v, nd=1):
     return "" if v is None else f"{v:.{nd}f}"
 
 
+def _runs_line(res: dict) -> str:
+    """Where tables come from separate runs (--merge): the date (and label) of each."""
+    runs = res.get("runs") or {}
+    if len(set(runs.values())) < 2:
+        return ""
+    return (" Tables from separate runs of the same code on the same GPU kind: "
+            + "; ".join(f"{op} {when}" for op, when in runs.items()) + ".")
+
+
 def markdown(res: dict) -> str:
     lines = [f"# Kernels on {res['gpu']}", "",
              f"torch {res['torch']}, triton {res['triton']}, {res['date']}. Times are medians of CUDA-event "
              "timings with the L2 flushed (triton.testing.do_bench) of CUDA-graph replays (eager where a "
              "call cannot be captured), so no row pays Python launch overhead; every row of a table was "
-             "measured in the same run.", ""]
+             "measured in the same run." + _runs_line(res), ""]
     for op, rows in res["ops"].items():
         lines += [f"## {op}", "", "| kernel | shape | impl | µs | TFLOP/s | TB/s | note |", "|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -48,6 +57,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--only", nargs="+", choices=OPS, default=list(OPS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other ops' tables of an earlier result file in --out (same GPU), replacing "
+                         "only those measured now; each table's run date is recorded")
+    ap.add_argument("--label", default="", help="with --merge: a note on this run kept beside its date")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -59,6 +72,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"kernels-{gpu.replace(' ', '_')}"
+    when = res["date"] + (f" ({args.label})" if args.label else "")
+    if args.merge and stem.with_suffix(".json").exists():
+        old = json.loads(stem.with_suffix(".json").read_text())
+        runs = old.get("runs") or {op: old["date"] for op in old["ops"]}
+        res["ops"] = {op: rows for op, rows in old["ops"].items() if op not in args.only}
+        res["runs"] = {op: w for op, w in runs.items() if op not in args.only}
+    res.setdefault("runs", {})
+    res["runs"].update({op: when for op in args.only})
     for op in args.only:
         t0 = time.time()
         try:
