@@ -9,9 +9,10 @@ tokens per second with and without drafting, at temperature 0 and 1.
 With --train-steps N the model is the small MoE of experiments/dsa_parity_moe.py (its config, its
 stdlib data split, its training stage, MTP loss on), pretrained N steps from scratch (a tokenizer
 trained first); --tiny shrinks it to seconds on a CPU. The prompts are windows of held-out stdlib
-sources. Each setting runs one engine over all prompts, after a warm-up on the same engine whose
-requests end one step apart (so Triton compiles and autotunes, and every CUDA-graph bucket a
-shrinking batch uses is captured, before the clock starts); tokens/s = generated tokens / wall time
+sources. Each setting runs one engine over all prompts, after a warm-up on the same engine as long
+as the timed run whose requests end one step apart (so Triton compiles and autotunes at every
+context length, and every CUDA-graph bucket a shrinking batch uses is captured, before the clock
+starts); tokens/s = generated tokens / wall time
 of the timed run. Plain and speculative decoding (k drafts) are timed eagerly and, on CUDA, with
 CUDA graphs (--modes picks); each row's speed-up is against plain decoding in the same mode, and
 greedy output is compared with that of plain decoding in the same mode. Writes
@@ -92,8 +93,11 @@ def run(model, ps, params, config: EngineConfig) -> dict:
     """One engine over the prompts, after a warm-up on it: generated tokens, seconds, acceptance by
     draft position."""
     eng = Engine(model, config)
-    for i, p in enumerate(ps):  # ending one step apart: the batch shrinks one by one
-        eng.add_request(p, replace(params, max_tokens=2 + i))
+    # the warm-up runs as long as the timed run, its requests ending one step apart: every context
+    # length and every shrinking batch size is met before the clock starts, so nothing a longer
+    # context meets first (a kernel tuned per length, say) is paid inside the timed run
+    for i, p in enumerate(ps):
+        eng.add_request(p, replace(params, max_tokens=max(2, params.max_tokens - i)))
     while eng.has_work():
         eng.step()
     r = eng.runner

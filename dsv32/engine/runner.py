@@ -324,6 +324,8 @@ def _last_logits(out: ModelOutput, batch: Batch) -> torch.Tensor:
 def _target_probs(lp: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
     """Processed log-probs lp [B, V] -> the distributions tokens are drawn from [B, V]: one-hot at
     the argmax for greedy rows (what `sample` picks), exp(lp) for the others."""
+    if all(greedy):  # no row indexing: an index built from a list is a host-to-device copy
+        return torch.nn.functional.one_hot(lp.argmax(-1), lp.shape[-1]).to(lp.dtype)
     p = lp.exp()
     if any(greedy):
         g = [i for i, x in enumerate(greedy) if x]
