@@ -28,6 +28,18 @@ def fmt(v, nd=1):
     return "" if v is None else f"{v:.{nd}f}"
 
 
+def merged(res: dict, old: dict | None, only: list[str], when: str) -> dict:
+    """res (this run, measuring the ops `only`) with the other ops' tables of an earlier result
+    `old` kept (None: nothing kept); res["runs"] names each table's run: `when` for those measured now."""
+    res = {**res, "ops": dict(res["ops"]), "runs": {}}
+    if old is not None:
+        runs = old.get("runs") or {op: old["date"] for op in old["ops"]}
+        res["ops"] = {**{op: rows for op, rows in old["ops"].items() if op not in only}, **res["ops"]}
+        res["runs"] = {op: w for op, w in runs.items() if op not in only}
+    res["runs"].update({op: when for op in only})
+    return res
+
+
 def _runs_line(res: dict) -> str:
     """Where tables come from separate runs (--merge): the date (and label) of each."""
     runs = res.get("runs") or {}
@@ -73,13 +85,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"kernels-{gpu.replace(' ', '_')}"
     when = res["date"] + (f" ({args.label})" if args.label else "")
-    if args.merge and stem.with_suffix(".json").exists():
-        old = json.loads(stem.with_suffix(".json").read_text())
-        runs = old.get("runs") or {op: old["date"] for op in old["ops"]}
-        res["ops"] = {op: rows for op, rows in old["ops"].items() if op not in args.only}
-        res["runs"] = {op: w for op, w in runs.items() if op not in args.only}
-    res.setdefault("runs", {})
-    res["runs"].update({op: when for op in args.only})
+    old = json.loads(stem.with_suffix(".json").read_text()) if args.merge and stem.with_suffix(".json").exists() else None
+    res = merged(res, old, args.only, when)
     for op in args.only:
         t0 = time.time()
         try:
