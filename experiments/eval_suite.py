@@ -100,10 +100,12 @@ def device_name(device: str) -> str:
 
 class TimedSampler:
     """An EngineSampler whose time inside sample() (not the grading between tasks) is counted,
-    with the samples and completion tokens it yields."""
+    with the samples and completion tokens it yields; on_task() is called after each task (so a run
+    cut short keeps the throughput of what it sampled)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, on_task=None):
         self.inner, self.seconds, self.samples, self.tokens = inner, 0.0, 0, 0
+        self.on_task = on_task or (lambda: None)
 
     def sample(self, tasks, cfg, progress=None):
         it = self.inner.sample(tasks, cfg, progress=progress)
@@ -117,6 +119,7 @@ class TimedSampler:
             self.seconds += time.perf_counter() - t0
             self.samples += len(samples)
             self.tokens += sum(s.num_tokens or 0 for s in samples)
+            self.on_task()
             yield task, samples
 
 
@@ -136,19 +139,28 @@ def run_arm(arm: str, args, tasks: list[Task], ks: list[int]) -> dict:
     shipped = model.cfg.index_topk
     # dense: every key selected (top-k = the context); dsa: top-k of the indexer's scores
     model.cfg.index_topk = model.cfg.max_position_embeddings if arm == "dense" else (args.topk or shipped)
-    llm = LLM(model, EngineConfig(num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs), tokenizer=tok)
-    sampler = TimedSampler(EngineSampler(llm))
+    graphs = args.cuda_graphs and device.startswith("cuda")
+    llm = LLM(model, EngineConfig(num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cuda_graphs=graphs),
+              tokenizer=tok)
+    timing_path = out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"sessions": []}
+    earlier = list(timing["sessions"])
+    timing.update(arm=arm, index_topk=model.cfg.index_topk, shipped_index_topk=shipped,
+                  prompt_tokens={t.id: len(tok.apply_chat_template(t.messages, thinking_mode="chat")) for t in tasks})
+
+    def save_timing():  # after every task: a run cut short keeps this session's throughput so far
+        if sampler.samples:
+            timing["sessions"] = earlier + [{"device": device_name(device), "cuda_graphs": graphs,
+                                             "seconds": sampler.seconds, "samples": sampler.samples,
+                                             "tokens": sampler.tokens}]
+        out.mkdir(parents=True, exist_ok=True)
+        timing_path.write_text(json.dumps(timing, indent=1) + "\n")
+
+    sampler = TimedSampler(EngineSampler(llm), on_task=save_timing)
     cfg = SamplingConfig(n=args.n, thinking=False, temperature=args.temperature, max_tokens=args.max_tokens,
                          seed=args.seed)
     run_eval(tasks, sampler, cfg, out, ks, title=f"eval suite, {arm} (top-k {model.cfg.index_topk})")
-    timing_path = out / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"sessions": []}
-    if sampler.samples:
-        timing["sessions"].append({"device": device_name(device), "seconds": sampler.seconds,
-                                   "samples": sampler.samples, "tokens": sampler.tokens})
-    timing.update(arm=arm, index_topk=model.cfg.index_topk, shipped_index_topk=shipped,
-                  prompt_tokens={t.id: len(tok.apply_chat_template(t.messages, thinking_mode="chat")) for t in tasks})
-    timing_path.write_text(json.dumps(timing, indent=1) + "\n")
+    save_timing()
     del llm, model
     return timing
 
@@ -358,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=None, help="the DSA arm's top-k (default: the model's, 512 for SmolLM2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--cuda-graphs", action="store_true", help="decode through CUDA graphs (EngineConfig.cuda_graphs; CUDA only)")
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")

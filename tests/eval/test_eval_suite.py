@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import dsv32.eval.run
 from dsv32.eval.passk import pass_at_k
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "eval_suite.py"
@@ -90,3 +91,20 @@ def test_tasks_saved_to_a_file_read_back_as_the_same_tasks(suite, tmp_path):
     with pytest.raises(SystemExit, match="families"):
         suite.main(["--out", str(tmp_path / "o"), "--families", "products", "--tasks-file", str(path),
                     "--save-tasks", str(tmp_path / "again.jsonl")])
+
+
+def test_a_run_cut_after_its_first_task_keeps_that_tasks_throughput(suite, tmp_path, tokenizer_dir, monkeypatch):
+    def cut_after_one(tasks, sampler, cfg, out, ks, **kw):
+        for task, samples in sampler.sample(tasks, cfg):
+            raise KeyboardInterrupt  # the time limit, right after the first task's samples
+
+    monkeypatch.setattr(dsv32.eval.run, "run_eval", cut_after_one)
+    out = tmp_path / "cut"
+    argv = ["--quick", "--arms", "dsa", "--model", "tiny", "--tokenizer", str(tokenizer_dir), "--device", "cpu",
+            "--dtype", "float32", "--num-blocks", "32", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(argv)
+    timing = json.loads((out / "dsa" / "timing.json").read_text())
+    (session,) = timing["sessions"]
+    assert session["samples"] == 4 and session["tokens"] > 0 and session["seconds"] > 0   # n = 4 in --quick
+    assert session["cuda_graphs"] is False
