@@ -195,6 +195,7 @@ def main():
     stem = "speculative-" + device.replace(" ", "_")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Speculative decoding with the MTP module on {device}", "",
+             "`python bench/speculative.py " + " ".join(sys.argv[1:]) + "`", "",
              "Model: " + ", ".join(f"{k}={v}" for k, v in info.items()) +
              f"; prompts of {args.prompt_len} held-out tokens, {args.new_tokens} new tokens each.", "",
              ("| setting | T | batch | tokens/s | speed-up vs plain (same mode) | tokens/step/seq | "
