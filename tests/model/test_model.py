@@ -267,8 +267,11 @@ def test_mtp_logits_at_i_see_token_i_plus_1_and_nothing_later():
     nxt, later = x.clone(), x.clone()
     nxt[0, i + 1] = (x[0, i + 1] + 1) % 512
     later[0, i + 2] = (x[0, i + 2] + 1) % 512
-    assert (m(nxt, mtp=True).mtp_logits[0][0, i] - base[0, i]).abs().max() > 1e-4
-    assert torch.equal(m(later, mtp=True).mtp_logits[0][0, :i + 1], base[0, :i + 1])
+    assert (m(nxt, mtp=True).mtp_logits[0][0, i] - base[0, i]).abs().max() > 1e-2     # 0.61 here
+    # nothing later leaks in: up to rounding, since a later token changes how many rows each MoE
+    # expert multiplies, and the BLAS blocks (and so rounds) by row count (~1e-7 here; not bit-equal
+    # with torch 2.13's CPU build)
+    torch.testing.assert_close(m(later, mtp=True).mtp_logits[0][0, :i + 1], base[0, :i + 1], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
