@@ -148,9 +148,11 @@ def run_arm(arm: str, args, tasks: list[Task], ks: list[int]) -> dict:
     timing.update(arm=arm, index_topk=model.cfg.index_topk, shipped_index_topk=shipped,
                   prompt_tokens={t.id: len(tok.apply_chat_template(t.messages, thinking_mode="chat")) for t in tasks})
 
+    where = device_name(device)
+
     def save_timing():  # after every task: a run cut short keeps this session's throughput so far
         if sampler.samples:
-            timing["sessions"] = earlier + [{"device": device_name(device), "cuda_graphs": graphs,
+            timing["sessions"] = earlier + [{"device": where, "cuda_graphs": graphs,
                                              "seconds": sampler.seconds, "samples": sampler.samples,
                                              "tokens": sampler.tokens}]
         out.mkdir(parents=True, exist_ok=True)
