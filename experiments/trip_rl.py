@@ -10,7 +10,8 @@ environments no training saw, at the trained difficulty levels and at harder one
    format with tool calls, labels on the assistant turns only; its success on the held-out
    environments is the ceiling;
 3. a byte-level BPE trained on the expert's conversations and a small V3.2 MoE of ours
-   (experiments.agent_context.model_config), SFT on the expert's episodes;
+   (experiments.agent_context.model_config), or (--base smollm2) SmolLM2-135M-Instruct given
+   V3.2's chat tokens; SFT on the expert's episodes;
 4. pass@1 of the SFT model on the held-out environments, sampled at temperature 1 through the
    same rollout and environment runner as GRPO;
 5. GRPO with the V3.2 stabilisers (dsv32.rl.RLTrainer), the environment runner
@@ -45,7 +46,6 @@ from dsv32.agent.loop import AgentConfig, AgentLoop
 from dsv32.chat import encode_messages
 from dsv32.engine import Engine, EngineConfig, SamplingParams
 from dsv32.loader import save
-from dsv32.model import Transformer
 from dsv32.rl.rollout import rollout
 from dsv32.rl.tasks import Domain, Task, TaskMix
 from dsv32.rl.trainer import RLConfig, RLTrainer, task_examples, turns_over_budget
@@ -59,15 +59,17 @@ from dsv32.tokenizer import Tokenizer, train_tokenizer
 from dsv32.train.data import SFTData
 from experiments.agent_context import (
     Recorder,
+    add_base_arg,
     add_sft_label_args,
+    base_model,
     cuda_memory,
     load_examples,
-    model_config,
     rl,
     save_examples,
     segments,
     sft,
     sft_rows,
+    smollm2_v32,
 )
 
 DOMAIN = "trip-planning"
@@ -241,7 +243,11 @@ def prepare(args, data: Path, results: dict, done) -> tuple:
     sample = random.Random(args.seed).sample(segs, min(len(segs), args.tokenizer_episodes))
     corpus.write_text("\n".join(encode_messages([{"role": "system", "content": "", "tools": tools}] + start + turns,
                                                 "thinking") for start, turns in sample), encoding="utf-8")
-    tok = train_tokenizer([corpus], args.vocab, data)
+    if args.base == "smollm2":
+        tok = smollm2_v32(args.window)[1]
+        tok.tok.save(str(data / "tokenizer.json"))
+    else:
+        tok = train_tokenizer([corpus], args.vocab, data)
     corpus.unlink()
     examples = sft_examples(tok, tools, segs)
     longest_turn = turns_over_budget([Task(DOMAIN, [])] * len(examples), examples, 0).get(DOMAIN, 0)
@@ -299,6 +305,7 @@ def main():
     p.add_argument("--save-models", action="store_true", help="write the SFT and GRPO models (sft_model/, model/; "
                    "about 75 MB each) into OUT")
     p.add_argument("--seed", type=int, default=0)
+    add_base_arg(p)
     args = p.parse_args()
     if args.quick:
         args.levels, args.harder_levels, args.sft_per_level, args.train_per_level = [1], [2], 4, 1
@@ -359,7 +366,7 @@ def main():
     seq_len = max(len(ids) for ids, _ in examples) - 1
     examples = sft_rows(examples, args, tok, seq_len + 1)
     torch.manual_seed(args.seed)
-    model = Transformer(model_config(tok, args.window, args.quick))
+    model = base_model(args, tok)
     history, steps = sft(model, SFTData(examples, seq_len, tok.eos_id, seed=args.seed), seq_len, args, out, device)
     if args.save_models:
         save(model, out / "sft_model", tokenizer=tok)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from dsv32.chat import ChatFormatError
+from dsv32.chat import SPECIAL_TOKENS, ChatFormatError
 from dsv32.llama.chatml import ENDOFTEXT, IM_END, IM_START, SMOLLM2_SYSTEM, ChatMLStreamParser, encode_chatml
 from dsv32.llama.grammar import chatml_grammar
-from dsv32.tokenizer import encode_ids
+from dsv32.tokenizer import Tokenizer, encode_ids
 
 
 class PlainTokenizer:
@@ -74,3 +74,14 @@ class PlainTokenizer:
     def for_model(cls, path: str | Path, cfg) -> "PlainTokenizer":
         """The tokenizer at `path` for a model of config `cfg` (its BOS and EOS ids)."""
         return cls.from_file(path, cfg.bos_token_id, cfg.eos_token_id)
+
+
+def for_model(path: str | Path, cfg) -> PlainTokenizer | Tokenizer:
+    """The tokenizer of a Llama-family model directory: V3.2's `Tokenizer` when its tokenizer.json
+    holds all of V3.2's special tokens (a model given V3.2's format, `dsv32.llama.v32_chat`), else
+    a `PlainTokenizer` (ChatML or plain text) with the config's BOS and EOS."""
+    path = Path(path)
+    hf = HFTokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    if all(hf.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+        return Tokenizer(hf)
+    return PlainTokenizer(hf, cfg.bos_token_id, cfg.eos_token_id)

@@ -54,3 +54,22 @@ def test_the_rows_are_the_asked_share_of_what_sft_samples():
 def test_rows_depend_only_on_the_seed():
     assert copy_rows(FIRST, VOCAB, 6, 300, seed=4) == copy_rows(FIRST, VOCAB, 6, 300, seed=4)
     assert copy_rows(FIRST, VOCAB, 6, 300, seed=4) != copy_rows(FIRST, VOCAB, 6, 300, seed=5)
+
+
+def test_copy_rows_of_a_grown_vocabulary_stay_below_its_trailing_special_tokens():
+    """SmolLM2 given V3.2's tokens has them at the top of the vocabulary (ids 400.. here), ours at
+    the bottom: either way no copy row writes a special token."""
+    from argparse import Namespace
+
+    from agent_context import sft_rows
+
+    class Tok:  # the two attributes sft_rows reads
+        vocab_size = 407
+        special_ids = {f"s{i}": 400 + i for i in range(7)}
+
+    args = Namespace(sft_all_tokens=False, sft_tool_weight=0.0, sft_copy_share=0.5, seed=0)
+    examples = [([1, 2, 3], [IGNORE, 2, 3])] * 8
+    rows = sft_rows(examples, args, Tok(), 128)[8:]
+    assert len(rows) == 8 and all(0 <= t < 400 for ids, _ in rows for t in ids)
+    Tok.special_ids = {f"s{i}": i for i in range(7)}
+    assert all(7 <= t < 407 for ids, _ in sft_rows(examples, args, Tok(), 128)[8:] for t in ids)

@@ -5,6 +5,7 @@ import torch
 
 from dsv32.config import preset
 from dsv32.engine import Engine, EngineConfig, SamplingParams
+from dsv32.llama.model import LlamaConfig, LlamaDSA
 from dsv32.model import Transformer
 
 pytestmark = pytest.mark.gpu
@@ -43,14 +44,25 @@ def test_engine_on_cuda_matches_model(kv):
         assert (lp.max(-1).values - chosen).max() < 0.1   # 0.058 seen on an H100 (logits spread ~0.7)
 
 
+def v32_tiny() -> Transformer:
+    return Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8))
+
+
+def llama_tiny() -> LlamaDSA:
+    return LlamaDSA(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                                index_n_heads=2, index_head_dim=32, index_topk=8))
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("kv", ["auto", "fp8"])
-def test_cuda_graph_decode_equals_eager_decode(kv):
+@pytest.mark.parametrize("kv,build", [("auto", v32_tiny), ("fp8", v32_tiny), ("auto", llama_tiny)])
+def test_cuda_graph_decode_equals_eager_decode(kv, build):
     """Decode replayed from CUDA graphs (one per batch bucket, padded rows on the scratch block)
-    gives the eager engine's greedy tokens and log-probs; the captures succeeded, which a host
-    sync inside the step would have made fail, and a replay runs under sync-debug "error"."""
+    gives the eager engine's greedy tokens and log-probs, for both model families; the captures
+    succeeded, which a host sync inside the step would have made fail, and a replay runs under
+    sync-debug "error"."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny").replace(kv_lora_rank=128, index_topk=8)).to(torch.bfloat16).cuda().eval()
+    model = build().to(torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(1)
     ps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 50, 120, 33, 90)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
