@@ -521,6 +521,8 @@ def main():
     p.add_argument("--prepare", action="store_true", help="stop after the CPU work: tokenizer, expert runs, SFT "
                    "data (in OUT/data), for a GPU run with --data")
     p.add_argument("--data", help="a --prepare'd OUT/data directory: skip the CPU work (same world flags)")
+    p.add_argument("--expert-from", help="the expert.json of an earlier --prepare with the same flags: the ceiling "
+                   "table without running the expert's evaluation episodes again")
     p.add_argument("--seed", type=int, default=0)
     add_base_arg(p)
     p.add_argument("--cuda-graphs", action="store_true", help="evaluate with the engine's CUDA-graphed decode")
@@ -589,8 +591,10 @@ def main():
     done("tokenizer", t0, vocab=tok.vocab_size)
 
     t0 = time.time()
-    if args.data:
-        results["expert"] = json.loads((data / "expert.json").read_text())
+    if args.data or args.expert_from:
+        results["expert"] = json.loads(Path(args.expert_from or data / "expert.json").read_text())
+        if not args.data:
+            (data / "expert.json").write_text(json.dumps(results["expert"]))
     else:
         ceiling, _ = expert_runs(world, corpus, eval_q, STRATEGIES, setup, count, "ceiling ")
         results["expert"] = table(ceiling, STRATEGIES, hops)
