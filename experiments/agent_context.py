@@ -464,6 +464,25 @@ def load_examples(path: Path) -> list[tuple[list[int], list[int]]]:
     return [(ids[e - n:e].tolist(), labels[e - n:e].tolist()) for e, n in zip(ends, np.diff(np.r_[0, ends]))]
 
 
+def markdown(results: dict) -> str:
+    """The model's and the expert's tables (accuracy ± s.e., mean real steps, accuracy by hops) in markdown."""
+    lines = []
+    for who in ("model", "expert"):
+        tables = results.get(who) or {}
+        if not tables:
+            continue
+        hops = sorted(int(h) for h in next(iter(tables.values()))["by_hops"])
+        lines += [f"**{who}**", "", "| strategy | n | accuracy | real steps | managed | "
+                  + " | ".join(f"{h} hops" if h == hops[-1] else str(h) for h in hops) + " |",
+                  "|---" * (5 + len(hops)) + "|"]
+        for s, t in tables.items():
+            by = {int(h): a for h, a in t["by_hops"].items()}
+            lines.append(f"| {s} | {t['n']} | {t['accuracy']:.3f} ± {t['stderr']:.3f} | {t['steps']:.1f} | "
+                         f"{t['managed']:.2f} | " + " | ".join(f"{by[h]:.2f}" for h in hops) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(results: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -485,6 +504,7 @@ def plot(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "agent_context.png", dpi=110)
     plt.close(fig)
+    (out / "table.md").write_text(markdown(results))
 
 
 def main():
