@@ -97,7 +97,7 @@ class Engine:
         if params.grammar is not None:
             seq.matcher = params.grammar.matcher()
         if params.seed is not None:
-            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+            seq.generator = torch.Generator().manual_seed(params.seed)  # on the host: sampler.seeded_uniforms
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq

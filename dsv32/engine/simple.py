@@ -26,7 +26,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 64, te
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             repetition_penalty=repetition_penalty)
     history = list(prompt)
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None  # a host generator (seeded_uniforms)
     cache = model.new_cache(1, total)
     ids = torch.tensor([prompt], device=device)
     logits = model(ids, cache=cache, sparse=sparse, mode="mha").logits[:, -1]

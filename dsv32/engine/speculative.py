@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv32.engine.sampler import inverse_cdf, seeded_uniforms
+
 
 def accepted_lengths(p_draft: torch.Tensor, q_draft: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """p_draft, q_draft: [B, k] the target's and the draft's probability of each drafted token;
@@ -50,9 +52,9 @@ def verify_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     the accepted drafts [B])."""
     b, k = drafts.shape
     u = torch.rand(b, k, device=p.device)
-    for i, g in enumerate(generators):
-        if g is not None:
-            u[i] = torch.rand(k, device=p.device, generator=g)
+    rows, seeded = seeded_uniforms(generators, k, p.device)
+    if rows:
+        u[rows] = seeded.to(u.dtype)
     p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]                   # [B, k]
     q_d = q.gather(-1, drafts[..., None])[..., 0]
     n = accepted_lengths(p_d, q_d, u)                                     # [B]
@@ -66,7 +68,7 @@ def draw(q: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Ten
     free = [i for i, g in enumerate(generators) if g is None]
     if free:
         tok[free] = torch.multinomial(q[free], 1).squeeze(1)
-    for i, g in enumerate(generators):
-        if g is not None:
-            tok[i] = torch.multinomial(q[i], 1, generator=g)[0]
+    rows, u = seeded_uniforms(generators, 1, q.device)
+    if rows:
+        tok[rows] = inverse_cdf(q[rows], u[:, 0])
     return tok
