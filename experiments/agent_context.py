@@ -339,6 +339,29 @@ def copy_check(model, tok, tools, worlds: dict[str, tuple[World, Corpus]], setup
     return out
 
 
+def page_probe(model, tok, world: World, device: str, pages: int = 40) -> dict:
+    """Whether a model reads a name off a page it is shown, with no tools and no chat format: each
+    page's text, then "Question: whom did X study under?\nAnswer: X studied under", and the NLL of
+    the mentor's name (its first token, which only the page tells, and the rest). A model that
+    copies pays little for the first token; one that does not pays about log(people)."""
+    was_training = model.training
+    model.eval()
+    first, later = [], []
+    for doc in world.documents[:pages]:
+        line = next(ln for ln in doc.text.splitlines() if " studied under " in ln)
+        who, mentor = line.removesuffix(".").split(" studied under ")
+        ids = tok.encode(f"{doc.text}\n\nQuestion: whom did {who} study under?\nAnswer: {who} studied under")
+        target = tok.encode(" " + mentor)
+        with torch.no_grad():
+            lp = model(torch.tensor([ids + target], device=device)).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+        nll = -lp.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]                  # [len(target)]
+        first.append(nll[0].item())
+        later += nll[1:].tolist()
+    model.train(was_training)
+    return {"pages": len(first), "first_token_nll": round(sum(first) / len(first), 3),
+            "first_over_3_nats": sum(f > 3 for f in first), "later_tokens_nll": round(sum(later) / max(1, len(later)), 3)}
+
+
 def cuda_memory() -> dict:
     """GiB in use by the process (the driver's view) and held by PyTorch's allocator."""
     if not torch.cuda.is_available():
@@ -681,6 +704,7 @@ def main():
     model = model.to(device, torch.bfloat16 if args.eval_bf16 else None)
     check = copy_check(model, tok, tools, {"training world": (train_worlds[0], train_corpora[0]),
                                            "held-out world": (world, corpus)}, setup, device)
+    check["page probe"] = page_probe(model, tok, world, device)
     results["copy_check"] = check
     done("copy check", t0, **check)
 
