@@ -653,7 +653,7 @@ def main():
         if args.data:
             examples = load_examples(data / "sft.npz")
         else:
-            tok.tok.save(str(data / "tokenizer.json"))  # what the workers read (the trained BPE's is there already)
+            # the workers read the tokenizer.json the tokenizer stage left in data
             jobs = [(args.seed + 1 + i, args.people, qs, setup, tools, str(data / "tokenizer.json"),
                      f"sft data {i + 1}/{len(train_q)} ") for i, qs in enumerate(train_q)]
             if args.jobs > 1:

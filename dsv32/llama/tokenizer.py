@@ -70,11 +70,6 @@ class PlainTokenizer:
             raise ChatFormatError("this model's vocabulary has no chat tokens: it takes plain text only")
         return ChatMLStreamParser(thinking_mode, lenient=lenient)
 
-    @classmethod
-    def for_model(cls, path: str | Path, cfg) -> "PlainTokenizer":
-        """The tokenizer at `path` for a model of config `cfg` (its BOS and EOS ids)."""
-        return cls.from_file(path, cfg.bos_token_id, cfg.eos_token_id)
-
 
 def for_model(path: str | Path, cfg) -> PlainTokenizer | Tokenizer:
     """The tokenizer of a Llama-family model directory: V3.2's `Tokenizer` when its tokenizer.json

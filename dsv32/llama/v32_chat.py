@@ -54,9 +54,11 @@ def with_v32_chat(model: LlamaDSA, tok: HFTokenizer, **overrides) -> tuple[Llama
     state = {k: v for k, v in model.state_dict().items() if k not in ("embed_tokens.weight", "lm_head.weight")}
     missing, unexpected = new.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"embed_tokens.weight", "lm_head.weight"}, (missing, unexpected)
+    pairs = [(model.embed_tokens.weight, new.embed_tokens.weight)]
+    if not cfg.tie_word_embeddings:  # a tied head is the embedding: its rows are written with it
+        pairs.append((model.lm_head.weight, new.lm_head.weight))
     with torch.no_grad():
-        for old, grown_w in ((model.embed_tokens.weight, new.embed_tokens.weight),
-                             (model.lm_head.weight, new.lm_head.weight)):
-            grown_w[:n_old] = old  # the tied head is the embedding: written twice, the same rows
+        for old, grown_w in pairs:
+            grown_w[:n_old] = old
             grown_w[n_old:] = old.float().mean(0).to(old.dtype)
     return new.train(model.training), Tokenizer(grown)

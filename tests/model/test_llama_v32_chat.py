@@ -38,6 +38,21 @@ def test_the_seven_v32_tokens_are_appended_as_single_ids_after_the_old_vocabular
     assert hf.get_vocab_size() == VOCAB  # the caller's tokenizer is untouched
 
 
+def test_an_untied_head_grows_its_own_rows_at_the_mean_of_its_old_rows(base):
+    _, hf = base
+    torch.manual_seed(1)
+    model = LlamaDSA(LlamaConfig(**TINY, tie_word_embeddings=False)).eval()
+    grown, _ = with_v32_chat(model, hf)
+    assert grown.lm_head.weight is not grown.embed_tokens.weight
+    for name in ("embed_tokens", "lm_head"):
+        old, new = getattr(model, name).weight, getattr(grown, name).weight
+        assert torch.equal(new[:VOCAB], old)
+        assert torch.allclose(new[VOCAB:], old.mean(0).expand(len(SPECIAL_TOKENS), -1))
+    x = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(grown(x).logits[..., :VOCAB], model(x).logits)
+
+
 def test_old_token_logits_are_unchanged_and_new_rows_start_at_the_mean_embedding(base):
     model, hf = base
     grown, _ = with_v32_chat(model, hf)
